@@ -1,0 +1,45 @@
+"""shmstore: a shared in-memory store of AI coding-agent sessions for a multi-process daemon.
+
+A manager process owns the sessions and serves them through a ``multiprocess`` manager;
+worker and subscriber processes connect by address and authkey::
+
+    import shmstore
+    with shmstore.start_server("/tmp/demo.sock") as server:
+        with shmstore.connect(server.address) as store:
+            store.set(shmstore.Session(id="abc", working_dir="/src/app"))
+            store.transition("abc", shmstore.Status.ATTENTION)
+"""
+
+from .client import Client, connect
+from .errors import (
+    AddressInUseError,
+    AuthenticationError,
+    ConflictError,
+    NotFoundError,
+    ShmstoreError,
+    StoreUnavailableError,
+    ValidationError,
+)
+from .model import AgentType, ApiUsage, Session, StateTransition, Status
+from .server import ServerProcess, Store, serve, start_server
+
+__all__ = [
+    "AddressInUseError",
+    "AgentType",
+    "ApiUsage",
+    "AuthenticationError",
+    "Client",
+    "ConflictError",
+    "NotFoundError",
+    "ServerProcess",
+    "Session",
+    "ShmstoreError",
+    "StateTransition",
+    "Status",
+    "Store",
+    "StoreUnavailableError",
+    "ValidationError",
+    "connect",
+    "serve",
+    "start_server",
+]

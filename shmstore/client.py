@@ -1,0 +1,200 @@
+"""The client: typed calls on a manager found by address and authkey.
+
+A :class:`Client` speaks to the manager's store through a ``multiprocess`` proxy
+(:class:`StoreProxy`), which keeps one connection per thread, so one client may be shared
+by several threads. The client turns sessions into bytes and back, and turns transport
+failures into :class:`StoreUnavailableError` so that a dead or hung manager is an error,
+never a hang. After such an error the next call connects afresh, so a client outlives a
+manager restart at the same address.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import multiprocess
+from multiprocess import managers
+
+from . import address as addr
+from . import wire
+from .errors import AuthenticationError, ShmstoreError, StoreUnavailableError, ValidationError
+from .model import Session, Status, check_status, sessions_from_json
+
+DEFAULT_TIMEOUT = wire.DEFAULT_TIMEOUT
+
+
+class StoreProxy(managers.BaseProxy):
+    """The manager's store, seen from a client process.
+
+    ``BaseProxy`` supplies the per-thread connections and the request/reply protocol; this
+    subclass connects with the client's timeout and drops a connection that failed, so the
+    next call makes a new one instead of reusing a broken or out-of-step socket.
+    """
+
+    _timeout: float = DEFAULT_TIMEOUT
+
+    def _connect(self) -> None:
+        thread = threading.current_thread().name
+        conn = wire.Client(self._token.address, authkey=bytes(self._authkey), timeout=self._timeout)
+        managers.dispatch(conn, None, "accept_connection", (f"{multiprocess.current_process().name}|{thread}",))
+        self._tls.connection = conn
+
+    def call(self, method: str, *args: Any) -> Any:
+        try:
+            return self._callmethod(method, args)
+        except (EOFError, OSError):
+            conn = getattr(self._tls, "connection", None)
+            if conn is not None:
+                del self._tls.connection
+                conn.close()
+            raise
+
+
+class Client:
+    """Operations on the sessions of one manager. Safe to share between threads.
+
+    Every method is one round trip and one atomic operation in the manager. Errors are
+    ours: :class:`ValidationError` for bad input (the store is left as it was),
+    :class:`NotFoundError` for an unknown id, :class:`ConflictError` for a stale expected
+    revision, :class:`StoreUnavailableError` when the manager cannot be reached in time.
+    """
+
+    def __init__(
+        self,
+        address: wire.Address | os.PathLike[str] | None = None,
+        authkey: bytes | str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValidationError("timeout", f"must be a positive number of seconds; got {timeout!r}")
+        self.address = addr.resolve(address)
+        self.timeout = float(timeout)
+        self._authkey = None if authkey is None else addr.as_key(authkey)
+        self._proxy: StoreProxy | None = None
+        self._proxy_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<shmstore.Client address={addr.format_address(self.address)!r}>"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- connection -------------------------------------------------------------------------
+
+    def connect(self) -> Client:
+        """Connect now rather than at the first call; returns the client."""
+        self._get_proxy()
+        return self
+
+    def close(self) -> None:
+        """Forget the manager. A later call reconnects."""
+        with self._proxy_lock:
+            self._proxy = None
+
+    def _get_proxy(self) -> StoreProxy:
+        with self._proxy_lock:
+            if self._proxy is None:
+                self._proxy = self._new_proxy()
+            return self._proxy
+
+    def _new_proxy(self) -> StoreProxy:
+        key = self._authkey if self._authkey is not None else addr.read_key(self.address)
+        where = addr.format_address(self.address)
+        try:
+            conn = wire.Client(self.address, authkey=key, timeout=self.timeout)
+            try:
+                ident, exposed = managers.dispatch(conn, None, "create", ("store",))
+            finally:
+                conn.close()
+        except multiprocess.AuthenticationError:
+            raise AuthenticationError(f"the manager at {where} refused our authkey") from None
+        except (EOFError, OSError, managers.RemoteError) as exc:
+            raise StoreUnavailableError(f"cannot reach a manager at {where}: {_describe(exc)}") from None
+        # The manager counted our reference when it created the token; not asking it to
+        # count again (incref=False) saves a connection, and a client that dies without
+        # saying goodbye can then never make the manager drop its store.
+        token = managers.Token("store", self.address, ident)
+        proxy = StoreProxy(token, wire.SERIALIZER, authkey=key, exposed=exposed, incref=False)
+        proxy._timeout = self.timeout
+        return proxy
+
+    def _call(self, method: str, *args: Any) -> Any:
+        proxy = self._get_proxy()
+        try:
+            return proxy.call(method, *args)
+        except ShmstoreError:
+            raise
+        except (EOFError, OSError, managers.RemoteError) as exc:
+            with self._proxy_lock:
+                if self._proxy is proxy:
+                    self._proxy = None
+            where = addr.format_address(self.address)
+            raise StoreUnavailableError(f"manager at {where} failed during {method}(): {_describe(exc)}") from None
+
+    # -- operations -------------------------------------------------------------------------
+
+    def get(self, id: str) -> Session | None:
+        """The session with ``id``, or None."""
+        data = self._call("get", id)
+        return None if data is None else Session.from_json(data)
+
+    def set(self, session: Session, *, expected_revision: int | None = None) -> Session:
+        """Create or replace ``session``; returns it as stored, with its new revision.
+
+        With ``expected_revision`` (0 for "must not exist yet"), raises ConflictError
+        instead of overwriting a session another process changed since it was read.
+        """
+        if not isinstance(session, Session):
+            raise ValidationError("session", f"must be a Session, not {type(session).__name__}")
+        return Session.from_json(self._call("set", session.to_json(), expected_revision))
+
+    def remove(self, id: str) -> Session | None:
+        """Remove the session with ``id``; returns what was removed, or None."""
+        data = self._call("remove", id)
+        return None if data is None else Session.from_json(data)
+
+    def list_all(self) -> list[Session]:
+        """Every session the store holds."""
+        return sessions_from_json(self._call("list_all"))
+
+    def transition(self, id: str, status: Status | str) -> Session:
+        """Move session ``id`` to ``status``, recording the transition; returns the result."""
+        return Session.from_json(self._call("transition", id, check_status(status)))
+
+    def add_usage(self, id: str, input_tokens: int = 0, output_tokens: int = 0) -> Session:
+        """Add token counts to session ``id`` atomically; returns the result."""
+        return Session.from_json(self._call("add_usage", id, input_tokens, output_tokens))
+
+    def revision(self) -> int:
+        """The store-wide revision: how many changes the store has made."""
+        return int(self._call("revision"))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, EOFError):
+        return "the connection was closed"
+    if isinstance(exc, managers.RemoteError):  # its text is a whole remote traceback
+        lines = [line for line in str(exc).splitlines() if line.strip(" -")]
+        return lines[-1] if lines else "remote error"
+    return str(exc) or type(exc).__name__
+
+
+def connect(
+    address: wire.Address | os.PathLike[str] | None = None,
+    authkey: bytes | str | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Client:
+    """Connect to the manager at ``address`` (default: the per-user socket).
+
+    The authkey defaults to ``$SHMSTORE_AUTHKEY``, else the key file beside the socket.
+    Raises :class:`StoreUnavailableError` or :class:`AuthenticationError` at once if the
+    manager cannot be used, rather than at the first call.
+    """
+    return Client(address, authkey, timeout=timeout).connect()

@@ -1,0 +1,340 @@
+"""The session model: typed, frozen values, their validation, and their one JSON encoding.
+
+Everything that crosses a process boundary is encoded here and nowhere else: the wire
+carries :meth:`Session.to_json` bytes, the CLI's ``--json`` prints them, and README shows
+them. Values are frozen so that a client's copy can never be mistaken for the store's:
+the only way to change the store is to call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+import orjson
+
+from .errors import ValidationError
+
+_E = TypeVar("_E", bound=enum.StrEnum)
+
+#: Longest session id accepted. Claude Code ids are 36-character UUIDs.
+MAX_ID_LENGTH = 256
+#: Longest working directory accepted (Linux's PATH_MAX).
+MAX_PATH_LENGTH = 4096
+#: Token counters are 64-bit signed on the wire.
+MAX_TOKENS = 2**63 - 1
+
+
+class Status(enum.StrEnum):
+    """What an agent session is doing, as the user needs to know it."""
+
+    WORKING = "working"
+    ATTENTION = "attention"
+    QUESTION = "question"
+    CLOSED = "closed"
+
+
+class AgentType(enum.StrEnum):
+    """Which coding agent runs the session."""
+
+    CLAUDE_CODE = "claude_code"
+
+
+def now() -> float:
+    """Seconds since the epoch, to the millisecond: the clock every process on the host
+    agrees on, at a resolution that keeps encoded sessions short."""
+    return round(time.time(), 3)
+
+
+# -- field checks: each returns the normalised value or raises ValidationError ---------
+
+
+def check_id(value: object, field: str = "id", max_length: int = MAX_ID_LENGTH) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, not {type(value).__name__}")
+    if not value:
+        raise ValidationError(field, "must not be empty")
+    if len(value) > max_length:
+        raise ValidationError(field, f"is {len(value)} characters long; the limit is {max_length}")
+    if not value.isprintable():
+        raise ValidationError(field, f"contains control or unprintable characters: {value!r}")
+    return value
+
+
+def _check_enum(kind: type[_E], value: object, field: str) -> _E:
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    allowed = ", ".join(member.value for member in kind)
+    raise ValidationError(field, f"must be one of {allowed}; got {value!r}")
+
+
+def check_status(value: object, field: str = "status") -> Status:
+    return _check_enum(Status, value, field)
+
+
+def check_agent_type(value: object, field: str = "agent_type") -> AgentType:
+    return _check_enum(AgentType, value, field)
+
+
+def check_dir(value: object, field: str = "working_dir") -> str:
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, not {type(value).__name__}")
+    if not value.startswith("/"):
+        raise ValidationError(field, f"must be an absolute path; got {value!r}")
+    if len(value) > MAX_PATH_LENGTH:
+        raise ValidationError(field, f"is longer than {MAX_PATH_LENGTH} characters")
+    if "\x00" in value:
+        raise ValidationError(field, "contains a NUL character")
+    _check_encodable(value, field)
+    return value
+
+
+def _check_encodable(value: str, field: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(field, "contains lone surrogates, which cannot be encoded") from None
+
+
+def check_time(value: object, field: str) -> float:
+    """A non-negative finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(field, f"must be a number, not {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValidationError(field, f"must be finite and non-negative; got {value!r}")
+    return seconds
+
+
+def check_count(value: object, field: str) -> int:
+    """A non-negative int that fits the wire's 64 bits."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(field, f"must be an int, not {type(value).__name__}")
+    if not 0 <= value <= MAX_TOKENS:
+        raise ValidationError(field, f"must be between 0 and {MAX_TOKENS}; got {value}")
+    return value
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    # Frozen dataclasses normalise their own fields in __post_init__ through this.
+    object.__setattr__(obj, name, value)
+
+
+# -- values ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StateTransition:
+    """One status change. ``duration`` is the time spent in ``from_`` before it.
+
+    ``from`` is a Python keyword, so the field is ``from_``; its JSON key is ``from``.
+    """
+
+    timestamp: float
+    from_: Status
+    to: Status
+    duration: float
+
+    def __post_init__(self) -> None:
+        _set(self, "timestamp", check_time(self.timestamp, "history.timestamp"))
+        _set(self, "from_", check_status(self.from_, "history.from"))
+        _set(self, "to", check_status(self.to, "history.to"))
+        _set(self, "duration", check_time(self.duration, "history.duration"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"timestamp": self.timestamp, "from": self.from_, "to": self.to, "duration": self.duration}
+
+    @classmethod
+    def from_dict(cls, data: object) -> StateTransition:
+        fields = _fields(data, "history[]", ("timestamp", "from", "to", "duration"))
+        return cls(fields["timestamp"], fields["from"], fields["to"], fields["duration"])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ApiUsage:
+    """Tokens the session's model calls have used so far."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        check_count(self.input_tokens, "api_usage.input_tokens")
+        check_count(self.output_tokens, "api_usage.output_tokens")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+
+    @classmethod
+    def from_dict(cls, data: object) -> ApiUsage:
+        fields = _fields(data, "api_usage", ("input_tokens", "output_tokens"))
+        return cls(fields["input_tokens"], fields["output_tokens"])
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Session:
+    """The state of one agent session, as the store holds it.
+
+    ``since`` is when ``status`` last changed (epoch seconds). ``closed`` is derived from
+    ``status`` so the two can never disagree. ``revision`` is the store-wide revision of the
+    change that last touched the session; the store assigns it, and ``set`` can use it to
+    refuse overwriting a newer value.
+    """
+
+    id: str
+    working_dir: str
+    agent_type: AgentType = AgentType.CLAUDE_CODE
+    status: Status = Status.WORKING
+    since: float = dataclasses.field(default_factory=now)
+    history: tuple[StateTransition, ...] = ()
+    api_usage: ApiUsage | None = None
+    session_id: str | None = None
+    revision: int = 0
+
+    def __post_init__(self) -> None:
+        check_id(self.id)
+        check_dir(self.working_dir)
+        _set(self, "agent_type", check_agent_type(self.agent_type))
+        _set(self, "status", check_status(self.status))
+        _set(self, "since", check_time(self.since, "since"))
+        _set(self, "history", _check_history(self.history))
+        if self.api_usage is not None and not isinstance(self.api_usage, ApiUsage):
+            raise ValidationError("api_usage", f"must be an ApiUsage or None, not {type(self.api_usage).__name__}")
+        if self.session_id is not None:
+            check_id(self.session_id, "session_id")
+        check_count(self.revision, "revision")
+
+    @property
+    def closed(self) -> bool:
+        """True once the session has ended (its status is ``closed``)."""
+        return self.status is Status.CLOSED
+
+    # -- encoding -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "agent_type": self.agent_type,
+            "status": self.status,
+            "working_dir": self.working_dir,
+            "since": self.since,
+            "history": [entry.to_dict() for entry in self.history],
+            "api_usage": None if self.api_usage is None else self.api_usage.to_dict(),
+            "closed": self.closed,
+            "session_id": self.session_id,
+            "revision": self.revision,
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: object) -> Session:
+        fields = _fields(data, "session", _SESSION_KEYS, optional=_SESSION_OPTIONAL)
+        history = fields.get("history", ())
+        if not isinstance(history, list | tuple):
+            raise ValidationError("history", f"must be a list, not {type(history).__name__}")
+        usage = fields.get("api_usage")
+        session = cls(
+            id=fields["id"],
+            working_dir=fields["working_dir"],
+            agent_type=fields.get("agent_type", AgentType.CLAUDE_CODE),
+            status=fields.get("status", Status.WORKING),
+            since=fields["since"] if "since" in fields else now(),
+            history=tuple(StateTransition.from_dict(entry) for entry in history),
+            api_usage=None if usage is None else ApiUsage.from_dict(usage),
+            session_id=fields.get("session_id"),
+            revision=fields.get("revision", 0),
+        )
+        if "closed" in fields and fields["closed"] is not session.closed:
+            raise ValidationError("closed", f"must be {session.closed} when status is {session.status}")
+        return session
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Session:
+        return cls.from_dict(loads(data, "session"))
+
+
+_SESSION_KEYS = ("id", "working_dir")
+_SESSION_OPTIONAL = ("agent_type", "status", "since", "history", "api_usage", "closed", "session_id", "revision")
+
+
+def _check_history(history: object) -> tuple[StateTransition, ...]:
+    if not isinstance(history, list | tuple):
+        raise ValidationError("history", f"must be a sequence of StateTransition, not {type(history).__name__}")
+    for entry in history:
+        if not isinstance(entry, StateTransition):
+            raise ValidationError("history", f"entries must be StateTransition, not {type(entry).__name__}")
+    return tuple(history)
+
+
+def _fields(data: object, what: str, required: Iterable[str], optional: Iterable[str] = ()) -> Mapping[str, Any]:
+    """``data`` as a mapping that has every required key and no unknown one."""
+    if not isinstance(data, Mapping):
+        raise ValidationError(what, f"must be a JSON object, not {type(data).__name__}")
+    required = tuple(required)
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise ValidationError(what, f"missing {', '.join(missing)}")
+    unknown = sorted(set(data) - set(required) - set(optional), key=str)
+    if unknown:
+        raise ValidationError(what, f"unknown field(s) {', '.join(map(str, unknown))}")
+    return data
+
+
+def loads(data: bytes | str, what: str) -> Any:
+    """Parse JSON, turning a parse failure into our ValidationError."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError(what, f"is not valid JSON: {exc}") from None
+
+
+# -- the changes the store makes -------------------------------------------------------------
+#
+# The manager keeps sessions encoded and changes them in their decoded-JSON form (a
+# "record"), which costs a few microseconds where building and validating a Session with
+# a long history costs hundreds. Records only ever come from Session.to_json(), so they
+# are valid; these functions keep them so.
+
+Record = dict[str, Any]
+
+
+def transition_record(record: Record, to: Status, at: float, max_history: int) -> Record:
+    """Move ``record`` to status ``to`` at time ``at``: one more history entry, ``since``
+    reset, only the newest ``max_history`` entries kept. A clock that stepped back never
+    makes a duration negative."""
+    since = record["since"]
+    at = max(at, since)
+    history = record["history"]
+    history.append({"timestamp": at, "from": record["status"], "to": to, "duration": round(at - since, 3)})
+    del history[:-max_history]
+    record["status"] = to
+    record["since"] = at
+    record["closed"] = to is Status.CLOSED
+    return record
+
+
+def add_usage_record(record: Record, input_tokens: int, output_tokens: int) -> Record:
+    """Add token counts to ``record``; refuses totals the wire cannot carry."""
+    usage = record["api_usage"] or {"input_tokens": 0, "output_tokens": 0}
+    total_in = usage["input_tokens"] + check_count(input_tokens, "input_tokens")
+    total_out = usage["output_tokens"] + check_count(output_tokens, "output_tokens")
+    record["api_usage"] = {
+        "input_tokens": check_count(total_in, "api_usage.input_tokens"),
+        "output_tokens": check_count(total_out, "api_usage.output_tokens"),
+    }
+    return record
+
+
+def sessions_from_json(data: bytes) -> list[Session]:
+    """Decode the JSON array of sessions that ``list_all`` sends."""
+    return [Session.from_dict(item) for item in loads(data, "sessions")]

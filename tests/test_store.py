@@ -1,0 +1,158 @@
+"""Store operations through a real manager process and a real client."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from conftest import make_session, snapshot
+
+import shmstore
+from shmstore import ApiUsage, ConflictError, NotFoundError, Session, Status, ValidationError
+from shmstore.model import MAX_TOKENS
+
+
+def test_create_read_update_delete(store: shmstore.Client) -> None:
+    assert store.get("s1") is None
+    created = store.set(make_session("s1", session_id="r1"))
+    assert created.revision == 1
+    assert store.get("s1") == created
+    replaced = store.set(make_session("s1", working_dir="/elsewhere"))
+    assert replaced.revision == 2 and store.get("s1") == replaced
+    assert store.remove("s1") == replaced
+    assert store.get("s1") is None
+    assert store.remove("s1") is None
+    assert store.revision() == 3
+
+
+def test_list_all_returns_every_session(store: shmstore.Client) -> None:
+    ids = {f"s{i}" for i in range(25)}
+    for id in ids:
+        store.set(make_session(id))
+    assert {s.id for s in store.list_all()} == ids
+
+
+def test_transition_records_history_and_durations(store: shmstore.Client) -> None:
+    start = store.set(make_session("s1"))
+    time.sleep(0.05)
+    first = store.transition("s1", Status.ATTENTION)
+    second = store.transition("s1", "question")
+    third = store.transition("s1", Status.CLOSED)
+    assert [(h.from_, h.to) for h in third.history] == [
+        (Status.WORKING, Status.ATTENTION),
+        (Status.ATTENTION, Status.QUESTION),
+        (Status.QUESTION, Status.CLOSED),
+    ]
+    assert first.history[0].duration == pytest.approx(first.since - start.since, abs=0.002)
+    assert first.history[0].duration >= 0.04
+    assert second.since >= first.since and third.since == third.history[-1].timestamp
+    assert third.closed and not second.closed
+    assert third.revision == start.revision + 3
+
+
+def test_add_usage_increments(store: shmstore.Client) -> None:
+    store.set(make_session("s1"))
+    store.add_usage("s1", 100, 20)
+    assert store.add_usage("s1", input_tokens=1, output_tokens=2).api_usage == ApiUsage(101, 22)
+
+
+def test_unknown_id_raises_not_found_and_changes_nothing(store: shmstore.Client) -> None:
+    store.set(make_session("s1"))
+    before = snapshot(store)
+    with pytest.raises(NotFoundError, match="nope"):
+        store.transition("nope", Status.WORKING)
+    with pytest.raises(NotFoundError):
+        store.add_usage("nope", 1, 1)
+    assert snapshot(store) == before
+
+
+def test_expected_revision_refuses_a_stale_write(store: shmstore.Client) -> None:
+    seen = store.set(make_session("s1"))
+    store.transition("s1", Status.ATTENTION)
+    with pytest.raises(ConflictError, match="revision 2"):
+        store.set(make_session("s1", working_dir="/stale"), expected_revision=seen.revision)
+    with pytest.raises(ConflictError):
+        store.set(make_session("s1"), expected_revision=0)
+    current = store.get("s1")
+    assert current is not None and current.status is Status.ATTENTION
+    assert store.set(make_session("s1"), expected_revision=current.revision).revision == 3
+    assert store.set(make_session("new"), expected_revision=0).revision == 4
+
+
+@pytest.mark.parametrize(
+    ("method", "args"),
+    [
+        ("get", ("",)),
+        ("get", (42,)),
+        ("remove", ("bad\x07id",)),
+        ("transition", ("s1", "sleeping")),
+        ("transition", ("s1", None)),
+        ("transition", ("x" * 1000, "working")),
+        ("add_usage", ("s1", -1, 0)),
+        ("add_usage", ("s1", 0, 1.5)),
+        ("add_usage", ("s1", MAX_TOKENS, 0)),
+        ("add_usage", ("s1", "10", 0)),
+        ("set", (b"not json", None)),
+        ("set", (b'{"id": "s2", "working_dir": "relative"}', None)),
+        ("set", (b'{"id": "s1", "working_dir": "/", "status": "nope"}', None)),
+        ("set", ({"id": "s1"}, None)),
+        ("set", (make_session("s1").to_json(), -3)),
+    ],
+)
+def test_invalid_input_is_refused_and_leaves_the_store_as_it_was(
+    store: shmstore.Client, method: str, args: tuple[object, ...]
+) -> None:
+    store.set(make_session("s1"))
+    store.add_usage("s1", 5, 5)
+    before = snapshot(store)
+    # Straight to the manager, past the client's own checks: the manager must refuse too.
+    with pytest.raises(ValidationError):
+        store._call(method, *args)
+    assert snapshot(store) == before
+
+
+def test_client_refuses_non_sessions_and_bad_statuses(store: shmstore.Client) -> None:
+    with pytest.raises(ValidationError, match="session"):
+        store.set({"id": "x"})  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="status"):
+        store.transition("s1", "bogus")
+    assert store.revision() == 0
+
+
+def test_client_returns_copies_the_manager_does_not_share(store: shmstore.Client) -> None:
+    session = store.set(make_session("s1"))
+    mine = store.get("s1")
+    assert mine == session and mine is not session
+    store.transition("s1", Status.ATTENTION)
+    assert mine.status is Status.WORKING  # our copy is a value; it did not move
+
+
+def test_one_client_shared_by_threads(store: shmstore.Client) -> None:
+    store.set(make_session("s1"))
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            for _ in range(50):
+                store.add_usage("s1", 1, 2)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert store.get("s1").api_usage == ApiUsage(300, 600)  # type: ignore[union-attr]
+
+
+def test_history_is_bounded_by_max_history(sock_dir: object) -> None:
+    with shmstore.start_server(f"{sock_dir}/h.sock", max_history=3) as server, shmstore.connect(
+        server.address, server.authkey
+    ) as store:
+        store.set(Session(id="s", working_dir="/"))
+        for status in ["attention", "working", "question", "working", "closed"]:
+            result = store.transition("s", status)
+        assert [h.to for h in result.history] == [Status.QUESTION, Status.WORKING, Status.CLOSED]
