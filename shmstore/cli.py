@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import Any
 
 import multiprocess
@@ -45,7 +46,12 @@ def _parser() -> argparse.ArgumentParser:
             f"clients read the authkey from ${addr.ENV_AUTHKEY}, else from the key file beside the socket."
         ),
     )
-    parser.set_defaults(run=lambda args: parser.print_help() or 2)
+
+    def usage(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(run=usage)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", help="unix socket path or host:port (default: the per-user socket)")
     common.add_argument(
@@ -173,7 +179,9 @@ def format_table(sessions: Sequence[Session], at: float | None = None) -> str:
         tokens = "-" if usage is None else f"{usage.input_tokens}/{usage.output_tokens}"
         rows.append((s.id, s.status, _age(at - s.since), tokens, str(len(s.history)), str(s.revision), s.working_dir))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows
+    )
 
 
 def _age(seconds: float) -> str:
@@ -276,9 +284,7 @@ def _demo_summary(reports: list[dict[str, int]], sessions: list[Session], revisi
     stored = sum(len(s.history) for s in sessions)
     tokens_sent = sum(r["input_tokens"] + r["output_tokens"] for r in reports)
     tokens_stored = sum(s.api_usage.input_tokens + s.api_usage.output_tokens for s in sessions if s.api_usage)
-    chains_ok = all(
-        all(a.to == b.from_ for a, b in zip(s.history, s.history[1:], strict=False)) for s in sessions
-    )
+    chains_ok = all(all(a.to == b.from_ for a, b in pairwise(s.history)) for s in sessions)
     ok = sent == stored and tokens_sent == tokens_stored and chains_ok
     print(
         f"\ndemo: {len(sessions)} sessions, store revision {revision}; transitions sent {sent}, stored {stored}; "

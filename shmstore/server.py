@@ -32,7 +32,14 @@ from multiprocess import managers
 
 from . import address as addr
 from . import wire
-from .errors import AddressInUseError, ConflictError, NotFoundError, ShmstoreError, StoreUnavailableError, ValidationError
+from .errors import (
+    AddressInUseError,
+    ConflictError,
+    NotFoundError,
+    ShmstoreError,
+    StoreUnavailableError,
+    ValidationError,
+)
 from .model import Record, Session, add_usage_record, check_count, check_id, check_status, now, transition_record
 
 #: The methods a client may call on the manager's store, and nothing else.
@@ -191,8 +198,8 @@ def serve(
     address = addr.resolve(address)
     key = addr.new_key() if authkey is None else addr.as_key(authkey)
     store = Store(max_history=max_history)
-    _claim(address)
     try:
+        _claim(address)
         server = _manager(store, address, key).get_server()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:

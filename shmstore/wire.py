@@ -110,4 +110,4 @@ def _no_delay(handle: int) -> None:
         sock.detach()
 
 
-managers.listener_client[SERIALIZER] = (Listener, Client)  # type: ignore[index]
+managers.listener_client[SERIALIZER] = (Listener, Client)

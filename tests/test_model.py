@@ -38,7 +38,16 @@ def test_json_round_trip_keeps_every_field() -> None:
 def test_json_encoding_is_exact() -> None:
     data = orjson.loads(full_session().to_json())
     assert list(data) == [
-        "id", "agent_type", "status", "working_dir", "since", "history", "api_usage", "closed", "session_id", "revision"
+        "id",
+        "agent_type",
+        "status",
+        "working_dir",
+        "since",
+        "history",
+        "api_usage",
+        "closed",
+        "session_id",
+        "revision",
     ]
     assert data["history"][0] == {"timestamp": 100.0, "from": "working", "to": "attention", "duration": 5.5}
     assert data["api_usage"] == {"input_tokens": 1200, "output_tokens": 340}
@@ -113,8 +122,13 @@ def test_invalid_fields_raise_validation_error_naming_the_field(fields: dict[str
 
 @pytest.mark.parametrize(
     ("usage", "field"),
-    [((-1, 0), "api_usage.input_tokens"), ((0, -5), "api_usage.output_tokens"), ((1.5, 0), "api_usage.input_tokens"),
-     ((MAX_TOKENS + 1, 0), "api_usage.input_tokens"), ((True, 0), "api_usage.input_tokens")],
+    [
+        ((-1, 0), "api_usage.input_tokens"),
+        ((0, -5), "api_usage.output_tokens"),
+        ((1.5, 0), "api_usage.input_tokens"),
+        ((MAX_TOKENS + 1, 0), "api_usage.input_tokens"),
+        ((True, 0), "api_usage.input_tokens"),
+    ],
 )
 def test_token_counts_must_be_non_negative_ints(usage: tuple[object, object], field: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -124,9 +138,15 @@ def test_token_counts_must_be_non_negative_ints(usage: tuple[object, object], fi
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"{", b"[]", b'{"id": "a"}', b'{"id": "a", "working_dir": "/", "color": "red"}',
-     b'{"id": "a", "working_dir": "/", "history": [{"timestamp": 1}]}',
-     b'{"id": "a", "working_dir": "/", "history": {}}'],
+    [
+        b"",
+        b"{",
+        b"[]",
+        b'{"id": "a"}',
+        b'{"id": "a", "working_dir": "/", "color": "red"}',
+        b'{"id": "a", "working_dir": "/", "history": [{"timestamp": 1}]}',
+        b'{"id": "a", "working_dir": "/", "history": {}}',
+    ],
 )
 def test_malformed_json_raises_validation_error(data: bytes) -> None:
     with pytest.raises(ValidationError):
@@ -158,7 +178,7 @@ def test_add_usage_record_adds_and_refuses_overflow() -> None:
     add_usage_record(record, 5, 7)
     add_usage_record(record, 1, 1)
     assert Session.from_dict(record).api_usage == ApiUsage(6, 8)
-    with pytest.raises(ValidationError, match="api_usage.input_tokens"):
+    with pytest.raises(ValidationError, match=r"api_usage\.input_tokens"):
         add_usage_record(record, MAX_TOKENS, 0)
     with pytest.raises(ValidationError, match="output_tokens"):
         add_usage_record(record, 0, -1)

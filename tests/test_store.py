@@ -149,9 +149,10 @@ def test_one_client_shared_by_threads(store: shmstore.Client) -> None:
 
 
 def test_history_is_bounded_by_max_history(sock_dir: object) -> None:
-    with shmstore.start_server(f"{sock_dir}/h.sock", max_history=3) as server, shmstore.connect(
-        server.address, server.authkey
-    ) as store:
+    with (
+        shmstore.start_server(f"{sock_dir}/h.sock", max_history=3) as server,
+        shmstore.connect(server.address, server.authkey) as store,
+    ):
         store.set(Session(id="s", working_dir="/"))
         for status in ["attention", "working", "question", "working", "closed"]:
             result = store.transition("s", status)

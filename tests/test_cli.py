@@ -1,0 +1,87 @@
+"""The shmstore command, run as a user would: a real subprocess against a real manager."""
+
+from __future__ import annotations
+
+import subprocess
+
+import orjson
+import pytest
+from conftest import PYTHON
+
+import shmstore
+
+COMMANDS = ["serve", "ls", "get", "set", "transition", "rm", "demo"]
+
+
+def run(*args: str, address: object = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    argv = [PYTHON, "-m", "shmstore", *args]
+    if address is not None:
+        argv += ["--address", str(address)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_every_command_has_help(command: str) -> None:
+    result = run(*([command] if command else []), "--help")
+    assert result.returncode == 0
+    assert "usage: shmstore" in result.stdout
+    if not command:
+        assert all(name in result.stdout for name in COMMANDS)
+
+
+def test_set_get_transition_ls_rm(server: shmstore.ServerProcess) -> None:
+    created = run("set", "abc", "--dir", "/src/app", "--session-id", "r-1", "--json", address=server.address)
+    assert created.returncode == 0, created.stderr
+    assert orjson.loads(created.stdout)["session_id"] == "r-1"
+
+    moved = run("transition", "abc", "attention", "--json", address=server.address)
+    session = shmstore.Session.from_json(moved.stdout)
+    assert session.status is shmstore.Status.ATTENTION and session.revision == 2
+
+    got = run("get", "abc", "--json", address=server.address)
+    assert shmstore.Session.from_json(got.stdout) == session
+
+    table = run("ls", address=server.address)
+    assert table.returncode == 0 and "abc" in table.stdout and "attention" in table.stdout
+    filtered = run("ls", "--json", "--status", "working", address=server.address)
+    assert orjson.loads(filtered.stdout) == []
+
+    assert run("rm", "abc", address=server.address).stdout.strip() == "removed abc"
+    assert orjson.loads(run("ls", "--json", address=server.address).stdout) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["set", "abc", "--dir", "relative"], "working_dir: must be an absolute path"),
+        (["transition", "ghost", "working"], "no session with id 'ghost'"),
+        (["get", "ghost"], "no session with id 'ghost'"),
+        (["rm", "ghost"], "no session with id 'ghost'"),
+        (["set", "abc", "--dir", "/x", "--expect-revision", "5"], "not the expected 5"),
+    ],
+)
+def test_errors_are_one_clear_line_and_a_failing_exit(
+    server: shmstore.ServerProcess, args: list[str], message: str
+) -> None:
+    result = run(*args, address=server.address)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("shmstore: error: ")
+    assert message in result.stderr
+
+
+def test_bad_arguments_exit_2() -> None:
+    result = run("transition", "abc", "sleeping")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_no_manager_is_one_line(sock_dir: object) -> None:
+    result = run("ls", address=f"{sock_dir}/none.sock", timeout=10)
+    assert result.returncode == 1
+    assert result.stderr.startswith("shmstore: error: no manager at") and result.stderr.count("\n") == 1
+
+
+def test_demo_runs_and_loses_nothing() -> None:
+    result = run("demo", "--duration", "1.5", "--workers", "3", timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "demo: nothing lost" in result.stdout
+    assert "subscriber: rev" in result.stdout
