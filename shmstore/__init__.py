@@ -10,17 +10,18 @@ worker and subscriber processes connect by address and authkey::
             store.transition("abc", shmstore.Status.ATTENTION)
 """
 
-from .client import Client, connect
+from .client import Client, Watch, connect
 from .errors import (
     AddressInUseError,
     AuthenticationError,
     ConflictError,
     NotFoundError,
+    ResyncRequiredError,
     ShmstoreError,
     StoreUnavailableError,
     ValidationError,
 )
-from .model import AgentType, ApiUsage, Session, StateTransition, Status
+from .model import AgentType, ApiUsage, Changes, Event, EventKind, Session, Snapshot, StateTransition, Status
 from .server import ServerProcess, Store, serve, start_server
 
 __all__ = [
@@ -28,17 +29,23 @@ __all__ = [
     "AgentType",
     "ApiUsage",
     "AuthenticationError",
+    "Changes",
     "Client",
     "ConflictError",
+    "Event",
+    "EventKind",
     "NotFoundError",
+    "ResyncRequiredError",
     "ServerProcess",
     "Session",
+    "Snapshot",
     "ShmstoreError",
     "StateTransition",
     "Status",
     "Store",
     "StoreUnavailableError",
     "ValidationError",
+    "Watch",
     "connect",
     "serve",
     "start_server",

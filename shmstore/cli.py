@@ -18,8 +18,8 @@ from . import __doc__ as package_doc
 from . import address as addr
 from .client import DEFAULT_TIMEOUT, Client
 from .errors import ShmstoreError, StoreUnavailableError
-from .model import AgentType, Session, Status
-from .server import DEFAULT_MAX_HISTORY, serve, start_server
+from .model import AgentType, Event, EventKind, Session, Status
+from .server import DEFAULT_LOG_SIZE, DEFAULT_MAX_HISTORY, Store, serve, start_server
 
 STATUSES = [status.value for status in Status]
 
@@ -67,7 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         return cmd
 
     cmd = command("serve", _serve, "run a store manager in the foreground until SIGINT or SIGTERM")
-    cmd.add_argument("--max-history", type=int, default=DEFAULT_MAX_HISTORY, help="history entries kept per session")
+    cmd.add_argument(
+        "--max-history", type=int, default=DEFAULT_MAX_HISTORY, help="history entries kept per session (%(default)s)"
+    )
+    cmd.add_argument(
+        "--log-size", type=int, default=DEFAULT_LOG_SIZE, help="events the change feed keeps (%(default)s)"
+    )
 
     cmd = command("ls", _ls, "list the sessions", json_flag)
     cmd.add_argument("--status", choices=STATUSES, help="only sessions with this status")
@@ -90,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     cmd = command("rm", _rm, "remove a session")
     cmd.add_argument("id")
 
+    cmd = command("watch", _watch, "print every change as it happens (a snapshot first), until interrupted")
+    cmd.add_argument("--json", action="store_true", help="one JSON event per line")
+    cmd.add_argument("--since", type=int, help="continue from this revision instead of a snapshot")
+    cmd.add_argument("--limit", type=int, help="stop after this many lines")
+
     cmd = command("demo", _demo, "run a manager, agent workers and a live subscriber on a private socket")
     cmd.add_argument("--duration", type=float, default=10.0, help="seconds the agents run (default: %(default)s)")
     cmd.add_argument("--workers", type=int, default=4, help="agent worker processes (default: %(default)s)")
@@ -108,7 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
     def ready(bound: Any) -> None:
         print(f"shmstore: serving at {addr.format_address(bound)} (pid {os.getpid()})", file=sys.stderr, flush=True)
 
-    serve(args.address, max_history=args.max_history, on_ready=ready)
+    serve(args.address, store=Store(max_history=args.max_history, log_size=args.log_size), on_ready=ready)
     print("shmstore: stopped", file=sys.stderr)
     return 0
 
@@ -156,6 +166,36 @@ def _rm(args: argparse.Namespace) -> int:
         return 1
     print(f"removed {removed.id}")
     return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    printed = 0
+    with _client(args) as store, store.watch(args.since) as watch:
+        try:
+            for event in watch:
+                print(event.to_json().decode() if args.json else format_event(event), flush=True)
+                printed += 1
+                if args.limit is not None and printed >= args.limit:
+                    break
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def format_event(event: Event) -> str:
+    """One human line for an event of the change feed."""
+    head = f"rev {event.revision:<6} {event.kind:<10}"
+    if event.kind is EventKind.SNAPSHOT:
+        return f"{head} {len(event.sessions or ())} sessions"
+    session = event.session
+    if session is None:
+        return f"{head} {event.id}"
+    detail = session.status.value
+    if event.kind is EventKind.TRANSITION and session.history:
+        detail = f"{session.history[-1].from_} -> {session.status}"
+    elif event.kind is EventKind.ADD_USAGE and session.api_usage is not None:
+        detail = f"tokens {session.api_usage.input_tokens}/{session.api_usage.output_tokens}"
+    return f"{head} {event.id}  {detail}"
 
 
 def _print_session(session: Session, as_json: bool) -> None:
@@ -208,7 +248,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise SystemExit("shmstore demo: --workers and --agents must be >= 1, --duration >= 0")
     ctx = multiprocess.get_context("fork")
     socket_path = os.path.join(tempfile.mkdtemp(prefix="shmstore-demo-"), "store.sock")
-    with start_server(socket_path, max_history=10_000) as server:
+    with start_server(socket_path, store=Store(max_history=10_000)) as server:
         print(f"demo: manager pid {server.pid} at {socket_path}; {args.workers} workers x {args.agents} agents")
         deadline = time.time() + args.duration
         results = ctx.Queue()
@@ -257,24 +297,24 @@ def _demo_worker(address: Any, authkey: bytes, worker: int, agents: int, deadlin
 
 
 def _demo_subscriber(address: Any, authkey: bytes, deadline: float) -> None:
-    """The subscriber: redraws the live table (or prints a line a second off a terminal)."""
+    """The subscriber: follows the change feed and redraws the live table at most ten
+    times a second (or prints a line a second when not on a terminal)."""
     live = sys.stdout.isatty()
-    last_line = 0.0
-    with Client(address, authkey) as store:
+    last_draw = 0.0
+    with Client(address, authkey) as store, store.watch() as watch:
         while time.time() < deadline:
-            sessions = store.list_all()
+            watch.poll(0.1)
+            if time.time() - last_draw < (0.1 if live else 1.0):
+                continue
+            last_draw = time.time()
+            sessions = list(watch.sessions.values())
             if live:
-                sys.stdout.write("\x1b[H\x1b[2J" + format_table(sessions) + "\n")
+                sys.stdout.write("\x1b[H\x1b[2J" + format_table(sessions) + f"\nrevision {watch.revision}\n")
                 sys.stdout.flush()
-            elif time.time() - last_line >= 1.0:
-                last_line = time.time()
+            else:
                 counts = {status: sum(s.status is status for s in sessions) for status in Status}
-                print(
-                    f"subscriber: rev {store.revision():>5}  "
-                    + "  ".join(f"{status.value} {n}" for status, n in counts.items()),
-                    flush=True,
-                )
-            time.sleep(0.2)
+                line = "  ".join(f"{status.value} {n}" for status, n in counts.items())
+                print(f"subscriber: rev {watch.revision:>5}  {line}", flush=True)
 
 
 def _demo_summary(reports: list[dict[str, int]], sessions: list[Session], revision: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from typing import Any
 
 import multiprocess
@@ -19,8 +20,8 @@ from multiprocess import managers
 
 from . import address as addr
 from . import wire
-from .errors import AuthenticationError, ShmstoreError, StoreUnavailableError, ValidationError
-from .model import Session, Status, check_status, sessions_from_json
+from .errors import AuthenticationError, ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
+from .model import Changes, Event, EventKind, Session, Snapshot, Status, check_status, sessions_from_json
 
 DEFAULT_TIMEOUT = wire.DEFAULT_TIMEOUT
 
@@ -41,9 +42,20 @@ class StoreProxy(managers.BaseProxy):
         managers.dispatch(conn, None, "accept_connection", (f"{multiprocess.current_process().name}|{thread}",))
         self._tls.connection = conn
 
-    def call(self, method: str, *args: Any) -> Any:
+    def call(self, method: str, *args: Any, wait: float = 0.0) -> Any:
+        """Call ``method`` in the manager; allow ``wait`` more seconds for the reply of a
+        call that waits there (``changes``)."""
         try:
-            return self._callmethod(method, args)
+            if not wait:
+                return self._callmethod(method, args)
+            if not hasattr(self._tls, "connection"):
+                self._connect()
+            conn = self._tls.connection
+            conn.timeout = self._timeout + wait
+            try:
+                return self._callmethod(method, args)
+            finally:
+                conn.timeout = self._timeout
         except (EOFError, OSError):
             conn = getattr(self._tls, "connection", None)
             if conn is not None:
@@ -124,10 +136,10 @@ class Client:
         proxy._timeout = self.timeout
         return proxy
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call(self, method: str, *args: Any, wait: float = 0.0) -> Any:
         proxy = self._get_proxy()
         try:
-            return proxy.call(method, *args)
+            return proxy.call(method, *args, wait=wait)
         except ShmstoreError:
             raise
         except (EOFError, OSError, managers.RemoteError) as exc:
@@ -174,6 +186,100 @@ class Client:
     def revision(self) -> int:
         """The store-wide revision: how many changes the store has made."""
         return int(self._call("revision"))
+
+    # -- the change feed ----------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """Every session with the revision they are at, taken atomically: the point a
+        subscriber starts following :meth:`changes` from."""
+        return Snapshot.from_json(self._call("snapshot"))
+
+    def changes(self, since: int, timeout: float = 0.0, epoch: str | None = None) -> Changes:
+        """The events after revision ``since``, in order.
+
+        Returns at once when there are any, else waits in the manager up to ``timeout``
+        seconds (at most 60) for one. Raises :class:`ResyncRequiredError` when the log no
+        longer reaches back to ``since``, or the store is not the one of ``epoch``.
+        """
+        wait = timeout if isinstance(timeout, int | float) and not isinstance(timeout, bool) else 0.0
+        return Changes.from_json(self._call("changes", since, timeout, epoch, wait=max(0.0, wait)))
+
+    def watch(self, since: int | None = None, *, poll: float = 1.0) -> Watch:
+        """Follow every change from now (or from revision ``since``): see :class:`Watch`."""
+        return Watch(self, since, poll=poll)
+
+
+class Watch:
+    """An endless, lossless iterator over the store's changes.
+
+    It starts from a snapshot (yielded as an event of kind ``snapshot``), unless given a
+    revision to continue from, and then yields every change in revision order. When the
+    manager's log has moved on past it, or the manager restarted, it takes a new snapshot
+    and yields that, so a slow subscriber catches up instead of silently going stale.
+    :attr:`sessions` is the state rebuilt from what it has yielded. Iteration ends after
+    :meth:`close`, within ``poll`` seconds if it was waiting. Errors of the store
+    (:class:`StoreUnavailableError`) are raised, never swallowed.
+    """
+
+    def __init__(self, client: Client, since: int | None = None, *, poll: float = 1.0) -> None:
+        self.client = client
+        self.poll_interval = poll
+        #: The revision the state below is at; None before the first snapshot.
+        self.revision = since
+        #: The sessions as the events yielded so far have left them.
+        self.sessions: dict[str, Session] = {}
+        #: How many snapshots the watch has taken (1 at the start, more on each resync).
+        self.snapshots = 0
+        self._epoch: str | None = None
+        self._pending: deque[Event] = deque()
+        self._closed = False
+
+    def __iter__(self) -> Watch:
+        return self
+
+    def __next__(self) -> Event:
+        while not self._closed:
+            event = self.poll(self.poll_interval)
+            if event is not None:
+                return event
+        raise StopIteration
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+
+    def poll(self, timeout: float) -> Event | None:
+        """The next event, or None if none came within ``timeout`` seconds."""
+        if self._pending:
+            return self._pending.popleft()
+        if self.revision is None:
+            return self._resync()
+        try:
+            changes = self.client.changes(self.revision, timeout, self._epoch)
+        except ResyncRequiredError:
+            return self._resync()
+        self._epoch = changes.epoch
+        for event in changes.events:
+            if event.session is None:
+                self.sessions.pop(event.id or "", None)
+            else:
+                self.sessions[event.session.id] = event.session
+            self.revision = event.revision
+        self._pending.extend(changes.events)
+        return self._pending.popleft() if self._pending else None
+
+    def _resync(self) -> Event:
+        snapshot = self.client.snapshot()
+        self._epoch, self.revision = snapshot.epoch, snapshot.revision
+        self.sessions = {s.id: s for s in snapshot.sessions}
+        self.snapshots += 1
+        self._pending.clear()
+        return Event(snapshot.revision, EventKind.SNAPSHOT, None, sessions=snapshot.sessions)
 
 
 def _describe(exc: BaseException) -> str:

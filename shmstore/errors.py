@@ -32,6 +32,11 @@ class ConflictError(ShmstoreError):
     """``set`` was given an expected revision that is no longer current."""
 
 
+class ResyncRequiredError(ShmstoreError):
+    """The change feed no longer holds the events after the asked revision (the log moved
+    on, or the manager restarted): start again from a fresh ``snapshot()``."""
+
+
 class StoreUnavailableError(ShmstoreError, ConnectionError):
     """The manager could not be reached, went away, or did not answer in time."""
 

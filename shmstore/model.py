@@ -338,3 +338,91 @@ def add_usage_record(record: Record, input_tokens: int, output_tokens: int) -> R
 def sessions_from_json(data: bytes) -> list[Session]:
     """Decode the JSON array of sessions that ``list_all`` sends."""
     return [Session.from_dict(item) for item in loads(data, "sessions")]
+
+
+# -- the change feed --------------------------------------------------------------------------
+
+
+class EventKind(enum.StrEnum):
+    """What kind of change an :class:`Event` reports."""
+
+    SET = "set"
+    TRANSITION = "transition"
+    ADD_USAGE = "add_usage"
+    REMOVE = "remove"
+    #: Not a change: the watch helper (re)loaded the whole state from a snapshot.
+    SNAPSHOT = "snapshot"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One change to the store: its revision, its kind, the session id, and the session as
+    it is after the change (None after a remove). A ``snapshot`` event has no id and
+    carries every session instead."""
+
+    revision: int
+    kind: EventKind
+    id: str | None
+    session: Session | None = None
+    sessions: tuple[Session, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"revision": self.revision, "kind": self.kind}
+        if self.kind is EventKind.SNAPSHOT:
+            data["sessions"] = [s.to_dict() for s in self.sessions or ()]
+        else:
+            data["id"] = self.id
+            data["session"] = None if self.session is None else self.session.to_dict()
+        return data
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: object) -> Event:
+        fields = _fields(data, "event", ("revision", "kind", "id", "session"))
+        session = fields["session"]
+        return cls(
+            revision=check_count(fields["revision"], "event.revision"),
+            kind=_check_enum(EventKind, fields["kind"], "event.kind"),
+            id=check_id(fields["id"]),
+            session=None if session is None else Session.from_dict(session),
+        )
+
+
+def encode_event(revision: int, kind: EventKind, id: str, session: bytes | None) -> bytes:
+    """The JSON of an event, built around the session's stored bytes without re-encoding them."""
+    return b'{"revision":%d,"kind":"%s","id":%s,"session":%s}' % (
+        revision,
+        kind.value.encode(),
+        orjson.dumps(id),
+        b"null" if session is None else session,
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Changes:
+    """What one ``changes`` call returns: the store's epoch and the events it asked for."""
+
+    epoch: str
+    events: tuple[Event, ...]
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Changes:
+        fields = _fields(loads(data, "changes"), "changes", ("epoch", "events"))
+        return cls(fields["epoch"], tuple(Event.from_dict(item) for item in fields["events"]))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every session at one revision of one manager (``epoch`` tells managers apart, since a
+    restarted manager counts revisions from zero again)."""
+
+    epoch: str
+    revision: int
+    sessions: tuple[Session, ...]
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Snapshot:
+        fields = _fields(loads(data, "snapshot"), "snapshot", ("epoch", "revision", "sessions"))
+        return cls(fields["epoch"], fields["revision"], tuple(Session.from_dict(s) for s in fields["sessions"]))

@@ -26,7 +26,7 @@ def sock_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def server(sock_dir: Path) -> Iterator[shmstore.ServerProcess]:
-    with shmstore.start_server(sock_dir / "s.sock", max_history=10_000) as srv:
+    with shmstore.start_server(sock_dir / "s.sock", store=shmstore.Store(max_history=10_000)) as srv:
         yield srv
 
 

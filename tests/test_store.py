@@ -150,7 +150,7 @@ def test_one_client_shared_by_threads(store: shmstore.Client) -> None:
 
 def test_history_is_bounded_by_max_history(sock_dir: object) -> None:
     with (
-        shmstore.start_server(f"{sock_dir}/h.sock", max_history=3) as server,
+        shmstore.start_server(f"{sock_dir}/h.sock", store=shmstore.Store(max_history=3)) as server,
         shmstore.connect(server.address, server.authkey) as store,
     ):
         store.set(Session(id="s", working_dir="/"))
