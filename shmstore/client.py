@@ -21,7 +21,17 @@ from multiprocess import managers
 from . import address as addr
 from . import wire
 from .errors import AuthenticationError, ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
-from .model import Changes, Event, EventKind, Session, Snapshot, Status, check_status, sessions_from_json
+from .model import (
+    Changes,
+    Event,
+    EventKind,
+    Session,
+    Snapshot,
+    Status,
+    check_status,
+    session_from_store,
+    sessions_from_json,
+)
 
 DEFAULT_TIMEOUT = wire.DEFAULT_TIMEOUT
 
@@ -154,7 +164,7 @@ class Client:
     def get(self, id: str) -> Session | None:
         """The session with ``id``, or None."""
         data = self._call("get", id)
-        return None if data is None else Session.from_json(data)
+        return None if data is None else session_from_store(data)
 
     def set(self, session: Session, *, expected_revision: int | None = None) -> Session:
         """Create or replace ``session``; returns it as stored, with its new revision.
@@ -164,12 +174,12 @@ class Client:
         """
         if not isinstance(session, Session):
             raise ValidationError("session", f"must be a Session, not {type(session).__name__}")
-        return Session.from_json(self._call("set", session.to_json(), expected_revision))
+        return session_from_store(self._call("set", session.to_json(), expected_revision))
 
     def remove(self, id: str) -> Session | None:
         """Remove the session with ``id``; returns what was removed, or None."""
         data = self._call("remove", id)
-        return None if data is None else Session.from_json(data)
+        return None if data is None else session_from_store(data)
 
     def list_all(self) -> list[Session]:
         """Every session the store holds."""
@@ -177,11 +187,11 @@ class Client:
 
     def transition(self, id: str, status: Status | str) -> Session:
         """Move session ``id`` to ``status``, recording the transition; returns the result."""
-        return Session.from_json(self._call("transition", id, check_status(status)))
+        return session_from_store(self._call("transition", id, check_status(status)))
 
     def add_usage(self, id: str, input_tokens: int = 0, output_tokens: int = 0) -> Session:
         """Add token counts to session ``id`` atomically; returns the result."""
-        return Session.from_json(self._call("add_usage", id, input_tokens, output_tokens))
+        return session_from_store(self._call("add_usage", id, input_tokens, output_tokens))
 
     def revision(self) -> int:
         """The store-wide revision: how many changes the store has made."""
