@@ -10,6 +10,8 @@ manager restart at the same address.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import threading
 from collections import deque
@@ -30,10 +32,11 @@ from .model import (
     Status,
     check_status,
     session_from_store,
-    sessions_from_json,
 )
 
 DEFAULT_TIMEOUT = wire.DEFAULT_TIMEOUT
+#: Decoded sessions a client keeps, keyed by the exact bytes they came from.
+DECODE_CACHE_SIZE = 1024
 
 
 class StoreProxy(managers.BaseProxy):
@@ -97,6 +100,7 @@ class Client:
         self._authkey = None if authkey is None else addr.as_key(authkey)
         self._proxy: StoreProxy | None = None
         self._proxy_lock = threading.Lock()
+        self._decoded: dict[bytes, Session] = {}
 
     def __repr__(self) -> str:
         return f"<shmstore.Client address={addr.format_address(self.address)!r}>"
@@ -159,12 +163,26 @@ class Client:
             where = addr.format_address(self.address)
             raise StoreUnavailableError(f"manager at {where} failed during {method}(): {_describe(exc)}") from None
 
+    def _session(self, data: bytes) -> Session:
+        """Decode a session the store sent, or hand out the value already decoded from the
+        same bytes. Sessions are frozen, so sharing one is safe, and a status line or a
+        subscriber that reads unchanged sessions again and again skips the decode, which
+        costs about as much as the round trip itself."""
+        session = self._decoded.get(data)
+        if session is None:
+            session = session_from_store(data)
+            if len(self._decoded) >= DECODE_CACHE_SIZE:
+                with contextlib.suppress(KeyError, RuntimeError, StopIteration):  # another thread got there first
+                    del self._decoded[next(iter(self._decoded))]  # the oldest entry
+            self._decoded[data] = session
+        return session
+
     # -- operations -------------------------------------------------------------------------
 
     def get(self, id: str) -> Session | None:
         """The session with ``id``, or None."""
         data = self._call("get", id)
-        return None if data is None else session_from_store(data)
+        return None if data is None else self._session(data)
 
     def set(self, session: Session, *, expected_revision: int | None = None) -> Session:
         """Create or replace ``session``; returns it as stored, with its new revision.
@@ -174,7 +192,8 @@ class Client:
         """
         if not isinstance(session, Session):
             raise ValidationError("session", f"must be a Session, not {type(session).__name__}")
-        return session_from_store(self._call("set", session.to_json(), expected_revision))
+        revision = self._call("set", session.to_json(), expected_revision)
+        return dataclasses.replace(session, revision=revision)
 
     def remove(self, id: str) -> Session | None:
         """Remove the session with ``id``; returns what was removed, or None."""
@@ -183,15 +202,15 @@ class Client:
 
     def list_all(self) -> list[Session]:
         """Every session the store holds."""
-        return sessions_from_json(self._call("list_all"))
+        return [self._session(data) for data in self._call("list_all")]
 
     def transition(self, id: str, status: Status | str) -> Session:
         """Move session ``id`` to ``status``, recording the transition; returns the result."""
-        return session_from_store(self._call("transition", id, check_status(status)))
+        return self._session(self._call("transition", id, check_status(status)))
 
     def add_usage(self, id: str, input_tokens: int = 0, output_tokens: int = 0) -> Session:
         """Add token counts to session ``id`` atomically; returns the result."""
-        return session_from_store(self._call("add_usage", id, input_tokens, output_tokens))
+        return self._session(self._call("add_usage", id, input_tokens, output_tokens))
 
     def revision(self) -> int:
         """The store-wide revision: how many changes the store has made."""

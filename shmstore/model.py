@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -290,9 +290,7 @@ def _check_history(history: object) -> tuple[StateTransition, ...]:
 _KEY_SETS: dict[tuple[str, ...], frozenset[str]] = {}
 
 
-def _fields(
-    data: object, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
-) -> Mapping[str, Any]:
+def _fields(data: object, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> Mapping[str, Any]:
     """``data`` as a mapping that has every required key and no unknown one."""
     shape = required + optional
     keys = _KEY_SETS.get(shape)
@@ -366,26 +364,42 @@ def add_usage_record(record: Record, input_tokens: int, output_tokens: int) -> R
 
 _STATUS = {status.value: status for status in Status}
 _AGENT_TYPE = {agent.value: agent for agent in AgentType}
+
+
+def _setters(cls: type, *names: str) -> tuple[Callable[[object, object], None], ...]:
+    # The slots' own descriptors: the fastest way to fill a frozen, slotted value.
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_SESSION_SET = _setters(
+    Session, "id", "working_dir", "agent_type", "status", "since", "history", "api_usage", "session_id", "revision"
+)
+_ENTRY_SET = _setters(StateTransition, "timestamp", "from_", "to", "duration")
+
+
 def _stored_session(data: Mapping[str, Any]) -> Session:
-    session: Session = _new(Session)
-    _set(session, "id", data["id"])
-    _set(session, "working_dir", data["working_dir"])
-    _set(session, "agent_type", _AGENT_TYPE[data["agent_type"]])
-    _set(session, "status", _STATUS[data["status"]])
-    _set(session, "since", data["since"])
+    set_id, set_dir, set_agent, set_status, set_since, set_history, set_usage, set_resume, set_rev = _SESSION_SET
+    set_time, set_from, set_to, set_duration = _ENTRY_SET
+    status = _STATUS
     history = []
     for entry in data["history"]:
-        transition: StateTransition = _new(StateTransition)
-        _set(transition, "timestamp", entry["timestamp"])
-        _set(transition, "from_", _STATUS[entry["from"]])
-        _set(transition, "to", _STATUS[entry["to"]])
-        _set(transition, "duration", entry["duration"])
+        transition = _new(StateTransition)
+        set_time(transition, entry["timestamp"])
+        set_from(transition, status[entry["from"]])
+        set_to(transition, status[entry["to"]])
+        set_duration(transition, entry["duration"])
         history.append(transition)
-    _set(session, "history", tuple(history))
+    session = _new(Session)
+    set_id(session, data["id"])
+    set_dir(session, data["working_dir"])
+    set_agent(session, _AGENT_TYPE[data["agent_type"]])
+    set_status(session, status[data["status"]])
+    set_since(session, data["since"])
+    set_history(session, tuple(history))
     usage = data["api_usage"]
-    _set(session, "api_usage", None if usage is None else ApiUsage(usage["input_tokens"], usage["output_tokens"]))
-    _set(session, "session_id", data["session_id"])
-    _set(session, "revision", data["revision"])
+    set_usage(session, None if usage is None else ApiUsage(usage["input_tokens"], usage["output_tokens"]))
+    set_resume(session, data["session_id"])
+    set_rev(session, data["revision"])
     return session
 
 
@@ -396,11 +410,6 @@ def session_from_store(data: Any) -> Session:
         return _stored_session(parsed)
     except (KeyError, TypeError, AttributeError):
         return Session.from_dict(parsed)
-
-
-def sessions_from_json(data: bytes) -> list[Session]:
-    """Decode the JSON array of sessions that ``list_all`` sends."""
-    return [session_from_store(item) for item in loads(data, "sessions")]
 
 
 # -- the change feed --------------------------------------------------------------------------

@@ -62,7 +62,7 @@ from .model import (
 EXPOSED = ("get", "set", "remove", "list_all", "transition", "add_usage", "revision", "snapshot", "changes")
 
 #: History entries kept per session by default; older ones are dropped.
-DEFAULT_MAX_HISTORY = 100
+DEFAULT_MAX_HISTORY = 20
 #: Events the change feed keeps by default. Each refers to the session bytes it carries,
 #: so the log costs little more than the session versions it keeps alive.
 DEFAULT_LOG_SIZE = 256
@@ -95,10 +95,10 @@ class Store:
         with self._lock:
             return self._sessions.get(id)
 
-    def list_all(self) -> bytes:
-        """Every session, as one JSON array."""
+    def list_all(self) -> list[bytes]:
+        """Every session, each as its stored JSON (a client reuses what it already decoded)."""
         with self._lock:
-            return b"[" + b",".join(self._sessions.values()) + b"]"
+            return list(self._sessions.values())
 
     def revision(self) -> int:
         with self._lock:
@@ -107,10 +107,10 @@ class Store:
     def snapshot(self) -> bytes:
         """The epoch, the revision and every session, taken at one instant."""
         with self._lock:
-            return b'{"epoch":"%s","revision":%d,"sessions":%s}' % (
+            return b'{"epoch":"%s","revision":%d,"sessions":[%s]}' % (
                 self.epoch.encode(),
                 self._revision,
-                self.list_all(),
+                b",".join(self._sessions.values()),
             )
 
     def changes(self, since: int, timeout: float = 0.0, epoch: str | None = None) -> bytes:
@@ -137,8 +137,9 @@ class Store:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def set(self, data: bytes, expected_revision: int | None = None) -> bytes:
-        """Create or replace a session from its JSON.
+    def set(self, data: bytes, expected_revision: int | None = None) -> int:
+        """Create or replace a session from its JSON; returns the revision it is stored at
+        (the caller has the rest: sending it back would only cost a decode).
 
         With ``expected_revision``, replace only if the stored session still has that
         revision (0: only if there is none), else raise :class:`ConflictError`.
@@ -154,7 +155,8 @@ class Store:
                 current_revision = 0 if current is None else orjson.loads(current)["revision"]
                 if current_revision != expected_revision:
                     raise _conflict(session.id, expected_revision, current_revision)
-            return self._commit(session.to_dict(), EventKind.SET)
+            self._commit(session.to_dict(), EventKind.SET)
+            return self._revision
 
     def remove(self, id: str) -> bytes | None:
         check_id(id)

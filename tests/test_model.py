@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from shmstore import AgentType, ApiUsage, Session, StateTransition, Status, ValidationError
-from shmstore.model import MAX_ID_LENGTH, MAX_TOKENS, add_usage_record, sessions_from_json, transition_record
+from shmstore.model import MAX_ID_LENGTH, MAX_TOKENS, add_usage_record, session_from_store, transition_record
 
 
 def full_session() -> Session:
@@ -184,6 +184,18 @@ def test_add_usage_record_adds_and_refuses_overflow() -> None:
         add_usage_record(record, 0, -1)
 
 
-def test_sessions_from_json_decodes_a_list() -> None:
-    a, b = full_session(), Session(id="b", working_dir="/b")
-    assert sessions_from_json(b"[" + a.to_json() + b"," + b.to_json() + b"]") == [a, b]
+def test_fast_decoding_of_stored_sessions_matches_the_validating_one() -> None:
+    for session in [full_session(), Session(id="b", working_dir="/b")]:
+        data = session.to_json()
+        decoded = session_from_store(data)
+        assert decoded == Session.from_json(data) == session
+        assert type(decoded.history) is tuple and all(type(h.to) is Status for h in decoded.history)
+
+
+def test_fast_decoding_falls_back_to_validation_on_a_malformed_reply() -> None:
+    data = orjson.loads(full_session().to_json())
+    del data["agent_type"]
+    assert session_from_store(data).agent_type is AgentType.CLAUDE_CODE  # optional: the default applies
+    data["status"] = "sleeping"
+    with pytest.raises(ValidationError, match="status"):
+        session_from_store(data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -118,6 +119,33 @@ def test_client_refuses_non_sessions_and_bad_statuses(store: shmstore.Client) ->
     with pytest.raises(ValidationError, match="status"):
         store.transition("s1", "bogus")
     assert store.revision() == 0
+
+
+def test_every_field_round_trips_through_the_manager(store: shmstore.Client) -> None:
+    history = tuple(shmstore.StateTransition(1000.0 + k, Status.WORKING, Status.QUESTION, 0.5) for k in range(3000))
+    session = Session(
+        id="ünï-cødé-会话-🙂",
+        working_dir="/home/dév/プロジェクト/with space",
+        status=Status.QUESTION,
+        since=4000.125,
+        history=history,
+        api_usage=ApiUsage(2**40, 7),
+        session_id="resume-ü",
+    )
+    stored = store.set(session)
+    assert stored == dataclasses.replace(session, revision=1)
+    assert store.get(session.id) == stored
+    assert store.list_all() == [stored]
+    assert store.snapshot().sessions == (stored,)
+
+
+def test_unchanged_sessions_are_decoded_once(store: shmstore.Client) -> None:
+    store.set(make_session("s1"))
+    first, again = store.get("s1"), store.get("s1")
+    assert first is again  # the same frozen value, handed out twice
+    assert store.list_all()[0] is first
+    changed = store.transition("s1", Status.ATTENTION)
+    assert store.get("s1") is changed and changed is not first
 
 
 def test_client_returns_copies_the_manager_does_not_share(store: shmstore.Client) -> None:

@@ -1,0 +1,480 @@
+#!/usr/bin/env python3
+"""Measure shmstore against its floors and its peers, in one run, on one session record.
+
+    python bench/bench.py [--quick] [--out bench/results.json]
+
+Prints a table and writes the raw figures and the ratios to JSON. Machines are shared and
+noisy, so compare the ratios (measured in the same run) rather than absolute figures. The
+per-operation rows are measured twice, interleaved so that slow and fast moments fall on
+every operation alike: first with the client and every server pinned to one CPU, so that a
+round trip costs two context switches plus the work on each side (stable from run to run;
+the named ratios use these), then on every CPU, where the figures also carry the
+scheduler's cross-CPU wake-ups and swing several-fold between runs on a small VM.
+Needs the test extras (psutil, memory-profiler) and, for the Redis row, `redis-server`
+(Debian package redis-server) and the `redis` Python package; without them that row is
+skipped and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import multiprocessing
+import multiprocessing.managers
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import multiprocess
+import multiprocess.connection
+import orjson
+import psutil
+
+import shmstore
+from shmstore import Session, StateTransition, Status
+from shmstore.model import session_from_store
+
+IDS = [f"{n:08d}-7c1e-4b6a-9d3f-2a8e5c0b1f47" for n in range(100)]
+STATUSES = [Status.WORKING, Status.ATTENTION, Status.QUESTION]
+
+
+def make_session(id: str) -> Session:
+    """A session like a real one: a UUID id and resume id, a 10-entry history, token usage."""
+    t = 1_795_000_000.0
+    history = tuple(
+        StateTransition(t + 10 * k + 0.125, STATUSES[k % 3], STATUSES[(k + 1) % 3], 9.875) for k in range(10)
+    )
+    return Session(
+        id=id,
+        working_dir="/home/dev/src/project",
+        status=history[-1].to,
+        since=history[-1].timestamp,
+        history=history,
+        api_usage=shmstore.ApiUsage(48_211, 9_377),
+        session_id=id,
+    )
+
+
+Ops = dict[str, Callable[[], object]]
+
+
+def interleaved_us(ops: Ops, n: int, rounds: int) -> dict[str, float]:
+    """Microseconds per call of each op: the median over ``rounds`` rounds, each of which
+    runs every op ``n`` times in turn, so that a machine's slow and fast moments fall on
+    all of them alike."""
+    runs: dict[str, list[float]] = {name: [] for name in ops}
+    for op in ops.values():
+        op()
+    for _ in range(rounds):
+        for name, op in ops.items():
+            start = time.perf_counter()
+            for _ in range(n):
+                op()
+            runs[name].append((time.perf_counter() - start) / n * 1e6)
+    return {name: statistics.median(values) for name, values in runs.items()}
+
+
+# -- the floors and the peers, each yielding the operations it offers -------------------------
+
+
+@contextlib.contextmanager
+def floor_ops(data: bytes) -> Iterator[Ops]:
+    lock, table = threading.RLock(), {}
+
+    def dict_set() -> None:
+        with lock:
+            table[IDS[0]] = data
+
+    yield {"floor_dict_rlock_set": dict_set}
+
+
+def _echo(address: str, authkey: bytes, ready: Any) -> None:
+    with multiprocess.connection.Listener(address, authkey=authkey) as listener:
+        ready.set()
+        with listener.accept() as conn:
+            try:
+                while True:
+                    conn.send_bytes(conn.recv_bytes())
+            except EOFError:
+                pass
+
+
+@contextlib.contextmanager
+def pingpong_ops(tmp: Path, data: bytes) -> Iterator[Ops]:
+    ctx = multiprocess.get_context("fork")
+    address, ready = str(tmp / "echo.sock"), ctx.Event()
+    echo = ctx.Process(target=_echo, args=(address, b"k", ready), daemon=True)
+    echo.start()
+    ready.wait(10)
+    with multiprocess.connection.Client(address, authkey=b"k") as conn:
+
+        def pingpong() -> None:
+            conn.send_bytes(data)
+            conn.recv_bytes()
+
+        yield {"pingpong_multiprocess_connection": pingpong}
+    echo.join(5)
+
+
+@contextlib.contextmanager
+def shmstore_server(tmp: Path) -> Iterator[tuple[shmstore.ServerProcess, shmstore.Client]]:
+    # max_history=10 keeps every session at the benchmark's record shape while it transitions.
+    store_config = shmstore.Store(max_history=10)
+    with (
+        shmstore.start_server(tmp / "shm.sock", store=store_config) as server,
+        shmstore.connect(server.address, server.authkey) as store,
+    ):
+        for id in IDS:
+            store.set(make_session(id))
+        yield server, store
+
+
+def shmstore_ops(store: shmstore.Client) -> Ops:
+    session = make_session(IDS[0])
+    flip = itertools.cycle(STATUSES)
+    return {
+        "shmstore_get": lambda: store.get(IDS[0]),
+        "shmstore_set": lambda: store.set(session),
+        "shmstore_transition": lambda: store.transition(IDS[1], next(flip)),
+        "shmstore_add_usage": lambda: store.add_usage(IDS[2], 10, 2),
+    }
+
+
+@contextlib.contextmanager
+def sync_manager_ops(record: dict[str, Any]) -> Iterator[Ops]:
+    with multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("fork")) as manager:
+        table = manager.dict()
+        table[IDS[0]] = record
+        yield {
+            "stdlib_syncmanager_get": lambda: table[IDS[0]],
+            "stdlib_syncmanager_set": lambda: table.__setitem__(IDS[0], record),
+        }
+
+
+@contextlib.contextmanager
+def redis_ops(tmp: Path, data: bytes, skipped: list[str]) -> Iterator[Ops]:
+    server_bin = shutil.which("redis-server")
+    if server_bin is None:
+        skipped.append("redis-server is not installed (Debian package redis-server): Redis rows skipped")
+        yield {}
+        return
+    try:
+        import redis
+    except ImportError:
+        skipped.append("the redis Python package is not installed (pip install redis hiredis): Redis rows skipped")
+        yield {}
+        return
+    sock = tmp / "redis.sock"
+    proc = subprocess.Popen(
+        [server_bin, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                skipped.append("redis-server did not start: Redis rows skipped")
+                yield {}
+                return
+            time.sleep(0.05)
+        client = redis.Redis(unix_socket_path=str(sock))
+        client.set(IDS[0], data)
+        yield {
+            "redis_get": lambda: orjson.loads(client.get(IDS[0])),
+            "redis_set": lambda: client.set(IDS[0], data),
+        }
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# -- the change feed ----------------------------------------------------------------------------
+
+
+def _waiter(address: Any, authkey: bytes, since: int, rounds: int, out: Any) -> None:
+    """Block in changes() again and again; report when each wake-up came back."""
+    with shmstore.connect(address, authkey) as store:
+        out.send("ready")
+        for _ in range(rounds):
+            changes = store.changes(since, timeout=30)
+            woke = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process on the host
+            since = changes.events[-1].revision
+            out.send(woke)
+
+
+def wake_latency(server: shmstore.ServerProcess, store: shmstore.Client, rounds: int) -> dict[str, float]:
+    """From just before a write is sent to when a watcher blocked in another process has it."""
+    ctx = multiprocess.get_context("fork")
+    mine, theirs = ctx.Pipe()
+    waiter = ctx.Process(target=_waiter, args=(server.address, server.authkey, store.revision(), rounds, theirs))
+    waiter.start()
+    mine.recv()
+    latencies = []
+    for _ in range(rounds):
+        time.sleep(0.01)  # let the waiter block in the manager again
+        sent = time.perf_counter()
+        store.add_usage(IDS[3], 1, 0)
+        latencies.append((mine.recv() - sent) * 1e6)
+    waiter.join(10)
+    latencies.sort()
+    return {"watch_wake_p50": statistics.median(latencies), "watch_wake_p95": latencies[int(len(latencies) * 0.95)]}
+
+
+def _follower(address: Any, authkey: bytes, stop: Any) -> None:
+    with shmstore.connect(address, authkey) as store, store.watch(poll=0.2) as watch:
+        while not stop.is_set():
+            watch.poll(0.2)
+
+
+def writes_with_watchers(
+    server: shmstore.ServerProcess, store: shmstore.Client, n: int, rounds: int
+) -> dict[str, float]:
+    """Transition cost with no watcher, then with four watcher processes following every change."""
+    flip = itertools.cycle(STATUSES)
+    ops: Ops = {"transition": lambda: store.transition(IDS[4], next(flip))}
+    alone = interleaved_us(ops, n, rounds)["transition"]
+    ctx = multiprocess.get_context("fork")
+    stop = ctx.Event()
+    followers = [ctx.Process(target=_follower, args=(server.address, server.authkey, stop)) for _ in range(4)]
+    for p in followers:
+        p.start()
+    time.sleep(0.5)
+    watched = interleaved_us(ops, n, rounds)["transition"]
+    stop.set()
+    for p in followers:
+        p.join(10)
+    return {"transition_alone": alone, "transition_4_watchers": watched}
+
+
+# -- scaling and memory -----------------------------------------------------------------------
+
+
+def _mixed(address: Any, authkey: bytes, seconds: float, start: Any, out: Any) -> None:
+    rng = random.Random(os.getpid())
+    session = make_session(IDS[5])
+    done = 0
+    with shmstore.connect(address, authkey) as store:
+        store.get(IDS[0])
+        start.wait(30)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            roll, id = rng.random(), rng.choice(IDS)
+            if roll < 0.5:
+                store.get(id)
+            elif roll < 0.75:
+                store.transition(id, rng.choice(STATUSES))
+            elif roll < 0.95:
+                store.add_usage(id, 5, 1)
+            else:
+                store.set(session)
+            done += 1
+    out.put(done)
+
+
+def bench_scaling(tmp: Path, seconds: float) -> dict[str, float]:
+    ctx = multiprocess.get_context("fork")
+    results = {}
+    with shmstore.start_server(tmp / "scale.sock") as server, shmstore.connect(server.address, server.authkey) as store:
+        for id in IDS:
+            store.set(make_session(id))
+        for workers in (1, 2, 4, 8):
+            start, out = ctx.Event(), ctx.Queue()
+            procs = [
+                ctx.Process(target=_mixed, args=(server.address, server.authkey, seconds, start, out))
+                for _ in range(workers)
+            ]
+            for p in procs:
+                p.start()
+            time.sleep(0.3)
+            start.set()
+            total = sum(out.get(timeout=seconds + 60) for _ in procs)
+            for p in procs:
+                p.join(10)
+            results[str(workers)] = total / seconds
+    return results
+
+
+LAUNCHER = (
+    "import sys, shmstore\n"
+    "server = shmstore.start_server(sys.argv[1])\n"
+    "print(server.pid, flush=True)\n"
+    "sys.stdin.read()\n"
+    "server.stop()\n"
+)
+
+
+def bench_memory(tmp: Path) -> dict[str, float]:
+    """USS of a manager forked from a lean process (as a daemon embeds it), empty and full."""
+    path = tmp / "mem.sock"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        pid = int(launcher.stdout.readline())  # type: ignore[union-attr]
+
+        def uss() -> float:
+            time.sleep(0.1)
+            return psutil.Process(pid).memory_full_info().uss / 2**20
+
+        with shmstore.connect(path) as store:
+            store.set(make_session("warm-up"))
+            store.transition("warm-up", Status.ATTENTION)
+            store.remove("warm-up")
+            empty = uss()
+            for id in IDS:
+                store.set(make_session(id))
+            with_100 = uss()
+            for n in range(100, 10_000):
+                store.set(make_session(f"{n:08d}-7c1e-4b6a-9d3f-2a8e5c0b1f47"))
+            with_10k = uss()
+            record_bytes = len(store.get(IDS[0]).to_json())  # type: ignore[union-attr]
+    finally:
+        launcher.stdin.close()  # type: ignore[union-attr]
+        launcher.wait(10)
+    return {
+        "manager_uss_empty_mib": empty,
+        "manager_uss_100_mib": with_100,
+        "manager_uss_10k_mib": with_10k,
+        "added_100_mib": with_100 - empty,
+        "bytes_per_session_10k": (with_10k - empty) * 2**20 / 10_000,
+        "stored_record_bytes": record_bytes,
+    }
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations; finishes in well under a minute")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results.json")), help="where to write JSON")
+    args = parser.parse_args()
+    n, repeat, seconds = (500, 3, 1.0) if args.quick else (3000, 5, 3.0)
+
+    record = make_session(IDS[0])
+    data, as_dict = record.to_json(), orjson.loads(record.to_json())
+    tmp = Path(tempfile.mkdtemp(prefix="shmbench-", dir="/tmp"))
+    started = time.monotonic()
+    skipped: list[str] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            every_cpu = os.sched_getaffinity(0)
+            # Every process forked from here (servers, echo, Redis) inherits this: one CPU.
+            os.sched_setaffinity(0, {min(every_cpu)})
+            server, store = stack.enter_context(shmstore_server(tmp))
+            ops: Ops = {}
+            ops.update(stack.enter_context(pingpong_ops(tmp, data)))
+            ops.update(shmstore_ops(store))
+            ops.update(stack.enter_context(sync_manager_ops(as_dict)))
+            ops.update(stack.enter_context(redis_ops(tmp, data, skipped)))
+            us = interleaved_us(ops, n, repeat)
+            for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+                os.sched_setaffinity(process.pid, every_cpu)
+            us_unpinned = interleaved_us(ops, n, repeat)
+            data_copy = bytes(bytearray(data))
+            us["model_decode_session"] = interleaved_us({"d": lambda: session_from_store(data_copy)}, n, repeat)["d"]
+            us.update(interleaved_us(stack.enter_context(floor_ops(data)), n * 10, repeat))
+            us["shmstore_list_all_100"] = interleaved_us({"list_all": store.list_all}, max(n // 20, 20), repeat)[
+                "list_all"
+            ]
+            feed = wake_latency(server, store, rounds=max(n // 20, 30))
+            feed.update(writes_with_watchers(server, store, n, repeat))
+        scaling = bench_scaling(tmp, seconds)
+        memory = bench_memory(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    pingpong = us["pingpong_multiprocess_connection"]
+    redis_ran = "redis_get" in us
+    ratios = {
+        "get_vs_pingpong": us["shmstore_get"] / pingpong,
+        "set_vs_pingpong": us["shmstore_set"] / pingpong,
+        "get_vs_redis": us["redis_get"] / us["shmstore_get"] if redis_ran else None,
+        "list_all_100_vs_get": us["shmstore_list_all_100"] / us["shmstore_get"],
+        "scale_8_vs_1": scaling["8"] / scaling["1"],
+        "transition_4_watchers_vs_alone": feed["transition_4_watchers"] / feed["transition_alone"],
+    }
+    unpinned = us_unpinned["pingpong_multiprocess_connection"]
+    ratios_unpinned = {
+        "get_vs_pingpong": us_unpinned["shmstore_get"] / unpinned,
+        "set_vs_pingpong": us_unpinned["shmstore_set"] / unpinned,
+        "get_vs_redis": us_unpinned["redis_get"] / us_unpinned["shmstore_get"] if redis_ran else None,
+    }
+    targets = {
+        "get_vs_pingpong": ratios["get_vs_pingpong"] <= 1.5,
+        "set_vs_pingpong": ratios["set_vs_pingpong"] <= 1.5,
+        "get_vs_redis": None if ratios["get_vs_redis"] is None else ratios["get_vs_redis"] >= 1.2,
+        "list_all_100_vs_get": ratios["list_all_100_vs_get"] <= 10,
+        "scale_8_vs_1": ratios["scale_8_vs_1"] >= 1.0,
+        "manager_uss_100_mib": memory["manager_uss_100_mib"] < 5.0,
+        "added_100_mib": memory["added_100_mib"] < 1.0,
+        "bytes_per_session_10k": memory["bytes_per_session_10k"] <= 650,
+    }
+    results = {
+        "quick": args.quick,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "record_bytes": len(data),
+        "us_per_op": us,
+        "us_per_op_unpinned": us_unpinned,
+        "change_feed_us": feed,
+        "skipped": skipped,
+        "scaling_ops_per_s": scaling,
+        "memory": memory,
+        "ratios": ratios,
+        "ratios_unpinned": ratios_unpinned,
+        "targets_met": targets,
+        "seconds": time.monotonic() - started,
+    }
+    print_table(results)
+    Path(args.out).write_text(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode() + "\n")
+    print(f"\nwrote {args.out} in {results['seconds']:.0f} s")
+    return 0
+
+
+def print_table(results: dict[str, Any]) -> None:
+    us = results["us_per_op"]
+    floor = us["pingpong_multiprocess_connection"]
+    print(f"session record: {results['record_bytes']} bytes of JSON, 10-entry history")
+    print("latency rows: client and servers pinned to one CPU, so a round trip is two context switches")
+    print(f"\n{'operation':<42}{'us/op':>10}{'ops/s':>10}{'x ping-pong':>13}")
+    for name, value in us.items():
+        print(f"{name:<42}{value:>10.1f}{1e6 / value:>10.0f}{value / floor:>13.2f}")
+    for note in results["skipped"]:
+        print(f"({note})")
+    print(f"\n{'change feed':<42}{'us':>10}")
+    for name, value in results["change_feed_us"].items():
+        print(f"{name:<42}{value:>10.1f}")
+    print(f"\n{'workers':<10}{'ops/s, mixed load':>20}")
+    for workers, rate in results["scaling_ops_per_s"].items():
+        print(f"{workers:<10}{rate:>20.0f}")
+    print()
+    for name, value in results["memory"].items():
+        print(f"{name:<42}{value:>10.2f}")
+    print(f"\n{'unpinned (both CPUs, noisy)':<42}{'us/op':>10}{'x ping-pong':>13}")
+    loose = results["us_per_op_unpinned"]
+    for name, value in loose.items():
+        print(f"{name:<42}{value:>10.1f}{value / loose['pingpong_multiprocess_connection']:>13.2f}")
+    print(f"\n{'ratio (pinned to one CPU)':<42}{'value':>10}  target met")
+    for name, value in results["ratios"].items():
+        met = results["targets_met"].get(name, "")
+        print(f"{name:<42}{'n/a' if value is None else f'{value:.2f}':>10}  {met}")
+    for name, value in results["ratios_unpinned"].items():
+        print(f"{'unpinned.' + name:<42}{'n/a' if value is None else f'{value:.2f}':>10}")
+    for name in ("manager_uss_100_mib", "added_100_mib", "bytes_per_session_10k"):
+        print(f"{'memory.' + name:<42}{results['memory'][name]:>10.2f}  {results['targets_met'][name]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
