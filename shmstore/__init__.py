@@ -18,6 +18,7 @@ from .errors import (
     NotFoundError,
     ResyncRequiredError,
     ShmstoreError,
+    StoreFullError,
     StoreUnavailableError,
     ValidationError,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "StateTransition",
     "Status",
     "Store",
+    "StoreFullError",
     "StoreUnavailableError",
     "ValidationError",
     "Watch",

@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from itertools import pairwise
-from typing import Any
+from typing import Any, NoReturn
 
 import multiprocess
 
@@ -19,7 +19,15 @@ from . import address as addr
 from .client import DEFAULT_TIMEOUT, Client
 from .errors import ShmstoreError, StoreUnavailableError
 from .model import AgentType, Event, EventKind, Session, Status
-from .server import DEFAULT_LOG_SIZE, DEFAULT_MAX_HISTORY, Store, serve, start_server
+from .server import (
+    DEFAULT_LOG_SIZE,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HISTORY,
+    DEFAULT_MAX_SESSIONS,
+    Store,
+    serve,
+    start_server,
+)
 
 STATUSES = [status.value for status in Status]
 
@@ -37,8 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # Arguments are echoed in the message: never let one put control characters (or a
+        # terminal escape sequence) on the user's screen.
+        super().error("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="shmstore",
         description=(package_doc or "").splitlines()[0],
         epilog=(
@@ -52,12 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         return 2
 
     parser.set_defaults(run=usage)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--address", help="unix socket path or host:port (default: the per-user socket)")
     common.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the manager (default: %(default)s)"
     )
-    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print the session JSON the store itself uses")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -72,6 +87,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument(
         "--log-size", type=int, default=DEFAULT_LOG_SIZE, help="events the change feed keeps (%(default)s)"
+    )
+    cmd.add_argument(
+        "--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, help="sessions the store holds (%(default)s)"
+    )
+    cmd.add_argument(
+        "--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, help="clients at once (%(default)s)"
+    )
+    cmd.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a TCP address beyond loopback (authkey holders can run code in the manager)",
     )
 
     cmd = command("ls", _ls, "list the sessions", json_flag)
@@ -94,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
 
     cmd = command("rm", _rm, "remove a session")
     cmd.add_argument("id")
+
+    cmd = command("prune", _prune, "remove closed sessions that have not changed for a while")
+    cmd.add_argument("--older-than", type=float, required=True, metavar="SECONDS")
 
     cmd = command("watch", _watch, "print every change as it happens (a snapshot first), until interrupted")
     cmd.add_argument("--json", action="store_true", help="one JSON event per line")
@@ -118,7 +147,14 @@ def _serve(args: argparse.Namespace) -> int:
     def ready(bound: Any) -> None:
         print(f"shmstore: serving at {addr.format_address(bound)} (pid {os.getpid()})", file=sys.stderr, flush=True)
 
-    serve(args.address, store=Store(max_history=args.max_history, log_size=args.log_size), on_ready=ready)
+    store = Store(max_sessions=args.max_sessions, max_history=args.max_history, log_size=args.log_size)
+    serve(
+        args.address,
+        store=store,
+        allow_remote=args.allow_remote,
+        max_connections=args.max_connections,
+        on_ready=ready,
+    )
     print("shmstore: stopped", file=sys.stderr)
     return 0
 
@@ -165,6 +201,12 @@ def _rm(args: argparse.Namespace) -> int:
         print(f"shmstore: error: no session with id {args.id!r}", file=sys.stderr)
         return 1
     print(f"removed {removed.id}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    with _client(args) as store:
+        print(f"pruned {store.prune(args.older_than)} closed sessions")
     return 0
 
 

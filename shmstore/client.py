@@ -212,6 +212,10 @@ class Client:
         """Add token counts to session ``id`` atomically; returns the result."""
         return self._session(self._call("add_usage", id, input_tokens, output_tokens))
 
+    def prune(self, older_than: float) -> int:
+        """Remove closed sessions unchanged for ``older_than`` seconds; returns how many."""
+        return int(self._call("prune", older_than))
+
     def revision(self) -> int:
         """The store-wide revision: how many changes the store has made."""
         return int(self._call("revision"))

@@ -28,6 +28,10 @@ class NotFoundError(ShmstoreError, LookupError):
     """An operation named a session id the store does not hold."""
 
 
+class StoreFullError(ShmstoreError):
+    """The store holds as many sessions as its ``max_sessions`` allows; nothing was added."""
+
+
 class ConflictError(ShmstoreError):
     """``set`` was given an expected revision that is no longer current."""
 

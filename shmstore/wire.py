@@ -16,10 +16,10 @@ This is the one place that decides how bytes move; swap it here and everything f
 
 from __future__ import annotations
 
-import os
 import pickle
 import select
 import socket
+import struct
 from typing import Any
 
 from multiprocess import connection, managers
@@ -53,6 +53,19 @@ class Connection(connection.Connection):
         self._check_closed()
         return pickle.loads(self._recv_bytes(MAX_MESSAGE).getbuffer())
 
+    def set_read_timeout(self, seconds: float | None) -> None:
+        """Make every read of this socket fail after ``seconds`` (None: wait for ever).
+
+        Unlike :attr:`timeout`, which is checked before a message starts, this bounds each
+        read itself, so a peer that sends half a message cannot hold the reader either.
+        """
+        whole = 0.0 if seconds is None else seconds
+        sock = socket.socket(fileno=self.fileno())
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(whole), int(whole % 1 * 1e6)))
+        finally:
+            sock.detach()
+
     def _recv_bytes(self, maxsize: int | None = None) -> Any:
         # Every receive goes through here, the authentication handshake's included.
         if self.timeout is not None and not self._poller.poll(self.timeout * 1000):
@@ -65,8 +78,9 @@ class Listener(connection.Listener):
 
     def accept(self) -> Connection:
         stock = super().accept()
-        handle = os.dup(stock.fileno())
-        stock.close()
+        # Take over its descriptor rather than dup() it: near the descriptor limit, a dup
+        # is what would fail.
+        handle, stock._handle = stock.fileno(), None
         _no_delay(handle)
         return Connection(handle)
 

@@ -10,7 +10,7 @@ from conftest import PYTHON
 
 import shmstore
 
-COMMANDS = ["serve", "ls", "get", "set", "transition", "rm", "demo"]
+COMMANDS = ["serve", "ls", "get", "set", "transition", "rm", "prune", "watch", "demo"]
 
 
 def run(*args: str, address: object = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
