@@ -305,7 +305,7 @@ def _demo(args: argparse.Namespace) -> int:
         for process in [*workers, subscriber]:
             process.join(30)
         with Client(server.address, server.authkey) as store:
-            sessions = store.list_all()
+            sessions = store.list_all() + store.recently_closed()
             revision = store.revision()
     return _demo_summary(reports, sessions, revision)
 

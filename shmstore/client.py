@@ -24,6 +24,7 @@ from . import address as addr
 from . import wire
 from .errors import AuthenticationError, ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
 from .model import (
+    AgentType,
     Changes,
     Event,
     EventKind,
@@ -212,9 +213,35 @@ class Client:
         """Add token counts to session ``id`` atomically; returns the result."""
         return self._session(self._call("add_usage", id, input_tokens, output_tokens))
 
+    def report(
+        self,
+        id: str,
+        status: Status | str,
+        working_dir: str,
+        *,
+        pid: int | None = None,
+        session_id: str | None = None,
+        agent_type: AgentType | str = AgentType.CLAUDE_CODE,
+    ) -> Session:
+        """What an agent's hook reports, in one atomic step: create session ``id`` if it is
+        new, else move it to ``status`` (recording a transition only if the status changed).
+        Either way it counts as activity. Reporting on a recently closed session resumes it.
+        """
+        return self._session(self._call("report", id, check_status(status), working_dir, pid, session_id, agent_type))
+
+    def recently_closed(self) -> list[Session]:
+        """Sessions that ended, newest first, kept (with their resume ids) up to a limit."""
+        return [self._session(data) for data in self._call("recently_closed")]
+
     def prune(self, older_than: float) -> int:
-        """Remove closed sessions unchanged for ``older_than`` seconds; returns how many."""
+        """Forget recently closed sessions that closed ``older_than`` seconds ago or more;
+        returns how many."""
         return int(self._call("prune", older_than))
+
+    def reap(self) -> int:
+        """Make the manager look for dead agents and stale sessions now (it also does so on
+        its own every few seconds); returns how many sessions it changed."""
+        return int(self._call("reap"))
 
     def revision(self) -> int:
         """The store-wide revision: how many changes the store has made."""
@@ -249,7 +276,8 @@ class Watch:
     revision to continue from, and then yields every change in revision order. When the
     manager's log has moved on past it, or the manager restarted, it takes a new snapshot
     and yields that, so a slow subscriber catches up instead of silently going stale.
-    :attr:`sessions` is the state rebuilt from what it has yielded. Iteration ends after
+    :attr:`sessions` is the state rebuilt from what it has yielded: the live sessions (a
+    ``close`` event takes one out). Iteration ends after
     :meth:`close`, within ``poll`` seconds if it was waiting. Errors of the store
     (:class:`StoreUnavailableError`) are raised, never swallowed.
     """
@@ -298,7 +326,7 @@ class Watch:
             return self._resync()
         self._epoch = changes.epoch
         for event in changes.events:
-            if event.session is None:
+            if event.session is None or event.kind is EventKind.CLOSE:
                 self.sessions.pop(event.id or "", None)
             else:
                 self.sessions[event.session.id] = event.session

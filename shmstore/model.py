@@ -116,6 +116,14 @@ def check_time(value: object, field: str) -> float:
     return seconds
 
 
+def check_pid(value: object, field: str = "pid") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(field, f"must be an int, not {type(value).__name__}")
+    if not 0 < value < 2**31:
+        raise ValidationError(field, f"must be a process id (1 to 2**31 - 1); got {value}")
+    return value
+
+
 def check_count(value: object, field: str) -> int:
     """A non-negative int that fits the wire's 64 bits."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -194,10 +202,14 @@ class ApiUsage:
 class Session:
     """The state of one agent session, as the store holds it.
 
-    ``since`` is when ``status`` last changed (epoch seconds). ``closed`` is derived from
-    ``status`` so the two can never disagree. ``revision`` is the store-wide revision of the
-    change that last touched the session; the store assigns it, and ``set`` can use it to
-    refuse overwriting a newer value.
+    ``since`` is when ``status`` last changed (epoch seconds); ``last_activity`` is when the
+    session last reported anything (it defaults to ``since``). ``closed`` is derived from
+    ``status`` so the two can never disagree. ``stale`` is set by the manager on a session
+    that has been working with no activity for too long, and cleared by any activity.
+    ``pid`` is the agent's process, which the manager watches so that a session whose agent
+    died is closed. ``revision`` is the store-wide revision of the change that last touched
+    the session; the store assigns it, and ``set`` can use it to refuse overwriting a newer
+    value.
     """
 
     id: str
@@ -205,9 +217,12 @@ class Session:
     agent_type: AgentType = AgentType.CLAUDE_CODE
     status: Status = Status.WORKING
     since: float = dataclasses.field(default_factory=now)
+    last_activity: float | None = None
     history: tuple[StateTransition, ...] = ()
     api_usage: ApiUsage | None = None
+    stale: bool = False
     session_id: str | None = None
+    pid: int | None = None
     revision: int = 0
 
     def __post_init__(self) -> None:
@@ -216,7 +231,15 @@ class Session:
         _set(self, "agent_type", check_agent_type(self.agent_type))
         _set(self, "status", check_status(self.status))
         _set(self, "since", check_time(self.since, "since"))
+        if self.last_activity is None:
+            _set(self, "last_activity", self.since)
+        else:
+            _set(self, "last_activity", check_time(self.last_activity, "last_activity"))
         _set(self, "history", _check_history(self.history))
+        if not isinstance(self.stale, bool):
+            raise ValidationError("stale", f"must be true or false, not {type(self.stale).__name__}")
+        if self.pid is not None:
+            check_pid(self.pid)
         if self.api_usage is not None and not isinstance(self.api_usage, ApiUsage):
             raise ValidationError("api_usage", f"must be an ApiUsage or None, not {type(self.api_usage).__name__}")
         if self.session_id is not None:
@@ -237,10 +260,13 @@ class Session:
             "status": self.status,
             "working_dir": self.working_dir,
             "since": self.since,
+            "last_activity": self.last_activity,
             "history": [entry.to_dict() for entry in self.history],
             "api_usage": None if self.api_usage is None else self.api_usage.to_dict(),
             "closed": self.closed,
+            "stale": self.stale,
             "session_id": self.session_id,
+            "pid": self.pid,
             "revision": self.revision,
         }
 
@@ -260,9 +286,12 @@ class Session:
             agent_type=fields.get("agent_type", AgentType.CLAUDE_CODE),
             status=fields.get("status", Status.WORKING),
             since=fields["since"] if "since" in fields else now(),
+            last_activity=fields.get("last_activity"),
             history=tuple(StateTransition.from_dict(entry) for entry in history),
             api_usage=None if usage is None else ApiUsage.from_dict(usage),
+            stale=fields.get("stale", False),
             session_id=fields.get("session_id"),
+            pid=fields.get("pid"),
             revision=fields.get("revision", 0),
         )
         if "closed" in fields and fields["closed"] is not session.closed:
@@ -275,7 +304,19 @@ class Session:
 
 
 _SESSION_KEYS = ("id", "working_dir")
-_SESSION_OPTIONAL = ("agent_type", "status", "since", "history", "api_usage", "closed", "session_id", "revision")
+_SESSION_OPTIONAL = (
+    "agent_type",
+    "status",
+    "since",
+    "last_activity",
+    "history",
+    "api_usage",
+    "closed",
+    "stale",
+    "session_id",
+    "pid",
+    "revision",
+)
 
 
 def _check_history(history: object) -> tuple[StateTransition, ...]:
@@ -339,6 +380,13 @@ def transition_record(record: Record, to: Status, at: float, max_history: int) -
     record["status"] = to
     record["since"] = at
     record["closed"] = to is Status.CLOSED
+    return touch_record(record, at)
+
+
+def touch_record(record: Record, at: float) -> Record:
+    """The session reported something at ``at``: it is active, so no longer stale."""
+    record["last_activity"] = max(at, record["last_activity"])
+    record["stale"] = False
     return record
 
 
@@ -372,13 +420,38 @@ def _setters(cls: type, *names: str) -> tuple[Callable[[object, object], None], 
 
 
 _SESSION_SET = _setters(
-    Session, "id", "working_dir", "agent_type", "status", "since", "history", "api_usage", "session_id", "revision"
+    Session,
+    "id",
+    "working_dir",
+    "agent_type",
+    "status",
+    "since",
+    "last_activity",
+    "history",
+    "api_usage",
+    "stale",
+    "session_id",
+    "pid",
+    "revision",
 )
 _ENTRY_SET = _setters(StateTransition, "timestamp", "from_", "to", "duration")
 
 
 def _stored_session(data: Mapping[str, Any]) -> Session:
-    set_id, set_dir, set_agent, set_status, set_since, set_history, set_usage, set_resume, set_rev = _SESSION_SET
+    (
+        set_id,
+        set_dir,
+        set_agent,
+        set_status,
+        set_since,
+        set_activity,
+        set_history,
+        set_usage,
+        set_stale,
+        set_resume,
+        set_pid,
+        set_rev,
+    ) = _SESSION_SET
     set_time, set_from, set_to, set_duration = _ENTRY_SET
     status = _STATUS
     history = []
@@ -395,10 +468,13 @@ def _stored_session(data: Mapping[str, Any]) -> Session:
     set_agent(session, _AGENT_TYPE[data["agent_type"]])
     set_status(session, status[data["status"]])
     set_since(session, data["since"])
+    set_activity(session, data["last_activity"])
     set_history(session, tuple(history))
     usage = data["api_usage"]
     set_usage(session, None if usage is None else ApiUsage(usage["input_tokens"], usage["output_tokens"]))
+    set_stale(session, data["stale"])
     set_resume(session, data["session_id"])
+    set_pid(session, data["pid"])
     set_rev(session, data["revision"])
     return session
 
@@ -422,6 +498,12 @@ class EventKind(enum.StrEnum):
     TRANSITION = "transition"
     ADD_USAGE = "add_usage"
     REMOVE = "remove"
+    #: A hook reported on the session (created it, changed its status, or just showed life).
+    REPORT = "report"
+    #: The session ended and left the live sessions for the recently closed ones.
+    CLOSE = "close"
+    #: The manager marked the session stale: working, but silent for too long.
+    STALE = "stale"
     #: Not a change: the watch helper (re)loaded the whole state from a snapshot.
     SNAPSHOT = "snapshot"
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import gc
 import ipaddress
 import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -52,17 +54,22 @@ from .errors import (
 )
 from .model import (
     MAX_ID_LENGTH,
+    AgentType,
     EventKind,
     Record,
     Session,
     Status,
     add_usage_record,
+    check_agent_type,
     check_count,
+    check_dir,
     check_id,
+    check_pid,
     check_status,
     check_time,
     encode_event,
     now,
+    touch_record,
     transition_record,
 )
 
@@ -74,7 +81,10 @@ EXPOSED = (
     "list_all",
     "transition",
     "add_usage",
+    "report",
+    "recently_closed",
     "prune",
+    "reap",
     "revision",
     "snapshot",
     "changes",
@@ -89,6 +99,12 @@ DEFAULT_LOG_SIZE = 256
 MAX_WAIT = 60.0
 #: Sessions a store holds by default before ``set`` refuses new ones.
 DEFAULT_MAX_SESSIONS = 10_000
+#: Closed sessions kept (with their resume ids) by default; the oldest go first.
+DEFAULT_MAX_CLOSED = 100
+#: Seconds a working session may stay silent before the manager marks it stale.
+DEFAULT_STALE_AFTER = 600.0
+#: Seconds between the manager's passes over the sessions for dead agents and stale ones.
+DEFAULT_REAP_INTERVAL = 5.0
 #: Connections the manager serves at once by default; more are closed on arrival.
 DEFAULT_MAX_CONNECTIONS = 256
 #: Seconds a new connection has to authenticate.
@@ -101,6 +117,10 @@ class Store:
     Sessions are kept encoded: that is what clients are sent, and bytes are the most
     compact form CPython holds. Each change decodes one session, applies the model's pure
     function to it, re-encodes it and bumps the store-wide revision.
+
+    Live sessions and closed ones are kept apart: a session that closes leaves the live
+    sessions (``list_all``, ``snapshot``) for a bounded list of recently closed ones, where
+    its resume id waits for a later resume; reporting on it again brings it back.
     """
 
     def __init__(
@@ -110,8 +130,16 @@ class Store:
         max_history: int = DEFAULT_MAX_HISTORY,
         max_id_length: int = MAX_ID_LENGTH,
         log_size: int = DEFAULT_LOG_SIZE,
+        max_closed: int = DEFAULT_MAX_CLOSED,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        reap_interval: float = DEFAULT_REAP_INTERVAL,
     ) -> None:
         self.max_sessions = _positive(max_sessions, "max_sessions")
+        self.max_closed = _positive(max_closed, "max_closed")
+        self.stale_after = check_time(stale_after, "stale_after")
+        self.reap_interval = check_time(reap_interval, "reap_interval")
+        if not self.reap_interval:
+            raise ValidationError("reap_interval", "must be more than 0")
         self.max_history = _positive(max_history, "max_history")
         self.max_id_length = min(_positive(max_id_length, "max_id_length"), MAX_ID_LENGTH)
         #: Tells this store's revisions from those of an earlier manager at the same address.
@@ -119,20 +147,27 @@ class Store:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._sessions: dict[str, bytes] = {}
+        self._closed: dict[str, bytes] = {}  # oldest first
         self._revision = 0
         self._log: deque[tuple[int, EventKind, str, bytes | None]] = deque(maxlen=_positive(log_size, "log_size"))
 
     # -- reads ------------------------------------------------------------------------------
 
     def get(self, id: str) -> bytes | None:
+        """A live session, or else a recently closed one, or None."""
         self._check_id(id)
         with self._lock:
-            return self._sessions.get(id)
+            return self._sessions.get(id) or self._closed.get(id)
 
     def list_all(self) -> list[bytes]:
         """Every session, each as its stored JSON (a client reuses what it already decoded)."""
         with self._lock:
             return list(self._sessions.values())
+
+    def recently_closed(self) -> list[bytes]:
+        """The closed sessions still kept, newest first."""
+        with self._lock:
+            return list(reversed(self._closed.values()))
 
     def revision(self) -> int:
         with self._lock:
@@ -185,12 +220,8 @@ class Store:
         if expected_revision is not None:
             check_count(expected_revision, "expected_revision")
         with self._lock:
-            if session.id not in self._sessions and len(self._sessions) >= self.max_sessions:
-                raise StoreFullError(
-                    f"the store holds {len(self._sessions)} sessions, its limit; {session.id!r} was not added"
-                )
             if expected_revision is not None:
-                current = self._sessions.get(session.id)
+                current = self._sessions.get(session.id) or self._closed.get(session.id)
                 current_revision = 0 if current is None else orjson.loads(current)["revision"]
                 if current_revision != expected_revision:
                     raise _conflict(session.id, expected_revision, current_revision)
@@ -200,7 +231,7 @@ class Store:
     def remove(self, id: str) -> bytes | None:
         self._check_id(id)
         with self._lock:
-            data = self._sessions.pop(id, None)
+            data = self._sessions.pop(id, None) or self._closed.pop(id, None)
             if data is not None:
                 self._publish(EventKind.REMOVE, id, None)
             return data
@@ -210,52 +241,132 @@ class Store:
         self._check_id(id)
         to = check_status(status)
         with self._lock:
-            return self._commit(transition_record(self._load(id), to, now(), self.max_history), EventKind.TRANSITION)
+            record = self._load(id, revive=True)
+            return self._commit(transition_record(record, to, now(), self.max_history), EventKind.TRANSITION)
 
     def add_usage(self, id: str, input_tokens: int, output_tokens: int) -> bytes:
         self._check_id(id)
         check_count(input_tokens, "input_tokens")
         check_count(output_tokens, "output_tokens")
         with self._lock:
-            return self._commit(add_usage_record(self._load(id), input_tokens, output_tokens), EventKind.ADD_USAGE)
+            record = touch_record(add_usage_record(self._load(id), input_tokens, output_tokens), now())
+            return self._commit(record, EventKind.ADD_USAGE)
+
+    def report(
+        self,
+        id: str,
+        status: str,
+        working_dir: str,
+        pid: int | None = None,
+        session_id: str | None = None,
+        agent_type: str = AgentType.CLAUDE_CODE,
+    ) -> bytes:
+        """What an agent's hook says: create the session if it is new, else move it to
+        ``status`` (a history entry only if the status changes), in one step.
+
+        Every report counts as activity (``last_activity``, and no longer stale). A report
+        on a recently closed session brings it back: the agent resumed it. ``pid`` and
+        ``session_id``, when given, replace what the session had.
+        """
+        self._check_id(id)
+        to = check_status(status)
+        check_dir(working_dir)
+        kind = check_agent_type(agent_type)
+        if pid is not None:
+            check_pid(pid)
+        if session_id is not None:
+            check_id(session_id, "session_id")
+        with self._lock:
+            at = now()
+            if id in self._sessions or id in self._closed:
+                record = self._load(id, revive=True)
+                if record["status"] != to:
+                    transition_record(record, to, at, self.max_history)
+                touch_record(record, at)
+            else:
+                new = Session(id=id, working_dir=working_dir, agent_type=kind, status=to, since=at)
+                record = new.to_dict()
+            if pid is not None:
+                record["pid"] = pid
+            if session_id is not None:
+                record["session_id"] = session_id
+            return self._commit(record, EventKind.REPORT)
+
+    def reap(self) -> int:
+        """One pass over the live sessions: close those whose agent process is gone, and
+        mark stale those working with no activity for ``stale_after`` seconds (a session
+        that waits for the user is never marked). Returns how many it changed; each change
+        is an event. The manager runs this every ``reap_interval`` seconds."""
+        changed = 0
+        with self._lock:
+            at = now()
+            for data in list(self._sessions.values()):
+                record = orjson.loads(data)
+                pid = record["pid"]
+                if pid is not None and not process_alive(pid, record["last_activity"]):
+                    self._commit(transition_record(record, Status.CLOSED, at, self.max_history), EventKind.CLOSE)
+                    changed += 1
+                elif (
+                    record["status"] == Status.WORKING
+                    and not record["stale"]
+                    and at - record["last_activity"] >= self.stale_after
+                ):
+                    record["stale"] = True
+                    self._commit(record, EventKind.STALE)
+                    changed += 1
+        return changed
 
     def prune(self, older_than: float) -> int:
-        """Remove closed sessions whose status has not changed for ``older_than`` seconds;
-        returns how many went. Each removal is an event on the change feed."""
+        """Forget recently closed sessions that closed ``older_than`` seconds ago or more;
+        returns how many went. Each is a ``remove`` event."""
         age = check_time(older_than, "older_than")
         with self._lock:
             cutoff = now() - age
-            stale = [
-                id
-                for id, data in self._sessions.items()
-                if (record := orjson.loads(data))["status"] == Status.CLOSED and record["since"] <= cutoff
-            ]
-            for id in stale:
-                del self._sessions[id]
+            old = [id for id, data in self._closed.items() if orjson.loads(data)["since"] <= cutoff]
+            for id in old:
+                del self._closed[id]
                 self._publish(EventKind.REMOVE, id, None)
-            return len(stale)
+            return len(old)
 
     # -- internals ---------------------------------------------------------------------------
 
     def _check_id(self, id: object) -> str:
         return check_id(id, max_length=self.max_id_length)
 
-    def _load(self, id: str) -> Record:
-        data = self._sessions.get(id)
+    def _load(self, id: str, revive: bool = False) -> Record:
+        """The live session ``id`` (or, with ``revive``, a recently closed one) as a record."""
+        data = self._sessions.get(id) or (self._closed.get(id) if revive else None)
         if data is None:
-            raise NotFoundError(f"no session with id {id!r}")
+            raise NotFoundError(f"no live session with id {id!r}")
         record: Record = orjson.loads(data)
         return record
 
     def _commit(self, record: Record, kind: EventKind) -> bytes:
-        """Store ``record`` as the next revision. Everything that can fail has failed by now."""
+        """Store ``record`` as the next revision: among the live sessions, or, once closed,
+        among the recently closed (its event is then ``close``). Raises StoreFullError, and
+        changes nothing, when it would be one live session too many."""
+        id = record["id"]
+        closing = record["status"] == Status.CLOSED
+        if not closing and id not in self._sessions and len(self._sessions) >= self.max_sessions:
+            raise StoreFullError(
+                f"the store holds {len(self._sessions)} live sessions, its limit; {id!r} was not added"
+            )
         record["revision"] = self._revision + 1
         # orjson builds its result in a 4 KiB buffer and shrinks it in place, which leaves
         # a hole that later buffers do not fit: kept for long, a 1 KiB session pinned about
         # 3.7 KiB of heap (measured). An exact-size copy costs 0.15 us and packs tightly.
         data = memoryview(orjson.dumps(record)).tobytes()
-        self._sessions[record["id"]] = data
-        self._publish(kind, record["id"], data)
+        if closing:
+            self._sessions.pop(id, None)
+            self._closed.pop(id, None)  # re-insert as the newest
+            self._closed[id] = data
+            while len(self._closed) > self.max_closed:
+                del self._closed[next(iter(self._closed))]
+            kind = EventKind.CLOSE
+        else:
+            self._closed.pop(id, None)
+            self._sessions[id] = data
+        self._publish(kind, id, data)
         return data
 
     def _publish(self, kind: EventKind, id: str, data: bytes | None) -> None:
@@ -276,6 +387,37 @@ class Store:
             raise ResyncRequiredError(
                 f"the events after revision {since} have left the log, which holds {oldest}..{self._revision}"
             )
+
+
+def process_alive(pid: int, seen_at: float) -> bool:
+    """Is ``pid`` still the agent that reported it at ``seen_at``?
+
+    No if there is no such process, if it is a zombie, or (where /proc tells) if the
+    process with that id started after the agent last spoke: the id was reused.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here: kill() is all we know
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return False
+    started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return started <= seen_at + 1.0
+
+
+@functools.cache
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def _positive(value: object, field: str) -> int:
@@ -442,8 +584,11 @@ def serve(
         threading.Thread(target=server.accepter, name="shmstore-accept", daemon=True).start()
         if on_ready is not None:
             on_ready(server.address)
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(store.reap_interval):
+            try:
+                store.reap()
+            except Exception as exc:  # a failed pass must not take the manager down
+                print(f"shmstore: reaping failed: {exc!r}", file=sys.stderr)
     finally:
         server.listener.close()  # also unlinks the unix socket
         _remove_key(key_file, key)

@@ -54,7 +54,7 @@ def test_set_get_transition_ls_rm(server: shmstore.ServerProcess) -> None:
     ("args", "message"),
     [
         (["set", "abc", "--dir", "relative"], "working_dir: must be an absolute path"),
-        (["transition", "ghost", "working"], "no session with id 'ghost'"),
+        (["transition", "ghost", "working"], "no live session with id 'ghost'"),
         (["get", "ghost"], "no session with id 'ghost'"),
         (["rm", "ghost"], "no session with id 'ghost'"),
         (["set", "abc", "--dir", "/x", "--expect-revision", "5"], "not the expected 5"),

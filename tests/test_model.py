@@ -43,10 +43,13 @@ def test_json_encoding_is_exact() -> None:
         "status",
         "working_dir",
         "since",
+        "last_activity",
         "history",
         "api_usage",
         "closed",
+        "stale",
         "session_id",
+        "pid",
         "revision",
     ]
     assert data["history"][0] == {"timestamp": 100.0, "from": "working", "to": "attention", "duration": 5.5}

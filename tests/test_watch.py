@@ -166,7 +166,8 @@ def test_watch_that_falls_behind_a_small_log_resyncs(sock_dir: Path) -> None:
         assert event.kind is EventKind.SNAPSHOT and event.revision == 30 and watch.snapshots == 2
         store.transition("s1", Status.CLOSED)
         event = next(watch)
-        assert (event.kind, event.revision, event.id) == (EventKind.TRANSITION, 31, "s1")
+        assert (event.kind, event.revision, event.id) == (EventKind.CLOSE, 31, "s1")
+        assert "s1" not in watch.sessions  # it left the live sessions
         assert watch.sessions == {s.id: s for s in store.snapshot().sessions}
         watch.close()
         assert list(watch) == []
