@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from itertools import pairwise
+from pathlib import Path
 from typing import Any, NoReturn
 
 import multiprocess
@@ -18,6 +20,7 @@ from . import __doc__ as package_doc
 from . import address as addr
 from .client import DEFAULT_TIMEOUT, Client
 from .errors import ShmstoreError, StoreUnavailableError
+from .hooks import agent_pid, default_settings, hook_command, install, read_payload, status_for
 from .model import AgentType, Event, EventKind, Session, Status
 from .server import (
     DEFAULT_LOG_SIZE,
@@ -118,8 +121,18 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("id")
     cmd.add_argument("status", choices=STATUSES)
 
+    cmd = command("closed", _closed, "list recently closed sessions (with their resume ids)", json_flag)
+
     cmd = command("rm", _rm, "remove a session")
     cmd.add_argument("id")
+
+    cmd = command("hook", _hook, "report one Claude Code hook payload (JSON on stdin); never fails the agent")
+    cmd.add_argument("--pid", type=int, help="the agent's process id (default: found from the parent processes)")
+
+    cmd = command("install-hooks", _install_hooks, "add `shmstore hook` to a Claude Code settings file")
+    cmd.add_argument("--settings", type=Path, default=None, help="the settings file (default: ~/.claude/settings.json)")
+    cmd.add_argument("--command", dest="hook_command", help="the hook command to install (default: this Python's)")
+    cmd.add_argument("--dry-run", action="store_true", help="print the merged settings, write nothing")
 
     cmd = command("prune", _prune, "remove closed sessions that have not changed for a while")
     cmd.add_argument("--older-than", type=float, required=True, metavar="SECONDS")
@@ -169,6 +182,16 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _closed(args: argparse.Namespace) -> int:
+    with _client(args) as store:
+        sessions = store.recently_closed()
+    if args.json:
+        print("[" + ",".join(s.to_json().decode() for s in sessions) + "]")
+    else:
+        print(format_table(sessions))
+    return 0
+
+
 def _get(args: argparse.Namespace) -> int:
     with _client(args) as store:
         session = store.get(args.id)
@@ -201,6 +224,55 @@ def _rm(args: argparse.Namespace) -> int:
         print(f"shmstore: error: no session with id {args.id!r}", file=sys.stderr)
         return 1
     print(f"removed {removed.id}")
+    return 0
+
+
+#: The longest `shmstore hook` may take: an agent waits for its hooks.
+HOOK_DEADLINE = 0.9
+
+
+class _DeadlineError(Exception):
+    pass
+
+
+def _hook(args: argparse.Namespace) -> int:
+    """Report one hook payload. Whatever goes wrong, exit 0 within HOOK_DEADLINE seconds and
+    say why on stderr: a status display must never block or fail the agent."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _DeadlineError(f"gave up after {HOOK_DEADLINE} s")
+
+    signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, HOOK_DEADLINE)
+    try:
+        payload = read_payload(sys.stdin.buffer)
+        status = status_for(payload)
+        if status is None:
+            print(f"shmstore hook: ignored event {payload['hook_event_name']!r}", file=sys.stderr)
+            return 0
+        id = payload["session_id"]
+        with Client(args.address, timeout=min(args.timeout, HOOK_DEADLINE / 2)) as store:
+            store.report(id, status, payload["cwd"], pid=args.pid or agent_pid(), session_id=id)
+    except (Exception, _DeadlineError) as exc:
+        print(f"shmstore hook: not reported ({exc}); the agent carries on", file=sys.stderr)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    return 0
+
+
+def _install_hooks(args: argparse.Namespace) -> int:
+    path = args.settings or default_settings()
+    command = args.hook_command or hook_command(args.address)
+    added, text, backup = install(path, command, dry_run=args.dry_run)
+    if args.dry_run:
+        sys.stdout.write(text)
+        print(f"dry run: would add the hook to {len(added)} events in {path}", file=sys.stderr)
+    elif not added:
+        print(f"{path} already runs `{command}` on every event; nothing changed")
+    else:
+        print(f"added `{command}` to {len(added)} events in {path}")
+        if backup is not None:
+            print(f"the old file is kept as {backup}")
     return 0
 
 
@@ -255,11 +327,15 @@ def _print_session(session: Session, as_json: bool) -> None:
 def format_table(sessions: Sequence[Session], at: float | None = None) -> str:
     """Sessions as an aligned text table, newest change first."""
     at = time.time() if at is None else at
-    rows = [("ID", "STATUS", "FOR", "TOKENS IN/OUT", "CHANGES", "REV", "WORKING DIR")]
+    rows = [("ID", "STATUS", "FOR", "LAST SEEN", "TOKENS IN/OUT", "CHANGES", "REV", "WORKING DIR")]
     for s in sorted(sessions, key=lambda s: s.since, reverse=True):
         usage = s.api_usage
         tokens = "-" if usage is None else f"{usage.input_tokens}/{usage.output_tokens}"
-        rows.append((s.id, s.status, _age(at - s.since), tokens, str(len(s.history)), str(s.revision), s.working_dir))
+        status = f"{s.status} (stale)" if s.stale else s.status.value
+        seen = _age(at - (s.last_activity or s.since)) + " ago"
+        rows.append(
+            (s.id, status, _age(at - s.since), seen, tokens, str(len(s.history)), str(s.revision), s.working_dir)
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows
