@@ -430,9 +430,9 @@ def _demo_subscriber(address: Any, authkey: bytes, deadline: float) -> None:
                 sys.stdout.write("\x1b[H\x1b[2J" + format_table(sessions) + f"\nrevision {watch.revision}\n")
                 sys.stdout.flush()
             else:
-                counts = {status: sum(s.status is status for s in sessions) for status in Status}
-                line = "  ".join(f"{status.value} {n}" for status, n in counts.items())
-                print(f"subscriber: rev {watch.revision:>5}  {line}", flush=True)
+                live = [status for status in Status if status is not Status.CLOSED]
+                line = "  ".join(f"{status.value} {sum(s.status is status for s in sessions)}" for status in live)
+                print(f"subscriber: rev {watch.revision:>5}  live {len(sessions)}: {line}", flush=True)
 
 
 def _demo_summary(reports: list[dict[str, int]], sessions: list[Session], revision: int) -> int:
