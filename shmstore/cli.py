@@ -175,17 +175,16 @@ def _serve(args: argparse.Namespace) -> int:
 def _ls(args: argparse.Namespace) -> int:
     with _client(args) as store:
         sessions = [s for s in store.list_all() if args.status is None or s.status == args.status]
-    if args.json:
-        print("[" + ",".join(s.to_json().decode() for s in sessions) + "]")
-    else:
-        print(format_table(sessions))
-    return 0
+    return _print_sessions(sessions, args.json)
 
 
 def _closed(args: argparse.Namespace) -> int:
     with _client(args) as store:
-        sessions = store.recently_closed()
-    if args.json:
+        return _print_sessions(store.recently_closed(), args.json)
+
+
+def _print_sessions(sessions: Sequence[Session], as_json: bool) -> int:
+    if as_json:
         print("[" + ",".join(s.to_json().decode() for s in sessions) + "]")
     else:
         print(format_table(sessions))

@@ -419,22 +419,9 @@ def _setters(cls: type, *names: str) -> tuple[Callable[[object, object], None], 
     return tuple(cls.__dict__[name].__set__ for name in names)
 
 
-_SESSION_SET = _setters(
-    Session,
-    "id",
-    "working_dir",
-    "agent_type",
-    "status",
-    "since",
-    "last_activity",
-    "history",
-    "api_usage",
-    "stale",
-    "session_id",
-    "pid",
-    "revision",
-)
-_ENTRY_SET = _setters(StateTransition, "timestamp", "from_", "to", "duration")
+# In field order, as _stored_session unpacks them.
+_SESSION_SET = _setters(Session, *(field.name for field in dataclasses.fields(Session)))
+_ENTRY_SET = _setters(StateTransition, *(field.name for field in dataclasses.fields(StateTransition)))
 
 
 def _stored_session(data: Mapping[str, Any]) -> Session:
