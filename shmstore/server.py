@@ -2,16 +2,19 @@
 
 :class:`Store` lives in the manager process. Its methods are the whole manager-side
 surface (:data:`EXPOSED`): they take and return plain values and orjson bytes, and each
-runs entirely under one ``RLock``, so every operation is atomic however many worker
-processes call at once. The data flow of a write is::
+runs under one ``RLock``, so every operation is atomic however many worker processes call
+at once (``changes`` releases it while it waits). The data flow of a write is::
 
-    worker: Client.transition(id, status)          (client.py)
-      -> StoreProxy -> wire.Connection              (C pickle envelope over the socket)
-      -> manager thread: Store.transition()         (this module, under the lock)
-      -> Session.transitioned() -> to_json()        (model.py: the change and its encoding)
+    worker: Client.report(id, status, ...)           (client.py)
+      -> StoreProxy -> wire.Connection                (C pickle envelope over the socket)
+      -> manager thread: Store.report()               (this module, under the lock)
+      -> transition_record() / touch_record()         (model.py: the change, on the record)
+      -> Store._commit(): orjson bytes, revision + 1, one event on the feed
+    subscriber: Watch -> Client.changes() -> Store.changes() wakes, sends the events
 
-The stock ``multiprocess`` server supplies the accept loop and one thread per client
-connection; :func:`serve` adds the address, the key file, signals and clean-up.
+The stock ``multiprocess`` server supplies the request loop and one thread per client
+connection; :class:`_Server` bounds the handshake and the connections, and :func:`serve`
+adds the address, the key file, signals, the reaper pass and clean-up.
 """
 
 from __future__ import annotations
