@@ -299,21 +299,37 @@ class Store:
         """One pass over the live sessions: close those whose agent process is gone, and
         mark stale those working with no activity for ``stale_after`` seconds (a session
         that waits for the user is never marked). Returns how many it changed; each change
-        is an event. The manager runs this every ``reap_interval`` seconds."""
+        is an event. The manager runs this every ``reap_interval`` seconds.
+
+        The sessions are examined outside the lock (reading /proc for 10,000 of them takes
+        ~0.2 s, which must not stall every client); a session that changed meanwhile is
+        left for the next pass, since its news is newer than what was examined.
+        """
+        with self._lock:
+            sessions = list(self._sessions.items())
+        at = now()
+        dead, silent = [], []
+        for id, data in sessions:
+            record = orjson.loads(data)
+            pid = record["pid"]
+            if pid is not None and not process_alive(pid, record["last_activity"]):
+                dead.append((id, data))
+            elif (
+                record["status"] == Status.WORKING
+                and not record["stale"]
+                and at - record["last_activity"] >= self.stale_after
+            ):
+                silent.append((id, data))
         changed = 0
         with self._lock:
-            at = now()
-            for data in list(self._sessions.values()):
-                record = orjson.loads(data)
-                pid = record["pid"]
-                if pid is not None and not process_alive(pid, record["last_activity"]):
-                    self._commit(transition_record(record, Status.CLOSED, at, self.max_history), EventKind.CLOSE)
+            for id, data in dead:
+                if self._sessions.get(id) is data:  # unchanged since examined
+                    record = transition_record(orjson.loads(data), Status.CLOSED, now(), self.max_history)
+                    self._commit(record, EventKind.CLOSE)
                     changed += 1
-                elif (
-                    record["status"] == Status.WORKING
-                    and not record["stale"]
-                    and at - record["last_activity"] >= self.stale_after
-                ):
+            for id, data in silent:
+                if self._sessions.get(id) is data:
+                    record = orjson.loads(data)
                     record["stale"] = True
                     self._commit(record, EventKind.STALE)
                     changed += 1
