@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import PYTHON
+from test_server import wait_until_stopped
 
 import shmstore
 from shmstore import EventKind, Status
@@ -140,6 +141,7 @@ def test_a_hung_store_does_not_hold_the_hook(server: shmstore.ServerProcess) -> 
 
     os.kill(server.pid, signal.SIGSTOP)
     try:
+        wait_until_stopped(server.pid)
         started = time.monotonic()
         result = hook(server.address, payload("Stop"))
         elapsed = time.monotonic() - started

@@ -10,11 +10,20 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import PYTHON, make_session
 
 import shmstore
 from shmstore import AddressInUseError, AuthenticationError, StoreUnavailableError
+
+
+def wait_until_stopped(pid: int) -> None:
+    """SIGSTOP takes effect asynchronously: wait until every thread of ``pid`` has stopped."""
+    deadline = time.monotonic() + 5
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def mode(path: Path | str) -> int:
@@ -118,6 +127,7 @@ def test_a_hung_manager_times_out(server: shmstore.ServerProcess) -> None:
     store.set(make_session())
     os.kill(server.pid, signal.SIGSTOP)
     try:
+        wait_until_stopped(server.pid)
         started = time.monotonic()
         with pytest.raises(StoreUnavailableError, match=r"no reply within 0\.5 s"):
             store.get("s1")
