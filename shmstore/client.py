@@ -181,7 +181,7 @@ class Client:
     # -- operations -------------------------------------------------------------------------
 
     def get(self, id: str) -> Session | None:
-        """The session with ``id``, or None."""
+        """The live session with ``id``, else a recently closed one, else None."""
         data = self._call("get", id)
         return None if data is None else self._session(data)
 
@@ -202,7 +202,7 @@ class Client:
         return None if data is None else session_from_store(data)
 
     def list_all(self) -> list[Session]:
-        """Every session the store holds."""
+        """Every live session (closed ones are in :meth:`recently_closed`)."""
         return [self._session(data) for data in self._call("list_all")]
 
     def transition(self, id: str, status: Status | str) -> Session:

@@ -427,8 +427,11 @@ def process_alive(pid: int, seen_at: float) -> bool:
     fields = stat[stat.rindex(")") + 2 :].split()
     if fields[0] in ("Z", "X"):
         return False
-    started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    started = _boot_time() + int(fields[19]) / _CLOCK_TICKS
     return started <= seen_at + 1.0
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc's unit of process start times
 
 
 @functools.cache
