@@ -12,6 +12,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# bench/ holds the soak and the lean launcher that tests share with the benchmarks.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
 import pytest
 
 import shmstore

@@ -17,15 +17,8 @@ from conftest import PYTHON
 from memory_profiler import memory_usage
 
 import shmstore
+from bench import LAUNCHER
 from shmstore import Status
-
-LAUNCHER = (
-    "import sys, shmstore\n"
-    "server = shmstore.start_server(sys.argv[1])\n"
-    "print(server.pid, flush=True)\n"
-    "sys.stdin.read()\n"
-    "server.stop()\n"
-)
 
 
 def uss_mib(pid: int) -> float:

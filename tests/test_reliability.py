@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -15,14 +14,12 @@ from typing import Any
 import multiprocess
 import psutil
 import pytest
+import soak
 from conftest import PYTHON, make_session, snapshot
 
 import shmstore
 from shmstore import Status, StoreFullError, ValidationError
 from shmstore.server import _check_exposure
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import soak
 
 
 def raw_connect(address: str) -> socket.socket:
