@@ -24,9 +24,11 @@ from .hooks import agent_pid, default_settings, hook_command, install, read_payl
 from .model import AgentType, Event, EventKind, Session, Status
 from .server import (
     DEFAULT_LOG_SIZE,
+    DEFAULT_MAX_CLOSED,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_HISTORY,
     DEFAULT_MAX_SESSIONS,
+    DEFAULT_STALE_AFTER,
     Store,
     serve,
     start_server,
@@ -98,6 +100,16 @@ def _parser() -> argparse.ArgumentParser:
         "--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, help="clients at once (%(default)s)"
     )
     cmd.add_argument(
+        "--max-closed", type=int, default=DEFAULT_MAX_CLOSED, help="recently closed sessions kept (%(default)s)"
+    )
+    cmd.add_argument(
+        "--stale-after",
+        type=float,
+        default=DEFAULT_STALE_AFTER,
+        metavar="SECONDS",
+        help="mark a working session stale after this long without activity (%(default)s)",
+    )
+    cmd.add_argument(
         "--allow-remote",
         action="store_true",
         help="allow a TCP address beyond loopback (authkey holders can run code in the manager)",
@@ -134,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--command", dest="hook_command", help="the hook command to install (default: this Python's)")
     cmd.add_argument("--dry-run", action="store_true", help="print the merged settings, write nothing")
 
-    cmd = command("prune", _prune, "remove closed sessions that have not changed for a while")
+    cmd = command("prune", _prune, "forget recently closed sessions that closed at least SECONDS ago")
     cmd.add_argument("--older-than", type=float, required=True, metavar="SECONDS")
 
     cmd = command("watch", _watch, "print every change as it happens (a snapshot first), until interrupted")
@@ -160,7 +172,13 @@ def _serve(args: argparse.Namespace) -> int:
     def ready(bound: Any) -> None:
         print(f"shmstore: serving at {addr.format_address(bound)} (pid {os.getpid()})", file=sys.stderr, flush=True)
 
-    store = Store(max_sessions=args.max_sessions, max_history=args.max_history, log_size=args.log_size)
+    store = Store(
+        max_sessions=args.max_sessions,
+        max_history=args.max_history,
+        log_size=args.log_size,
+        max_closed=args.max_closed,
+        stale_after=args.stale_after,
+    )
     serve(
         args.address,
         store=store,
