@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -22,7 +23,7 @@ from multiprocess import managers
 
 from . import address as addr
 from . import wire
-from .errors import AuthenticationError, ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
+from .errors import ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
 from .model import (
     AgentType,
     Changes,
@@ -36,6 +37,8 @@ from .model import (
 )
 
 DEFAULT_TIMEOUT = wire.DEFAULT_TIMEOUT
+#: The calls that change the store: each is sent through the manager's ``once``.
+_WRITES = frozenset(("set", "remove", "transition", "add_usage", "report", "prune"))
 #: Decoded sessions a client keeps, keyed by the exact bytes they came from.
 DECODE_CACHE_SIZE = 1024
 
@@ -43,39 +46,93 @@ DECODE_CACHE_SIZE = 1024
 class StoreProxy(managers.BaseProxy):
     """The manager's store, seen from a client process.
 
-    ``BaseProxy`` supplies the per-thread connections and the request/reply protocol; this
-    subclass connects with the client's timeout and drops a connection that failed, so the
-    next call makes a new one instead of reusing a broken or out-of-step socket.
+    ``BaseProxy`` supplies the token and the call envelope. Its connections, though, are
+    kept per thread in a map shared by every proxy of the process, so one client's timeout
+    and failures leaked into another's; here each proxy owns its connections (one per
+    thread, all listed so that :meth:`close` reaches them). A connection is dropped on any
+    exception between sending a request and reading its whole reply, a
+    ``KeyboardInterrupt`` included, since the unread reply would otherwise answer the next
+    call; and a process forked from one that used the proxy connects afresh instead of
+    sharing its parent's sockets.
     """
 
-    _timeout: float = DEFAULT_TIMEOUT
+    def __init__(self, *args: Any, timeout: float = DEFAULT_TIMEOUT, **kwds: Any) -> None:
+        super().__init__(*args, **kwds)
+        self._timeout = timeout
+        self._own()
 
-    def _connect(self) -> None:
-        thread = threading.current_thread().name
-        conn = wire.Client(self._token.address, authkey=bytes(self._authkey), timeout=self._timeout)
-        managers.dispatch(conn, None, "accept_connection", (f"{multiprocess.current_process().name}|{thread}",))
-        self._tls.connection = conn
+    def _own(self) -> None:
+        """Start with no connections, in this process."""
+        self._pid = os.getpid()
+        self._tls = threading.local()
+        # Every connection this proxy opened, whichever thread holds it. The lock guards
+        # the set itself; each connection is used only by its own thread.
+        self._conns: set[wire.Connection] = set()
+        self._conns_lock = threading.Lock()
 
-    def call(self, method: str, *args: Any, wait: float = 0.0) -> Any:
+    def _after_fork(self) -> None:
+        """``multiprocess`` children: nothing to do (the pid check handles every fork)."""
+
+    def _connection(self) -> wire.Connection:
+        if self._pid != os.getpid():
+            # Forked: the sockets are the parent's (closing our copies leaves its own open).
+            for inherited in list(self._conns):
+                inherited.close()
+            self._own()
+        conn: wire.Connection | None = getattr(self._tls, "connection", None)
+        if conn is None or conn.closed:
+            conn = wire.Client(self._token.address, authkey=bytes(self._authkey), timeout=self._timeout)
+            with self._conns_lock:
+                self._conns.add(conn)
+            try:
+                managers.dispatch(conn, None, "accept_connection", (_thread_name(),))
+            except BaseException:
+                self._drop(conn)
+                raise
+            self._tls.connection = conn
+        return conn
+
+    def call(self, method: str, args: tuple[Any, ...], wait: float = 0.0) -> Any:
         """Call ``method`` in the manager; allow ``wait`` more seconds for the reply of a
         call that waits there (``changes``)."""
+        conn = self._connection()
+        conn.deadline = time.monotonic() + self._timeout + wait
         try:
-            if not wait:
-                return self._callmethod(method, args)
-            if not hasattr(self._tls, "connection"):
-                self._connect()
-            conn = self._tls.connection
-            conn.timeout = self._timeout + wait
-            try:
-                return self._callmethod(method, args)
-            finally:
-                conn.timeout = self._timeout
-        except (EOFError, OSError):
-            conn = getattr(self._tls, "connection", None)
-            if conn is not None:
+            conn.send((self._id, method, args, {}))
+            kind, result = conn.recv()
+        except BaseException:
+            self._drop(conn)
+            raise
+        if kind == "#RETURN":
+            return result
+        if kind == "#ERROR":
+            raise result
+        raise managers.convert_to_error(kind, result)
+
+    def _drop(self, conn: wire.Connection) -> None:
+        if getattr(self._tls, "connection", None) is conn:
+            del self._tls.connection
+        with self._conns_lock:
+            self._conns.discard(conn)
+        conn.close()
+
+    def close(self) -> None:
+        """End every connection: this thread's is closed; another thread's is shut down
+        (a call of its in flight fails at once) and closed when that thread lets go of it,
+        so its descriptor is never reused under it."""
+        with self._conns_lock:
+            conns, self._conns = self._conns, set()
+        mine = getattr(self._tls, "connection", None)
+        for conn in conns:
+            if conn is mine:
                 del self._tls.connection
                 conn.close()
-            raise
+            else:
+                conn.shutdown()
+
+
+def _thread_name() -> str:
+    return f"{multiprocess.current_process().name}|{threading.current_thread().name}"
 
 
 class Client:
@@ -102,6 +159,7 @@ class Client:
         self._proxy: StoreProxy | None = None
         self._proxy_lock = threading.Lock()
         self._decoded: dict[bytes, Session] = {}
+        self._requests = threading.local()  # this thread's request token and number
 
     def __repr__(self) -> str:
         return f"<shmstore.Client address={addr.format_address(self.address)!r}>"
@@ -120,9 +178,11 @@ class Client:
         return self
 
     def close(self) -> None:
-        """Forget the manager. A later call reconnects."""
+        """Close this client's connections. A later call connects again."""
         with self._proxy_lock:
-            self._proxy = None
+            proxy, self._proxy = self._proxy, None
+        if proxy is not None:
+            proxy.close()
 
     def _get_proxy(self) -> StoreProxy:
         with self._proxy_lock:
@@ -139,30 +199,48 @@ class Client:
                 ident, exposed = managers.dispatch(conn, None, "create", ("store",))
             finally:
                 conn.close()
-        except multiprocess.AuthenticationError:
-            raise AuthenticationError(f"the manager at {where} refused our authkey") from None
         except (EOFError, OSError, managers.RemoteError) as exc:
-            raise StoreUnavailableError(f"cannot reach a manager at {where}: {_describe(exc)}") from None
+            raise StoreUnavailableError(f"cannot reach a manager at {where}: {_describe(exc, self.timeout)}") from None
         # The manager counted our reference when it created the token; not asking it to
         # count again (incref=False) saves a connection, and a client that dies without
         # saying goodbye can then never make the manager drop its store.
         token = managers.Token("store", self.address, ident)
-        proxy = StoreProxy(token, wire.SERIALIZER, authkey=key, exposed=exposed, incref=False)
-        proxy._timeout = self.timeout
-        return proxy
+        return StoreProxy(token, wire.SERIALIZER, authkey=key, exposed=exposed, incref=False, timeout=self.timeout)
 
     def _call(self, method: str, *args: Any, wait: float = 0.0) -> Any:
-        proxy = self._get_proxy()
-        try:
-            return proxy.call(method, *args, wait=wait)
-        except ShmstoreError:
-            raise
-        except (EOFError, OSError, managers.RemoteError) as exc:
-            with self._proxy_lock:
-                if self._proxy is proxy:
-                    self._proxy = None
-            where = addr.format_address(self.address)
-            raise StoreUnavailableError(f"manager at {where} failed during {method}(): {_describe(exc)}") from None
+        """One call, tried once more on a fresh connection if its connection failed or
+        timed out. Writes go through the manager's ``once`` with this thread's next request
+        number, so the second try is never applied twice (exactly once, when the manager
+        answers it). A call so gives up after at most twice ``timeout`` (plus ``wait``)."""
+        if method in _WRITES:
+            args = (*self._next_request(), method, *args)
+            method = "once"
+        for attempt in (1, 2):
+            proxy = self._get_proxy()
+            try:
+                return proxy.call(method, args, wait)
+            except ShmstoreError:
+                raise
+            except (EOFError, OSError, managers.RemoteError) as exc:
+                with self._proxy_lock:
+                    if self._proxy is proxy:
+                        self._proxy = None
+                proxy.close()
+                if attempt == 2 or isinstance(exc, managers.RemoteError):
+                    where = addr.format_address(self.address)
+                    name = args[2] if method == "once" else method
+                    problem = _describe(exc, self.timeout)
+                    raise StoreUnavailableError(f"manager at {where} failed during {name}(): {problem}") from None
+        raise AssertionError("unreachable")
+
+    def _next_request(self) -> tuple[bytes, int]:
+        """This thread's token and next request number; a forked child gets a token of
+        its own, so the manager never mistakes its writes for its parent's."""
+        ids = self._requests
+        if getattr(ids, "pid", None) != os.getpid():
+            ids.pid, ids.token, ids.number = os.getpid(), os.urandom(16), 0
+        ids.number += 1
+        return ids.token, ids.number
 
     def _session(self, data: bytes) -> Session:
         """Decode a session the store sent, or hand out the value already decoded from the
@@ -276,22 +354,24 @@ class Watch:
     revision to continue from, and then yields every change in revision order. When the
     manager's log has moved on past it, or the manager restarted, it takes a new snapshot
     and yields that, so a slow subscriber catches up instead of silently going stale.
-    :attr:`sessions` is the state rebuilt from what it has yielded: the live sessions (a
-    ``close`` event takes one out). Iteration ends after
-    :meth:`close`, within ``poll`` seconds if it was waiting. Errors of the store
-    (:class:`StoreUnavailableError`) are raised, never swallowed.
+    :attr:`sessions` and :attr:`revision` are the state rebuilt from the events yielded so
+    far (events fetched but not yet yielded do not count): the live sessions (a ``close``
+    event takes one out). Iteration ends after :meth:`close`, within ``poll`` seconds if it
+    was waiting. Errors of the store (:class:`StoreUnavailableError`) are raised, never
+    swallowed.
     """
 
     def __init__(self, client: Client, since: int | None = None, *, poll: float = 1.0) -> None:
         self.client = client
         self.poll_interval = poll
-        #: The revision the state below is at; None before the first snapshot.
+        #: The revision of the last event yielded; None before the first snapshot.
         self.revision = since
         #: The sessions as the events yielded so far have left them.
         self.sessions: dict[str, Session] = {}
         #: How many snapshots the watch has taken (1 at the start, more on each resync).
         self.snapshots = 0
         self._epoch: str | None = None
+        self._fetched = since  # the revision of the last event fetched
         self._pending: deque[Event] = deque()
         self._closed = False
 
@@ -316,34 +396,41 @@ class Watch:
 
     def poll(self, timeout: float) -> Event | None:
         """The next event, or None if none came within ``timeout`` seconds."""
-        if self._pending:
-            return self._pending.popleft()
-        if self.revision is None:
-            return self._resync()
-        try:
-            changes = self.client.changes(self.revision, timeout, self._epoch)
-        except ResyncRequiredError:
-            return self._resync()
-        self._epoch = changes.epoch
-        for event in changes.events:
-            if event.session is None or event.kind is EventKind.CLOSE:
-                self.sessions.pop(event.id or "", None)
+        if not self._pending:
+            self._fetch(timeout)
+        if not self._pending:
+            return None
+        event = self._pending.popleft()
+        if event.kind is EventKind.SNAPSHOT:
+            self.sessions = {s.id: s for s in event.sessions or ()}
+        elif event.session is None or event.kind is EventKind.CLOSE:
+            self.sessions.pop(event.id or "", None)
+        else:
+            self.sessions[event.session.id] = event.session
+        self.revision = event.revision
+        return event
+
+    def _fetch(self, timeout: float) -> None:
+        if self._fetched is not None:
+            try:
+                changes = self.client.changes(self._fetched, timeout, self._epoch)
+            except ResyncRequiredError:
+                pass
             else:
-                self.sessions[event.session.id] = event.session
-            self.revision = event.revision
-        self._pending.extend(changes.events)
-        return self._pending.popleft() if self._pending else None
-
-    def _resync(self) -> Event:
+                self._epoch = changes.epoch
+                if changes.events:
+                    self._fetched = changes.events[-1].revision
+                self._pending.extend(changes.events)
+                return
         snapshot = self.client.snapshot()
-        self._epoch, self.revision = snapshot.epoch, snapshot.revision
-        self.sessions = {s.id: s for s in snapshot.sessions}
+        self._epoch, self._fetched = snapshot.epoch, snapshot.revision
         self.snapshots += 1
-        self._pending.clear()
-        return Event(snapshot.revision, EventKind.SNAPSHOT, None, sessions=snapshot.sessions)
+        self._pending.append(Event(snapshot.revision, EventKind.SNAPSHOT, None, sessions=snapshot.sessions))
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no reply within {timeout:g} s"
     if isinstance(exc, EOFError):
         return "the connection was closed"
     if isinstance(exc, managers.RemoteError):  # its text is a whole remote traceback

@@ -25,7 +25,9 @@ import errno
 import functools
 import gc
 import ipaddress
+import logging
 import os
+import pickle
 import secrets
 import signal
 import socket
@@ -47,6 +49,7 @@ from . import address as addr
 from . import wire
 from .errors import (
     AddressInUseError,
+    AuthenticationError,
     ConflictError,
     NotFoundError,
     ResyncRequiredError,
@@ -76,6 +79,8 @@ from .model import (
     transition_record,
 )
 
+log = logging.getLogger(__name__)
+
 #: The methods a client may call on the manager's store, and nothing else.
 EXPOSED = (
     "get",
@@ -91,7 +96,12 @@ EXPOSED = (
     "revision",
     "snapshot",
     "changes",
+    "once",
 )
+#: The writes a client may wrap in :meth:`Store.once` so that a retry is never applied twice.
+WRITES = frozenset(("set", "remove", "transition", "add_usage", "report", "prune"))
+#: Clients whose newest write the manager remembers, for retries (the oldest is forgotten).
+MAX_REMEMBERED_CLIENTS = 4096
 
 #: History entries kept per session by default; older ones are dropped.
 DEFAULT_MAX_HISTORY = 20
@@ -147,12 +157,17 @@ class Store:
         self.max_id_length = min(_positive(max_id_length, "max_id_length"), MAX_ID_LENGTH)
         #: Tells this store's revisions from those of an earlier manager at the same address.
         self.epoch = secrets.token_hex(8)
+        # Guards every field below; re-entrant because once() holds it across the write it
+        # runs, which takes it again.
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._sessions: dict[str, bytes] = {}
         self._closed: dict[str, bytes] = {}  # oldest first
         self._revision = 0
         self._log: deque[tuple[int, EventKind, str, bytes | None]] = deque(maxlen=_positive(log_size, "log_size"))
+        # Each client's newest write as (request number, result), oldest client first: what
+        # once() answers a retry with instead of applying the write again.
+        self._done: dict[bytes, tuple[int, Any]] = {}
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -294,6 +309,33 @@ class Store:
             if session_id is not None:
                 record["session_id"] = session_id
             return self._commit(record, EventKind.REPORT)
+
+    def once(self, client: bytes, number: int, method: str, *args: Any) -> Any:
+        """Run the write ``method(*args)`` unless this client's request ``number`` already
+        ran, and return its result either way.
+
+        A client whose connection failed during a write cannot know whether it was applied;
+        it retries with the same ``client`` token and ``number`` and gets the first
+        attempt's result instead of a second application, whichever of the two arrives
+        first. Numbers rise per client, and a client only ever retries its newest request,
+        so one entry per client is enough; the newest :data:`MAX_REMEMBERED_CLIENTS`
+        clients are remembered. A request older than the client's newest is not run.
+        """
+        if not isinstance(client, bytes) or not 8 <= len(client) <= 64:
+            raise ValidationError("client", f"must be 8 to 64 bytes, not {client!r:.80}")
+        check_count(number, "number")
+        if method not in WRITES:
+            raise ValidationError("method", f"must be one of {', '.join(sorted(WRITES))}; got {method!r:.80}")
+        with self._lock:
+            done = self._done.get(client)
+            if done is not None and number <= done[0]:
+                return done[1] if number == done[0] else None
+            result = getattr(self, method)(*args)
+            self._done.pop(client, None)
+            self._done[client] = (number, result)
+            if len(self._done) > MAX_REMEMBERED_CLIENTS:
+                del self._done[next(iter(self._done))]
+            return result
 
     def reap(self) -> int:
         """One pass over the live sessions: close those whose agent process is gone, and
@@ -453,19 +495,23 @@ def _conflict(id: str, expected: int, current: int) -> ConflictError:
 
 
 class _Server(managers.Server):
-    """The stock manager server, made safe to leave running next to crashing processes.
+    """The stock manager server, made safe to leave running next to crashing processes and
+    hostile neighbours.
 
     The stock one starts a thread per accepted connection and waits for the peer's half of
-    the authentication handshake for ever, and its accept loop retries at once on any error,
-    so a peer that connects and says nothing, or running out of file descriptors, could
-    stop service. Here a connection must authenticate within ``handshake_timeout``, at most
-    ``max_connections`` are open at once (more are closed on arrival), and a failing
-    ``accept`` backs off instead of spinning.
+    the authentication handshake for ever, answers a wrong key with a pickled traceback,
+    and its accept loop retries at once on any error, so a peer that connects and says
+    nothing, or running out of file descriptors, could stop service. Here the whole
+    handshake (both proofs of the key and the first request) must be done within
+    ``handshake_timeout``; a peer that fails it is closed without a word (and logged); at
+    most ``max_connections`` are open at once (more are told the manager is full); and a
+    failing ``accept`` backs off instead of spinning.
     """
 
     def __init__(self, *args: Any, max_connections: int, handshake_timeout: float) -> None:
         super().__init__(*args)
         self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
 
     def accepter(self) -> None:
@@ -476,20 +522,42 @@ class _Server(managers.Server):
                 time.sleep(0.05)  # e.g. EMFILE: give connections time to close
                 continue
             if not self._slots.acquire(blocking=False):
-                conn.close()  # full: refuse rather than queue without bound
+                log.warning("refused a connection: all %d slots are taken", self.max_connections)
+                wire.refuse_as_full(conn)
                 continue
-            conn.set_read_timeout(self.handshake_timeout)
+            conn.deadline = time.monotonic() + self.handshake_timeout
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: wire.Connection) -> None:
         try:
-            self.handle_request(conn)
+            try:
+                wire.handshake_as_server(conn, self.authkey)
+                request = conn.recv()
+                _, name, args, kwds = request
+                if name not in ("create", "accept_connection"):
+                    raise AuthenticationError(f"first request {name!r} is not one a client makes")
+            except (AuthenticationError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as exc:
+                log.warning("closed a connection that did not complete the handshake: %s", _why(exc))
+                return
+            if name == "accept_connection":
+                self.accept_connection(conn, *args)  # replies, then serves this client's calls
+            else:
+                conn.send(("#RETURN", self.create(conn, *args, **kwds)))
+        except SystemExit:
+            pass  # serve_client() ends this way when its client hangs up
+        except Exception as exc:  # an authenticated client's bad request, or its connection failing
+            log.info("a connection ended: %s", _why(exc))
         finally:
+            conn.close()
             self._slots.release()
 
     def accept_connection(self, conn: wire.Connection, name: str) -> None:
-        conn.set_read_timeout(None)  # authenticated: a client may stay idle as long as it likes
+        conn.deadline = None  # authenticated: a client may stay idle as long as it likes
         super().accept_connection(conn, name)
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _server(

@@ -1,0 +1,349 @@
+"""No call ever returns another call's data, and nothing waits past its deadline.
+
+Interrupted calls, forks, clients sharing a thread, writes whose outcome was lost, hostile
+or slow peers, a full manager, oversized messages: each against a real manager process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import multiprocess
+import pytest
+from conftest import make_session
+from test_server import wait_until_stopped
+
+import shmstore
+from shmstore import StoreUnavailableError, wire
+from shmstore.server import Store
+
+
+@pytest.fixture
+def stopped(server: shmstore.ServerProcess) -> Iterator[shmstore.ServerProcess]:
+    """The manager, SIGSTOPped for the test (and always resumed after it)."""
+    os.kill(server.pid, signal.SIGSTOP)
+    wait_until_stopped(server.pid)
+    try:
+        yield server
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+def resume_after(server: shmstore.ServerProcess, seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, os.kill, (server.pid, signal.SIGCONT))
+    timer.start()
+    return timer
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# -- 1. an interrupted call ----------------------------------------------------------------------
+
+
+def test_a_call_interrupted_by_a_signal_never_hands_its_reply_to_the_next_call(
+    server: shmstore.ServerProcess, store: shmstore.Client
+) -> None:
+    store.set(make_session("alpha"))
+    store.set(make_session("beta"))
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            store.changes(store.revision(), timeout=5)  # waits in the manager
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    with shmstore.connect(server.address, server.authkey) as other:
+        other.transition("alpha", "attention")  # the abandoned changes() call now gets its reply
+    time.sleep(0.1)  # and it has reached the client's side
+    for _ in range(3):
+        beta = store.get("beta")
+        assert beta is not None
+        assert beta.id == "beta"
+    assert store.list_all()[0].id in ("alpha", "beta")
+
+
+def test_a_reply_out_of_step_with_its_request_is_detected_not_delivered(server: shmstore.ServerProcess) -> None:
+    setup = wire.Client(server.address, authkey=server.authkey, timeout=5)
+    ident, _ = multiprocess.managers.dispatch(setup, None, "create", ("store",))
+    setup.close()
+    conn = wire.Client(server.address, authkey=server.authkey, timeout=5)
+    try:
+        multiprocess.managers.dispatch(conn, None, "accept_connection", ("test",))  # request 1
+        conn.send((ident, "get", ("alpha",), {}))  # its reply is never read...
+        conn.send((ident, "get", ("beta",), {}))
+        with pytest.raises(wire.OutOfStepError, match="reply to request 2 while waiting for request 3"):
+            conn.recv()  # ...so the next one read is the first's
+    finally:
+        conn.close()
+
+
+# -- 2. fork -------------------------------------------------------------------------------------------
+
+
+def test_a_forked_child_and_its_parent_each_get_only_their_own_replies(store: shmstore.Client) -> None:
+    store.set(make_session("child"))
+    for _ in range(4):  # had they shared a socket, each round would cross their replies half the time
+        revision = store.revision()  # the parent's connection exists before the fork
+        pid = os.fork()
+        if pid == 0:  # the child: a wrong reply or an error is a non-zero exit
+            code = 1
+            try:
+                time.sleep(0.05)  # while the parent's changes() waits in the manager
+                session = store.get("child")
+                code = 0 if session is not None and session.id == "child" else 2
+            finally:
+                os._exit(code)
+        changes = store.changes(revision, timeout=0.3)
+        _, status = os.waitpid(pid, 0)
+        assert changes.events == ()
+        assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_writes_from_a_forked_child_are_never_taken_for_its_parents_retries(store: shmstore.Client) -> None:
+    store.set(make_session("s1"))
+    store.add_usage("s1", 1)  # the parent's request number 2 on its thread
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            store.add_usage("s1", 10)  # the child's first write must not be deduplicated away
+            code = 0
+        finally:
+            os._exit(code)
+    store.add_usage("s1", 100)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    session = store.get("s1")
+    assert session is not None and session.api_usage is not None
+    assert session.api_usage.input_tokens == 111
+
+
+# -- 3. every Client owns its connections ---------------------------------------------------------
+
+
+def test_each_client_keeps_its_own_timeout_in_one_thread(server: shmstore.ServerProcess) -> None:
+    impatient = shmstore.connect(server.address, server.authkey, timeout=0.2)
+    patient = shmstore.connect(server.address, server.authkey, timeout=10)
+    impatient.revision()  # the impatient client's connection opens first in this thread
+    os.kill(server.pid, signal.SIGSTOP)
+    wait_until_stopped(server.pid)
+    timer = resume_after(server, 0.8)
+    try:
+        started = time.monotonic()
+        assert patient.revision() == 0
+        assert time.monotonic() - started > 0.6
+    finally:
+        timer.join()
+        impatient.close()
+        patient.close()
+
+
+def test_close_closes_the_clients_sockets(server: shmstore.ServerProcess) -> None:
+    before = open_fds()
+    client = shmstore.connect(server.address, server.authkey)
+    client.revision()
+    threads = [threading.Thread(target=client.revision) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert open_fds() >= before + 4
+    client.close()
+    assert open_fds() == before
+
+
+# -- 4. the outcome of a failed write -------------------------------------------------------------
+
+
+def test_a_write_that_timed_out_is_retried_and_applied_exactly_once(server: shmstore.ServerProcess) -> None:
+    store = shmstore.Client(server.address, server.authkey, timeout=0.3)
+    store.set(make_session("s1"))
+    store.add_usage("s1", 1)
+    os.kill(server.pid, signal.SIGSTOP)
+    wait_until_stopped(server.pid)
+    timer = resume_after(server, 0.45)  # after the first try timed out, during the retry
+    try:
+        session = store.add_usage("s1", 100)
+    finally:
+        timer.join()
+    assert session.api_usage is not None and session.api_usage.input_tokens == 101
+    stored = store.get("s1")
+    assert stored is not None and stored.api_usage is not None
+    assert stored.api_usage.input_tokens == 101
+
+
+def test_the_store_runs_a_request_once_however_often_it_arrives() -> None:
+    store = Store()
+    store.set(make_session("s1").to_json())
+    first = store.once(b"c" * 16, 1, "add_usage", "s1", 5, 0)
+    again = store.once(b"c" * 16, 1, "add_usage", "s1", 5, 0)
+    assert first == again
+    assert store.once(b"c" * 16, 0, "add_usage", "s1", 5, 0) is None  # older than the newest: not run
+    assert b'"input_tokens":5' in (store.get("s1") or b"")
+    store.once(b"d" * 16, 1, "add_usage", "s1", 5, 0)  # another client's number 1 is its own
+    assert b'"input_tokens":10' in (store.get("s1") or b"")
+
+
+def test_once_refuses_what_is_not_a_write() -> None:
+    store = Store()
+    with pytest.raises(shmstore.ValidationError, match="method"):
+        store.once(b"c" * 16, 1, "snapshot")
+    with pytest.raises(shmstore.ValidationError, match="client"):
+        store.once(b"", 1, "prune", 0)
+    assert store.revision() == 0
+
+
+# -- 7, 8. hostile and slow peers ---------------------------------------------------------------
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack("!i", len(payload)) + payload
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    (size,) = struct.unpack("!i", sock.recv(4, socket.MSG_WAITALL))
+    return sock.recv(size, socket.MSG_WAITALL)
+
+
+def test_a_wrong_digest_is_answered_by_silence_not_a_traceback(server: shmstore.ServerProcess) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(server.address))
+        assert read_frame(sock).startswith(b"#SHMSTORE-1#CHALLENGE#")
+        sock.sendall(frame(b"x" * 32))
+        rest = b""
+        while chunk := sock.recv(4096):
+            rest += chunk
+    assert rest == b""
+
+
+def test_a_trickling_peer_is_dropped_at_the_handshake_deadline(sock_dir: Path) -> None:
+    with (
+        shmstore.start_server(sock_dir / "t.sock", handshake_timeout=1.0) as server,
+        socket.socket(socket.AF_UNIX) as sock,
+    ):
+        sock.connect(str(server.address))
+        started = time.monotonic()
+        read_frame(sock)
+        dropped = None
+        for byte in frame(b"y" * 64):  # one byte every 0.3 s: each read alone is quick
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                dropped = time.monotonic() - started
+                break
+            time.sleep(0.3)
+        assert dropped is not None and dropped < 2.0
+
+
+def test_a_client_turned_away_by_a_full_manager_is_told_so(sock_dir: Path) -> None:
+    with shmstore.start_server(sock_dir / "f.sock", max_connections=2, handshake_timeout=30) as server:
+        squatters = [socket.socket(socket.AF_UNIX) for _ in range(2)]
+        try:
+            for sock in squatters:
+                sock.connect(str(server.address))
+                read_frame(sock)  # accepted: it holds a slot
+            with pytest.raises(StoreUnavailableError, match="as many clients as it may"):
+                shmstore.connect(server.address, server.authkey, timeout=2)
+        finally:
+            for sock in squatters:
+                sock.close()
+
+
+def test_a_full_listen_queue_is_waited_out_within_the_timeout(stopped: shmstore.ServerProcess) -> None:
+    crowd = []
+    try:
+        while len(crowd) < 1000:  # fill the stopped manager's backlog until connect() refuses
+            sock = socket.socket(socket.AF_UNIX)
+            sock.setblocking(False)
+            try:
+                sock.connect(str(stopped.address))
+            except BlockingIOError:
+                sock.close()
+                break
+            crowd.append(sock)
+        assert len(crowd) < 1000, "the backlog never filled"
+        timer = resume_after(stopped, 0.5)
+        for sock in crowd:
+            sock.close()
+        with shmstore.connect(stopped.address, stopped.authkey, timeout=5) as store:
+            assert store.revision() == 0
+        timer.join()
+    finally:
+        for sock in crowd:
+            sock.close()
+
+
+# -- 9, 10. oversized messages and sends with a deadline -----------------------------------------
+
+
+def test_an_announced_message_over_the_limit_is_a_typed_error_at_once() -> None:
+    ours, theirs = socket.socketpair()
+    conn = wire.Connection(ours.detach())
+    conn.deadline = time.monotonic() + 5
+    try:
+        theirs.sendall(struct.pack("!i", wire.MAX_MESSAGE + 1))
+        with pytest.raises(wire.MessageTooLargeError, match="larger than"):
+            conn.recv()
+    finally:
+        conn.close()
+        theirs.close()
+
+
+def test_a_reply_over_the_limit_is_a_typed_error_and_the_next_call_works(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wire, "MAX_MESSAGE", 256 * 1024)  # the forked manager inherits it
+    with (
+        shmstore.start_server(sock_dir / "m.sock") as server,
+        shmstore.connect(server.address, server.authkey) as store,
+    ):
+        for n in range(100):
+            store.set(make_session(f"s{n}", working_dir="/" + "d" * 4000))  # 100 x ~4 KB > 256 KiB
+        with pytest.raises(StoreUnavailableError, match="larger than"):
+            store.list_all()
+        assert store.get("s7") is not None
+
+
+def test_a_large_send_to_a_stopped_manager_gives_up_at_the_deadline(server: shmstore.ServerProcess) -> None:
+    store = shmstore.connect(server.address, server.authkey, timeout=0.5)
+    os.kill(server.pid, signal.SIGSTOP)
+    wait_until_stopped(server.pid)
+    big = make_session("big", working_dir="/" + "w" * 4000, session_id="r" * 200)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailableError):
+        for _ in range(400):  # ~2 MB in all: far more than the socket buffers hold
+            store.set(big)
+    assert time.monotonic() - started < 3.0  # two tries of 0.5 s, and their connects
+    os.kill(server.pid, signal.SIGCONT)
+
+
+# -- 14. Watch ---------------------------------------------------------------------------------------
+
+
+def test_watch_sessions_reflect_only_the_events_yielded(store: shmstore.Client) -> None:
+    start = store.revision()
+    for id in ("a", "b", "c"):
+        store.set(make_session(id))
+    watch = store.watch(since=start)
+    first = watch.poll(1)
+    assert first is not None and first.id == "a"
+    assert set(watch.sessions) == {"a"}
+    assert watch.revision == first.revision
+    watch.poll(1)
+    assert set(watch.sessions) == {"a", "b"}
