@@ -88,6 +88,7 @@ class Connection(connection.Connection):
         # received in its reply, so each side of one connection knows its role.
         self._serving = serving
         self._number = 0
+        self._pollers: dict[int, select.poll] = {}
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -98,12 +99,17 @@ class Connection(connection.Connection):
             if deadline is None:  # a reply: a client that will not take it loses the connection
                 self.deadline = time.monotonic() + REPLY_TIMEOUT
             try:
-                self._send_bytes(pickle.dumps((self._number, obj), _PROTOCOL))
+                self._send_message(pickle.dumps((self._number, obj), _PROTOCOL))
             finally:
                 self.deadline = deadline
         else:
             self._number += 1
-            self._send_bytes(pickle.dumps((self._number, obj), _PROTOCOL))
+            self._send_message(pickle.dumps((self._number, obj), _PROTOCOL))
+
+    def _send_message(self, payload: bytes) -> None:
+        if len(payload) > MAX_MESSAGE:  # the peer would refuse it: say so before sending a byte
+            raise MessageTooLargeError(len(payload))
+        self._send_bytes(payload)
 
     def recv(self) -> Any:
         self._check_closed()
@@ -153,8 +159,10 @@ class Connection(connection.Connection):
 
     def _wait(self, events: int) -> None:
         """Wait until the socket is ready for ``events``, or raise TimeoutError at the deadline."""
-        poller = select.poll()
-        poller.register(self._fileno(), events)
+        poller = self._pollers.get(events)
+        if poller is None:
+            poller = self._pollers[events] = select.poll()
+            poller.register(self._fileno(), events)
         while True:
             deadline = self.deadline
             ms = None if deadline is None else max(0, round((deadline - time.monotonic()) * 1000))
