@@ -29,6 +29,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -537,7 +538,8 @@ def _check_exposure(address: wire.Address, allow_remote: bool) -> None:
 
 
 def _claim(address: wire.Address) -> None:
-    """Make sure nothing live holds ``address``; remove a socket a dead manager left."""
+    """Make sure nothing live holds ``address``; remove a socket a dead manager left, and
+    nothing else."""
     if not isinstance(address, str):
         return  # TCP: bind() itself tells us the port is taken
     path = Path(address)
@@ -545,8 +547,15 @@ def _claim(address: wire.Address) -> None:
         addr.ensure_private_dir(path.parent)
     else:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not path.exists() and not path.is_symlink():
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise AddressInUseError(
+            f"{address} exists and is {addr.describe(info.st_mode)}, not a socket; shmstore removes only a socket "
+            "that a dead manager left. Choose another address, or remove it if you do not need it"
+        )
     probe = socket.socket(socket.AF_UNIX)
     probe.settimeout(1.0)
     try:
@@ -594,12 +603,13 @@ def serve(
             raise AddressInUseError(f"{addr.format_address(address)} is already in use") from None
         raise StoreUnavailableError(f"cannot listen on {addr.format_address(address)}: {exc}") from None
     key_file = addr.key_path(address)
+    written = None
     try:
         if isinstance(address, str):
             os.chmod(address, 0o600)
         else:
             addr.ensure_private_dir(key_file.parent)
-        addr.write_key(key_file, key)
+        written = addr.create_key_file(key_file, key)  # we hold the address: a key file there is stale
         stop = server.stop_event = threading.Event()
         for signum in stop_signals:
             signal.signal(signum, lambda signum, frame: stop.set())
@@ -613,7 +623,8 @@ def serve(
                 print(f"shmstore: reaping failed: {exc!r}", file=sys.stderr)
     finally:
         server.listener.close()  # also unlinks the unix socket
-        _remove_key(key_file, key)
+        if written is not None:
+            _remove_key(key_file, key, written)
 
 
 def _one_malloc_arena() -> None:
@@ -631,13 +642,28 @@ def _one_malloc_arena() -> None:
 _M_ARENA_MAX = -8  # from glibc's malloc.h
 
 
-def _remove_key(path: Path, key: bytes) -> None:
-    """Remove our key file, unless another manager has since written its own there."""
+def _remove_key(path: Path, key: bytes, written: tuple[int, int] | None = None) -> None:
+    """Remove our key file: only if it still holds ``key`` and (given ``written``, its
+    ``(st_dev, st_ino)``) is the very file we wrote, never one another manager has since
+    put there, and never through a symlink."""
     try:
-        if path.read_bytes() == key:
-            path.unlink()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        pass
+        return
+    try:
+        info = os.fstat(fd)
+        ours = (
+            stat.S_ISREG(info.st_mode)
+            and (written is None or (info.st_dev, info.st_ino) == written)
+            and os.read(fd, len(key) + 1) == key
+        )
+    except OSError:
+        ours = False
+    finally:
+        os.close(fd)
+    if ours:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 class ServerProcess:
