@@ -538,15 +538,17 @@ def _check_exposure(address: wire.Address, allow_remote: bool) -> None:
 
 
 def _claim(address: wire.Address) -> None:
-    """Make sure nothing live holds ``address``; remove a socket a dead manager left, and
-    nothing else."""
+    """Make sure nothing live holds ``address`` and its directory is one clients will trust;
+    remove a socket a dead manager left, and nothing else."""
     if not isinstance(address, str):
         return  # TCP: bind() itself tells us the port is taken
     path = Path(address)
-    if path.parent == addr.runtime_dir():
-        addr.ensure_private_dir(path.parent)
+    directory = addr.socket_dir(address)
+    if addr.is_runtime_dir(directory):
+        addr.ensure_private_dir(directory)
     else:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        addr.check_socket_dir(directory)
     try:
         info = path.lstat()
     except FileNotFoundError:
@@ -598,6 +600,8 @@ def serve(
     try:
         _claim(address)
         server = _server(store, address, key, max_connections, handshake_timeout)
+    except ShmstoreError:
+        raise  # ours say what is wrong (and some are OSErrors)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise AddressInUseError(f"{addr.format_address(address)} is already in use") from None

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import PYTHON, make_session
 
 import shmstore
-from shmstore import AddressInUseError
-from shmstore.address import key_path, new_key
+from shmstore import AddressInUseError, StoreUnavailableError
+from shmstore.address import _runtime_dir, key_path, new_key
 
 OTHER_UID = 12345
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another user")
@@ -213,3 +216,264 @@ def test_a_manager_removes_its_key_file_only_while_it_is_still_its_own(sock_dir:
         other = plant_key(replacement)
         os.replace(replacement, key_file)  # as if another manager had since written its key there
     assert key_file.read_bytes() == other
+
+
+# -- item: directories and key files another user could have planted -------------------------
+
+
+def test_without_xdg_runtime_dir_the_runtime_dir_is_run_user_uid_if_it_is_ours(tmp_path: Path) -> None:
+    run_user, tmp, uid = tmp_path / "run" / "user", tmp_path / "tmp", os.getuid()
+    assert _runtime_dir(None, uid, run_user, tmp) == tmp / f"shmstore-{uid}"  # no /run/user/UID
+    (run_user / str(uid)).mkdir(mode=0o700, parents=True)
+    assert _runtime_dir(None, uid, run_user, tmp) == run_user / str(uid) / "shmstore"
+    assert _runtime_dir("", uid, run_user, tmp) == run_user / str(uid) / "shmstore"
+    assert _runtime_dir("/run/xdg", uid, run_user, tmp) == Path("/run/xdg/shmstore")
+
+
+@as_root
+def test_a_run_user_directory_of_another_user_or_a_symlink_is_passed_over(tmp_path: Path) -> None:
+    run_user, tmp, uid = tmp_path / "run" / "user", tmp_path / "tmp", os.getuid()
+    (run_user / str(uid)).mkdir(parents=True)
+    os.chown(run_user / str(uid), OTHER_UID, OTHER_UID)
+    assert _runtime_dir(None, uid, run_user, tmp) == tmp / f"shmstore-{uid}"
+    (run_user / str(uid)).rmdir()
+    (tmp_path / "mine").mkdir(mode=0o700)
+    (run_user / str(uid)).symlink_to(tmp_path / "mine")
+    assert _runtime_dir(None, uid, run_user, tmp) == tmp / f"shmstore-{uid}"
+
+
+def _squat(runtime: Path) -> tuple[socket.socket, Path]:
+    """What another user plants: the runtime directory, a key file and a fake manager."""
+    runtime.mkdir(mode=0o755)
+    listener = plant_manager(runtime / "store.sock")
+    key_file = runtime / "store.sock.key"
+    plant_key(key_file, mode=0o644)
+    for path in (runtime, runtime / "store.sock", key_file):
+        os.chown(path, OTHER_UID, OTHER_UID, follow_symlinks=False)
+    return listener, key_file
+
+
+@as_root
+def test_a_client_refuses_a_runtime_directory_another_user_made_and_never_connects(
+    runtime: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    listener, _ = _squat(runtime)
+    refused = "^" + re.escape(f"refusing the runtime directory {runtime}: it belongs to uid {OTHER_UID}")
+    with pytest.raises(StoreUnavailableError, match=refused):
+        shmstore.connect(timeout=1.0)
+    monkeypatch.setenv("SHMSTORE_AUTHKEY", "a-key-of-my-own")  # no key file, but still the directory
+    with pytest.raises(StoreUnavailableError, match=refused):
+        shmstore.connect(timeout=1.0)
+    assert nobody_connected(listener)
+    listener.close()
+
+
+@as_root
+def test_serve_refuses_a_runtime_directory_another_user_made_and_leaves_it_alone(runtime: Path) -> None:
+    listener, key_file = _squat(runtime)
+    key = key_file.read_bytes()
+    with pytest.raises(
+        StoreUnavailableError,
+        match="^" + re.escape(f"refusing the runtime directory {runtime}: it belongs to uid {OTHER_UID}"),
+    ):
+        shmstore.start_server()
+    assert key_file.read_bytes() == key and mode(runtime) == 0o755 and (runtime / "store.sock").is_socket()
+    listener.close()
+
+
+def test_a_runtime_directory_that_is_a_symlink_is_refused_by_client_and_manager(runtime: Path, sock_dir: Path) -> None:
+    real = sock_dir / "real"
+    real.mkdir(mode=0o700)
+    listener = plant_manager(real / "store.sock")
+    plant_key(real / "store.sock.key")
+    runtime.symlink_to(real)
+    problem = "^" + re.escape(f"refusing the runtime directory {runtime}: it is a symbolic link, not a directory")
+    with pytest.raises(StoreUnavailableError, match=problem):
+        shmstore.connect(timeout=1.0)
+    with pytest.raises(StoreUnavailableError, match=problem):
+        shmstore.start_server()
+    assert nobody_connected(listener)
+    listener.close()
+
+
+def test_a_manager_makes_its_own_runtime_directory_private_and_clients_insist_on_it(runtime: Path) -> None:
+    runtime.mkdir(mode=0o755)
+    os.chmod(runtime, 0o755)
+    with shmstore.start_server() as server:
+        assert mode(runtime) == 0o700
+        with shmstore.connect() as store:
+            assert store.revision() == 0
+        os.chmod(runtime, 0o750)
+        with pytest.raises(StoreUnavailableError, match="its mode is 0750, so others may enter it"):
+            shmstore.connect(timeout=1.0)
+        with shmstore.connect(server.address, server.authkey) as store:  # an explicit key checks nothing
+            assert store.revision() == 0
+
+
+SOCKET_DIRS = [
+    pytest.param(OTHER_UID, 0o755, f"belongs to uid {OTHER_UID}", marks=as_root, id="another-users"),
+    pytest.param(None, 0o777, "is writable by group and others without the sticky bit", id="world-writable"),
+    pytest.param(None, 0o770, "is writable by its group without the sticky bit", id="group-writable"),
+]
+
+
+@pytest.mark.parametrize(("owner", "dir_mode", "problem"), SOCKET_DIRS)
+def test_a_client_refuses_a_socket_directory_others_control_and_never_connects(
+    sock_dir: Path, owner: int | None, dir_mode: int, problem: str
+) -> None:
+    directory = sock_dir / "shared"
+    directory.mkdir()
+    listener = plant_manager(directory / "s.sock")
+    plant_key(directory / "s.sock.key")  # the key file itself would pass
+    os.chmod(directory, dir_mode)
+    if owner is not None:
+        os.chown(directory, owner, owner)
+    with pytest.raises(
+        StoreUnavailableError, match="^" + re.escape(f"refusing the socket directory {directory}: it {problem}")
+    ):
+        shmstore.connect(directory / "s.sock", timeout=1.0)
+    assert nobody_connected(listener)
+    listener.close()
+
+
+@pytest.mark.parametrize(("owner", "dir_mode", "problem"), SOCKET_DIRS)
+def test_serve_refuses_a_socket_directory_others_control(
+    sock_dir: Path, owner: int | None, dir_mode: int, problem: str
+) -> None:
+    directory = sock_dir / "shared"
+    directory.mkdir()
+    os.chmod(directory, dir_mode)
+    if owner is not None:
+        os.chown(directory, owner, owner)
+    with pytest.raises(
+        StoreUnavailableError, match="^" + re.escape(f"refusing the socket directory {directory}: it {problem}")
+    ):
+        shmstore.start_server(directory / "s.sock")
+    assert list(directory.iterdir()) == []
+
+
+def test_a_sticky_world_writable_directory_like_tmp_is_fine(sock_dir: Path) -> None:
+    sticky = sock_dir / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    in_tmp = Path(tempfile.mktemp(prefix="shm-", suffix=".sock", dir="/tmp"))  # /tmp itself: root's, sticky
+    for path in (sticky / "s.sock", in_tmp):
+        with shmstore.start_server(path), shmstore.connect(path) as store:
+            assert store.revision() == 0
+        assert not path.exists() and not Path(f"{path}.key").exists()
+
+
+def _tamper(key_file: Path, how: str, sock_dir: Path) -> None:
+    if how == "mode 0644":
+        plant_key(key_file, mode=0o644)
+    elif how == "mode 0400":
+        plant_key(key_file, mode=0o400)
+    elif how == "another user's":
+        plant_key(key_file, owner=OTHER_UID)
+    elif how == "a symlink":
+        plant_key(sock_dir / "real.key")
+        key_file.symlink_to(sock_dir / "real.key")
+    else:
+        os.mkfifo(key_file, 0o600)  # a FIFO would block a plain open() for ever
+
+
+KEY_FILES = [
+    ("mode 0644", "has mode 0644, not 0600"),
+    ("mode 0400", "has mode 0400, not 0600"),
+    pytest.param("another user's", f"belongs to uid {OTHER_UID}", marks=as_root),
+    ("a symlink", "is a symbolic link, not a regular file"),
+    ("a FIFO", "is a FIFO, not a regular file"),
+]
+
+
+@pytest.mark.parametrize(("how", "problem"), KEY_FILES)
+def test_a_client_refuses_a_key_file_that_is_not_a_private_file_of_its_own(
+    sock_dir: Path, how: str, problem: str
+) -> None:
+    listener = plant_manager(sock_dir / "s.sock")
+    key_file = sock_dir / "s.sock.key"
+    _tamper(key_file, how, sock_dir)
+    with pytest.raises(StoreUnavailableError, match="^" + re.escape(f"refusing key file {key_file}: it {problem}")):
+        shmstore.connect(sock_dir / "s.sock", timeout=1.0)
+    assert nobody_connected(listener)
+    listener.close()
+
+
+def test_a_client_of_a_real_manager_refuses_its_key_file_once_others_may_read_it(sock_dir: Path) -> None:
+    with shmstore.start_server(sock_dir / "s.sock") as server:
+        key_file = Path(f"{server.address}.key")
+        os.chmod(key_file, 0o644)
+        with pytest.raises(StoreUnavailableError, match="has mode 0644, not 0600"):
+            shmstore.connect(server.address, timeout=1.0)
+        os.chmod(key_file, 0o600)
+        with shmstore.connect(server.address) as store:
+            assert store.revision() == 0
+
+
+# The shmstore command as another user: root starts Python (its interpreter may live where
+# only root can read), then becomes the user, then runs the command line.
+AS_USER = (
+    "import os, sys\n"
+    "import shmstore.cli\n"
+    "uid = int(sys.argv[1])\n"
+    "os.setgroups([])\n"
+    "os.setgid(uid)\n"
+    "os.setuid(uid)\n"
+    "sys.exit(shmstore.cli.main(sys.argv[2:]))\n"
+)
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """A user with no runtime directory (nothing at /run/user/UID or /tmp/shmstore-UID) and
+    an environment without XDG_RUNTIME_DIR, as under cron or ssh without logind."""
+    uid = 20000 + os.getpid() % 10000
+    while Path(f"/run/user/{uid}").exists() or Path(f"/tmp/shmstore-{uid}").exists():
+        uid += 1
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, uid, uid)
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "SHMSTORE_ADDRESS", "SHMSTORE_AUTHKEY")}
+    env["HOME"] = str(home)
+    try:
+        yield uid, env
+    finally:
+        shutil.rmtree(f"/tmp/shmstore-{uid}", ignore_errors=True)
+
+
+def as_user(uid: int, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [PYTHON, "-c", AS_USER, str(uid), *args]
+    return subprocess.run(argv, env=env, cwd="/", capture_output=True, text=True, timeout=60)
+
+
+@as_root
+def test_shmstore_ls_refuses_a_squatted_tmp_directory_and_never_talks_to_the_planted_manager(
+    victim: tuple[int, dict[str, str]],
+) -> None:
+    uid, env = victim
+    squat = Path(f"/tmp/shmstore-{uid}")  # the default without XDG_RUNTIME_DIR or /run/user/UID
+    listener, key_file = _squat(squat)
+    os.chmod(key_file, 0o644)  # so the victim could read it
+    key = key_file.read_bytes()
+
+    ls = as_user(uid, env, "ls", "--timeout", "1")
+    assert ls.returncode == 1
+    assert f"refusing the runtime directory {squat}: it belongs to uid {OTHER_UID}" in ls.stderr
+    assert nobody_connected(listener)
+
+    serve = as_user(uid, env, "serve")
+    assert serve.returncode == 1 and f"refusing the runtime directory {squat}" in serve.stderr
+    assert key_file.read_bytes() == key and (squat / "store.sock").is_socket()  # left as it was
+    listener.close()
+
+    shutil.rmtree(squat)  # without the squat, the same user's manager and client meet there
+    argv = [PYTHON, "-c", AS_USER, str(uid), "serve"]
+    proc = subprocess.Popen(argv, env=env, cwd="/", stderr=subprocess.PIPE, text=True)
+    try:
+        assert f"serving at {squat}/store.sock" in proc.stderr.readline()  # type: ignore[union-attr]
+        assert (os.lstat(squat).st_uid, mode(squat)) == (uid, 0o700)
+        ls = as_user(uid, env, "ls", "--json")
+        assert (ls.returncode, ls.stdout.strip()) == (0, "[]"), ls.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
