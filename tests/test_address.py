@@ -477,3 +477,77 @@ def test_shmstore_ls_refuses_a_squatted_tmp_directory_and_never_talks_to_the_pla
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+# -- item: serve() off the main thread, and the signal handlers it borrows -------------------
+
+IN_A_THREAD = """
+import signal, sys, threading, shmstore
+stop, ready, failed = threading.Event(), threading.Event(), []
+def run():
+    try:
+        shmstore.serve(sys.argv[1], stop_event=stop, on_ready=lambda address: ready.set())
+    except BaseException as exc:
+        failed.append(exc)
+        ready.set()
+thread = threading.Thread(target=run)
+thread.start()
+ready.wait(10)
+print(repr(failed[0]) if failed else "ready", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+sys.stdin.readline()
+stop.set()
+thread.join(10)
+print("running" if thread.is_alive() else "stopped", flush=True)
+"""
+
+
+def test_serve_runs_in_any_thread_and_stops_when_its_stop_event_is_set(sock_dir: Path) -> None:
+    sock = sock_dir / "t.sock"
+    proc = subprocess.Popen(
+        [PYTHON, "-c", IN_A_THREAD, str(sock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline().split() == ["ready", "True"]  # and no signal handler was touched
+        with shmstore.connect(sock) as store:
+            assert store.set(make_session()).revision == 1
+            assert store.get("s1") is not None
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "stopped"
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not sock.exists() and not Path(f"{sock}.key").exists()
+
+
+IN_THE_MAIN_THREAD = """
+import os, signal, sys, shmstore
+caught = []
+def mine(signum, frame):
+    caught.append(signum)
+signal.signal(signal.SIGTERM, mine)
+before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+shmstore.serve(sys.argv[1], on_ready=lambda address: print("ready", flush=True))
+after = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+os.kill(os.getpid(), signal.SIGTERM)  # reaches our own handler again
+print("restored" if after == before and caught == [signal.SIGTERM] else f"{before} -> {after}", flush=True)
+"""
+
+
+def test_serve_puts_back_the_signal_handlers_it_replaced(sock_dir: Path) -> None:
+    sock = sock_dir / "m.sock"
+    proc = subprocess.Popen([PYTHON, "-c", IN_THE_MAIN_THREAD, str(sock)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with shmstore.connect(sock) as store:
+            assert store.revision() == 0
+        proc.send_signal(signal.SIGTERM)  # stops the manager: serve() handles it while it runs
+        assert proc.stdout.readline().strip() == "restored"
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not sock.exists() and not Path(f"{sock}.key").exists()
