@@ -31,12 +31,13 @@ import pickle
 import secrets
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -605,16 +606,26 @@ def _check_exposure(address: wire.Address, allow_remote: bool) -> None:
 
 
 def _claim(address: wire.Address) -> None:
-    """Make sure nothing live holds ``address``; remove a socket a dead manager left."""
+    """Make sure nothing live holds ``address`` and its directory is one clients will trust;
+    remove a socket a dead manager left, and nothing else."""
     if not isinstance(address, str):
         return  # TCP: bind() itself tells us the port is taken
     path = Path(address)
-    if path.parent == addr.runtime_dir():
-        addr.ensure_private_dir(path.parent)
+    directory = addr.socket_dir(address)
+    if addr.is_runtime_dir(directory):
+        addr.ensure_private_dir(directory)
     else:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not path.exists() and not path.is_symlink():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        addr.check_socket_dir(directory)
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise AddressInUseError(
+            f"{address} exists and is {addr.describe(info.st_mode)}, not a socket; shmstore removes only a socket "
+            "that a dead manager left. Choose another address, or remove it if you do not need it"
+        )
     probe = socket.socket(socket.AF_UNIX)
     probe.settimeout(1.0)
     try:
@@ -639,49 +650,87 @@ def serve(
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     on_ready: Callable[[wire.Address], None] | None = None,
     stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+    stop_event: threading.Event | None = None,
 ) -> None:
-    """Serve ``store`` (a new, empty one by default) at ``address`` until SIGTERM, SIGINT
-    or a ``shutdown`` call.
+    """Serve ``store`` (a new, empty one by default) at ``address`` until ``stop_event``
+    is set, one of ``stop_signals`` arrives, or a ``shutdown`` call.
 
-    Blocks the calling thread. On the way out it closes the listener and removes the
-    socket and the key file it wrote. ``on_ready`` is called with the bound address once
-    clients can connect. A TCP address off the loopback needs ``allow_remote``. At most
-    ``max_connections`` clients are connected at once, and each must authenticate within
-    ``handshake_timeout`` seconds.
+    Blocks the calling thread, which may be any thread. Only in the main thread of the
+    main interpreter (where Python allows it) does it handle ``stop_signals``, and on
+    return it puts back exactly the handlers it replaced; a signal whose handler was not
+    set from Python is left alone. From another thread, pass a ``threading.Event`` as
+    ``stop_event`` and set it to stop the manager: ``serve`` returns once it has cleaned up.
+
+    On the way out it closes the listener and removes the socket and the key file it wrote.
+    ``on_ready`` is called with the bound address once clients can connect. A TCP address
+    off the loopback needs ``allow_remote``. At most ``max_connections`` clients are
+    connected at once, and each must authenticate within ``handshake_timeout`` seconds.
     """
     address = addr.resolve(address)
     key = addr.new_key() if authkey is None else addr.as_key(authkey)
     store = Store() if store is None else store
+    stop = threading.Event() if stop_event is None else stop_event
     _check_exposure(address, allow_remote)
     _one_malloc_arena()
+    with _stop_signals(stop_signals, stop):
+        try:
+            _claim(address)
+            server = _server(store, address, key, max_connections, handshake_timeout)
+        except ShmstoreError:
+            raise  # ours say what is wrong (and some are OSErrors)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUseError(f"{addr.format_address(address)} is already in use") from None
+            raise StoreUnavailableError(f"cannot listen on {addr.format_address(address)}: {exc}") from None
+        key_file = addr.key_path(address)
+        written = None
+        try:
+            if isinstance(address, str):
+                os.chmod(address, 0o600)
+            else:
+                addr.ensure_private_dir(key_file.parent)
+            written = addr.create_key_file(key_file, key)  # we hold the address: a key file there is stale
+            server.stop_event = stop
+            threading.Thread(target=server.accepter, name="shmstore-accept", daemon=True).start()
+            if on_ready is not None:
+                on_ready(server.address)
+            while not stop.wait(store.reap_interval):
+                try:
+                    store.reap()
+                except Exception as exc:  # a failed pass must not take the manager down
+                    print(f"shmstore: reaping failed: {exc!r}", file=sys.stderr)
+        finally:
+            server.listener.close()  # also unlinks the unix socket
+            if written is not None:
+                _remove_key(key_file, key, written)
+
+
+@contextlib.contextmanager
+def _stop_signals(signals: tuple[signal.Signals, ...], stop: threading.Event) -> Iterator[None]:
+    """While the block runs, have each of ``signals`` set ``stop``; then put back exactly
+    the handlers that were replaced.
+
+    Python lets only the main thread of the main interpreter set handlers; elsewhere none
+    are set, and the caller stops the manager through ``stop``. A handler that was not set
+    from Python (``getsignal`` gives None) could not be put back, so it is left in place.
+    """
+    signums = [signal.Signals(s) for s in signals]  # a bad number fails here, before any change
+    replaced: dict[signal.Signals, Any] = {}
     try:
-        _claim(address)
-        server = _server(store, address, key, max_connections, handshake_timeout)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise AddressInUseError(f"{addr.format_address(address)} is already in use") from None
-        raise StoreUnavailableError(f"cannot listen on {addr.format_address(address)}: {exc}") from None
-    key_file = addr.key_path(address)
-    try:
-        if isinstance(address, str):
-            os.chmod(address, 0o600)
-        else:
-            addr.ensure_private_dir(key_file.parent)
-        addr.write_key(key_file, key)
-        stop = server.stop_event = threading.Event()
-        for signum in stop_signals:
-            signal.signal(signum, lambda signum, frame: stop.set())
-        threading.Thread(target=server.accepter, name="shmstore-accept", daemon=True).start()
-        if on_ready is not None:
-            on_ready(server.address)
-        while not stop.wait(store.reap_interval):
-            try:
-                store.reap()
-            except Exception as exc:  # a failed pass must not take the manager down
-                print(f"shmstore: reaping failed: {exc!r}", file=sys.stderr)
+        if threading.current_thread() is threading.main_thread():
+            for signum in signums:
+                previous = signal.getsignal(signum)
+                if previous is None:
+                    continue
+                try:
+                    signal.signal(signum, lambda signum, frame: stop.set())
+                except ValueError:  # the main thread of a subinterpreter: signals are not ours
+                    break
+                replaced[signum] = previous
+        yield
     finally:
-        server.listener.close()  # also unlinks the unix socket
-        _remove_key(key_file, key)
+        for signum, previous in replaced.items():
+            signal.signal(signum, previous)
 
 
 def _one_malloc_arena() -> None:
@@ -699,13 +748,28 @@ def _one_malloc_arena() -> None:
 _M_ARENA_MAX = -8  # from glibc's malloc.h
 
 
-def _remove_key(path: Path, key: bytes) -> None:
-    """Remove our key file, unless another manager has since written its own there."""
+def _remove_key(path: Path, key: bytes, written: tuple[int, int] | None = None) -> None:
+    """Remove our key file: only if it still holds ``key`` and (given ``written``, its
+    ``(st_dev, st_ino)``) is the very file we wrote, never one another manager has since
+    put there, and never through a symlink."""
     try:
-        if path.read_bytes() == key:
-            path.unlink()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        pass
+        return
+    try:
+        info = os.fstat(fd)
+        ours = (
+            stat.S_ISREG(info.st_mode)
+            and (written is None or (info.st_dev, info.st_ino) == written)
+            and os.read(fd, len(key) + 1) == key
+        )
+    except OSError:
+        ours = False
+    finally:
+        os.close(fd)
+    if ours:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 class ServerProcess:

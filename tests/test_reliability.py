@@ -72,7 +72,7 @@ def test_the_key_is_never_printed(sock_dir: Path) -> None:
         [PYTHON, "-m", "shmstore", "serve", "--address", str(sock)], stderr=subprocess.PIPE, text=True
     )
     proc.stderr.readline()  # type: ignore[union-attr]
-    key = sock.with_suffix(".key").read_text()
+    key = Path(f"{sock}.key").read_text()
     proc.terminate()
     _, err = proc.communicate(timeout=10)
     assert key not in err
