@@ -520,6 +520,8 @@ class _Server(managers.Server):
             try:
                 conn = self.listener.accept()
             except OSError:
+                if self.listener.closed:
+                    return  # serve() is on its way out
                 time.sleep(0.05)  # e.g. EMFILE: give connections time to close
                 continue
             if not self._slots.acquire(blocking=False):

@@ -22,6 +22,7 @@ This is the one place that decides how bytes move; swap it here and everything f
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -272,6 +273,19 @@ def _sign(authkey: bytes, role: bytes, nonce: bytes) -> bytes:
 
 class Listener(connection.Listener):
     """The manager's listener; hands out :class:`Connection` objects."""
+
+    @property
+    def closed(self) -> bool:
+        return self._listener is None
+
+    def close(self) -> None:
+        """Stop listening (and remove a unix socket). A thread blocked in :meth:`accept`
+        is woken: closing the descriptor alone would leave it blocked on Linux."""
+        inner = self._listener
+        if inner is not None:
+            with contextlib.suppress(OSError):
+                inner._socket.shutdown(socket.SHUT_RDWR)
+        super().close()
 
     def accept(self) -> Connection:
         stock = super().accept()

@@ -347,3 +347,22 @@ def test_watch_sessions_reflect_only_the_events_yielded(store: shmstore.Client) 
     assert watch.revision == first.revision
     watch.poll(1)
     assert set(watch.sessions) == {"a", "b"}
+
+
+def test_serve_in_a_thread_leaves_no_thread_behind(sock_dir: Path) -> None:
+    stop = threading.Event()
+    ready = threading.Event()
+    thread = threading.Thread(
+        target=shmstore.serve,
+        args=(sock_dir / "thread.sock",),
+        kwargs={"stop_event": stop, "on_ready": lambda _: ready.set()},
+    )
+    thread.start()
+    assert ready.wait(5)
+    stop.set()
+    thread.join(10)
+    deadline = time.monotonic() + 2
+    while any(t.name == "shmstore-accept" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not thread.is_alive()
+    assert not any(t.name == "shmstore-accept" for t in threading.enumerate())
