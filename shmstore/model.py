@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -27,6 +26,16 @@ MAX_ID_LENGTH = 256
 MAX_PATH_LENGTH = 4096
 #: Token counters are 64-bit signed on the wire.
 MAX_TOKENS = 2**63 - 1
+#: How far past this host's clock a timestamp may be, in seconds. Timestamps come from the
+#: clock every process on the host shares, so one ahead of it was made before the clock
+#: stepped back (or on another host). A day covers the largest step seen in practice, a
+#: hardware clock read as local time instead of UTC (up to 14 h); anything further is not
+#: a clock but garbage, which would keep a session from ever going stale and break the
+#: arithmetic and the printing of times.
+MAX_CLOCK_AHEAD = 86_400.0
+#: The longest duration or age accepted, in seconds: 100 years, longer than any session or
+#: setting can mean, and small enough that adding it to a timestamp stays exact to the ms.
+MAX_DURATION = 100 * 365.25 * 86_400.0
 
 
 class Status(enum.StrEnum):
@@ -47,7 +56,16 @@ class AgentType(enum.StrEnum):
 def now() -> float:
     """Seconds since the epoch, to the millisecond: the clock every process on the host
     agrees on, at a resolution that keeps encoded sessions short."""
-    return round(time.time(), 3)
+    global _horizon
+    at = round(time.time(), 3)
+    _horizon = at + MAX_CLOCK_AHEAD  # free here, since the clock was read anyway
+    return at
+
+
+#: The latest timestamp :func:`check_time` accepts without reading the clock: the bound as
+#: of the last :func:`now` (or the last value past it). It trails the true bound, so a value
+#: past it is only checked again against a fresh clock, never refused on its account.
+_horizon = 0.0
 
 
 # -- field checks: each returns the normalised value or raises ValidationError ---------
@@ -105,15 +123,34 @@ def _check_encodable(value: str, field: str) -> None:
 
 
 def check_time(value: object, field: str) -> float:
-    """A non-negative finite number of seconds."""
-    if type(value) is float and 0.0 <= value < math.inf:
+    """A timestamp: finite, non-negative epoch seconds, at most :data:`MAX_CLOCK_AHEAD` past
+    this host's clock."""
+    if type(value) is float and 0.0 <= value <= _horizon:
+        return value  # the common case, first and cheap: no clock read
+    limit = now() + MAX_CLOCK_AHEAD
+    return _check_seconds(value, field, limit, f"{limit:.3f} (a day past this host's clock)")
+
+
+def check_duration(value: object, field: str, limit: float = MAX_DURATION) -> float:
+    """A duration or an age: finite, non-negative seconds, at most ``limit`` (by default
+    :data:`MAX_DURATION`)."""
+    if type(value) is float and 0.0 <= value <= limit:
         return value  # the common case, first and cheap
+    return _check_seconds(value, field, limit, "100 years" if limit == MAX_DURATION else f"{limit:g} s")
+
+
+def _check_seconds(value: object, field: str, limit: float, bound: str) -> float:
+    """``value`` as a float of seconds from 0 to ``limit`` (described as ``bound``). An int
+    is compared before it is converted, since float() of one past 1.8e308 overflows."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValidationError(field, f"must be a number, not {type(value).__name__}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValidationError(field, f"must be finite and non-negative; got {value!r}")
-    return seconds
+    if not 0 <= value <= limit:  # NaN fails every comparison, so it is refused too
+        if isinstance(value, int) and value.bit_length() > 64:
+            shown = f"an int of {value.bit_length()} bits"  # repr() of one is slow, and refused past 4,300 digits
+        else:
+            shown = repr(value)
+        raise ValidationError(field, f"must be between 0 and {bound}; got {shown}")
+    return float(value)
 
 
 def check_pid(value: object, field: str = "pid") -> int:
@@ -160,7 +197,7 @@ class StateTransition:
         _set(self, "timestamp", check_time(self.timestamp, "history.timestamp"))
         _set(self, "from_", check_status(self.from_, "history.from"))
         _set(self, "to", check_status(self.to, "history.to"))
-        _set(self, "duration", check_time(self.duration, "history.duration"))
+        _set(self, "duration", check_duration(self.duration, "history.duration"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"timestamp": self.timestamp, "from": self.from_, "to": self.to, "duration": self.duration}
@@ -174,7 +211,7 @@ class StateTransition:
         _set(entry, "timestamp", check_time(fields["timestamp"], "history.timestamp"))
         _set(entry, "from_", check_status(fields["from"], "history.from"))
         _set(entry, "to", check_status(fields["to"], "history.to"))
-        _set(entry, "duration", check_time(fields["duration"], "history.duration"))
+        _set(entry, "duration", check_duration(fields["duration"], "history.duration"))
         return entry
 
 

@@ -66,6 +66,7 @@ from .model import (
     check_agent_type,
     check_count,
     check_dir,
+    check_duration,
     check_id,
     check_pid,
     check_status,
@@ -139,8 +140,8 @@ class Store:
     ) -> None:
         self.max_sessions = _positive(max_sessions, "max_sessions")
         self.max_closed = _positive(max_closed, "max_closed")
-        self.stale_after = check_time(stale_after, "stale_after")
-        self.reap_interval = check_time(reap_interval, "reap_interval")
+        self.stale_after = check_duration(stale_after, "stale_after")
+        self.reap_interval = check_duration(reap_interval, "reap_interval")
         if not self.reap_interval:
             raise ValidationError("reap_interval", "must be more than 0")
         self.max_history = _positive(max_history, "max_history")
@@ -194,9 +195,7 @@ class Store:
         when ``epoch`` names another manager's store.
         """
         check_count(since, "since")
-        wait = check_time(timeout, "timeout")
-        if wait > MAX_WAIT:
-            raise ValidationError("timeout", f"must be at most {MAX_WAIT:g} s; got {timeout!r}")
+        wait = check_duration(timeout, "timeout", MAX_WAIT)
         if epoch is not None and not isinstance(epoch, str):
             raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
         with self._changed:
@@ -338,7 +337,7 @@ class Store:
     def prune(self, older_than: float) -> int:
         """Forget recently closed sessions that closed ``older_than`` seconds ago or more;
         returns how many went. Each is a ``remove`` event."""
-        age = check_time(older_than, "older_than")
+        age = check_duration(older_than, "older_than")
         with self._lock:
             cutoff = now() - age
             old = [id for id, data in self._closed.items() if orjson.loads(data)["since"] <= cutoff]
