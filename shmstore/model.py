@@ -20,9 +20,10 @@ from .errors import ValidationError
 
 _E = TypeVar("_E", bound=enum.StrEnum)
 
-#: Longest session id accepted. Claude Code ids are 36-character UUIDs.
+#: Longest session id accepted, in bytes of UTF-8. Claude Code ids are 36-character UUIDs.
 MAX_ID_LENGTH = 256
-#: Longest working directory accepted (Linux's PATH_MAX).
+#: Longest working directory accepted, in bytes of UTF-8: Linux's PATH_MAX counts bytes, and
+#: the bytes are what a session costs to keep and to send.
 MAX_PATH_LENGTH = 4096
 #: Token counters are 64-bit signed on the wire.
 MAX_TOKENS = 2**63 - 1
@@ -76,10 +77,14 @@ def check_id(value: object, field: str = "id", max_length: int = MAX_ID_LENGTH) 
         raise ValidationError(field, f"must be a string, not {type(value).__name__}")
     if not value:
         raise ValidationError(field, "must not be empty")
-    if len(value) > max_length:
-        raise ValidationError(field, f"is {len(value)} characters long; the limit is {max_length}")
-    if not value.isprintable():
+    if len(value) > max_length:  # more characters than bytes allowed: no need to encode it
+        raise ValidationError(field, f"is {len(value)} characters long; the limit is {max_length} bytes of UTF-8")
+    if not value.isprintable():  # which also refuses lone surrogates, so it encodes
         raise ValidationError(field, f"contains control or unprintable characters: {value!r}")
+    if len(value) * 4 > max_length:  # else it cannot be too long: UTF-8 takes at most 4 bytes a character
+        size = len(value.encode("utf-8"))
+        if size > max_length:
+            raise ValidationError(field, f"is {size} bytes long in UTF-8; the limit is {max_length}")
     return value
 
 
@@ -107,19 +112,17 @@ def check_dir(value: object, field: str = "working_dir") -> str:
         raise ValidationError(field, f"must be a string, not {type(value).__name__}")
     if not value.startswith("/"):
         raise ValidationError(field, f"must be an absolute path; got {value!r}")
-    if len(value) > MAX_PATH_LENGTH:
-        raise ValidationError(field, f"is longer than {MAX_PATH_LENGTH} characters")
+    if len(value) > MAX_PATH_LENGTH:  # more characters than bytes allowed: no need to encode it
+        raise ValidationError(field, f"is {len(value)} characters long; the limit is {MAX_PATH_LENGTH} bytes of UTF-8")
     if "\x00" in value:
         raise ValidationError(field, "contains a NUL character")
-    _check_encodable(value, field)
-    return value
-
-
-def _check_encodable(value: str, field: str) -> None:
     try:
-        value.encode("utf-8")
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
         raise ValidationError(field, "contains lone surrogates, which cannot be encoded") from None
+    if size > MAX_PATH_LENGTH:
+        raise ValidationError(field, f"is {size} bytes long in UTF-8; the limit is {MAX_PATH_LENGTH}")
+    return value
 
 
 def check_time(value: object, field: str) -> float:

@@ -109,6 +109,37 @@ DEFAULT_MAX_CLOSED = 100
 DEFAULT_STALE_AFTER = 600.0
 #: Seconds between the manager's passes over the sessions for dead agents and stale ones.
 DEFAULT_REAP_INTERVAL = 5.0
+#: The most bytes one stored session (its JSON) may take, by default. Measured: a typical
+#: session is ~1.2 KB (bench/bench.py's record, with a 10-entry history: 1,175 bytes); the
+#: largest the field limits allow with 20 history entries, a 4,096-byte working dir,
+#: 256-byte ids and every number at its widest is 6,838 bytes, and 11,445 bytes when every
+#: character of the dir and the ids needs a two-byte escape (" or \). 16 KiB holds all of
+#: these and RECORD_RESERVE; only a dir made mostly of control characters, each a six-byte
+#: \u escape (up to 27,825 bytes), is refused.
+DEFAULT_MAX_RECORD_BYTES = 16 * 2**10
+#: The least ``max_record_bytes``: the largest session of characters that need no escape,
+#: with 20 history entries (6,838 bytes, as above), plus RECORD_RESERVE, fits.
+MIN_RECORD_BYTES = 8 * 2**10
+#: Of ``max_record_bytes``, what a session written from outside (``set``, or created by
+#: ``report``) must leave free for the store's own later changes to it, so that those never
+#: fail for size. Measured from the smallest form of a session to the largest the store can
+#: make of it without history: a resume id set by a report (514 bytes of JSON for 256
+#: escaped characters, where there was null), token counts, pid, pid_start, revision, times
+#: and flags at their widest add 644 bytes. The history entries the store adds are not
+#: covered: when one would not fit, the oldest entries go, as they do past ``max_history``.
+RECORD_RESERVE = 2**10
+#: The most bytes the live sessions may take together, by default, which is also the most
+#: one reply of ``changes()`` carries. One ``snapshot()`` or ``list_all()`` carries them all,
+#: and must stay under the wire's MAX_MESSAGE (64 MiB) or it fails for every subscriber.
+#: 32 MiB holds the default 10,000 sessions (max_sessions) at 3.3 KB each, nearly three times
+#: the typical size, or 2,048 of the largest (16 KiB) ones.
+DEFAULT_MAX_STORE_BYTES = 32 * 2**20
+#: The highest ``max_store_bytes``: half of what the wire carries. The rest is framing,
+#: measured at 6 bytes per session for ``list_all`` (pickle's per-item header) and 39 bytes
+#: in all for ``snapshot``, far under the other half even for sessions of the minimum size.
+MAX_STORE_BYTES = wire.MAX_MESSAGE // 2
+#: Events one ``changes()`` call returns by default; a caller asks again from the last one.
+DEFAULT_CHANGES_LIMIT = 1000
 #: Connections the manager serves at once by default; more are closed on arrival.
 DEFAULT_MAX_CONNECTIONS = 256
 #: Seconds a new connection has to authenticate.
@@ -125,6 +156,12 @@ class Store:
     Live sessions and closed ones are kept apart: a session that closes leaves the live
     sessions (``list_all``, ``snapshot``) for a bounded list of recently closed ones, where
     its resume id waits for a later resume; reporting on it again brings it back.
+
+    Every reply must fit one wire message (``wire.MAX_MESSAGE``), so sizes are bounded in
+    bytes: one session's JSON by ``max_record_bytes``, the live sessions together (one
+    ``snapshot``) by ``max_store_bytes``, the recently closed ones by ``max_closed`` times
+    ``max_record_bytes`` (checked here to be within ``max_store_bytes``), and one
+    ``changes`` reply by its ``limit`` and by ``max_store_bytes``.
     """
 
     def __init__(
@@ -137,6 +174,8 @@ class Store:
         max_closed: int = DEFAULT_MAX_CLOSED,
         stale_after: float = DEFAULT_STALE_AFTER,
         reap_interval: float = DEFAULT_REAP_INTERVAL,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        max_store_bytes: int = DEFAULT_MAX_STORE_BYTES,
     ) -> None:
         self.max_sessions = _positive(max_sessions, "max_sessions")
         self.max_closed = _positive(max_closed, "max_closed")
@@ -146,11 +185,31 @@ class Store:
             raise ValidationError("reap_interval", "must be more than 0")
         self.max_history = _positive(max_history, "max_history")
         self.max_id_length = min(_positive(max_id_length, "max_id_length"), MAX_ID_LENGTH)
+        self.max_record_bytes = _positive(max_record_bytes, "max_record_bytes")
+        if self.max_record_bytes < MIN_RECORD_BYTES:
+            raise ValidationError(
+                "max_record_bytes",
+                f"must be at least {MIN_RECORD_BYTES}, to hold a session as long as the field limits allow; "
+                f"got {max_record_bytes}",
+            )
+        self.max_store_bytes = _positive(max_store_bytes, "max_store_bytes")
+        if self.max_store_bytes > MAX_STORE_BYTES:
+            raise ValidationError(
+                "max_store_bytes",
+                f"must be at most {MAX_STORE_BYTES}, half the largest message the wire carries; got {max_store_bytes}",
+            )
+        if self.max_closed * self.max_record_bytes > self.max_store_bytes:
+            raise ValidationError(
+                "max_closed",
+                f"{self.max_closed} closed sessions of up to {self.max_record_bytes} bytes (max_record_bytes) could "
+                f"take more than max_store_bytes ({self.max_store_bytes}), which recently_closed() must fit in",
+            )
         #: Tells this store's revisions from those of an earlier manager at the same address.
         self.epoch = secrets.token_hex(8)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._sessions: dict[str, bytes] = {}
+        self._live_bytes = 0  # of every value in _sessions together
         self._closed: dict[str, bytes] = {}  # oldest first
         self._revision = 0
         self._log: deque[tuple[int, EventKind, str, bytes | None]] = deque(maxlen=_positive(log_size, "log_size"))
@@ -186,8 +245,12 @@ class Store:
                 b",".join(self._sessions.values()),
             )
 
-    def changes(self, since: int, timeout: float = 0.0, epoch: str | None = None) -> bytes:
-        """The store's epoch and the events after revision ``since``, as JSON.
+    def changes(
+        self, since: int, timeout: float = 0.0, epoch: str | None = None, limit: int = DEFAULT_CHANGES_LIMIT
+    ) -> bytes:
+        """The store's epoch and the events after revision ``since``, as JSON: the oldest
+        ``limit`` of them, fewer if they would carry more than ``max_store_bytes`` (at least
+        one); the caller asks again from the last one it got.
 
         Returns at once when there are any; otherwise waits up to ``timeout`` seconds for
         one, without holding the lock (writers and readers go on). Raises
@@ -198,13 +261,22 @@ class Store:
         wait = check_duration(timeout, "timeout", MAX_WAIT)
         if epoch is not None and not isinstance(epoch, str):
             raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
+        _positive(limit, "limit")
         with self._changed:
             self._check_feed(since, epoch)
             if since == self._revision and wait:
                 self._changed.wait_for(lambda: self._revision != since, wait)
                 self._check_feed(since, epoch)  # a burst while we waited may have outrun the log
-            events = islice(self._log, len(self._log) - (self._revision - since), None)
-            return b'{"epoch":"%s","events":[%s]}' % (self.epoch.encode(), b",".join(encode_event(*e) for e in events))
+            first = len(self._log) - (self._revision - since)
+            budget = self.max_store_bytes
+            events: list[bytes] = []
+            for event in islice(self._log, first, first + limit):
+                encoded = encode_event(*event)
+                budget -= len(encoded) + 1
+                if budget < 0 and events:
+                    break
+                events.append(encoded)
+            return b'{"epoch":"%s","events":[%s]}' % (self.epoch.encode(), b",".join(events))
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -213,27 +285,36 @@ class Store:
         (the caller has the rest: sending it back would only cost a decode).
 
         With ``expected_revision``, replace only if the stored session still has that
-        revision (0: only if there is none), else raise :class:`ConflictError`.
+        revision (0: only if there is none), else raise :class:`ConflictError`. A history
+        longer than ``max_history`` is refused, not cut.
         """
         if not isinstance(data, bytes):
             raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
         session = Session.from_json(data)
         self._check_id(session.id)
+        if len(session.history) > self.max_history:
+            raise ValidationError(
+                "history", f"has {len(session.history)} entries; this store keeps at most {self.max_history}"
+            )
         if expected_revision is not None:
             check_count(expected_revision, "expected_revision")
         with self._lock:
+            current = self._sessions.get(session.id) or self._closed.get(session.id)
             if expected_revision is not None:
-                current = self._sessions.get(session.id) or self._closed.get(session.id)
                 current_revision = 0 if current is None else orjson.loads(current)["revision"]
                 if current_revision != expected_revision:
                     raise _conflict(session.id, expected_revision, current_revision)
-            self._commit(session.to_dict(), EventKind.SET)
+            self._commit(session.to_dict(), EventKind.SET, outside=True)
             return self._revision
 
     def remove(self, id: str) -> bytes | None:
         self._check_id(id)
         with self._lock:
-            data = self._sessions.pop(id, None) or self._closed.pop(id, None)
+            data = self._sessions.pop(id, None)
+            if data is not None:
+                self._live_bytes -= len(data)
+            else:
+                data = self._closed.pop(id, None)
             if data is not None:
                 self._publish(EventKind.REMOVE, id, None)
             return data
@@ -280,8 +361,9 @@ class Store:
             check_id(session_id, "session_id")
         with self._lock:
             at = now()
-            if id in self._sessions or id in self._closed:
-                record = self._load(id, revive=True)
+            current = self._sessions.get(id) or self._closed.get(id)
+            if current is not None:
+                record = orjson.loads(current)
                 if record["status"] != to:
                     transition_record(record, to, at, self.max_history)
                 touch_record(record, at)
@@ -292,7 +374,7 @@ class Store:
                 record["pid"] = pid
             if session_id is not None:
                 record["session_id"] = session_id
-            return self._commit(record, EventKind.REPORT)
+            return self._commit(record, EventKind.REPORT, outside=current is None)
 
     def reap(self) -> int:
         """One pass over the live sessions: close those whose agent process is gone, and
@@ -359,13 +441,19 @@ class Store:
         record: Record = orjson.loads(data)
         return record
 
-    def _commit(self, record: Record, kind: EventKind) -> bytes:
+    def _commit(self, record: Record, kind: EventKind, outside: bool = False) -> bytes:
         """Store ``record`` as the next revision: among the live sessions, or, once closed,
-        among the recently closed (its event is then ``close``). Raises StoreFullError, and
-        changes nothing, when it would be one live session too many."""
+        among the recently closed (its event is then ``close``). Changes nothing and raises
+        when the record cannot be kept: StoreFullError when it would be one live session too
+        many or take the live sessions past ``max_store_bytes``; ValidationError when a
+        record written from outside (``outside``) leaves less than RECORD_RESERVE of
+        ``max_record_bytes`` free. A record the store changed that outgrows
+        ``max_record_bytes`` loses its oldest history entries.
+        """
         id = record["id"]
         closing = record["status"] == Status.CLOSED
-        if not closing and id not in self._sessions and len(self._sessions) >= self.max_sessions:
+        live = self._sessions.get(id)
+        if not closing and live is None and len(self._sessions) >= self.max_sessions:
             raise StoreFullError(
                 f"the store holds {len(self._sessions)} live sessions, its limit; {id!r} was not added"
             )
@@ -374,17 +462,49 @@ class Store:
         # a hole that later buffers do not fit: kept for long, a 1 KiB session pinned about
         # 3.7 KiB of heap (measured). An exact-size copy costs 0.15 us and packs tightly.
         data = memoryview(orjson.dumps(record)).tobytes()
+        if outside and len(data) > self.max_record_bytes - RECORD_RESERVE:
+            raise ValidationError(
+                "session",
+                f"is {len(data)} bytes of JSON; a session may be at most {self.max_record_bytes - RECORD_RESERVE} "
+                f"(max_record_bytes {self.max_record_bytes}, less {RECORD_RESERVE} kept for the store's own changes)",
+            )
+        if len(data) > self.max_record_bytes:
+            data = self._shed_history(record, data)
         if closing:
-            self._sessions.pop(id, None)
+            if live is not None:
+                del self._sessions[id]
+                self._live_bytes -= len(live)
             self._closed.pop(id, None)  # re-insert as the newest
             self._closed[id] = data
             while len(self._closed) > self.max_closed:
                 del self._closed[next(iter(self._closed))]
             kind = EventKind.CLOSE
         else:
+            total = self._live_bytes + len(data) - (0 if live is None else len(live))
+            if total > self.max_store_bytes:
+                raise StoreFullError(
+                    f"the live sessions would take {total} bytes, past max_store_bytes ({self.max_store_bytes}); "
+                    f"{id!r} was not written"
+                )
             self._closed.pop(id, None)
             self._sessions[id] = data
+            self._live_bytes = total
         self._publish(kind, id, data)
+        return data
+
+    def _shed_history(self, record: Record, data: bytes) -> bytes:
+        """``record`` without as many of its oldest history entries as it takes to fit in
+        ``max_record_bytes``. Only records the store itself grew come here, and RECORD_RESERVE
+        leaves them room for everything but history, so this always succeeds."""
+        history = record["history"]
+        excess, drop = len(data) - self.max_record_bytes, 0
+        while excess > 0 and drop < len(history):
+            excess -= len(orjson.dumps(history[drop])) + 1  # the entry and its comma
+            drop += 1
+        del history[:drop]
+        data = memoryview(orjson.dumps(record)).tobytes()
+        if len(data) > self.max_record_bytes:  # not reachable while RECORD_RESERVE holds
+            raise ValidationError("session", f"is {len(data)} bytes of JSON; the limit is {self.max_record_bytes}")
         return data
 
     def _publish(self, kind: EventKind, id: str, data: bytes | None) -> None:
