@@ -247,9 +247,14 @@ class Session:
     ``status`` so the two can never disagree. ``stale`` is set by the manager on a session
     that has been working with no activity for too long, and cleared by any activity.
     ``pid`` is the agent's process, which the manager watches so that a session whose agent
-    died is closed. ``revision`` is the store-wide revision of the change that last touched
-    the session; the store assigns it, and ``set`` can use it to refuse overwriting a newer
-    value.
+    died is closed. ``pid_start`` is the start time of the agent process, in clock ticks
+    since boot as /proc gave it when the manager first saw the pid; with ``pid``, it
+    identifies the agent (a reused pid has another start time). The manager fills it in,
+    and leaves it None when the pid is not one it can check (the reporting process is in
+    another pid namespace, or the pid had no process): such a session is never closed for
+    its pid. ``revision`` is the store-wide
+    revision of the change that last touched the session; the store assigns it, and ``set``
+    can use it to refuse overwriting a newer value.
     """
 
     id: str
@@ -263,6 +268,7 @@ class Session:
     stale: bool = False
     session_id: str | None = None
     pid: int | None = None
+    pid_start: int | None = None
     revision: int = 0
 
     def __post_init__(self) -> None:
@@ -280,6 +286,10 @@ class Session:
             raise ValidationError("stale", f"must be true or false, not {type(self.stale).__name__}")
         if self.pid is not None:
             check_pid(self.pid)
+        if self.pid_start is not None:
+            check_count(self.pid_start, "pid_start")
+            if self.pid is None:
+                raise ValidationError("pid_start", "is the start time of the process pid, so it needs a pid")
         if self.api_usage is not None and not isinstance(self.api_usage, ApiUsage):
             raise ValidationError("api_usage", f"must be an ApiUsage or None, not {type(self.api_usage).__name__}")
         if self.session_id is not None:
@@ -307,6 +317,7 @@ class Session:
             "stale": self.stale,
             "session_id": self.session_id,
             "pid": self.pid,
+            "pid_start": self.pid_start,
             "revision": self.revision,
         }
 
@@ -332,6 +343,7 @@ class Session:
             stale=fields.get("stale", False),
             session_id=fields.get("session_id"),
             pid=fields.get("pid"),
+            pid_start=fields.get("pid_start"),
             revision=fields.get("revision", 0),
         )
         if "closed" in fields and fields["closed"] is not session.closed:
@@ -355,6 +367,7 @@ _SESSION_OPTIONAL = (
     "stale",
     "session_id",
     "pid",
+    "pid_start",
     "revision",
 )
 
@@ -477,6 +490,7 @@ def _stored_session(data: Mapping[str, Any]) -> Session:
         set_stale,
         set_resume,
         set_pid,
+        set_pid_start,
         set_rev,
     ) = _SESSION_SET
     set_time, set_from, set_to, set_duration = _ENTRY_SET
@@ -502,6 +516,7 @@ def _stored_session(data: Mapping[str, Any]) -> Session:
     set_stale(session, data["stale"])
     set_resume(session, data["session_id"])
     set_pid(session, data["pid"])
+    set_pid_start(session, data["pid_start"])
     set_rev(session, data["revision"])
     return session
 

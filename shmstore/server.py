@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import gc
 import ipaddress
 import os
@@ -44,7 +43,7 @@ import orjson
 from multiprocess import managers
 
 from . import address as addr
-from . import wire
+from . import procs, wire
 from .errors import (
     AddressInUseError,
     ConflictError,
@@ -286,7 +285,8 @@ class Store:
 
         With ``expected_revision``, replace only if the stored session still has that
         revision (0: only if there is none), else raise :class:`ConflictError`. A history
-        longer than ``max_history`` is refused, not cut.
+        longer than ``max_history`` is refused, not cut. The session's ``pid_start`` is
+        kept when given; else the manager reads it (see :meth:`report`).
         """
         if not isinstance(data, bytes):
             raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
@@ -298,13 +298,21 @@ class Store:
             )
         if expected_revision is not None:
             check_count(expected_revision, "expected_revision")
+        pid = session.pid
+        same_namespace, fresh = _see_pid(pid, session.pid_start)
         with self._lock:
             current = self._sessions.get(session.id) or self._closed.get(session.id)
             if expected_revision is not None:
                 current_revision = 0 if current is None else orjson.loads(current)["revision"]
                 if current_revision != expected_revision:
                     raise _conflict(session.id, expected_revision, current_revision)
-            self._commit(session.to_dict(), EventKind.SET, outside=True)
+            record = session.to_dict()
+            if pid is not None:
+                if not same_namespace:
+                    record["pid_start"] = None
+                elif session.pid_start is None:
+                    record["pid_start"] = _pid_start(pid, fresh, current)
+            self._commit(record, EventKind.SET, outside=True)
             return self._revision
 
     def remove(self, id: str) -> bytes | None:
@@ -350,6 +358,13 @@ class Store:
         Every report counts as activity (``last_activity``, and no longer stale). A report
         on a recently closed session brings it back: the agent resumed it. ``pid`` and
         ``session_id``, when given, replace what the session had.
+
+        The agent is identified by ``pid`` and the start time /proc gives for it now (the
+        reporting agent is running), kept as ``pid_start``; if the pid has no process any
+        more, the start time the session already had for that pid is kept. A caller in
+        another pid namespace (see :mod:`shmstore.procs`) names a pid that means nothing
+        here: it is recorded as given, with no ``pid_start``, and never used to close the
+        session.
         """
         self._check_id(id)
         to = check_status(status)
@@ -359,6 +374,7 @@ class Store:
             check_pid(pid)
         if session_id is not None:
             check_id(session_id, "session_id")
+        same_namespace, fresh = _see_pid(pid, None)
         with self._lock:
             at = now()
             current = self._sessions.get(id) or self._closed.get(id)
@@ -372,6 +388,7 @@ class Store:
                 record = new.to_dict()
             if pid is not None:
                 record["pid"] = pid
+                record["pid_start"] = _pid_start(pid, fresh, current) if same_namespace else None
             if session_id is not None:
                 record["session_id"] = session_id
             return self._commit(record, EventKind.REPORT, outside=current is None)
@@ -381,6 +398,11 @@ class Store:
         mark stale those working with no activity for ``stale_after`` seconds (a session
         that waits for the user is never marked). Returns how many it changed; each change
         is an event. The manager runs this every ``reap_interval`` seconds.
+
+        An agent is gone when no live process has its pid *and* its start time
+        (:func:`procs.agent_alive`); no clock is compared, so a clock that steps never
+        closes a live agent. A session with no ``pid_start`` (its pid came from another pid
+        namespace, or named no process when reported) is never closed for its pid.
 
         The sessions are examined outside the lock (reading /proc for 10,000 of them takes
         ~0.2 s, which must not stall every client); a session that changed meanwhile is
@@ -392,8 +414,8 @@ class Store:
         dead, silent = [], []
         for id, data in sessions:
             record = orjson.loads(data)
-            pid = record["pid"]
-            if pid is not None and not process_alive(pid, record["last_activity"]):
+            pid, start = record["pid"], record["pid_start"]
+            if pid is not None and start is not None and not procs.agent_alive(pid, start):
                 dead.append((id, data))
             elif (
                 record["status"] == Status.WORKING
@@ -527,38 +549,24 @@ class Store:
             )
 
 
-def process_alive(pid: int, seen_at: float) -> bool:
-    """Is ``pid`` still the agent that reported it at ``seen_at``?
-
-    No if there is no such process, if it is a zombie, or (where /proc tells) if the
-    process with that id started after the agent last spoke: the id was reused.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process: it exists
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc here: kill() is all we know
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return False
-    started = _boot_time() + int(fields[19]) / _CLOCK_TICKS
-    return started <= seen_at + 1.0
+def _see_pid(pid: int | None, given_start: int | None) -> tuple[bool, int | None]:
+    """Whether the caller is in our pid namespace, so that its ``pid`` can be checked here;
+    and, if so and it gave no start time, the pid's start time now. Called before taking
+    the lock: reading /proc costs a few microseconds."""
+    same = getattr(procs.caller, "same_pid_namespace", True) is True  # unset: called in-process
+    fresh = procs.process_start(pid) if pid is not None and same and given_start is None else None
+    return same, fresh
 
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc's unit of process start times
-
-
-@functools.cache
-def _boot_time() -> float:
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("btime "):
-            return float(line.split()[1])
-    return 0.0
+def _pid_start(pid: int, fresh: int | None, current: bytes | None) -> int | None:
+    """The start time that identifies agent ``pid``, for a caller in our pid namespace:
+    /proc's answer now (``fresh``), or, when the pid has no process any more, what the
+    stored session (``current``) already had for the same pid: the agent it identified is
+    gone, which the reaper will find."""
+    if fresh is not None or current is None:
+        return fresh
+    stored = orjson.loads(current)
+    return stored["pid_start"] if stored["pid"] == pid else None
 
 
 def _positive(value: object, field: str) -> int:
