@@ -332,10 +332,12 @@ class Store:
         self._check_id(id)
         to = check_status(status)
         with self._lock:
-            record = self._load(id, revive=True)
+            record = self._load(id)
             return self._commit(transition_record(record, to, now(), self.max_history), EventKind.TRANSITION)
 
     def add_usage(self, id: str, input_tokens: int, output_tokens: int) -> bytes:
+        """Add token counts to a session, live or recently closed (as ``get`` finds it): a
+        closed one stays closed, where it was among the recently closed."""
         self._check_id(id)
         check_count(input_tokens, "input_tokens")
         check_count(output_tokens, "output_tokens")
@@ -455,9 +457,9 @@ class Store:
     def _check_id(self, id: object) -> str:
         return check_id(id, max_length=self.max_id_length)
 
-    def _load(self, id: str, revive: bool = False) -> Record:
-        """The live session ``id`` (or, with ``revive``, a recently closed one) as a record."""
-        data = self._sessions.get(id) or (self._closed.get(id) if revive else None)
+    def _load(self, id: str) -> Record:
+        """The session ``id``, live or recently closed, as a record."""
+        data = self._sessions.get(id) or self._closed.get(id)
         if data is None:
             raise NotFoundError(f"no live session with id {id!r}")
         record: Record = orjson.loads(data)
@@ -465,12 +467,12 @@ class Store:
 
     def _commit(self, record: Record, kind: EventKind, outside: bool = False) -> bytes:
         """Store ``record`` as the next revision: among the live sessions, or, once closed,
-        among the recently closed (its event is then ``close``). Changes nothing and raises
-        when the record cannot be kept: StoreFullError when it would be one live session too
-        many or take the live sessions past ``max_store_bytes``; ValidationError when a
-        record written from outside (``outside``) leaves less than RECORD_RESERVE of
-        ``max_record_bytes`` free. A record the store changed that outgrows
-        ``max_record_bytes`` loses its oldest history entries.
+        among the recently closed (its event is then ``close``, unless it only had tokens
+        added while closed). Changes nothing and raises when the record cannot be kept:
+        StoreFullError when it would be one live session too many or take the live sessions
+        past ``max_store_bytes``; ValidationError when a record written from outside
+        (``outside``) leaves less than RECORD_RESERVE of ``max_record_bytes`` free. A record
+        the store changed that outgrows ``max_record_bytes`` loses its oldest history entries.
         """
         id = record["id"]
         closing = record["status"] == Status.CLOSED
@@ -496,11 +498,14 @@ class Store:
             if live is not None:
                 del self._sessions[id]
                 self._live_bytes -= len(live)
-            self._closed.pop(id, None)  # re-insert as the newest
-            self._closed[id] = data
-            while len(self._closed) > self.max_closed:
-                del self._closed[next(iter(self._closed))]
-            kind = EventKind.CLOSE
+            if kind is EventKind.ADD_USAGE and id in self._closed:
+                self._closed[id] = data  # not a status change: it keeps its place, and its event
+            else:
+                self._closed.pop(id, None)  # re-insert as the newest
+                self._closed[id] = data
+                while len(self._closed) > self.max_closed:
+                    del self._closed[next(iter(self._closed))]
+                kind = EventKind.CLOSE
         else:
             total = self._live_bytes + len(data) - (0 if live is None else len(live))
             if total > self.max_store_bytes:

@@ -361,3 +361,49 @@ def test_serve_refuses_a_stale_after_past_a_century(sock_dir: object) -> None:
     result = run("serve", "--stale-after", "1e300", address=f"{sock_dir}/x.sock", timeout=30)
     assert result.returncode == 1
     assert result.stderr.startswith("shmstore: error: stale_after: must be between 0 and 100 years")
+
+
+# -- item 14: add_usage on a closed session, ls --status closed ---------------------------------
+
+
+def test_add_usage_works_on_a_recently_closed_session_and_leaves_it_closed() -> None:
+    store = shmstore.Store()
+    for id in ["a", "b", "c"]:
+        store.report(id, "working", "/w")
+        store.report(id, "closed", "/w")
+    store.report("live", "working", "/w")
+    order = [session_from_store(d).id for d in store.recently_closed()]
+    assert order == ["c", "b", "a"]
+    revision = store.revision()
+    updated = session_from_store(store.add_usage("b", 100, 20))
+    assert updated.closed and updated.api_usage == shmstore.ApiUsage(100, 20)
+    assert [session_from_store(d).id for d in store.recently_closed()] == order  # kept its place
+    assert [session_from_store(d).id for d in store.list_all()] == ["live"]
+    assert session_from_store(store.get("b")) == updated
+    [event] = orjson.loads(store.changes(revision))["events"]
+    assert (event["kind"], event["id"], event["session"]["closed"]) == ("add_usage", "b", True)
+    # A close event still marks the step into closed, and only that.
+    store.report("live", "closed", "/w")
+    assert orjson.loads(store.changes(revision + 1))["events"][0]["kind"] == "close"
+
+
+def test_add_usage_on_a_closed_session_through_the_manager(store: shmstore.Client) -> None:
+    store.report("s", Status.WORKING, "/w")
+    store.transition("s", Status.CLOSED)
+    assert store.add_usage("s", 7, 3).api_usage == shmstore.ApiUsage(7, 3)
+    assert [s.id for s in store.recently_closed()] == ["s"] and store.list_all() == []
+    assert store.changes(2).events[0].kind is EventKind.ADD_USAGE
+
+
+def test_ls_status_closed_lists_the_recently_closed(server: shmstore.ServerProcess) -> None:
+    with shmstore.connect(server.address, server.authkey) as store:
+        store.report("done", Status.WORKING, "/w", session_id="resume-1")
+        store.transition("done", Status.CLOSED)
+        store.report("busy", Status.WORKING, "/w")
+    closed = run("ls", "--status", "closed", "--json", address=server.address)
+    assert closed.returncode == 0, closed.stderr
+    assert [(s["id"], s["session_id"]) for s in orjson.loads(closed.stdout)] == [("done", "resume-1")]
+    live = run("ls", "--json", address=server.address)
+    assert [s["id"] for s in orjson.loads(live.stdout)] == ["busy"]
+    table = run("ls", "--status", "closed", address=server.address)
+    assert "done" in table.stdout and "busy" not in table.stdout
