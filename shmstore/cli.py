@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         help="allow a TCP address beyond loopback (authkey holders can run code in the manager)",
     )
 
-    cmd = command("ls", _ls, "list the sessions", json_flag)
+    cmd = command("ls", _ls, "list the live sessions (--status closed: the recently closed ones)", json_flag)
     cmd.add_argument("--status", choices=STATUSES, help="only sessions with this status")
 
     cmd = command("get", _get, "show one session", json_flag)
@@ -192,7 +192,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _ls(args: argparse.Namespace) -> int:
     with _client(args) as store:
-        sessions = [s for s in store.list_all() if args.status is None or s.status == args.status]
+        if args.status == Status.CLOSED:
+            sessions = store.recently_closed()  # a closed session is never among the live ones
+        else:
+            sessions = [s for s in store.list_all() if args.status is None or s.status == args.status]
     return _print_sessions(sessions, args.json)
 
 

@@ -332,7 +332,7 @@ class Client:
         subscriber starts following :meth:`changes` from."""
         return Snapshot.from_json(self._call("snapshot"))
 
-    def changes(self, since: int, timeout: float = 0.0, epoch: str | None = None) -> Changes:
+    def changes(self, since: int, timeout: float = 0.0, epoch: str | None = None, limit: int = 1000) -> Changes:
         """The events after revision ``since``, in order.
 
         Returns at once when there are any, else waits in the manager up to ``timeout``
@@ -340,7 +340,7 @@ class Client:
         longer reaches back to ``since``, or the store is not the one of ``epoch``.
         """
         wait = timeout if isinstance(timeout, int | float) and not isinstance(timeout, bool) else 0.0
-        return Changes.from_json(self._call("changes", since, timeout, epoch, wait=max(0.0, wait)))
+        return Changes.from_json(self._call("changes", since, timeout, epoch, limit, wait=max(0.0, wait)))
 
     def watch(self, since: int | None = None, *, poll: float = 1.0) -> Watch:
         """Follow every change from now (or from revision ``since``): see :class:`Watch`."""

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from .errors import ValidationError
 from .model import Status, check_dir, check_id
+from .procs import process_stat
 
 #: The status each hook event puts a session in. :func:`status_for` refines three of them.
 EVENT_STATUS: Mapping[str, Status] = {
@@ -88,15 +89,12 @@ def agent_pid() -> int:
     agent ran the hook command in."""
     pid = os.getppid()
     for _ in range(3):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+        stat = process_stat(pid)
+        if stat is None:
             break  # no /proc: the parent is the best we know
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if name not in _SHELLS or parent <= 1:
+        if stat.name not in _SHELLS or stat.parent <= 1:
             break
-        pid = parent
+        pid = stat.parent
     return pid
 
 

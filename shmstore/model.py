@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -21,12 +20,23 @@ from .errors import ValidationError
 
 _E = TypeVar("_E", bound=enum.StrEnum)
 
-#: Longest session id accepted. Claude Code ids are 36-character UUIDs.
+#: Longest session id accepted, in bytes of UTF-8. Claude Code ids are 36-character UUIDs.
 MAX_ID_LENGTH = 256
-#: Longest working directory accepted (Linux's PATH_MAX).
+#: Longest working directory accepted, in bytes of UTF-8: Linux's PATH_MAX counts bytes, and
+#: the bytes are what a session costs to keep and to send.
 MAX_PATH_LENGTH = 4096
 #: Token counters are 64-bit signed on the wire.
 MAX_TOKENS = 2**63 - 1
+#: How far past this host's clock a timestamp may be, in seconds. Timestamps come from the
+#: clock every process on the host shares, so one ahead of it was made before the clock
+#: stepped back (or on another host). A day covers the largest step seen in practice, a
+#: hardware clock read as local time instead of UTC (up to 14 h); anything further is not
+#: a clock but garbage, which would keep a session from ever going stale and break the
+#: arithmetic and the printing of times.
+MAX_CLOCK_AHEAD = 86_400.0
+#: The longest duration or age accepted, in seconds: 100 years, longer than any session or
+#: setting can mean, and small enough that adding it to a timestamp stays exact to the ms.
+MAX_DURATION = 100 * 365.25 * 86_400.0
 
 
 class Status(enum.StrEnum):
@@ -47,7 +57,16 @@ class AgentType(enum.StrEnum):
 def now() -> float:
     """Seconds since the epoch, to the millisecond: the clock every process on the host
     agrees on, at a resolution that keeps encoded sessions short."""
-    return round(time.time(), 3)
+    global _horizon
+    at = round(time.time(), 3)
+    _horizon = at + MAX_CLOCK_AHEAD  # free here, since the clock was read anyway
+    return at
+
+
+#: The latest timestamp :func:`check_time` accepts without reading the clock: the bound as
+#: of the last :func:`now` (or the last value past it). It trails the true bound, so a value
+#: past it is only checked again against a fresh clock, never refused on its account.
+_horizon = 0.0
 
 
 # -- field checks: each returns the normalised value or raises ValidationError ---------
@@ -58,10 +77,14 @@ def check_id(value: object, field: str = "id", max_length: int = MAX_ID_LENGTH) 
         raise ValidationError(field, f"must be a string, not {type(value).__name__}")
     if not value:
         raise ValidationError(field, "must not be empty")
-    if len(value) > max_length:
-        raise ValidationError(field, f"is {len(value)} characters long; the limit is {max_length}")
-    if not value.isprintable():
+    if len(value) > max_length:  # more characters than bytes allowed: no need to encode it
+        raise ValidationError(field, f"is {len(value)} characters long; the limit is {max_length} bytes of UTF-8")
+    if not value.isprintable():  # which also refuses lone surrogates, so it encodes
         raise ValidationError(field, f"contains control or unprintable characters: {value!r}")
+    if len(value) * 4 > max_length:  # else it cannot be too long: UTF-8 takes at most 4 bytes a character
+        size = len(value.encode("utf-8"))
+        if size > max_length:
+            raise ValidationError(field, f"is {size} bytes long in UTF-8; the limit is {max_length}")
     return value
 
 
@@ -89,31 +112,48 @@ def check_dir(value: object, field: str = "working_dir") -> str:
         raise ValidationError(field, f"must be a string, not {type(value).__name__}")
     if not value.startswith("/"):
         raise ValidationError(field, f"must be an absolute path; got {value!r}")
-    if len(value) > MAX_PATH_LENGTH:
-        raise ValidationError(field, f"is longer than {MAX_PATH_LENGTH} characters")
+    if len(value) > MAX_PATH_LENGTH:  # more characters than bytes allowed: no need to encode it
+        raise ValidationError(field, f"is {len(value)} characters long; the limit is {MAX_PATH_LENGTH} bytes of UTF-8")
     if "\x00" in value:
         raise ValidationError(field, "contains a NUL character")
-    _check_encodable(value, field)
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValidationError(field, "contains lone surrogates, which cannot be encoded") from None
+    if size > MAX_PATH_LENGTH:
+        raise ValidationError(field, f"is {size} bytes long in UTF-8; the limit is {MAX_PATH_LENGTH}")
     return value
 
 
-def _check_encodable(value: str, field: str) -> None:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationError(field, "contains lone surrogates, which cannot be encoded") from None
-
-
 def check_time(value: object, field: str) -> float:
-    """A non-negative finite number of seconds."""
-    if type(value) is float and 0.0 <= value < math.inf:
+    """A timestamp: finite, non-negative epoch seconds, at most :data:`MAX_CLOCK_AHEAD` past
+    this host's clock."""
+    if type(value) is float and 0.0 <= value <= _horizon:
+        return value  # the common case, first and cheap: no clock read
+    limit = now() + MAX_CLOCK_AHEAD
+    return _check_seconds(value, field, limit, f"{limit:.3f} (a day past this host's clock)")
+
+
+def check_duration(value: object, field: str, limit: float = MAX_DURATION) -> float:
+    """A duration or an age: finite, non-negative seconds, at most ``limit`` (by default
+    :data:`MAX_DURATION`)."""
+    if type(value) is float and 0.0 <= value <= limit:
         return value  # the common case, first and cheap
+    return _check_seconds(value, field, limit, "100 years" if limit == MAX_DURATION else f"{limit:g} s")
+
+
+def _check_seconds(value: object, field: str, limit: float, bound: str) -> float:
+    """``value`` as a float of seconds from 0 to ``limit`` (described as ``bound``). An int
+    is compared before it is converted, since float() of one past 1.8e308 overflows."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValidationError(field, f"must be a number, not {type(value).__name__}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValidationError(field, f"must be finite and non-negative; got {value!r}")
-    return seconds
+    if not 0 <= value <= limit:  # NaN fails every comparison, so it is refused too
+        if isinstance(value, int) and value.bit_length() > 64:
+            shown = f"an int of {value.bit_length()} bits"  # repr() of one is slow, and refused past 4,300 digits
+        else:
+            shown = repr(value)
+        raise ValidationError(field, f"must be between 0 and {bound}; got {shown}")
+    return float(value)
 
 
 def check_pid(value: object, field: str = "pid") -> int:
@@ -160,7 +200,7 @@ class StateTransition:
         _set(self, "timestamp", check_time(self.timestamp, "history.timestamp"))
         _set(self, "from_", check_status(self.from_, "history.from"))
         _set(self, "to", check_status(self.to, "history.to"))
-        _set(self, "duration", check_time(self.duration, "history.duration"))
+        _set(self, "duration", check_duration(self.duration, "history.duration"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"timestamp": self.timestamp, "from": self.from_, "to": self.to, "duration": self.duration}
@@ -174,7 +214,7 @@ class StateTransition:
         _set(entry, "timestamp", check_time(fields["timestamp"], "history.timestamp"))
         _set(entry, "from_", check_status(fields["from"], "history.from"))
         _set(entry, "to", check_status(fields["to"], "history.to"))
-        _set(entry, "duration", check_time(fields["duration"], "history.duration"))
+        _set(entry, "duration", check_duration(fields["duration"], "history.duration"))
         return entry
 
 
@@ -207,9 +247,14 @@ class Session:
     ``status`` so the two can never disagree. ``stale`` is set by the manager on a session
     that has been working with no activity for too long, and cleared by any activity.
     ``pid`` is the agent's process, which the manager watches so that a session whose agent
-    died is closed. ``revision`` is the store-wide revision of the change that last touched
-    the session; the store assigns it, and ``set`` can use it to refuse overwriting a newer
-    value.
+    died is closed. ``pid_start`` is the start time of the agent process, in clock ticks
+    since boot as /proc gave it when the manager first saw the pid; with ``pid``, it
+    identifies the agent (a reused pid has another start time). The manager fills it in,
+    and leaves it None when the pid is not one it can check (the reporting process is in
+    another pid namespace, or the pid had no process): such a session is never closed for
+    its pid. ``revision`` is the store-wide
+    revision of the change that last touched the session; the store assigns it, and ``set``
+    can use it to refuse overwriting a newer value.
     """
 
     id: str
@@ -223,6 +268,7 @@ class Session:
     stale: bool = False
     session_id: str | None = None
     pid: int | None = None
+    pid_start: int | None = None
     revision: int = 0
 
     def __post_init__(self) -> None:
@@ -240,6 +286,10 @@ class Session:
             raise ValidationError("stale", f"must be true or false, not {type(self.stale).__name__}")
         if self.pid is not None:
             check_pid(self.pid)
+        if self.pid_start is not None:
+            check_count(self.pid_start, "pid_start")
+            if self.pid is None:
+                raise ValidationError("pid_start", "is the start time of the process pid, so it needs a pid")
         if self.api_usage is not None and not isinstance(self.api_usage, ApiUsage):
             raise ValidationError("api_usage", f"must be an ApiUsage or None, not {type(self.api_usage).__name__}")
         if self.session_id is not None:
@@ -267,6 +317,7 @@ class Session:
             "stale": self.stale,
             "session_id": self.session_id,
             "pid": self.pid,
+            "pid_start": self.pid_start,
             "revision": self.revision,
         }
 
@@ -292,6 +343,7 @@ class Session:
             stale=fields.get("stale", False),
             session_id=fields.get("session_id"),
             pid=fields.get("pid"),
+            pid_start=fields.get("pid_start"),
             revision=fields.get("revision", 0),
         )
         if "closed" in fields and fields["closed"] is not session.closed:
@@ -315,6 +367,7 @@ _SESSION_OPTIONAL = (
     "stale",
     "session_id",
     "pid",
+    "pid_start",
     "revision",
 )
 
@@ -437,6 +490,7 @@ def _stored_session(data: Mapping[str, Any]) -> Session:
         set_stale,
         set_resume,
         set_pid,
+        set_pid_start,
         set_rev,
     ) = _SESSION_SET
     set_time, set_from, set_to, set_duration = _ENTRY_SET
@@ -462,6 +516,7 @@ def _stored_session(data: Mapping[str, Any]) -> Session:
     set_stale(session, data["stale"])
     set_resume(session, data["session_id"])
     set_pid(session, data["pid"])
+    set_pid_start(session, data["pid_start"])
     set_rev(session, data["revision"])
     return session
 

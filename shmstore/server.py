@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import gc
 import ipaddress
 import logging
@@ -47,7 +46,7 @@ import orjson
 from multiprocess import managers
 
 from . import address as addr
-from . import wire
+from . import procs, wire
 from .errors import (
     AddressInUseError,
     AuthenticationError,
@@ -70,6 +69,7 @@ from .model import (
     check_agent_type,
     check_count,
     check_dir,
+    check_duration,
     check_id,
     check_pid,
     check_status,
@@ -119,6 +119,37 @@ DEFAULT_MAX_CLOSED = 100
 DEFAULT_STALE_AFTER = 600.0
 #: Seconds between the manager's passes over the sessions for dead agents and stale ones.
 DEFAULT_REAP_INTERVAL = 5.0
+#: The most bytes one stored session (its JSON) may take, by default. Measured: a typical
+#: session is ~1.2 KB (bench/bench.py's record, with a 10-entry history: 1,175 bytes); the
+#: largest the field limits allow with 20 history entries, a 4,096-byte working dir,
+#: 256-byte ids and every number at its widest is 6,838 bytes, and 11,445 bytes when every
+#: character of the dir and the ids needs a two-byte escape (" or \). 16 KiB holds all of
+#: these and RECORD_RESERVE; only a dir made mostly of control characters, each a six-byte
+#: \u escape (up to 27,825 bytes), is refused.
+DEFAULT_MAX_RECORD_BYTES = 16 * 2**10
+#: The least ``max_record_bytes``: the largest session of characters that need no escape,
+#: with 20 history entries (6,838 bytes, as above), plus RECORD_RESERVE, fits.
+MIN_RECORD_BYTES = 8 * 2**10
+#: Of ``max_record_bytes``, what a session written from outside (``set``, or created by
+#: ``report``) must leave free for the store's own later changes to it, so that those never
+#: fail for size. Measured from the smallest form of a session to the largest the store can
+#: make of it without history: a resume id set by a report (514 bytes of JSON for 256
+#: escaped characters, where there was null), token counts, pid, pid_start, revision, times
+#: and flags at their widest add 644 bytes. The history entries the store adds are not
+#: covered: when one would not fit, the oldest entries go, as they do past ``max_history``.
+RECORD_RESERVE = 2**10
+#: The most bytes the live sessions may take together, by default, which is also the most
+#: one reply of ``changes()`` carries. One ``snapshot()`` or ``list_all()`` carries them all,
+#: and must stay under the wire's MAX_MESSAGE (64 MiB) or it fails for every subscriber.
+#: 32 MiB holds the default 10,000 sessions (max_sessions) at 3.3 KB each, nearly three times
+#: the typical size, or 2,048 of the largest (16 KiB) ones.
+DEFAULT_MAX_STORE_BYTES = 32 * 2**20
+#: The highest ``max_store_bytes``: half of what the wire carries. The rest is framing,
+#: measured at 6 bytes per session for ``list_all`` (pickle's per-item header) and 39 bytes
+#: in all for ``snapshot``, far under the other half even for sessions of the minimum size.
+MAX_STORE_BYTES = wire.MAX_MESSAGE // 2
+#: Events one ``changes()`` call returns by default; a caller asks again from the last one.
+DEFAULT_CHANGES_LIMIT = 1000
 #: Connections the manager serves at once by default; more are closed on arrival.
 DEFAULT_MAX_CONNECTIONS = 256
 #: Seconds a new connection has to authenticate.
@@ -135,6 +166,12 @@ class Store:
     Live sessions and closed ones are kept apart: a session that closes leaves the live
     sessions (``list_all``, ``snapshot``) for a bounded list of recently closed ones, where
     its resume id waits for a later resume; reporting on it again brings it back.
+
+    Every reply must fit one wire message (``wire.MAX_MESSAGE``), so sizes are bounded in
+    bytes: one session's JSON by ``max_record_bytes``, the live sessions together (one
+    ``snapshot``) by ``max_store_bytes``, the recently closed ones by ``max_closed`` times
+    ``max_record_bytes`` (checked here to be within ``max_store_bytes``), and one
+    ``changes`` reply by its ``limit`` and by ``max_store_bytes``.
     """
 
     def __init__(
@@ -147,15 +184,36 @@ class Store:
         max_closed: int = DEFAULT_MAX_CLOSED,
         stale_after: float = DEFAULT_STALE_AFTER,
         reap_interval: float = DEFAULT_REAP_INTERVAL,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        max_store_bytes: int = DEFAULT_MAX_STORE_BYTES,
     ) -> None:
         self.max_sessions = _positive(max_sessions, "max_sessions")
         self.max_closed = _positive(max_closed, "max_closed")
-        self.stale_after = check_time(stale_after, "stale_after")
-        self.reap_interval = check_time(reap_interval, "reap_interval")
+        self.stale_after = check_duration(stale_after, "stale_after")
+        self.reap_interval = check_duration(reap_interval, "reap_interval")
         if not self.reap_interval:
             raise ValidationError("reap_interval", "must be more than 0")
         self.max_history = _positive(max_history, "max_history")
         self.max_id_length = min(_positive(max_id_length, "max_id_length"), MAX_ID_LENGTH)
+        self.max_record_bytes = _positive(max_record_bytes, "max_record_bytes")
+        if self.max_record_bytes < MIN_RECORD_BYTES:
+            raise ValidationError(
+                "max_record_bytes",
+                f"must be at least {MIN_RECORD_BYTES}, to hold a session as long as the field limits allow; "
+                f"got {max_record_bytes}",
+            )
+        self.max_store_bytes = _positive(max_store_bytes, "max_store_bytes")
+        if self.max_store_bytes > MAX_STORE_BYTES:
+            raise ValidationError(
+                "max_store_bytes",
+                f"must be at most {MAX_STORE_BYTES}, half the largest message the wire carries; got {max_store_bytes}",
+            )
+        if self.max_closed * self.max_record_bytes > self.max_store_bytes:
+            raise ValidationError(
+                "max_closed",
+                f"{self.max_closed} closed sessions of up to {self.max_record_bytes} bytes (max_record_bytes) could "
+                f"take more than max_store_bytes ({self.max_store_bytes}), which recently_closed() must fit in",
+            )
         #: Tells this store's revisions from those of an earlier manager at the same address.
         self.epoch = secrets.token_hex(8)
         # Guards every field below; re-entrant because once() holds it across the write it
@@ -163,6 +221,7 @@ class Store:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._sessions: dict[str, bytes] = {}
+        self._live_bytes = 0  # of every value in _sessions together
         self._closed: dict[str, bytes] = {}  # oldest first
         self._revision = 0
         self._log: deque[tuple[int, EventKind, str, bytes | None]] = deque(maxlen=_positive(log_size, "log_size"))
@@ -201,8 +260,12 @@ class Store:
                 b",".join(self._sessions.values()),
             )
 
-    def changes(self, since: int, timeout: float = 0.0, epoch: str | None = None) -> bytes:
-        """The store's epoch and the events after revision ``since``, as JSON.
+    def changes(
+        self, since: int, timeout: float = 0.0, epoch: str | None = None, limit: int = DEFAULT_CHANGES_LIMIT
+    ) -> bytes:
+        """The store's epoch and the events after revision ``since``, as JSON: the oldest
+        ``limit`` of them, fewer if they would carry more than ``max_store_bytes`` (at least
+        one); the caller asks again from the last one it got.
 
         Returns at once when there are any; otherwise waits up to ``timeout`` seconds for
         one, without holding the lock (writers and readers go on). Raises
@@ -210,18 +273,25 @@ class Store:
         when ``epoch`` names another manager's store.
         """
         check_count(since, "since")
-        wait = check_time(timeout, "timeout")
-        if wait > MAX_WAIT:
-            raise ValidationError("timeout", f"must be at most {MAX_WAIT:g} s; got {timeout!r}")
+        wait = check_duration(timeout, "timeout", MAX_WAIT)
         if epoch is not None and not isinstance(epoch, str):
             raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
+        _positive(limit, "limit")
         with self._changed:
             self._check_feed(since, epoch)
             if since == self._revision and wait:
                 self._changed.wait_for(lambda: self._revision != since, wait)
                 self._check_feed(since, epoch)  # a burst while we waited may have outrun the log
-            events = islice(self._log, len(self._log) - (self._revision - since), None)
-            return b'{"epoch":"%s","events":[%s]}' % (self.epoch.encode(), b",".join(encode_event(*e) for e in events))
+            first = len(self._log) - (self._revision - since)
+            budget = self.max_store_bytes
+            events: list[bytes] = []
+            for event in islice(self._log, first, first + limit):
+                encoded = encode_event(*event)
+                budget -= len(encoded) + 1
+                if budget < 0 and events:
+                    break
+                events.append(encoded)
+            return b'{"epoch":"%s","events":[%s]}' % (self.epoch.encode(), b",".join(events))
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -230,27 +300,45 @@ class Store:
         (the caller has the rest: sending it back would only cost a decode).
 
         With ``expected_revision``, replace only if the stored session still has that
-        revision (0: only if there is none), else raise :class:`ConflictError`.
+        revision (0: only if there is none), else raise :class:`ConflictError`. A history
+        longer than ``max_history`` is refused, not cut. The session's ``pid_start`` is
+        kept when given; else the manager reads it (see :meth:`report`).
         """
         if not isinstance(data, bytes):
             raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
         session = Session.from_json(data)
         self._check_id(session.id)
+        if len(session.history) > self.max_history:
+            raise ValidationError(
+                "history", f"has {len(session.history)} entries; this store keeps at most {self.max_history}"
+            )
         if expected_revision is not None:
             check_count(expected_revision, "expected_revision")
+        pid = session.pid
+        same_namespace, fresh = _see_pid(pid, session.pid_start)
         with self._lock:
+            current = self._sessions.get(session.id) or self._closed.get(session.id)
             if expected_revision is not None:
-                current = self._sessions.get(session.id) or self._closed.get(session.id)
                 current_revision = 0 if current is None else orjson.loads(current)["revision"]
                 if current_revision != expected_revision:
                     raise _conflict(session.id, expected_revision, current_revision)
-            self._commit(session.to_dict(), EventKind.SET)
+            record = session.to_dict()
+            if pid is not None:
+                if not same_namespace:
+                    record["pid_start"] = None
+                elif session.pid_start is None:
+                    record["pid_start"] = _pid_start(pid, fresh, current)
+            self._commit(record, EventKind.SET, outside=True)
             return self._revision
 
     def remove(self, id: str) -> bytes | None:
         self._check_id(id)
         with self._lock:
-            data = self._sessions.pop(id, None) or self._closed.pop(id, None)
+            data = self._sessions.pop(id, None)
+            if data is not None:
+                self._live_bytes -= len(data)
+            else:
+                data = self._closed.pop(id, None)
             if data is not None:
                 self._publish(EventKind.REMOVE, id, None)
             return data
@@ -260,10 +348,12 @@ class Store:
         self._check_id(id)
         to = check_status(status)
         with self._lock:
-            record = self._load(id, revive=True)
+            record = self._load(id)
             return self._commit(transition_record(record, to, now(), self.max_history), EventKind.TRANSITION)
 
     def add_usage(self, id: str, input_tokens: int, output_tokens: int) -> bytes:
+        """Add token counts to a session, live or recently closed (as ``get`` finds it): a
+        closed one stays closed, where it was among the recently closed."""
         self._check_id(id)
         check_count(input_tokens, "input_tokens")
         check_count(output_tokens, "output_tokens")
@@ -286,6 +376,13 @@ class Store:
         Every report counts as activity (``last_activity``, and no longer stale). A report
         on a recently closed session brings it back: the agent resumed it. ``pid`` and
         ``session_id``, when given, replace what the session had.
+
+        The agent is identified by ``pid`` and the start time /proc gives for it now (the
+        reporting agent is running), kept as ``pid_start``; if the pid has no process any
+        more, the start time the session already had for that pid is kept. A caller in
+        another pid namespace (see :mod:`shmstore.procs`) names a pid that means nothing
+        here: it is recorded as given, with no ``pid_start``, and never used to close the
+        session.
         """
         self._check_id(id)
         to = check_status(status)
@@ -295,10 +392,12 @@ class Store:
             check_pid(pid)
         if session_id is not None:
             check_id(session_id, "session_id")
+        same_namespace, fresh = _see_pid(pid, None)
         with self._lock:
             at = now()
-            if id in self._sessions or id in self._closed:
-                record = self._load(id, revive=True)
+            current = self._sessions.get(id) or self._closed.get(id)
+            if current is not None:
+                record = orjson.loads(current)
                 if record["status"] != to:
                     transition_record(record, to, at, self.max_history)
                 touch_record(record, at)
@@ -307,9 +406,10 @@ class Store:
                 record = new.to_dict()
             if pid is not None:
                 record["pid"] = pid
+                record["pid_start"] = _pid_start(pid, fresh, current) if same_namespace else None
             if session_id is not None:
                 record["session_id"] = session_id
-            return self._commit(record, EventKind.REPORT)
+            return self._commit(record, EventKind.REPORT, outside=current is None)
 
     def once(self, client: bytes, number: int, method: str, *args: Any) -> Any:
         """Run the write ``method(*args)`` unless this client's request ``number`` already
@@ -344,6 +444,11 @@ class Store:
         that waits for the user is never marked). Returns how many it changed; each change
         is an event. The manager runs this every ``reap_interval`` seconds.
 
+        An agent is gone when no live process has its pid *and* its start time
+        (:func:`procs.agent_alive`); no clock is compared, so a clock that steps never
+        closes a live agent. A session with no ``pid_start`` (its pid came from another pid
+        namespace, or named no process when reported) is never closed for its pid.
+
         The sessions are examined outside the lock (reading /proc for 10,000 of them takes
         ~0.2 s, which must not stall every client); a session that changed meanwhile is
         left for the next pass, since its news is newer than what was examined.
@@ -354,8 +459,8 @@ class Store:
         dead, silent = [], []
         for id, data in sessions:
             record = orjson.loads(data)
-            pid = record["pid"]
-            if pid is not None and not process_alive(pid, record["last_activity"]):
+            pid, start = record["pid"], record["pid_start"]
+            if pid is not None and start is not None and not procs.agent_alive(pid, start):
                 dead.append((id, data))
             elif (
                 record["status"] == Status.WORKING
@@ -381,7 +486,7 @@ class Store:
     def prune(self, older_than: float) -> int:
         """Forget recently closed sessions that closed ``older_than`` seconds ago or more;
         returns how many went. Each is a ``remove`` event."""
-        age = check_time(older_than, "older_than")
+        age = check_duration(older_than, "older_than")
         with self._lock:
             cutoff = now() - age
             old = [id for id, data in self._closed.items() if orjson.loads(data)["since"] <= cutoff]
@@ -395,21 +500,27 @@ class Store:
     def _check_id(self, id: object) -> str:
         return check_id(id, max_length=self.max_id_length)
 
-    def _load(self, id: str, revive: bool = False) -> Record:
-        """The live session ``id`` (or, with ``revive``, a recently closed one) as a record."""
-        data = self._sessions.get(id) or (self._closed.get(id) if revive else None)
+    def _load(self, id: str) -> Record:
+        """The session ``id``, live or recently closed, as a record."""
+        data = self._sessions.get(id) or self._closed.get(id)
         if data is None:
             raise NotFoundError(f"no live session with id {id!r}")
         record: Record = orjson.loads(data)
         return record
 
-    def _commit(self, record: Record, kind: EventKind) -> bytes:
+    def _commit(self, record: Record, kind: EventKind, outside: bool = False) -> bytes:
         """Store ``record`` as the next revision: among the live sessions, or, once closed,
-        among the recently closed (its event is then ``close``). Raises StoreFullError, and
-        changes nothing, when it would be one live session too many."""
+        among the recently closed (its event is then ``close``, unless it only had tokens
+        added while closed). Changes nothing and raises when the record cannot be kept:
+        StoreFullError when it would be one live session too many or take the live sessions
+        past ``max_store_bytes``; ValidationError when a record written from outside
+        (``outside``) leaves less than RECORD_RESERVE of ``max_record_bytes`` free. A record
+        the store changed that outgrows ``max_record_bytes`` loses its oldest history entries.
+        """
         id = record["id"]
         closing = record["status"] == Status.CLOSED
-        if not closing and id not in self._sessions and len(self._sessions) >= self.max_sessions:
+        live = self._sessions.get(id)
+        if not closing and live is None and len(self._sessions) >= self.max_sessions:
             raise StoreFullError(
                 f"the store holds {len(self._sessions)} live sessions, its limit; {id!r} was not added"
             )
@@ -418,17 +529,52 @@ class Store:
         # a hole that later buffers do not fit: kept for long, a 1 KiB session pinned about
         # 3.7 KiB of heap (measured). An exact-size copy costs 0.15 us and packs tightly.
         data = memoryview(orjson.dumps(record)).tobytes()
+        if outside and len(data) > self.max_record_bytes - RECORD_RESERVE:
+            raise ValidationError(
+                "session",
+                f"is {len(data)} bytes of JSON; a session may be at most {self.max_record_bytes - RECORD_RESERVE} "
+                f"(max_record_bytes {self.max_record_bytes}, less {RECORD_RESERVE} kept for the store's own changes)",
+            )
+        if len(data) > self.max_record_bytes:
+            data = self._shed_history(record, data)
         if closing:
-            self._sessions.pop(id, None)
-            self._closed.pop(id, None)  # re-insert as the newest
-            self._closed[id] = data
-            while len(self._closed) > self.max_closed:
-                del self._closed[next(iter(self._closed))]
-            kind = EventKind.CLOSE
+            if live is not None:
+                del self._sessions[id]
+                self._live_bytes -= len(live)
+            if kind is EventKind.ADD_USAGE and id in self._closed:
+                self._closed[id] = data  # not a status change: it keeps its place, and its event
+            else:
+                self._closed.pop(id, None)  # re-insert as the newest
+                self._closed[id] = data
+                while len(self._closed) > self.max_closed:
+                    del self._closed[next(iter(self._closed))]
+                kind = EventKind.CLOSE
         else:
+            total = self._live_bytes + len(data) - (0 if live is None else len(live))
+            if total > self.max_store_bytes:
+                raise StoreFullError(
+                    f"the live sessions would take {total} bytes, past max_store_bytes ({self.max_store_bytes}); "
+                    f"{id!r} was not written"
+                )
             self._closed.pop(id, None)
             self._sessions[id] = data
+            self._live_bytes = total
         self._publish(kind, id, data)
+        return data
+
+    def _shed_history(self, record: Record, data: bytes) -> bytes:
+        """``record`` without as many of its oldest history entries as it takes to fit in
+        ``max_record_bytes``. Only records the store itself grew come here, and RECORD_RESERVE
+        leaves them room for everything but history, so this always succeeds."""
+        history = record["history"]
+        excess, drop = len(data) - self.max_record_bytes, 0
+        while excess > 0 and drop < len(history):
+            excess -= len(orjson.dumps(history[drop])) + 1  # the entry and its comma
+            drop += 1
+        del history[:drop]
+        data = memoryview(orjson.dumps(record)).tobytes()
+        if len(data) > self.max_record_bytes:  # not reachable while RECORD_RESERVE holds
+            raise ValidationError("session", f"is {len(data)} bytes of JSON; the limit is {self.max_record_bytes}")
         return data
 
     def _publish(self, kind: EventKind, id: str, data: bytes | None) -> None:
@@ -451,38 +597,24 @@ class Store:
             )
 
 
-def process_alive(pid: int, seen_at: float) -> bool:
-    """Is ``pid`` still the agent that reported it at ``seen_at``?
-
-    No if there is no such process, if it is a zombie, or (where /proc tells) if the
-    process with that id started after the agent last spoke: the id was reused.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process: it exists
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc here: kill() is all we know
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return False
-    started = _boot_time() + int(fields[19]) / _CLOCK_TICKS
-    return started <= seen_at + 1.0
+def _see_pid(pid: int | None, given_start: int | None) -> tuple[bool, int | None]:
+    """Whether the caller is in our pid namespace, so that its ``pid`` can be checked here;
+    and, if so and it gave no start time, the pid's start time now. Called before taking
+    the lock: reading /proc costs a few microseconds."""
+    same = getattr(procs.caller, "same_pid_namespace", True) is True  # unset: called in-process
+    fresh = procs.process_start(pid) if pid is not None and same and given_start is None else None
+    return same, fresh
 
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc's unit of process start times
-
-
-@functools.cache
-def _boot_time() -> float:
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("btime "):
-            return float(line.split()[1])
-    return 0.0
+def _pid_start(pid: int, fresh: int | None, current: bytes | None) -> int | None:
+    """The start time that identifies agent ``pid``, for a caller in our pid namespace:
+    /proc's answer now (``fresh``), or, when the pid has no process any more, what the
+    stored session (``current``) already had for the same pid: the agent it identified is
+    gone, which the reaper will find."""
+    if fresh is not None or current is None:
+        return fresh
+    stored = orjson.loads(current)
+    return stored["pid_start"] if stored["pid"] == pid else None
 
 
 def _positive(value: object, field: str) -> int:

@@ -241,14 +241,17 @@ def test_a_silent_working_session_is_marked_stale_and_waiting_ones_never(reaping
 def test_a_reused_pid_does_not_keep_a_ghost_alive(reaping: shmstore.ServerProcess) -> None:
     import os
 
+    from shmstore import procs
+
     with shmstore.connect(reaping.address, reaping.authkey) as store:
         store.set(shmstore.Session(id="alive", working_dir="/a", pid=os.getpid()))  # this test's own process
-        # An agent last heard from 5 s ago, whose pid now belongs to a process that started since:
-        # the pid was reused, so the agent is gone.
-        heard = time.time() - 5
+        # An agent identified by a pid and a start time, whose pid now belongs to a process that
+        # started at another time: the pid was reused, so the agent is gone.
         newer = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(30)"])
         try:
-            store.set(shmstore.Session(id="reused", working_dir="/r", since=heard, pid=newer.pid))
+            start = procs.process_start(newer.pid)
+            assert start is not None
+            store.set(shmstore.Session(id="reused", working_dir="/r", pid=newer.pid, pid_start=start - 1))
             store.reap()
             assert store.get("reused").closed  # type: ignore[union-attr]
             assert store.get("alive").status is Status.WORKING  # type: ignore[union-attr]

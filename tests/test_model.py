@@ -50,6 +50,7 @@ def test_json_encoding_is_exact() -> None:
         "stale",
         "session_id",
         "pid",
+        "pid_start",
         "revision",
     ]
     assert data["history"][0] == {"timestamp": 100.0, "from": "working", "to": "attention", "duration": 5.5}

@@ -121,7 +121,10 @@ def test_client_refuses_non_sessions_and_bad_statuses(store: shmstore.Client) ->
     assert store.revision() == 0
 
 
-def test_every_field_round_trips_through_the_manager(store: shmstore.Client) -> None:
+def test_every_field_round_trips_through_the_manager(sock_dir: object) -> None:
+    # 3,000 history entries take ~210 KB of JSON: past the default record limit (16 KiB), so
+    # this store is configured for them.
+    config = shmstore.Store(max_history=3000, max_record_bytes=256 * 2**10)
     history = tuple(shmstore.StateTransition(1000.0 + k, Status.WORKING, Status.QUESTION, 0.5) for k in range(3000))
     session = Session(
         id="ünï-cødé-会话-🙂",
@@ -132,11 +135,15 @@ def test_every_field_round_trips_through_the_manager(store: shmstore.Client) -> 
         api_usage=ApiUsage(2**40, 7),
         session_id="resume-ü",
     )
-    stored = store.set(session)
-    assert stored == dataclasses.replace(session, revision=1)
-    assert store.get(session.id) == stored
-    assert store.list_all() == [stored]
-    assert store.snapshot().sessions == (stored,)
+    with (
+        shmstore.start_server(f"{sock_dir}/r.sock", store=config) as server,
+        shmstore.connect(server.address, server.authkey) as store,
+    ):
+        stored = store.set(session)
+        assert stored == dataclasses.replace(session, revision=1)
+        assert store.get(session.id) == stored
+        assert store.list_all() == [stored]
+        assert store.snapshot().sessions == (stored,)
 
 
 def test_unchanged_sessions_are_decoded_once(store: shmstore.Client) -> None:
