@@ -25,6 +25,7 @@ from . import address as addr
 from . import wire
 from .errors import ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
 from .model import (
+    MAX_WAIT,
     AgentType,
     Changes,
     Event,
@@ -271,8 +272,8 @@ class Client:
         """
         if not isinstance(session, Session):
             raise ValidationError("session", f"must be a Session, not {type(session).__name__}")
-        revision = self._call("set", session.to_json(), expected_revision)
-        return dataclasses.replace(session, revision=revision)
+        revision, pid_start = self._call("set", session.to_json(), expected_revision)
+        return dataclasses.replace(session, revision=revision, pid_start=pid_start)
 
     def remove(self, id: str) -> Session | None:
         """Remove the session with ``id``; returns what was removed, or None."""
@@ -337,10 +338,13 @@ class Client:
 
         Returns at once when there are any, else waits in the manager up to ``timeout``
         seconds (at most 60) for one. Raises :class:`ResyncRequiredError` when the log no
-        longer reaches back to ``since``, or the store is not the one of ``epoch``.
+        longer reaches back to ``since``, or the store is not the one of ``epoch``. At most
+        ``limit`` events come back (fewer if they would make too large a reply): ask again
+        from the last one's revision for the rest.
         """
-        wait = timeout if isinstance(timeout, int | float) and not isinstance(timeout, bool) else 0.0
-        return Changes.from_json(self._call("changes", since, timeout, epoch, limit, wait=max(0.0, wait)))
+        # The manager validates timeout; the client only needs a sane figure to wait for.
+        wait = timeout if type(timeout) in (int, float) and 0 < timeout <= MAX_WAIT else 0.0
+        return Changes.from_json(self._call("changes", since, timeout, epoch, limit, wait=float(wait)))
 
     def watch(self, since: int | None = None, *, poll: float = 1.0) -> Watch:
         """Follow every change from now (or from revision ``since``): see :class:`Watch`."""
@@ -403,7 +407,7 @@ class Watch:
         event = self._pending.popleft()
         if event.kind is EventKind.SNAPSHOT:
             self.sessions = {s.id: s for s in event.sessions or ()}
-        elif event.session is None or event.kind is EventKind.CLOSE:
+        elif event.session is None or event.session.closed:  # removed, closed, or changed while closed
             self.sessions.pop(event.id or "", None)
         else:
             self.sessions[event.session.id] = event.session

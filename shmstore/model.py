@@ -25,6 +25,8 @@ MAX_ID_LENGTH = 256
 #: Longest working directory accepted, in bytes of UTF-8: Linux's PATH_MAX counts bytes, and
 #: the bytes are what a session costs to keep and to send.
 MAX_PATH_LENGTH = 4096
+#: The longest one ``changes`` call may wait in the manager.
+MAX_WAIT = 60.0
 #: Token counters are 64-bit signed on the wire.
 MAX_TOKENS = 2**63 - 1
 #: How far past this host's clock a timestamp may be, in seconds. Timestamps come from the

@@ -60,6 +60,7 @@ from .errors import (
 )
 from .model import (
     MAX_ID_LENGTH,
+    MAX_WAIT,
     AgentType,
     EventKind,
     Record,
@@ -73,7 +74,6 @@ from .model import (
     check_id,
     check_pid,
     check_status,
-    check_time,
     encode_event,
     now,
     touch_record,
@@ -109,8 +109,6 @@ DEFAULT_MAX_HISTORY = 20
 #: Events the change feed keeps by default. Each refers to the session bytes it carries,
 #: so the log costs little more than the session versions it keeps alive.
 DEFAULT_LOG_SIZE = 256
-#: The longest one ``changes`` call may wait in the manager.
-MAX_WAIT = 60.0
 #: Sessions a store holds by default before ``set`` refuses new ones.
 DEFAULT_MAX_SESSIONS = 10_000
 #: Closed sessions kept (with their resume ids) by default; the oldest go first.
@@ -295,9 +293,10 @@ class Store:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def set(self, data: bytes, expected_revision: int | None = None) -> int:
+    def set(self, data: bytes, expected_revision: int | None = None) -> tuple[int, int | None]:
         """Create or replace a session from its JSON; returns the revision it is stored at
-        (the caller has the rest: sending it back would only cost a decode).
+        and its ``pid_start`` (the caller has the rest: sending it back would only cost a
+        decode).
 
         With ``expected_revision``, replace only if the stored session still has that
         revision (0: only if there is none), else raise :class:`ConflictError`. A history
@@ -329,7 +328,7 @@ class Store:
                 elif session.pid_start is None:
                     record["pid_start"] = _pid_start(pid, fresh, current)
             self._commit(record, EventKind.SET, outside=True)
-            return self._revision
+            return self._revision, record["pid_start"]
 
     def remove(self, id: str) -> bytes | None:
         self._check_id(id)
@@ -671,6 +670,8 @@ class _Server(managers.Server):
                 _, name, args, kwds = request
                 if name not in ("create", "accept_connection"):
                     raise AuthenticationError(f"first request {name!r} is not one a client makes")
+                # This thread serves this one client: what the store needs to know of it.
+                procs.caller.same_pid_namespace = procs.peer_same_pid_namespace(conn.fileno())
             except (AuthenticationError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as exc:
                 log.warning("closed a connection that did not complete the handshake: %s", _why(exc))
                 return
@@ -710,7 +711,7 @@ def _server(
         authkey,
         wire.SERIALIZER,
         max_connections=_positive(max_connections, "max_connections"),
-        handshake_timeout=check_time(handshake_timeout, "handshake_timeout"),
+        handshake_timeout=check_duration(handshake_timeout, "handshake_timeout"),
     )
 
 

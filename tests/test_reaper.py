@@ -13,7 +13,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -263,19 +262,8 @@ def test_peer_same_pid_namespace_tells_the_caller_apart(sock_dir: Path) -> None:
 
 
 @pytest.fixture
-def namespace_aware(sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[shmstore.ServerProcess]:
-    """A manager whose connection threads say whether their client is in its pid namespace.
-
-    Stands in for the wiring in the server's connection handler (the lead adds it to
-    _Server): set here on the class before the manager is forked, so the child has it too.
-    """
-    accept = server_module._Server.accept_connection
-
-    def accept_connection(self: Any, conn: Any, name: str) -> None:
-        procs.caller.same_pid_namespace = procs.peer_same_pid_namespace(conn.fileno())
-        accept(self, conn, name)
-
-    monkeypatch.setattr(server_module._Server, "accept_connection", accept_connection)
+def namespace_aware(sock_dir: Path) -> Iterator[shmstore.ServerProcess]:
+    """A real manager: its connection threads say whether their client is in its pid namespace."""
     with shmstore.start_server(sock_dir / "ns.sock") as server:
         yield server
 

@@ -366,3 +366,20 @@ def test_serve_in_a_thread_leaves_no_thread_behind(sock_dir: Path) -> None:
         time.sleep(0.02)
     assert not thread.is_alive()
     assert not any(t.name == "shmstore-accept" for t in threading.enumerate())
+
+
+def test_a_watch_does_not_take_a_closed_session_changed_after_closing_for_a_live_one(store: shmstore.Client) -> None:
+    store.set(make_session("s1"))
+    watch = store.watch()
+    assert watch.poll(1) is not None  # the snapshot
+    store.transition("s1", "closed")
+    store.add_usage("s1", 5)  # recently closed sessions still take token counts
+    kinds = [event.kind for event in (watch.poll(1), watch.poll(1)) if event is not None]
+    assert kinds == [shmstore.EventKind.CLOSE, shmstore.EventKind.ADD_USAGE]
+    assert "s1" not in watch.sessions
+
+
+def test_set_returns_the_session_as_stored(store: shmstore.Client) -> None:
+    returned = store.set(make_session("s1", pid=os.getpid()))
+    assert returned == store.get("s1")
+    assert returned.pid_start is not None
