@@ -306,20 +306,15 @@ def bench_scaling(tmp: Path, seconds: float) -> dict[str, float]:
     return results
 
 
-LAUNCHER = (
-    "import sys, shmstore\n"
-    "server = shmstore.start_server(sys.argv[1])\n"
-    "print(server.pid, flush=True)\n"
-    "sys.stdin.read()\n"
-    "server.stop()\n"
-)
+#: Forks a manager from a lean process, as a daemon embeds one (shared with tests/test_memory.py).
+LAUNCHER = Path(__file__).with_name("launch_manager.py")
 
 
 def bench_memory(tmp: Path) -> dict[str, float]:
     """USS of a manager forked from a lean process (as a daemon embeds it), empty and full."""
     path = tmp / "mem.sock"
     launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        [sys.executable, str(LAUNCHER), str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     try:
         pid = int(launcher.stdout.readline())  # type: ignore[union-attr]

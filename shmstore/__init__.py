@@ -11,9 +11,10 @@ worker and subscriber processes connect by address and authkey::
 """
 
 from .client import Client, Watch, connect
+from .config import Limits, ServeOptions
 from .errors import (
     AddressInUseError,
-    AuthenticationError,
+    AuthKeyError,
     ConflictError,
     NotFoundError,
     ResyncRequiredError,
@@ -22,21 +23,25 @@ from .errors import (
     StoreUnavailableError,
     ValidationError,
 )
-from .model import AgentType, ApiUsage, Changes, Event, EventKind, Session, Snapshot, StateTransition, Status
-from .server import ServerProcess, Store, serve, start_server
+from .feed import Changes, Event, EventKind, Snapshot
+from .model import AgentType, ApiUsage, Session, StateTransition, Status
+from .server import ServerProcess, serve, start_server
+from .store import Store
 
 __all__ = [
     "AddressInUseError",
     "AgentType",
     "ApiUsage",
-    "AuthenticationError",
+    "AuthKeyError",
     "Changes",
     "Client",
     "ConflictError",
     "Event",
     "EventKind",
+    "Limits",
     "NotFoundError",
     "ResyncRequiredError",
+    "ServeOptions",
     "ServerProcess",
     "Session",
     "Snapshot",

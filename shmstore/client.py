@@ -24,18 +24,8 @@ from multiprocess import managers
 from . import address as addr
 from . import wire
 from .errors import ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
-from .model import (
-    MAX_WAIT,
-    AgentType,
-    Changes,
-    Event,
-    EventKind,
-    Session,
-    Snapshot,
-    Status,
-    check_status,
-    session_from_store,
-)
+from .feed import Changes, Event, EventKind, Snapshot
+from .model import MAX_WAIT, AgentType, Session, Status, check_status, session_from_store
 
 DEFAULT_TIMEOUT = wire.DEFAULT_TIMEOUT
 #: The calls that change the store: each is sent through the manager's ``once``.
@@ -201,7 +191,9 @@ class Client:
             finally:
                 conn.close()
         except (EOFError, OSError, managers.RemoteError) as exc:
-            raise StoreUnavailableError(f"cannot reach a manager at {where}: {_describe(exc, self.timeout)}") from None
+            raise StoreUnavailableError(
+                f"cannot reach a manager at {where}: {_describe(exc, self.timeout)}", address=where
+            ) from None
         # The manager counted our reference when it created the token; not asking it to
         # count again (incref=False) saves a connection, and a client that dies without
         # saying goodbye can then never make the manager drop its store.
@@ -231,7 +223,9 @@ class Client:
                     where = addr.format_address(self.address)
                     name = args[2] if method == "once" else method
                     problem = _describe(exc, self.timeout)
-                    raise StoreUnavailableError(f"manager at {where} failed during {name}(): {problem}") from None
+                    raise StoreUnavailableError(
+                        f"manager at {where} failed during {name}(): {problem}", address=where
+                    ) from None
         raise AssertionError("unreachable")
 
     def _next_request(self) -> tuple[bytes, int]:
@@ -333,29 +327,31 @@ class Client:
         subscriber starts following :meth:`changes` from."""
         return Snapshot.from_json(self._call("snapshot"))
 
-    def changes(self, since: int, timeout: float = 0.0, epoch: str | None = None, limit: int = 1000) -> Changes:
-        """The events after revision ``since``, in order.
+    def changes(
+        self, after_revision: int, timeout: float = 0.0, epoch: str | None = None, limit: int = 1000
+    ) -> Changes:
+        """The events after revision ``after_revision``, in order.
 
         Returns at once when there are any, else waits in the manager up to ``timeout``
         seconds (at most 60) for one. Raises :class:`ResyncRequiredError` when the log no
-        longer reaches back to ``since``, or the store is not the one of ``epoch``. At most
+        longer reaches back to ``after_revision``, or the store is not the one of ``epoch``. At most
         ``limit`` events come back (fewer if they would make too large a reply): ask again
         from the last one's revision for the rest.
         """
         # The manager validates timeout; the client only needs a sane figure to wait for.
         wait = timeout if type(timeout) in (int, float) and 0 < timeout <= MAX_WAIT else 0.0
-        return Changes.from_json(self._call("changes", since, timeout, epoch, limit, wait=float(wait)))
+        return Changes.from_json(self._call("changes", after_revision, timeout, epoch, limit, wait=float(wait)))
 
-    def watch(self, since: int | None = None, *, poll: float = 1.0) -> Watch:
-        """Follow every change from now (or from revision ``since``): see :class:`Watch`."""
-        return Watch(self, since, poll=poll)
+    def watch(self, after_revision: int | None = None, *, poll: float = 1.0) -> Watch:
+        """Follow every change from now (or from revision ``after_revision``): see :class:`Watch`."""
+        return Watch(self, after_revision, poll=poll)
 
 
 class Watch:
     """An endless, lossless iterator over the store's changes.
 
     It starts from a snapshot (yielded as an event of kind ``snapshot``), unless given a
-    revision to continue from, and then yields every change in revision order. When the
+    revision to continue after (``after_revision``), and then yields every change in revision order. When the
     manager's log has moved on past it, or the manager restarted, it takes a new snapshot
     and yields that, so a slow subscriber catches up instead of silently going stale.
     :attr:`sessions` and :attr:`revision` are the state rebuilt from the events yielded so
@@ -365,17 +361,17 @@ class Watch:
     swallowed.
     """
 
-    def __init__(self, client: Client, since: int | None = None, *, poll: float = 1.0) -> None:
+    def __init__(self, client: Client, after_revision: int | None = None, *, poll: float = 1.0) -> None:
         self.client = client
         self.poll_interval = poll
         #: The revision of the last event yielded; None before the first snapshot.
-        self.revision = since
+        self.revision = after_revision
         #: The sessions as the events yielded so far have left them.
         self.sessions: dict[str, Session] = {}
         #: How many snapshots the watch has taken (1 at the start, more on each resync).
         self.snapshots = 0
         self._epoch: str | None = None
-        self._fetched = since  # the revision of the last event fetched
+        self._fetched = after_revision  # the revision of the last event fetched
         self._pending: deque[Event] = deque()
         self._closed = False
 
@@ -452,7 +448,7 @@ def connect(
     """Connect to the manager at ``address`` (default: the per-user socket).
 
     The authkey defaults to ``$SHMSTORE_AUTHKEY``, else the key file beside the socket.
-    Raises :class:`StoreUnavailableError` or :class:`AuthenticationError` at once if the
+    Raises :class:`StoreUnavailableError` or :class:`AuthKeyError` at once if the
     manager cannot be used, rather than at the first call.
     """
     return Client(address, authkey, timeout=timeout).connect()

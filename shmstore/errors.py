@@ -1,53 +1,102 @@
 """The exceptions shmstore raises.
 
 Every error of ours derives from :class:`ShmstoreError`, so a daemon can catch the
-package's failures in one place. Errors raised inside the manager travel back to the
-client by pickle, so each class pickles with the arguments its ``__init__`` takes.
+package's failures in one place, and each carries, beside its message, the fields a caller
+needs to act on it (``error.id``, ``error.current``, ``error.address``...) rather than text
+to parse. Errors raised inside the manager travel back to the client by pickle; they pickle
+with their message and fields, whatever their ``__init__`` takes.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ShmstoreError(Exception):
     """Base class of every error shmstore raises."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[ShmstoreError], args: tuple[Any, ...], fields: dict[str, Any]) -> ShmstoreError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(fields)
+    return error
+
 
 class ValidationError(ShmstoreError, ValueError):
-    """Input that does not make a valid session or argument; names the field."""
+    """Input that does not make a valid session or argument; ``field`` names it and
+    ``problem`` says what is wrong with it."""
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
 
-    def __reduce__(self) -> tuple[type[ValidationError], tuple[str, str]]:
-        return type(self), (self.field, self.problem)
-
 
 class NotFoundError(ShmstoreError, LookupError):
-    """An operation named a session id the store does not hold."""
+    """An operation named a session ``id`` the store does not hold."""
+
+    def __init__(self, id: str, message: str | None = None) -> None:
+        super().__init__(message or f"no session with id {id!r}")
+        self.id = id
 
 
 class StoreFullError(ShmstoreError):
-    """The store holds as many sessions as its ``max_sessions`` allows; nothing was added."""
+    """A write would take the store past one of its limits (``limit`` names it, e.g.
+    ``max_sessions``); nothing was changed. ``id`` is the session it was for."""
+
+    def __init__(self, message: str, *, limit: str, id: str | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.id = id
 
 
 class ConflictError(ShmstoreError):
-    """``set`` was given an expected revision that is no longer current."""
+    """``set`` was given an ``expected`` revision of session ``id`` that is no longer its
+    ``current`` one (0: the session does not exist)."""
+
+    def __init__(self, id: str, expected: int, current: int) -> None:
+        super().__init__(f"session {id!r} is at revision {current}, not the expected {expected}")
+        self.id = id
+        self.expected = expected
+        self.current = current
 
 
 class ResyncRequiredError(ShmstoreError):
-    """The change feed no longer holds the events after the asked revision (the log moved
-    on, or the manager restarted): start again from a fresh ``snapshot()``."""
+    """The change feed cannot continue after ``after_revision``: ``reason`` is ``epoch``
+    (the manager restarted), ``ahead`` (the revision is newer than the store's) or
+    ``compacted`` (the log moved on). Start again from a fresh ``snapshot()``."""
+
+    def __init__(self, message: str, *, reason: str, after_revision: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.after_revision = after_revision
 
 
 class StoreUnavailableError(ShmstoreError, ConnectionError):
-    """The manager could not be reached, went away, or did not answer in time."""
+    """The manager at ``address`` could not be reached, went away, did not answer in time,
+    or may not be trusted (its directory or key file is not private)."""
+
+    def __init__(self, message: str, *, address: str | None = None) -> None:
+        super().__init__(message)
+        self.address = address
 
 
-class AuthenticationError(ShmstoreError):
-    """The manager refused our authkey (or we refused its)."""
+class AuthKeyError(ShmstoreError):
+    """The manager at ``address`` refused our authkey, or could not prove it holds it."""
+
+    def __init__(self, message: str, *, address: str | None = None) -> None:
+        super().__init__(message)
+        self.address = address
 
 
 class AddressInUseError(ShmstoreError):
-    """A live manager already answers at the address a new one was to bind."""
+    """Something already holds the ``address`` a new manager was to bind: a live manager,
+    or a file that is not a socket (which is never removed)."""
+
+    def __init__(self, message: str, *, address: str | None = None) -> None:
+        super().__init__(message)
+        self.address = address

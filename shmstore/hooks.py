@@ -1,5 +1,5 @@
 """Claude Code hooks: what each hook event means for a session, and how the hook command
-gets into Claude Code's settings.
+gets into Claude Code's settings, and the hook's run itself (:func:`run_hook`).
 
 Claude Code runs the configured hook commands on its events and passes each a JSON payload
 on stdin with at least ``session_id``, ``cwd`` and ``hook_event_name``, plus fields of the
@@ -15,11 +15,13 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .client import Client
 from .errors import ValidationError
 from .model import Status, check_dir, check_id
 from .procs import process_stat
@@ -96,6 +98,43 @@ def agent_pid() -> int:
             break
         pid = stat.parent
     return pid
+
+
+# -- running -------------------------------------------------------------------------------
+
+#: The longest `shmstore hook` may take: an agent waits for its hooks.
+HOOK_DEADLINE = 0.9
+
+
+class _DeadlineError(Exception):
+    pass
+
+
+def run_hook(stream: BinaryIO, address: str | None, timeout: float, pid: int | None = None) -> int:
+    """Report one hook payload read from ``stream``. Whatever goes wrong, return 0 within
+    HOOK_DEADLINE seconds and say why on stderr: a status display must never block or fail
+    the agent. The deadline is a SIGALRM timer, so it also cuts short a hung read."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _DeadlineError(f"gave up after {HOOK_DEADLINE} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, HOOK_DEADLINE)
+    try:
+        payload = read_payload(stream)
+        status = status_for(payload)
+        if status is None:
+            print(f"shmstore hook: ignored event {payload['hook_event_name']!r}", file=sys.stderr)
+            return 0
+        id = payload["session_id"]
+        with Client(address, timeout=min(timeout, HOOK_DEADLINE / 2)) as store:
+            store.report(id, status, payload["cwd"], pid=pid or agent_pid(), session_id=id)
+    except (Exception, _DeadlineError) as exc:
+        print(f"shmstore hook: not reported ({exc}); the agent carries on", file=sys.stderr)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return 0
 
 
 # -- installing ------------------------------------------------------------------------------

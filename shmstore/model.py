@@ -166,6 +166,13 @@ def check_pid(value: object, field: str = "pid") -> int:
     return value
 
 
+def check_positive(value: object, field: str) -> int:
+    """An int of at least 1 (a size or a count limit)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(field, f"must be an int >= 1; got {value!r}")
+    return value
+
+
 def check_count(value: object, field: str) -> int:
     """A non-negative int that fits the wire's 64 bits."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -413,50 +420,6 @@ def loads(data: bytes | str, what: str) -> Any:
         raise ValidationError(what, f"is not valid JSON: {exc}") from None
 
 
-# -- the changes the store makes -------------------------------------------------------------
-#
-# The manager keeps sessions encoded and changes them in their decoded-JSON form (a
-# "record"), which costs a few microseconds where building and validating a Session with
-# a long history costs hundreds. Records only ever come from Session.to_json(), so they
-# are valid; these functions keep them so.
-
-Record = dict[str, Any]
-
-
-def transition_record(record: Record, to: Status, at: float, max_history: int) -> Record:
-    """Move ``record`` to status ``to`` at time ``at``: one more history entry, ``since``
-    reset, only the newest ``max_history`` entries kept. A clock that stepped back never
-    makes a duration negative."""
-    since = record["since"]
-    at = max(at, since)
-    history = record["history"]
-    history.append({"timestamp": at, "from": record["status"], "to": to, "duration": round(at - since, 3)})
-    del history[:-max_history]
-    record["status"] = to
-    record["since"] = at
-    record["closed"] = to is Status.CLOSED
-    return touch_record(record, at)
-
-
-def touch_record(record: Record, at: float) -> Record:
-    """The session reported something at ``at``: it is active, so no longer stale."""
-    record["last_activity"] = max(at, record["last_activity"])
-    record["stale"] = False
-    return record
-
-
-def add_usage_record(record: Record, input_tokens: int, output_tokens: int) -> Record:
-    """Add token counts to ``record``; refuses totals the wire cannot carry."""
-    usage = record["api_usage"] or {"input_tokens": 0, "output_tokens": 0}
-    total_in = usage["input_tokens"] + check_count(input_tokens, "input_tokens")
-    total_out = usage["output_tokens"] + check_count(output_tokens, "output_tokens")
-    record["api_usage"] = {
-        "input_tokens": check_count(total_in, "api_usage.input_tokens"),
-        "output_tokens": check_count(total_out, "api_usage.output_tokens"),
-    }
-    return record
-
-
 # -- decoding what the store sends ---------------------------------------------------------
 #
 # Everything in the store was validated on its way in, and the manager is trusted (its
@@ -530,97 +493,3 @@ def session_from_store(data: Any) -> Session:
         return _stored_session(parsed)
     except (KeyError, TypeError, AttributeError):
         return Session.from_dict(parsed)
-
-
-# -- the change feed --------------------------------------------------------------------------
-
-
-class EventKind(enum.StrEnum):
-    """What kind of change an :class:`Event` reports."""
-
-    SET = "set"
-    TRANSITION = "transition"
-    ADD_USAGE = "add_usage"
-    REMOVE = "remove"
-    #: A hook reported on the session (created it, changed its status, or just showed life).
-    REPORT = "report"
-    #: The session ended and left the live sessions for the recently closed ones.
-    CLOSE = "close"
-    #: The manager marked the session stale: working, but silent for too long.
-    STALE = "stale"
-    #: Not a change: the watch helper (re)loaded the whole state from a snapshot.
-    SNAPSHOT = "snapshot"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Event:
-    """One change to the store: its revision, its kind, the session id, and the session as
-    it is after the change (None after a remove). A ``snapshot`` event has no id and
-    carries every session instead."""
-
-    revision: int
-    kind: EventKind
-    id: str | None
-    session: Session | None = None
-    sessions: tuple[Session, ...] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"revision": self.revision, "kind": self.kind}
-        if self.kind is EventKind.SNAPSHOT:
-            data["sessions"] = [s.to_dict() for s in self.sessions or ()]
-        else:
-            data["id"] = self.id
-            data["session"] = None if self.session is None else self.session.to_dict()
-        return data
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, data: object) -> Event:
-        fields = _fields(data, "event", ("revision", "kind", "id", "session"))
-        session = fields["session"]
-        return cls(
-            revision=check_count(fields["revision"], "event.revision"),
-            kind=_check_enum(EventKind, fields["kind"], "event.kind"),
-            id=check_id(fields["id"]),
-            session=None if session is None else session_from_store(session),
-        )
-
-
-def encode_event(revision: int, kind: EventKind, id: str, session: bytes | None) -> bytes:
-    """The JSON of an event, built around the session's stored bytes without re-encoding them."""
-    return b'{"revision":%d,"kind":"%s","id":%s,"session":%s}' % (
-        revision,
-        kind.value.encode(),
-        orjson.dumps(id),
-        b"null" if session is None else session,
-    )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Changes:
-    """What one ``changes`` call returns: the store's epoch and the events it asked for."""
-
-    epoch: str
-    events: tuple[Event, ...]
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Changes:
-        fields = _fields(loads(data, "changes"), "changes", ("epoch", "events"))
-        return cls(fields["epoch"], tuple(Event.from_dict(item) for item in fields["events"]))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Every session at one revision of one manager (``epoch`` tells managers apart, since a
-    restarted manager counts revisions from zero again)."""
-
-    epoch: str
-    revision: int
-    sessions: tuple[Session, ...]
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Snapshot:
-        fields = _fields(loads(data, "snapshot"), "snapshot", ("epoch", "revision", "sessions"))
-        return cls(fields["epoch"], fields["revision"], tuple(session_from_store(s) for s in fields["sessions"]))

@@ -37,7 +37,7 @@ from typing import Any
 
 from multiprocess import connection, managers
 
-from .errors import AuthenticationError, StoreUnavailableError
+from .errors import AuthKeyError, StoreUnavailableError
 
 #: The serializer name shmstore's managers and proxies use.
 SERIALIZER = "shmstore"
@@ -208,48 +208,49 @@ _NONCE = 32
 def handshake_as_server(conn: Connection, authkey: bytes) -> None:
     """Authenticate a new client, and be authenticated by it, before the deadline.
 
-    Raises :class:`AuthenticationError` on a wrong key (the caller closes the connection
+    Raises :class:`AuthKeyError` on a wrong key (the caller closes the connection
     without a word), ``TimeoutError``, ``EOFError`` or ``OSError`` when the peer is
     too slow or goes away.
     """
     nonce = os.urandom(_NONCE)
     conn.send_bytes(_CHALLENGE + nonce)
     if not hmac.compare_digest(conn.recv_bytes(64), _sign(authkey, b"client", nonce)):
-        raise AuthenticationError("a client gave a wrong digest")
+        raise AuthKeyError("a client gave a wrong digest")
     conn.send_bytes(_WELCOME)
     theirs = conn.recv_bytes(len(_CHALLENGE) + _NONCE)
     if not theirs.startswith(_CHALLENGE):
-        raise AuthenticationError("a client sent no challenge")
+        raise AuthKeyError("a client sent no challenge")
     conn.send_bytes(_sign(authkey, b"manager", theirs[len(_CHALLENGE) :]))
     if conn.recv_bytes(64) != _WELCOME:
-        raise AuthenticationError("a client refused our digest")
+        raise AuthKeyError("a client refused our digest")
 
 
 def handshake_as_client(conn: Connection, authkey: bytes, where: str) -> None:
     """Authenticate to the manager and make it prove it holds the key too.
 
-    Raises :class:`AuthenticationError` when either side's key is wrong, and
+    Raises :class:`AuthKeyError` when either side's key is wrong, and
     :class:`StoreUnavailableError` when the manager is serving all the clients it may.
     """
     greeting = conn.recv_bytes(len(_CHALLENGE) + _NONCE)
     if greeting == _FULL:
         raise StoreUnavailableError(
-            f"the manager at {where} is serving as many clients as it may (max_connections); try again later"
+            f"the manager at {where} is serving as many clients as it may (max_connections); try again later",
+            address=where,
         )
     if not greeting.startswith(_CHALLENGE):
-        raise AuthenticationError(f"the peer at {where} is not a shmstore manager")
+        raise AuthKeyError(f"the peer at {where} is not a shmstore manager", address=where)
     conn.send_bytes(_sign(authkey, b"client", greeting[len(_CHALLENGE) :]))
     try:
         welcome = conn.recv_bytes(64)
     except EOFError:  # a manager hangs up on a wrong digest without a word
         welcome = b""
     if welcome != _WELCOME:
-        raise AuthenticationError(f"the manager at {where} refused our authkey")
+        raise AuthKeyError(f"the manager at {where} refused our authkey", address=where)
     nonce = os.urandom(_NONCE)
     conn.send_bytes(_CHALLENGE + nonce)
     if not hmac.compare_digest(conn.recv_bytes(64), _sign(authkey, b"manager", nonce)):
         conn.send_bytes(b"#SHMSTORE-1#FAILURE#")
-        raise AuthenticationError(f"the peer at {where} does not hold the authkey: not our manager")
+        raise AuthKeyError(f"the peer at {where} does not hold the authkey: not our manager", address=where)
     conn.send_bytes(_WELCOME)
 
 
@@ -335,7 +336,7 @@ def Client(  # noqa: N802 - named like the multiprocess factory it stands in for
 
     Raises ``OSError`` (``TimeoutError`` included) when the manager cannot be reached or
     does not answer in time, :class:`StoreUnavailableError` when it is full, and
-    :class:`AuthenticationError` when the keys do not match.
+    :class:`AuthKeyError` when the keys do not match.
     """
     conn = connect(address, timeout)
     try:

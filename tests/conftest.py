@@ -1,23 +1,25 @@
 """Fixtures: a real manager process per test, on a socket of its own.
 
 Socket paths are short (a unix socket path is limited to 107 bytes) and unique per test,
-so the suite runs in parallel under pytest-xdist without tests sharing a manager.
+so the suite runs in parallel under pytest-xdist without tests sharing a manager. Helpers
+that are not fixtures are in helpers.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
-import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-
-# bench/ holds the soak and the lean launcher that tests share with the benchmarks.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from typing import Any
 
 import pytest
+from helpers import RawStore
 
 import shmstore
+
+_LIMITS = {field.name for field in dataclasses.fields(shmstore.Limits)}
 
 
 @pytest.fixture
@@ -28,9 +30,26 @@ def sock_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def server(sock_dir: Path) -> Iterator[shmstore.ServerProcess]:
-    with shmstore.start_server(sock_dir / "s.sock", store=shmstore.Store(max_history=10_000)) as srv:
-        yield srv
+def start_server(sock_dir: Path) -> Iterator[Callable[..., shmstore.ServerProcess]]:
+    """Start managers in this test's directory, each stopped when the test ends:
+    ``start_server(max_sessions=1)`` (store limits and serve options alike), or with a
+    ``name`` for its socket, or an ``authkey``."""
+    started: list[shmstore.ServerProcess] = []
+
+    def start(name: str = "s.sock", authkey: bytes | None = None, **settings: Any) -> shmstore.ServerProcess:
+        limits = {key: settings.pop(key) for key in list(settings) if key in _LIMITS}
+        server = shmstore.start_server(sock_dir / name, authkey, store=shmstore.Store(**limits), **settings)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., shmstore.ServerProcess]) -> shmstore.ServerProcess:
+    return start_server(max_history=10_000)
 
 
 @pytest.fixture
@@ -39,14 +58,8 @@ def store(server: shmstore.ServerProcess) -> Iterator[shmstore.Client]:
         yield client
 
 
-def snapshot(store: shmstore.Client) -> tuple[int, list[bytes]]:
-    """Everything a client can see of the store, for before/after comparisons."""
-    return store.revision(), sorted(s.to_json() for s in store.list_all())
-
-
-def make_session(id: str = "s1", **fields: object) -> shmstore.Session:
-    fields.setdefault("working_dir", "/home/dev/project")
-    return shmstore.Session(id=id, **fields)  # type: ignore[arg-type]
-
-
-PYTHON = sys.executable
+@pytest.fixture
+def raw(server: shmstore.ServerProcess) -> Iterator[RawStore]:
+    """The fixture server's store, called past the Client's own checks."""
+    with RawStore(server.address, server.authkey) as client:
+        yield client

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, make_session
+from helpers import PYTHON, make_session
 
 import shmstore
 from shmstore import AddressInUseError, StoreUnavailableError

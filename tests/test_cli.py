@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import orjson
 import pytest
-from conftest import PYTHON
+from helpers import run
 
 import shmstore
 
 COMMANDS = ["serve", "ls", "get", "set", "transition", "rm", "prune", "watch", "demo"]
-
-
-def run(*args: str, address: object = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    argv = [PYTHON, "-m", "shmstore", *args]
-    if address is not None:
-        argv += ["--address", str(address)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("command", ["", *COMMANDS])

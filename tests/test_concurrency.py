@@ -8,7 +8,7 @@ from itertools import pairwise
 from typing import Any
 
 import multiprocess
-from conftest import make_session
+from helpers import make_session
 
 import shmstore
 from shmstore import Status

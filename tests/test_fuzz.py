@@ -12,7 +12,7 @@ import subprocess
 from typing import Any
 
 import orjson
-from conftest import PYTHON, make_session, snapshot
+from helpers import PYTHON, RawStore, make_session, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -79,14 +79,16 @@ calls = st.one_of(
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(call=calls)
-def test_malformed_calls_get_typed_errors_and_change_nothing(store: shmstore.Client, call: tuple[str, Any]) -> None:
+def test_malformed_calls_get_typed_errors_and_change_nothing(
+    store: shmstore.Client, raw: RawStore, call: tuple[str, Any]
+) -> None:
     if store.get("s1") is None:
         store.set(make_session("s1"))
         store.add_usage("s1", 1, 1)
     method, args = call
     before = snapshot(store)
     try:
-        store._call(method, *args)
+        raw.call(method, *args)
     except StoreUnavailableError:
         raise
     except ShmstoreError:

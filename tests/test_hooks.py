@@ -10,28 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PYTHON
-from test_server import wait_until_stopped
+from helpers import CWD, PYTHON, SID, hook, payload, wait_until_stopped
 
 import shmstore
 from shmstore import EventKind, Status
 from shmstore.hooks import EVENT_STATUS, status_for
-
-SID = "3f2a8c1e-5b7d-4e9f-a0c2-6d8b1e4f7a93"
-CWD = "/home/dev/projects/webapp"
-
-
-def payload(event: str, **fields: Any) -> dict[str, Any]:
-    """A payload shaped like Claude Code's: the common fields plus the event's own."""
-    return {
-        "session_id": fields.pop("session_id", SID),
-        "transcript_path": f"/home/dev/.claude/projects/webapp/{SID}.jsonl",
-        "cwd": fields.pop("cwd", CWD),
-        "permission_mode": "default",
-        "hook_event_name": event,
-        **fields,
-    }
-
 
 SAMPLES = [
     (payload("SessionStart", source="startup"), Status.ATTENTION),
@@ -58,16 +41,6 @@ SAMPLES = [
     (payload("Stop", stop_hook_active=False), Status.ATTENTION),
     (payload("SessionEnd", reason="prompt_input_exit"), Status.CLOSED),
 ]
-
-
-def hook(address: object, data: dict[str, Any] | bytes, *extra: str) -> subprocess.CompletedProcess[bytes]:
-    body = data if isinstance(data, bytes) else json.dumps(data).encode()
-    return subprocess.run(
-        [PYTHON, "-m", "shmstore", "hook", "--address", str(address), *extra],
-        input=body,
-        capture_output=True,
-        timeout=30,
-    )
 
 
 def test_every_mapped_event_has_a_sample() -> None:
@@ -216,6 +189,8 @@ def test_a_session_whose_agent_died_is_closed_and_the_subscriber_sees_it(reaping
         agent.wait()
         started = time.monotonic()
         event = next(watch)
+        if event.kind is EventKind.STALE:  # silent past stale_after (0.4 s) on a loaded machine: also right
+            event = next(watch)
         assert (event.kind, event.id) == (EventKind.CLOSE, SID)
         assert time.monotonic() - started < 2.0
         assert event.session is not None and event.session.closed

@@ -13,19 +13,18 @@ import time
 
 import orjson
 import pytest
-from conftest import make_session, snapshot
-from test_cli import run
+from helpers import RawStore, make_session, run, snapshot
 
 import shmstore
 from shmstore import EventKind, Session, StateTransition, Status, StoreFullError, ValidationError, wire
-from shmstore.model import MAX_CLOCK_AHEAD, MAX_DURATION, MAX_ID_LENGTH, MAX_PATH_LENGTH, session_from_store
-from shmstore.server import (
+from shmstore.config import (
     DEFAULT_MAX_RECORD_BYTES,
     DEFAULT_MAX_STORE_BYTES,
     MAX_STORE_BYTES,
     MIN_RECORD_BYTES,
     RECORD_RESERVE,
 )
+from shmstore.model import MAX_CLOCK_AHEAD, MAX_DURATION, MAX_ID_LENGTH, MAX_PATH_LENGTH, session_from_store
 
 
 def state(store: shmstore.Store) -> tuple[int, list[bytes], list[bytes], bytes]:
@@ -108,7 +107,7 @@ def test_a_session_too_large_to_keep_is_refused() -> None:
 def largest_settable(store: shmstore.Store) -> Session:
     """A session exactly as large as ``set`` accepts in ``store``: a resume id still to come
     from a report, its dir padded with quotes (two bytes of JSON each)."""
-    room = store.max_record_bytes - RECORD_RESERVE
+    room = store.limits.max_record_bytes - RECORD_RESERVE
     base = Session(id='"' * 256, working_dir="/", since=0.0, revision=1)
     escapes, rest = divmod(room - len(base.to_json()), 6)  # a control character is six bytes: \u0001
     session = dataclasses.replace(base, working_dir="/" + "\x01" * escapes + "a" * rest)
@@ -130,12 +129,12 @@ def test_the_stores_own_changes_never_fail_for_size() -> None:
     store.report(session.id, "closed", "/")
     store.report(session.id, "working", "/")  # revived
     grown = store.get(session.id)
-    assert grown is not None and len(grown) <= store.max_record_bytes
+    assert grown is not None and len(grown) <= store.limits.max_record_bytes
     kept = session_from_store(grown).history
     # The oldest entries made room for the newest: a consistent chain ending in the last change.
     assert 0 < len(kept) < 203 and kept[-1].to is Status.WORKING
     assert all(a.to == b.from_ for a, b in itertools.pairwise(kept))
-    assert all(len(e) <= store.max_record_bytes for e in store.list_all())
+    assert all(len(e) <= store.limits.max_record_bytes for e in store.list_all())
 
 
 def test_history_sheds_its_oldest_entries_to_fit_the_record_limit() -> None:
@@ -331,21 +330,21 @@ def test_store_ages_and_timeouts_out_of_range_are_validation_errors(value: objec
         assert info.value.field == option
 
 
-def test_the_manager_refuses_a_far_future_time_sent_as_raw_json(store: shmstore.Client) -> None:
+def test_the_manager_refuses_a_far_future_time_sent_as_raw_json(store: shmstore.Client, raw: RawStore) -> None:
     good = orjson.loads(make_session("s").to_json())
     for field, value in [("since", 1e300), ("last_activity", far(2)), ("since", 1e308)]:
         with pytest.raises(ValidationError, match=field):
-            store._call("set", orjson.dumps({**good, field: value}), None)
+            raw.call("set", orjson.dumps({**good, field: value}), None)
     with pytest.raises(ValidationError):  # an int past 64 bits is not even parsed
-        store._call("set", b'{"id":"s","working_dir":"/","since":1' + b"0" * 400 + b"}", None)
+        raw.call("set", b'{"id":"s","working_dir":"/","since":1' + b"0" * 400 + b"}", None)
     assert store.revision() == 0
 
 
 def test_the_command_line_can_neither_store_nor_trip_over_far_times(server: shmstore.ServerProcess) -> None:
-    with shmstore.connect(server.address, server.authkey) as store:
+    with RawStore(server.address, server.authkey) as raw:
         good = orjson.loads(make_session("far").to_json())
         with pytest.raises(ValidationError):
-            store._call("set", orjson.dumps({**good, "since": 1e300, "last_activity": 1e300}), None)
+            raw.call("set", orjson.dumps({**good, "since": 1e300, "last_activity": 1e300}), None)
     got = run("get", "far", address=server.address)
     assert got.returncode == 1 and got.stderr == "shmstore: error: no session with id 'far'\n"
     pruned = run("prune", "--older-than", "1e300", address=server.address)

@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON
+from helpers import LAUNCHER, PYTHON
 from memory_profiler import memory_usage
 
 import shmstore
-from bench import LAUNCHER
 from shmstore import Status
 
 
@@ -28,7 +27,7 @@ def uss_mib(pid: int) -> float:
 @pytest.fixture
 def lean_manager(sock_dir: Path) -> Iterator[tuple[int, Path]]:
     path = sock_dir / "mem.sock"
-    launcher = subprocess.Popen([PYTHON, "-c", LAUNCHER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    launcher = subprocess.Popen([PYTHON, str(LAUNCHER), str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         pid = int(launcher.stdout.readline())  # type: ignore[union-attr]
         yield pid, path

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import PYTHON
-from test_hooks import SID, hook, payload
+from helpers import PYTHON, SID, hook, payload
 
 import shmstore
 from shmstore import Status, procs

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import multiprocess
+import orjson
 import psutil
 import pytest
-import soak
-from conftest import PYTHON, make_session, snapshot
+from helpers import PYTHON, SOAK, make_session, snapshot
 
 import shmstore
 from shmstore import Status, StoreFullError, ValidationError
@@ -246,7 +246,12 @@ def test_prune_forgets_only_sessions_closed_long_enough_ago(store: shmstore.Clie
 
 
 def test_short_soak_holds_every_invariant(sock_dir: Path) -> None:
-    report = soak.run(seconds=3.0, workers=4, sock_dir=sock_dir)
+    out = sock_dir / "soak.json"
+    soak = subprocess.run(
+        [PYTHON, str(SOAK), "--seconds", "3", "--workers", "4", "--out", str(out)], capture_output=True, timeout=120
+    )
+    report = orjson.loads(out.read_bytes())
+    assert soak.returncode == 0, soak.stdout
     assert report["checks"] == dict.fromkeys(report["checks"], True)
     assert report["ops"] > 1000
     assert report["manager_uss_max_mib"] < 15

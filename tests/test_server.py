@@ -10,20 +10,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import PYTHON, make_session
+from helpers import PYTHON, make_session, wait_until_stopped
 
 import shmstore
-from shmstore import AddressInUseError, AuthenticationError, StoreUnavailableError
-
-
-def wait_until_stopped(pid: int) -> None:
-    """SIGSTOP takes effect asynchronously: wait until every thread of ``pid`` has stopped."""
-    deadline = time.monotonic() + 5
-    while psutil.Process(pid).status() != psutil.STATUS_STOPPED:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+from shmstore import AddressInUseError, AuthKeyError, StoreUnavailableError
 
 
 def mode(path: Path | str) -> int:
@@ -92,7 +83,7 @@ def test_starting_where_a_manager_answers_fails_clearly(server: shmstore.ServerP
 
 def test_wrong_authkey_is_refused_and_others_keep_working(server: shmstore.ServerProcess) -> None:
     with shmstore.connect(server.address, server.authkey) as good:
-        with pytest.raises(AuthenticationError, match="refused our authkey"):
+        with pytest.raises(AuthKeyError, match="refused our authkey"):
             shmstore.connect(server.address, b"0" * 64)
         assert good.set(make_session()).revision == 1
 

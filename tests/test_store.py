@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from conftest import make_session, snapshot
+from helpers import RawStore, make_session, snapshot
 
 import shmstore
 from shmstore import ApiUsage, ConflictError, NotFoundError, Session, Status, ValidationError
@@ -102,14 +102,14 @@ def test_expected_revision_refuses_a_stale_write(store: shmstore.Client) -> None
     ],
 )
 def test_invalid_input_is_refused_and_leaves_the_store_as_it_was(
-    store: shmstore.Client, method: str, args: tuple[object, ...]
+    store: shmstore.Client, raw: RawStore, method: str, args: tuple[object, ...]
 ) -> None:
     store.set(make_session("s1"))
     store.add_usage("s1", 5, 5)
     before = snapshot(store)
     # Straight to the manager, past the client's own checks: the manager must refuse too.
     with pytest.raises(ValidationError):
-        store._call(method, *args)
+        raw.call(method, *args)
     assert snapshot(store) == before
 
 

@@ -18,12 +18,11 @@ from typing import Any
 
 import multiprocess
 import pytest
-from conftest import make_session
-from test_server import wait_until_stopped
+from helpers import make_session, wait_until_stopped
 
 import shmstore
 from shmstore import StoreUnavailableError, wire
-from shmstore.server import Store
+from shmstore.store import Store
 
 
 @pytest.fixture
@@ -340,7 +339,7 @@ def test_watch_sessions_reflect_only_the_events_yielded(store: shmstore.Client) 
     start = store.revision()
     for id in ("a", "b", "c"):
         store.set(make_session(id))
-    watch = store.watch(since=start)
+    watch = store.watch(after_revision=start)
     first = watch.poll(1)
     assert first is not None and first.id == "a"
     assert set(watch.sessions) == {"a"}

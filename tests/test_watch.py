@@ -12,7 +12,7 @@ from typing import Any
 import multiprocess
 import orjson
 import pytest
-from conftest import PYTHON, make_session
+from helpers import PYTHON, RawStore, make_session
 
 import shmstore
 from shmstore import EventKind, ResyncRequiredError, Status, ValidationError
@@ -71,9 +71,10 @@ def test_changes_refuses_what_it_cannot_answer(server: Any) -> None:
             store.changes(11)
         with pytest.raises(ResyncRequiredError, match="restarted"):
             store.changes(10, epoch="someone-else")
-        for bad in [(-1,), (0, -1.0), (0, 1000.0), (0, "soon"), ("0",), (0, 0.0, 42)]:
-            with pytest.raises(ValidationError):
-                store._call("changes", *bad)
+        with RawStore(small.address, small.authkey) as raw:
+            for bad in [(-1,), (0, -1.0), (0, 1000.0), (0, "soon"), ("0",), (0, 0.0, 42)]:
+                with pytest.raises(ValidationError):
+                    raw.call("changes", *bad)
 
 
 def test_blocked_watchers_do_not_hold_up_writers(server: Any) -> None:

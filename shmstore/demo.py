@@ -1,0 +1,133 @@
+"""``shmstore demo``: a manager, worker processes playing coding agents, and a subscriber
+following the change feed, on a private socket; at the end it checks that the store holds
+exactly what the workers sent."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from itertools import pairwise
+from typing import Any
+
+import multiprocess
+
+from .client import Client
+from .config import DEFAULT_MAX_STORE_BYTES, MIN_RECORD_BYTES
+from .errors import StoreUnavailableError, ValidationError
+from .model import Session, Status
+from .render import format_table
+from .server import start_server
+from .store import Store
+
+#: How a demo agent picks its next status: mostly working, sometimes waiting on the user.
+_WEIGHTS = {Status.WORKING: 6, Status.ATTENTION: 2, Status.QUESTION: 1}
+
+
+def _store_for(sessions: int) -> Store:
+    """A store that keeps every transition and every closed session, so that the summary
+    can check them all: the live-set budget is shared out among the sessions (an agent
+    makes ~4 transitions a second, ~70 bytes each)."""
+    budget = DEFAULT_MAX_STORE_BYTES // sessions
+    if budget < MIN_RECORD_BYTES:
+        raise ValidationError("workers", f"{sessions} agents in all is more than a demo store keeps")
+    return Store(max_history=100_000, max_record_bytes=min(budget, 2**20), max_closed=sessions)
+
+
+def run(duration: float = 10.0, workers: int = 4, agents: int = 2) -> int:
+    """Run the demo; 0 when the store holds exactly what the workers sent."""
+    if workers < 1 or agents < 1:
+        raise ValidationError("workers", "--workers and --agents must be at least 1")
+    if not 0 <= duration <= 3600:
+        raise ValidationError("duration", "must be between 0 and 3600 seconds")
+    ctx = multiprocess.get_context("fork")
+    directory = tempfile.mkdtemp(prefix="shmstore-demo-")
+    socket_path = os.path.join(directory, "store.sock")
+    with start_server(socket_path, store=_store_for(workers * agents)) as server:
+        print(f"demo: manager pid {server.pid} at {socket_path}; {workers} workers x {agents} agents")
+        deadline = time.time() + duration
+        results = ctx.Queue()
+        players = [
+            ctx.Process(target=_worker, args=(server.address, server.authkey, n, agents, deadline, results))
+            for n in range(workers)
+        ]
+        subscriber = ctx.Process(target=_subscriber, args=(server.address, server.authkey, deadline + 0.5))
+        for process in [*players, subscriber]:
+            process.start()
+        reports = [results.get(timeout=duration + 30) for _ in players]
+        for process in [*players, subscriber]:
+            process.join(30)
+        with Client(server.address, server.authkey) as store:
+            sessions = store.list_all() + store.recently_closed()
+            revision = store.revision()
+    shutil.rmtree(directory, ignore_errors=True)
+    return _summary(reports, sessions, revision)
+
+
+def _worker(address: Any, authkey: bytes, worker: int, agents: int, deadline: float, results: Any) -> None:
+    """One worker process playing ``agents`` coding agents until ``deadline``."""
+    rng = random.Random(worker)
+    counts = {"worker": worker, "transitions": 0, "input_tokens": 0, "output_tokens": 0, "errors": 0}
+    with Client(address, authkey) as store:
+        ids = [f"agent-{worker}-{k}" for k in range(agents)]
+        for k, id in enumerate(ids):
+            store.set(Session(id=id, working_dir=f"/home/demo/project-{worker}-{k}", session_id=f"resume-{worker}-{k}"))
+        statuses, weights = list(_WEIGHTS), list(_WEIGHTS.values())
+        while time.time() < deadline:
+            id = rng.choice(ids)
+            try:
+                session = store.transition(id, rng.choices(statuses, weights)[0])
+                counts["transitions"] += 1
+                if session.status is Status.WORKING:
+                    tokens_in, tokens_out = rng.randint(100, 5000), rng.randint(10, 800)
+                    store.add_usage(id, tokens_in, tokens_out)
+                    counts["input_tokens"] += tokens_in
+                    counts["output_tokens"] += tokens_out
+            except StoreUnavailableError:
+                counts["errors"] += 1
+            time.sleep(rng.uniform(0.02, 0.25))
+        for id in ids:
+            store.transition(id, Status.CLOSED)
+            counts["transitions"] += 1
+    results.put(counts)
+
+
+def _subscriber(address: Any, authkey: bytes, deadline: float) -> None:
+    """The subscriber: follows the change feed and redraws the live table at most ten
+    times a second (or prints a line a second when not on a terminal)."""
+    live = sys.stdout.isatty()
+    last_draw = 0.0
+    with Client(address, authkey) as store, store.watch() as watch:
+        while time.time() < deadline:
+            watch.poll(0.1)
+            if time.time() - last_draw < (0.1 if live else 1.0):
+                continue
+            last_draw = time.time()
+            sessions = list(watch.sessions.values())
+            if live:
+                sys.stdout.write("\x1b[H\x1b[2J" + format_table(sessions) + f"\nrevision {watch.revision}\n")
+                sys.stdout.flush()
+            else:
+                live = [status for status in Status if status is not Status.CLOSED]
+                line = "  ".join(f"{status.value} {sum(s.status is status for s in sessions)}" for status in live)
+                print(f"subscriber: rev {watch.revision:>5}  live {len(sessions)}: {line}", flush=True)
+
+
+def _summary(reports: list[dict[str, int]], sessions: list[Session], revision: int) -> int:
+    print()
+    print(format_table(sessions))
+    sent = sum(r["transitions"] for r in reports)
+    stored = sum(len(s.history) for s in sessions)
+    tokens_sent = sum(r["input_tokens"] + r["output_tokens"] for r in reports)
+    tokens_stored = sum(s.api_usage.input_tokens + s.api_usage.output_tokens for s in sessions if s.api_usage)
+    chains_ok = all(all(a.to == b.from_ for a, b in pairwise(s.history)) for s in sessions)
+    ok = sent == stored and tokens_sent == tokens_stored and chains_ok
+    print(
+        f"\ndemo: {len(sessions)} sessions, store revision {revision}; transitions sent {sent}, stored {stored}; "
+        f"tokens sent {tokens_sent}, stored {tokens_stored}; histories {'consistent' if chains_ok else 'BROKEN'}"
+    )
+    print("demo: nothing lost" if ok else "demo: MISMATCH between what workers sent and what the store holds")
+    return 0 if ok else 1

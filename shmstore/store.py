@@ -1,0 +1,561 @@
+"""The store: every session, the lock that guards them, the operations on them, and the
+change feed.
+
+:class:`Store` is a plain object: the manager process serves one (server.py), and tests
+use one in-process. Its methods are the whole manager-side surface (:data:`EXPOSED`): they
+take and return plain values and orjson bytes, and each runs under one ``RLock``, so every
+operation is atomic however many worker processes call at once (``changes`` releases it
+while it waits). The data flow of a write is::
+
+    worker: Client.report(id, status, ...)           (client.py)
+      -> StoreProxy -> wire.Connection                (C pickle envelope over the socket)
+      -> manager thread: Store.once -> Store.report() (this module, under the lock)
+      -> transition_record() / touch_record()         (this module: the change, on the record)
+      -> Store._commit(): orjson bytes, revision + 1, one event on the feed
+    subscriber: Watch -> Client.changes() -> Store.changes() wakes, sends the events
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import threading
+from collections import deque
+from itertools import islice
+from typing import Any
+
+import orjson
+
+from . import procs
+from .config import RECORD_RESERVE, Limits
+from .errors import ConflictError, NotFoundError, ResyncRequiredError, StoreFullError, ValidationError
+from .feed import EventKind, encode_event
+from .model import (
+    MAX_WAIT,
+    AgentType,
+    Session,
+    Status,
+    check_agent_type,
+    check_count,
+    check_dir,
+    check_duration,
+    check_id,
+    check_pid,
+    check_positive,
+    check_status,
+    now,
+)
+
+#: The methods a client may call on the manager's store, and nothing else (the Client has
+#: one method of the same name for each but ``once``, which wraps the writes).
+EXPOSED = (
+    "get",
+    "set",
+    "remove",
+    "list_all",
+    "transition",
+    "add_usage",
+    "report",
+    "recently_closed",
+    "prune",
+    "reap",
+    "revision",
+    "snapshot",
+    "changes",
+    "once",
+)
+#: The writes a client may wrap in :meth:`Store.once` so that a retry is never applied twice.
+WRITES = frozenset(("set", "remove", "transition", "add_usage", "report", "prune"))
+#: Clients whose newest write the manager remembers, for retries (the oldest is forgotten).
+MAX_REMEMBERED_CLIENTS = 4096
+
+#: Events one ``changes()`` call returns by default; a caller asks again from the last one.
+DEFAULT_CHANGES_LIMIT = 1000
+
+
+class Store:
+    """Every session, keyed by id, as orjson bytes, guarded by one re-entrant lock.
+
+    Sessions are kept encoded: that is what clients are sent, and bytes are the most
+    compact form CPython holds. Each change decodes one session, applies the model's pure
+    function to it, re-encodes it and bumps the store-wide revision.
+
+    Live sessions and closed ones are kept apart: a session that closes leaves the live
+    sessions (``list_all``, ``snapshot``) for a bounded list of recently closed ones, where
+    its resume id waits for a later resume; reporting on it again brings it back.
+
+    Every reply must fit one wire message (``wire.MAX_MESSAGE``), so sizes are bounded in
+    bytes: one session's JSON by ``max_record_bytes``, the live sessions together (one
+    ``snapshot``) by ``max_store_bytes``, the recently closed ones by ``max_closed`` times
+    ``max_record_bytes`` (checked here to be within ``max_store_bytes``), and one
+    ``changes`` reply by its ``limit`` and by ``max_store_bytes``.
+    """
+
+    def __init__(self, limits: Limits | None = None, /, **changes: Any) -> None:
+        """A store within ``limits`` (the defaults when None); keywords change single limits,
+        e.g. ``Store(max_history=50)``."""
+        try:
+            self.limits = Limits(**changes) if limits is None else dataclasses.replace(limits, **changes)
+        except TypeError as exc:  # a keyword that is not a limit
+            raise ValidationError("limits", str(exc)) from None
+        #: Tells this store's revisions from those of an earlier manager at the same address.
+        self.epoch = secrets.token_hex(8)
+        # Guards every field below; re-entrant because once() holds it across the write it
+        # runs, which takes it again.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._sessions: dict[str, bytes] = {}
+        self._live_bytes = 0  # of every value in _sessions together
+        self._closed: dict[str, bytes] = {}  # oldest first
+        self._revision = 0
+        self._log: deque[tuple[int, EventKind, str, bytes | None]] = deque(maxlen=self.limits.log_size)
+        # Each client's newest write as (request number, result), oldest client first: what
+        # once() answers a retry with instead of applying the write again.
+        self._done: dict[bytes, tuple[int, Any]] = {}
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def get(self, id: str) -> bytes | None:
+        """A live session, or else a recently closed one, or None."""
+        self._check_id(id)
+        with self._lock:
+            return self._sessions.get(id) or self._closed.get(id)
+
+    def list_all(self) -> list[bytes]:
+        """Every session, each as its stored JSON (a client reuses what it already decoded)."""
+        with self._lock:
+            return list(self._sessions.values())
+
+    def recently_closed(self) -> list[bytes]:
+        """The closed sessions still kept, newest first."""
+        with self._lock:
+            return list(reversed(self._closed.values()))
+
+    def revision(self) -> int:
+        with self._lock:
+            return self._revision
+
+    def snapshot(self) -> bytes:
+        """The epoch, the revision and every session, taken at one instant."""
+        with self._lock:
+            return b'{"epoch":"%s","revision":%d,"sessions":[%s]}' % (
+                self.epoch.encode(),
+                self._revision,
+                b",".join(self._sessions.values()),
+            )
+
+    def changes(
+        self, after_revision: int, timeout: float = 0.0, epoch: str | None = None, limit: int = DEFAULT_CHANGES_LIMIT
+    ) -> bytes:
+        """The store's epoch and the events after revision ``after_revision``, as JSON: the oldest
+        ``limit`` of them, fewer if they would carry more than ``max_store_bytes`` (at least
+        one); the caller asks again from the last one it got.
+
+        Returns at once when there are any; otherwise waits up to ``timeout`` seconds for
+        one, without holding the lock (writers and readers go on). Raises
+        :class:`ResyncRequiredError` when the log no longer reaches back to ``after_revision``, or
+        when ``epoch`` names another manager's store.
+        """
+        check_count(after_revision, "after_revision")
+        wait = check_duration(timeout, "timeout", MAX_WAIT)
+        if epoch is not None and not isinstance(epoch, str):
+            raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
+        check_positive(limit, "limit")
+        with self._changed:
+            self._check_feed(after_revision, epoch)
+            if after_revision == self._revision and wait:
+                self._changed.wait_for(lambda: self._revision != after_revision, wait)
+                self._check_feed(after_revision, epoch)  # a burst while we waited may have outrun the log
+            first = len(self._log) - (self._revision - after_revision)
+            budget = self.limits.max_store_bytes
+            events: list[bytes] = []
+            for event in islice(self._log, first, first + limit):
+                encoded = encode_event(*event)
+                budget -= len(encoded) + 1
+                if budget < 0 and events:
+                    break
+                events.append(encoded)
+            return b'{"epoch":"%s","events":[%s]}' % (self.epoch.encode(), b",".join(events))
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def set(self, data: bytes, expected_revision: int | None = None) -> tuple[int, int | None]:
+        """Create or replace a session from its JSON; returns the revision it is stored at
+        and its ``pid_start`` (the caller has the rest: sending it back would only cost a
+        decode).
+
+        With ``expected_revision``, replace only if the stored session still has that
+        revision (0: only if there is none), else raise :class:`ConflictError`. A history
+        longer than ``max_history`` is refused, not cut. The session's ``pid_start`` is
+        kept when given; else the manager reads it (see :meth:`report`).
+        """
+        if not isinstance(data, bytes):
+            raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
+        session = Session.from_json(data)
+        self._check_id(session.id)
+        if len(session.history) > self.limits.max_history:
+            raise ValidationError(
+                "history", f"has {len(session.history)} entries; this store keeps at most {self.limits.max_history}"
+            )
+        if expected_revision is not None:
+            check_count(expected_revision, "expected_revision")
+        pid = session.pid
+        same_namespace, fresh = _see_pid(pid, session.pid_start)
+        with self._lock:
+            current = self._sessions.get(session.id) or self._closed.get(session.id)
+            if expected_revision is not None:
+                current_revision = 0 if current is None else orjson.loads(current)["revision"]
+                if current_revision != expected_revision:
+                    raise ConflictError(session.id, expected_revision, current_revision)
+            record = session.to_dict()
+            if pid is not None:
+                if not same_namespace:
+                    record["pid_start"] = None
+                elif session.pid_start is None:
+                    record["pid_start"] = _pid_start(pid, fresh, current)
+            self._commit(record, EventKind.SET, outside=True)
+            return self._revision, record["pid_start"]
+
+    def remove(self, id: str) -> bytes | None:
+        self._check_id(id)
+        with self._lock:
+            data = self._sessions.pop(id, None)
+            if data is not None:
+                self._live_bytes -= len(data)
+            else:
+                data = self._closed.pop(id, None)
+            if data is not None:
+                self._publish(EventKind.REMOVE, id, None)
+            return data
+
+    def transition(self, id: str, status: str) -> bytes:
+        """Move a session to ``status``: one more history entry, ``since`` reset."""
+        self._check_id(id)
+        to = check_status(status)
+        with self._lock:
+            record = self._load(id)
+            return self._commit(transition_record(record, to, now(), self.limits.max_history), EventKind.TRANSITION)
+
+    def add_usage(self, id: str, input_tokens: int, output_tokens: int) -> bytes:
+        """Add token counts to a session, live or recently closed (as ``get`` finds it): a
+        closed one stays closed, where it was among the recently closed."""
+        self._check_id(id)
+        check_count(input_tokens, "input_tokens")
+        check_count(output_tokens, "output_tokens")
+        with self._lock:
+            record = touch_record(add_usage_record(self._load(id), input_tokens, output_tokens), now())
+            return self._commit(record, EventKind.ADD_USAGE)
+
+    def report(
+        self,
+        id: str,
+        status: str,
+        working_dir: str,
+        pid: int | None = None,
+        session_id: str | None = None,
+        agent_type: str = AgentType.CLAUDE_CODE,
+    ) -> bytes:
+        """What an agent's hook says: create the session if it is new, else move it to
+        ``status`` (a history entry only if the status changes), in one step.
+
+        Every report counts as activity (``last_activity``, and no longer stale). A report
+        on a recently closed session brings it back: the agent resumed it. ``pid`` and
+        ``session_id``, when given, replace what the session had.
+
+        The agent is identified by ``pid`` and the start time /proc gives for it now (the
+        reporting agent is running), kept as ``pid_start``; if the pid has no process any
+        more, the start time the session already had for that pid is kept. A caller in
+        another pid namespace (see :mod:`shmstore.procs`) names a pid that means nothing
+        here: it is recorded as given, with no ``pid_start``, and never used to close the
+        session.
+        """
+        self._check_id(id)
+        to = check_status(status)
+        check_dir(working_dir)
+        agent = check_agent_type(agent_type)
+        if pid is not None:
+            check_pid(pid)
+        if session_id is not None:
+            check_id(session_id, "session_id")
+        same_namespace, fresh = _see_pid(pid, None)
+        with self._lock:
+            at = now()
+            current = self._sessions.get(id) or self._closed.get(id)
+            if current is not None:
+                record = orjson.loads(current)
+                if record["status"] != to:
+                    transition_record(record, to, at, self.limits.max_history)
+                touch_record(record, at)
+            else:
+                new = Session(id=id, working_dir=working_dir, agent_type=agent, status=to, since=at)
+                record = new.to_dict()
+            if pid is not None:
+                record["pid"] = pid
+                record["pid_start"] = _pid_start(pid, fresh, current) if same_namespace else None
+            if session_id is not None:
+                record["session_id"] = session_id
+            return self._commit(record, EventKind.REPORT, outside=current is None)
+
+    def once(self, client: bytes, number: int, method: str, *args: Any) -> Any:
+        """Run the write ``method(*args)`` unless this client's request ``number`` already
+        ran, and return its result either way.
+
+        A client whose connection failed during a write cannot know whether it was applied;
+        it retries with the same ``client`` token and ``number`` and gets the first
+        attempt's result instead of a second application, whichever of the two arrives
+        first. Numbers rise per client, and a client only ever retries its newest request,
+        so one entry per client is enough; the newest :data:`MAX_REMEMBERED_CLIENTS`
+        clients are remembered. A request older than the client's newest is not run.
+        """
+        if not isinstance(client, bytes) or not 8 <= len(client) <= 64:
+            raise ValidationError("client", f"must be 8 to 64 bytes, not {client!r:.80}")
+        check_count(number, "number")
+        if method not in WRITES:
+            raise ValidationError("method", f"must be one of {', '.join(sorted(WRITES))}; got {method!r:.80}")
+        with self._lock:
+            done = self._done.get(client)
+            if done is not None and number <= done[0]:
+                return done[1] if number == done[0] else None
+            result = getattr(self, method)(*args)
+            self._done.pop(client, None)
+            self._done[client] = (number, result)
+            if len(self._done) > MAX_REMEMBERED_CLIENTS:
+                del self._done[next(iter(self._done))]
+            return result
+
+    def reap(self) -> int:
+        """One pass over the live sessions: close those whose agent process is gone, and
+        mark stale those working with no activity for ``stale_after`` seconds (a session
+        that waits for the user is never marked). Returns how many it changed; each change
+        is an event. The manager runs this every ``reap_interval`` seconds.
+
+        An agent is gone when no live process has its pid *and* its start time
+        (:func:`procs.agent_alive`); no clock is compared, so a clock that steps never
+        closes a live agent. A session with no ``pid_start`` (its pid came from another pid
+        namespace, or named no process when reported) is never closed for its pid.
+
+        The sessions are examined outside the lock (reading /proc for 10,000 of them takes
+        ~0.2 s, which must not stall every client); a session that changed meanwhile is
+        left for the next pass, since its news is newer than what was examined.
+        """
+        with self._lock:
+            sessions = list(self._sessions.items())
+        at = now()
+        dead, silent = [], []
+        for id, data in sessions:
+            record = orjson.loads(data)
+            pid, start = record["pid"], record["pid_start"]
+            if pid is not None and start is not None and not procs.agent_alive(pid, start):
+                dead.append((id, data))
+            elif (
+                record["status"] == Status.WORKING
+                and not record["stale"]
+                and at - record["last_activity"] >= self.limits.stale_after
+            ):
+                silent.append((id, data))
+        changed = 0
+        with self._lock:
+            for id, data in dead:
+                if self._sessions.get(id) is data:  # unchanged since examined
+                    record = transition_record(orjson.loads(data), Status.CLOSED, now(), self.limits.max_history)
+                    self._commit(record, EventKind.CLOSE)
+                    changed += 1
+            for id, data in silent:
+                if self._sessions.get(id) is data:
+                    record = orjson.loads(data)
+                    record["stale"] = True
+                    self._commit(record, EventKind.STALE)
+                    changed += 1
+        return changed
+
+    def prune(self, older_than: float) -> int:
+        """Forget recently closed sessions that closed ``older_than`` seconds ago or more;
+        returns how many went. Each is a ``remove`` event."""
+        age = check_duration(older_than, "older_than")
+        with self._lock:
+            cutoff = now() - age
+            old = [id for id, data in self._closed.items() if orjson.loads(data)["since"] <= cutoff]
+            for id in old:
+                del self._closed[id]
+                self._publish(EventKind.REMOVE, id, None)
+            return len(old)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_id(self, id: object) -> str:
+        return check_id(id, max_length=self.limits.max_id_length)
+
+    def _load(self, id: str) -> Record:
+        """The session ``id``, live or recently closed, as a record."""
+        data = self._sessions.get(id) or self._closed.get(id)
+        if data is None:
+            raise NotFoundError(id, f"no live session with id {id!r}")
+        record: Record = orjson.loads(data)
+        return record
+
+    def _commit(self, record: Record, kind: EventKind, outside: bool = False) -> bytes:
+        """Store ``record`` as the next revision: among the live sessions, or, once closed,
+        among the recently closed (its event is then ``close``, unless it only had tokens
+        added while closed). Changes nothing and raises when the record cannot be kept:
+        StoreFullError when it would be one live session too many or take the live sessions
+        past ``max_store_bytes``; ValidationError when a record written from outside
+        (``outside``) leaves less than RECORD_RESERVE of ``max_record_bytes`` free. A record
+        the store changed that outgrows ``max_record_bytes`` loses its oldest history entries.
+        """
+        id = record["id"]
+        closing = record["status"] == Status.CLOSED
+        live = self._sessions.get(id)
+        if not closing and live is None and len(self._sessions) >= self.limits.max_sessions:
+            raise StoreFullError(
+                f"the store holds {len(self._sessions)} live sessions, its limit; {id!r} was not added",
+                limit="max_sessions",
+                id=id,
+            )
+        record["revision"] = self._revision + 1
+        # orjson builds its result in a 4 KiB buffer and shrinks it in place, which leaves
+        # a hole that later buffers do not fit: kept for long, a 1 KiB session pinned about
+        # 3.7 KiB of heap (measured). An exact-size copy costs 0.15 us and packs tightly.
+        data = memoryview(orjson.dumps(record)).tobytes()
+        limit = self.limits.max_record_bytes
+        if outside and len(data) > limit - RECORD_RESERVE:
+            raise ValidationError(
+                "session",
+                f"is {len(data)} bytes of JSON; a session may be at most {limit - RECORD_RESERVE} "
+                f"(max_record_bytes {limit}, less {RECORD_RESERVE} kept for the store's own changes)",
+            )
+        if len(data) > limit:
+            data = self._shed_history(record, data)
+        if closing:
+            if live is not None:
+                del self._sessions[id]
+                self._live_bytes -= len(live)
+            if kind is EventKind.ADD_USAGE and id in self._closed:
+                self._closed[id] = data  # not a status change: it keeps its place, and its event
+            else:
+                self._closed.pop(id, None)  # re-insert as the newest
+                self._closed[id] = data
+                while len(self._closed) > self.limits.max_closed:
+                    del self._closed[next(iter(self._closed))]
+                kind = EventKind.CLOSE
+        else:
+            total = self._live_bytes + len(data) - (0 if live is None else len(live))
+            if total > self.limits.max_store_bytes:
+                raise StoreFullError(
+                    f"the live sessions would take {total} bytes, past max_store_bytes "
+                    f"({self.limits.max_store_bytes}); "
+                    f"{id!r} was not written",
+                    limit="max_store_bytes",
+                    id=id,
+                )
+            self._closed.pop(id, None)
+            self._sessions[id] = data
+            self._live_bytes = total
+        self._publish(kind, id, data)
+        return data
+
+    def _shed_history(self, record: Record, data: bytes) -> bytes:
+        """``record`` without as many of its oldest history entries as it takes to fit in
+        ``max_record_bytes``. Only records the store itself grew come here, and RECORD_RESERVE
+        leaves them room for everything but history, so this always succeeds."""
+        history = record["history"]
+        excess, drop = len(data) - self.limits.max_record_bytes, 0
+        while excess > 0 and drop < len(history):
+            excess -= len(orjson.dumps(history[drop])) + 1  # the entry and its comma
+            drop += 1
+        del history[:drop]
+        data = memoryview(orjson.dumps(record)).tobytes()
+        if len(data) > self.limits.max_record_bytes:  # not reachable while RECORD_RESERVE holds
+            limit = self.limits.max_record_bytes
+            raise ValidationError("session", f"is {len(data)} bytes of JSON; the limit is {limit}")
+        return data
+
+    def _publish(self, kind: EventKind, id: str, data: bytes | None) -> None:
+        """Count a change, log its event, and wake every waiting ``changes`` call."""
+        self._revision += 1
+        self._log.append((self._revision, kind, id, data))
+        self._changed.notify_all()
+
+    def _check_feed(self, after_revision: int, epoch: str | None) -> None:
+        if epoch is not None and epoch != self.epoch:
+            raise ResyncRequiredError(
+                f"the store is a new one (epoch {self.epoch}, not {epoch}): the manager restarted",
+                reason="epoch",
+                after_revision=after_revision,
+            )
+        if after_revision > self._revision:
+            raise ResyncRequiredError(
+                f"revision {after_revision} is ahead of the store's {self._revision}",
+                reason="ahead",
+                after_revision=after_revision,
+            )
+        oldest = self._log[0][0] if self._log else self._revision + 1
+        if after_revision + 1 < oldest and after_revision < self._revision:
+            raise ResyncRequiredError(
+                f"the events after revision {after_revision} have left the log, which holds {oldest}..{self._revision}",
+                reason="compacted",
+                after_revision=after_revision,
+            )
+
+
+def _see_pid(pid: int | None, given_start: int | None) -> tuple[bool, int | None]:
+    """Whether the caller is in our pid namespace, so that its ``pid`` can be checked here;
+    and, if so and it gave no start time, the pid's start time now. Called before taking
+    the lock: reading /proc costs a few microseconds."""
+    same = getattr(procs.caller, "same_pid_namespace", True) is True  # unset: called in-process
+    fresh = procs.process_start(pid) if pid is not None and same and given_start is None else None
+    return same, fresh
+
+
+def _pid_start(pid: int, fresh: int | None, current: bytes | None) -> int | None:
+    """The start time that identifies agent ``pid``, for a caller in our pid namespace:
+    /proc's answer now (``fresh``), or, when the pid has no process any more, what the
+    stored session (``current``) already had for the same pid: the agent it identified is
+    gone, which the reaper will find."""
+    if fresh is not None or current is None:
+        return fresh
+    stored = orjson.loads(current)
+    return stored["pid_start"] if stored["pid"] == pid else None
+
+
+# -- the changes the store makes -------------------------------------------------------------
+#
+# The manager keeps sessions encoded and changes them in their decoded-JSON form (a
+# "record"), which costs a few microseconds where building and validating a Session with
+# a long history costs hundreds. Records only ever come from Session.to_json(), so they
+# are valid; these functions keep them so.
+
+Record = dict[str, Any]
+
+
+def transition_record(record: Record, to: Status, at: float, max_history: int) -> Record:
+    """Move ``record`` to status ``to`` at time ``at``: one more history entry, ``since``
+    reset, only the newest ``max_history`` entries kept. A clock that stepped back never
+    makes a duration negative."""
+    since = record["since"]
+    at = max(at, since)
+    history = record["history"]
+    history.append({"timestamp": at, "from": record["status"], "to": to, "duration": round(at - since, 3)})
+    del history[:-max_history]
+    record["status"] = to
+    record["since"] = at
+    record["closed"] = to is Status.CLOSED
+    return touch_record(record, at)
+
+
+def touch_record(record: Record, at: float) -> Record:
+    """The session reported something at ``at``: it is active, so no longer stale."""
+    record["last_activity"] = max(at, record["last_activity"])
+    record["stale"] = False
+    return record
+
+
+def add_usage_record(record: Record, input_tokens: int, output_tokens: int) -> Record:
+    """Add token counts to ``record``; refuses totals the wire cannot carry."""
+    usage = record["api_usage"] or {"input_tokens": 0, "output_tokens": 0}
+    total_in = usage["input_tokens"] + check_count(input_tokens, "input_tokens")
+    total_out = usage["output_tokens"] + check_count(output_tokens, "output_tokens")
+    record["api_usage"] = {
+        "input_tokens": check_count(total_in, "api_usage.input_tokens"),
+        "output_tokens": check_count(total_out, "api_usage.output_tokens"),
+    }
+    return record

@@ -1,0 +1,106 @@
+"""What the tests share: sessions to store, a way to see the whole store, the command line
+and the hook run as a user runs them, and raw calls to a manager past the Client's checks.
+
+Fixtures are in conftest.py; test files import from here and never from one another.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from multiprocess import managers
+
+import shmstore
+from shmstore import wire
+
+PYTHON = sys.executable
+#: A script that forks a manager from a lean process, as a daemon embeds one: its pid on
+#: stdout, and it stops the manager when stdin closes. The benchmarks measure it too.
+LAUNCHER = Path(__file__).resolve().parent.parent / "bench" / "launch_manager.py"
+#: The soak: worker processes and a subscriber against one manager, checking every invariant.
+SOAK = LAUNCHER.with_name("soak.py")
+
+SID = "3f2a8c1e-5b7d-4e9f-a0c2-6d8b1e4f7a93"
+CWD = "/home/dev/projects/webapp"
+
+
+def make_session(id: str = "s1", **fields: object) -> shmstore.Session:
+    fields.setdefault("working_dir", "/home/dev/project")
+    return shmstore.Session(id=id, **fields)  # type: ignore[arg-type]
+
+
+def snapshot(store: shmstore.Client) -> tuple[int, list[bytes]]:
+    """Everything a client can see of the store, for before/after comparisons."""
+    return store.revision(), sorted(s.to_json() for s in store.list_all())
+
+
+def wait_until_stopped(pid: int) -> None:
+    """SIGSTOP takes effect asynchronously: wait until every thread of ``pid`` has stopped."""
+    deadline = time.monotonic() + 5
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def run(*args: str, address: object = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``shmstore ARGS...`` in a process of its own, as a user runs it."""
+    argv = [PYTHON, "-m", "shmstore", *args]
+    if address is not None:
+        argv += ["--address", str(address)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def payload(event: str, **fields: Any) -> dict[str, Any]:
+    """A hook payload shaped like Claude Code's: the common fields plus the event's own."""
+    return {
+        "session_id": fields.pop("session_id", SID),
+        "transcript_path": f"/home/dev/.claude/projects/webapp/{SID}.jsonl",
+        "cwd": fields.pop("cwd", CWD),
+        "permission_mode": "default",
+        "hook_event_name": event,
+        **fields,
+    }
+
+
+def hook(address: object, data: dict[str, Any] | bytes, *extra: str) -> subprocess.CompletedProcess[bytes]:
+    """``shmstore hook`` fed one payload on stdin, as Claude Code runs it."""
+    body = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return subprocess.run(
+        [PYTHON, "-m", "shmstore", "hook", "--address", str(address), *extra],
+        input=body,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+class RawStore:
+    """The manager's store called with exactly the arguments given, past every check the
+    Client makes first: what a buggy or hostile client could send."""
+
+    def __init__(self, address: wire.Address, authkey: bytes) -> None:
+        setup = wire.Client(address, authkey=authkey, timeout=10)
+        try:
+            self._ident, _ = managers.dispatch(setup, None, "create", ("store",))
+        finally:
+            setup.close()
+        self._conn = wire.Client(address, authkey=authkey, timeout=10)
+        managers.dispatch(self._conn, None, "accept_connection", ("raw",))
+
+    def call(self, method: str, *args: Any) -> Any:
+        self._conn.deadline = time.monotonic() + 30
+        return managers.dispatch(self._conn, self._ident, method, args)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> RawStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
