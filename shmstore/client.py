@@ -23,9 +23,10 @@ from multiprocess import managers
 
 from . import address as addr
 from . import wire
+from .checks import MAX_WAIT
 from .errors import ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
 from .feed import Changes, Event, EventKind, Snapshot
-from .model import MAX_WAIT, AgentType, Session, Status, check_status, session_from_store
+from .model import AgentType, Session, Status, check_status, session_from_store
 
 DEFAULT_TIMEOUT = wire.DEFAULT_TIMEOUT
 #: The calls that change the store: each is sent through the manager's ``once``.

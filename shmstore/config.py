@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .checks import MAX_ID_LENGTH, check_duration, check_positive
 from .errors import ValidationError
-from .model import MAX_ID_LENGTH, check_duration, check_positive
 from .wire import MAX_MESSAGE
 
 #: The most bytes one stored session (its JSON) may take, by default. Measured: a typical

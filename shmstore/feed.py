@@ -13,7 +13,8 @@ from typing import Any
 
 import orjson
 
-from .model import Session, _check_enum, _fields, check_count, check_id, loads, session_from_store
+from .checks import _check_enum, check_count, check_id
+from .model import Session, _fields, loads, session_from_store
 
 
 class EventKind(enum.StrEnum):

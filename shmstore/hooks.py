@@ -21,9 +21,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .checks import check_dir, check_id
 from .client import Client
 from .errors import ValidationError
-from .model import Status, check_dir, check_id
+from .model import Status
 from .procs import process_stat
 
 #: The status each hook event puts a session in. :func:`status_for` refines three of them.

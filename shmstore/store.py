@@ -27,24 +27,11 @@ from typing import Any
 import orjson
 
 from . import procs
+from .checks import MAX_WAIT, check_count, check_dir, check_duration, check_id, check_pid, check_positive, now
 from .config import RECORD_RESERVE, Limits
 from .errors import ConflictError, NotFoundError, ResyncRequiredError, StoreFullError, ValidationError
 from .feed import EventKind, encode_event
-from .model import (
-    MAX_WAIT,
-    AgentType,
-    Session,
-    Status,
-    check_agent_type,
-    check_count,
-    check_dir,
-    check_duration,
-    check_id,
-    check_pid,
-    check_positive,
-    check_status,
-    now,
-)
+from .model import AgentType, Session, Status, check_agent_type, check_status
 
 #: The methods a client may call on the manager's store, and nothing else (the Client has
 #: one method of the same name for each but ``once``, which wraps the writes).

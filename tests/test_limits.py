@@ -17,6 +17,7 @@ from helpers import RawStore, make_session, run, snapshot
 
 import shmstore
 from shmstore import EventKind, Session, StateTransition, Status, StoreFullError, ValidationError, wire
+from shmstore.checks import MAX_CLOCK_AHEAD, MAX_DURATION, MAX_ID_LENGTH, MAX_PATH_LENGTH
 from shmstore.config import (
     DEFAULT_MAX_RECORD_BYTES,
     DEFAULT_MAX_STORE_BYTES,
@@ -24,7 +25,7 @@ from shmstore.config import (
     MIN_RECORD_BYTES,
     RECORD_RESERVE,
 )
-from shmstore.model import MAX_CLOCK_AHEAD, MAX_DURATION, MAX_ID_LENGTH, MAX_PATH_LENGTH, session_from_store
+from shmstore.model import session_from_store
 
 
 def state(store: shmstore.Store) -> tuple[int, list[bytes], list[bytes], bytes]:

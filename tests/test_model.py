@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from shmstore import AgentType, ApiUsage, Session, StateTransition, Status, ValidationError
-from shmstore.model import MAX_ID_LENGTH, MAX_TOKENS, session_from_store
+from shmstore.checks import MAX_ID_LENGTH, MAX_TOKENS
+from shmstore.model import session_from_store
 from shmstore.store import add_usage_record, transition_record
 
 

@@ -11,7 +11,7 @@ from helpers import RawStore, make_session, snapshot
 
 import shmstore
 from shmstore import ApiUsage, ConflictError, NotFoundError, Session, Status, ValidationError
-from shmstore.model import MAX_TOKENS
+from shmstore.checks import MAX_TOKENS
 
 
 def test_create_read_update_delete(store: shmstore.Client) -> None:
