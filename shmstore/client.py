@@ -27,10 +27,9 @@ from .checks import MAX_WAIT
 from .errors import ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
 from .feed import Changes, Event, EventKind, Snapshot
 from .model import AgentType, Session, Status, check_status, session_from_store
+from .store import WRITES
 
 DEFAULT_TIMEOUT = wire.DEFAULT_TIMEOUT
-#: The calls that change the store: each is sent through the manager's ``once``.
-_WRITES = frozenset(("set", "remove", "transition", "add_usage", "report", "prune"))
 #: Decoded sessions a client keeps, keyed by the exact bytes they came from.
 DECODE_CACHE_SIZE = 1024
 
@@ -206,7 +205,7 @@ class Client:
         timed out. Writes go through the manager's ``once`` with this thread's next request
         number, so the second try is never applied twice (exactly once, when the manager
         answers it). A call so gives up after at most twice ``timeout`` (plus ``wait``)."""
-        if method in _WRITES:
+        if method in WRITES:  # sent through the manager's once()
             args = (*self._next_request(), method, *args)
             method = "once"
         for attempt in (1, 2):

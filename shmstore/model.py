@@ -122,9 +122,13 @@ class Session:
     identifies the agent (a reused pid has another start time). The manager fills it in,
     and leaves it None when the pid is not one it can check (the reporting process is in
     another pid namespace, or the pid had no process): such a session is never closed for
-    its pid. ``revision`` is the store-wide
-    revision of the change that last touched the session; the store assigns it, and ``set``
-    can use it to refuse overwriting a newer value.
+    its pid. ``revision`` is the store-wide revision of the change that last touched the
+    session; the store assigns it, and ``set`` can use it to refuse overwriting a newer
+    value.
+
+    ``session_id`` is the agent's own **resume id** (Claude Code's ``session_id``, what
+    ``claude --resume`` takes), kept so that a closed session can be resumed; ``id`` is the
+    store's key (the hook uses the same value for both).
     """
 
     id: str
