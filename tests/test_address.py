@@ -88,7 +88,8 @@ def test_the_key_file_is_the_socket_path_plus_key(sock_dir: Path) -> None:
     key_file = sock_dir / "store.sock.key"
     with shmstore.start_server(sock_dir / "store.sock") as server:
         assert key_path(server.address) == key_file
-        assert key_file.read_bytes() == server.authkey and mode(key_file) == 0o600
+        assert key_file.read_bytes() == server.authkey
+        assert mode(key_file) == 0o600
         assert not (sock_dir / "store.key").exists()
         with shmstore.connect(server.address) as store:  # the client looks for the same name
             assert store.set(make_session()).revision == 1
@@ -111,7 +112,8 @@ def test_serve_at_server_sock_never_touches_a_users_server_key(sock_dir: Path) -
         proc.terminate()
         assert proc.wait(10) == 0
     assert notes.read_text() == "my own notes\n"
-    assert not sock.exists() and not Path(f"{sock}.key").exists()
+    assert not sock.exists()
+    assert not Path(f"{sock}.key").exists()
 
 
 def test_sockets_that_differ_only_in_their_suffix_have_key_files_of_their_own(sock_dir: Path) -> None:
@@ -145,7 +147,8 @@ def test_serve_refuses_an_address_that_is_not_a_socket_and_leaves_it_untouched(s
     elif kind == "directory":
         assert (path / "inside.txt").read_text() == "keep me"
     else:
-        assert path.is_symlink() and path.readlink() == target
+        assert path.is_symlink()
+        assert path.readlink() == target
     assert target.read_text() == "keep me"
     assert not Path(f"{path}.key").exists()
 
@@ -192,12 +195,14 @@ def test_a_key_file_left_by_a_killed_manager_does_not_block_a_restart(sock_dir: 
     first = shmstore.start_server(path)
     os.kill(first.pid, signal.SIGKILL)
     first.process.join(5)
-    assert path.exists() and key_file.read_bytes() == first.authkey  # what SIGKILL leaves
+    assert path.exists()
+    assert key_file.read_bytes() == first.authkey
     with shmstore.start_server(path) as second:
         assert key_file.read_bytes() == second.authkey != first.authkey
         with shmstore.connect(path) as store:
             assert store.revision() == 0
-    assert not path.exists() and not key_file.exists()
+    assert not path.exists()
+    assert not key_file.exists()
 
 
 def test_a_manager_that_finds_another_answering_leaves_its_key_file_alone(sock_dir: Path) -> None:
@@ -277,7 +282,9 @@ def test_serve_refuses_a_runtime_directory_another_user_made_and_leaves_it_alone
         match="^" + re.escape(f"refusing the runtime directory {runtime}: it belongs to uid {OTHER_UID}"),
     ):
         shmstore.start_server()
-    assert key_file.read_bytes() == key and mode(runtime) == 0o755 and (runtime / "store.sock").is_socket()
+    assert key_file.read_bytes() == key
+    assert mode(runtime) == 0o755
+    assert (runtime / "store.sock").is_socket()
     listener.close()
 
 
@@ -360,7 +367,8 @@ def test_a_sticky_world_writable_directory_like_tmp_is_fine(sock_dir: Path) -> N
     for path in (sticky / "s.sock", in_tmp):
         with shmstore.start_server(path), shmstore.connect(path) as store:
             assert store.revision() == 0
-        assert not path.exists() and not Path(f"{path}.key").exists()
+        assert not path.exists()
+        assert not Path(f"{path}.key").exists()
 
 
 def _tamper(key_file: Path, how: str, sock_dir: Path) -> None:
@@ -462,8 +470,10 @@ def test_shmstore_ls_refuses_a_squatted_tmp_directory_and_never_talks_to_the_pla
     assert nobody_connected(listener)
 
     serve = as_user(uid, env, "serve")
-    assert serve.returncode == 1 and f"refusing the runtime directory {squat}" in serve.stderr
-    assert key_file.read_bytes() == key and (squat / "store.sock").is_socket()  # left as it was
+    assert serve.returncode == 1
+    assert f"refusing the runtime directory {squat}" in serve.stderr
+    assert key_file.read_bytes() == key
+    assert (squat / "store.sock").is_socket()
     listener.close()
 
     shutil.rmtree(squat)  # without the squat, the same user's manager and client meet there
@@ -506,7 +516,8 @@ def test_serve_runs_in_any_thread_and_stops_when_its_stop_event_is_set(sock_dir:
     proc = subprocess.Popen(
         [PYTHON, "-c", IN_A_THREAD, str(sock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     try:
         assert proc.stdout.readline().split() == ["ready", "True"]  # and no signal handler was touched
         with shmstore.connect(sock) as store:
@@ -519,7 +530,8 @@ def test_serve_runs_in_any_thread_and_stops_when_its_stop_event_is_set(sock_dir:
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not sock.exists() and not Path(f"{sock}.key").exists()
+    assert not sock.exists()
+    assert not Path(f"{sock}.key").exists()
 
 
 IN_THE_MAIN_THREAD = """
@@ -550,4 +562,5 @@ def test_serve_puts_back_the_signal_handlers_it_replaced(sock_dir: Path) -> None
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not sock.exists() and not Path(f"{sock}.key").exists()
+    assert not sock.exists()
+    assert not Path(f"{sock}.key").exists()

@@ -27,13 +27,16 @@ def test_set_get_transition_ls_rm(server: shmstore.ServerProcess) -> None:
 
     moved = run("transition", "abc", "attention", "--json", address=server.address)
     session = shmstore.Session.from_json(moved.stdout)
-    assert session.status is shmstore.Status.ATTENTION and session.revision == 2
+    assert session.status is shmstore.Status.ATTENTION
+    assert session.revision == 2
 
     got = run("get", "abc", "--json", address=server.address)
     assert shmstore.Session.from_json(got.stdout) == session
 
     table = run("ls", address=server.address)
-    assert table.returncode == 0 and "abc" in table.stdout and "attention" in table.stdout
+    assert table.returncode == 0
+    assert "abc" in table.stdout
+    assert "attention" in table.stdout
     filtered = run("ls", "--json", "--status", "working", address=server.address)
     assert orjson.loads(filtered.stdout) == []
 
@@ -56,19 +59,22 @@ def test_errors_are_one_clear_line_and_a_failing_exit(
 ) -> None:
     result = run(*args, address=server.address)
     assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("shmstore: error: ")
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("shmstore: error: ")
     assert message in result.stderr
 
 
 def test_bad_arguments_exit_2() -> None:
     result = run("transition", "abc", "sleeping")
-    assert result.returncode == 2 and "invalid choice" in result.stderr
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
 
 
 def test_no_manager_is_one_line(sock_dir: object) -> None:
     result = run("ls", address=f"{sock_dir}/none.sock", timeout=10)
     assert result.returncode == 1
-    assert result.stderr.startswith("shmstore: error: no manager at") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("shmstore: error: no manager at")
+    assert result.stderr.count("\n") == 1
 
 
 def test_demo_runs_and_loses_nothing() -> None:

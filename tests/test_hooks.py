@@ -53,13 +53,18 @@ def test_a_whole_session_through_the_hook(store: shmstore.Client, server: shmsto
     seen: list[tuple[Status, float, float]] = []
     for sample, status in SAMPLES:
         result = hook(server.address, sample)
-        assert result.returncode == 0 and result.stderr == b"", result.stderr
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == b"", result.stderr
         session = store.get(SID)
-        assert session is not None and session.status is status, sample["hook_event_name"]
+        assert session is not None, sample["hook_event_name"]
+        assert session.status is status, sample["hook_event_name"]
         seen.append((status, session.since, session.last_activity or 0.0))
     session = store.get(SID)
-    assert session is not None and session.closed and session.session_id == SID
-    assert session.working_dir == CWD and session.pid is not None
+    assert session is not None
+    assert session.closed
+    assert session.session_id == SID
+    assert session.working_dir == CWD
+    assert session.pid is not None
     # One history entry per change of status, none for a repeat; a consistent chain.
     changes = [b for a, b in zip([s for s, _, _ in seen], [s for s, _, _ in seen][1:], strict=False) if a != b]
     assert [h.to for h in session.history] == changes
@@ -67,7 +72,8 @@ def test_a_whole_session_through_the_hook(store: shmstore.Client, server: shmsto
     # last_activity moves on every report; since only when the status changes.
     assert all(later[2] >= earlier[2] for earlier, later in itertools.pairwise(seen))
     repeats = [(a, b) for a, b in itertools.pairwise(seen) if a[0] == b[0]]
-    assert repeats and all(b[1] == a[1] for a, b in repeats)
+    assert repeats
+    assert all(b[1] == a[1] for a, b in repeats)
     # Closed: gone from the live sessions, kept among the recently closed with its resume id.
     assert store.list_all() == []
     assert [(s.id, s.session_id) for s in store.recently_closed()] == [(SID, SID)]
@@ -79,7 +85,8 @@ def test_a_closed_session_comes_back_when_resumed(store: shmstore.Client, server
     assert store.list_all() == []
     hook(server.address, payload("SessionStart", source="resume"))
     [session] = store.list_all()
-    assert session.status is Status.ATTENTION and [h.to for h in session.history] == [Status.CLOSED, Status.ATTENTION]
+    assert session.status is Status.ATTENTION
+    assert [h.to for h in session.history] == [Status.CLOSED, Status.ATTENTION]
     assert store.recently_closed() == []
 
 
@@ -120,7 +127,8 @@ def test_a_hung_store_does_not_hold_the_hook(server: shmstore.ServerProcess) -> 
         elapsed = time.monotonic() - started
     finally:
         os.kill(server.pid, signal.SIGCONT)
-    assert result.returncode == 0 and b"not reported" in result.stderr
+    assert result.returncode == 0
+    assert b"not reported" in result.stderr
     assert elapsed < 1.5  # the interpreter's start-up plus the hook's own 0.9 s deadline
 
 
@@ -163,7 +171,8 @@ def test_concurrent_reports_on_one_id_lose_no_transition(
     statuses = [e.session.status for e in reports if e.session is not None]
     expected_changes = sum(1 for a, b in itertools.pairwise(statuses) if a != b)
     session = store.get(SID)
-    assert session is not None and len(session.history) == expected_changes
+    assert session is not None
+    assert len(session.history) == expected_changes
     assert all(a.to == b.from_ for a, b in zip(session.history, session.history[1:], strict=False))
 
 
@@ -193,7 +202,8 @@ def test_a_session_whose_agent_died_is_closed_and_the_subscriber_sees_it(reaping
             event = next(watch)
         assert (event.kind, event.id) == (EventKind.CLOSE, SID)
         assert time.monotonic() - started < 2.0
-        assert event.session is not None and event.session.closed
+        assert event.session is not None
+        assert event.session.closed
         assert SID not in watch.sessions
         assert [s.id for s in store.recently_closed()] == [SID]
 
@@ -205,8 +215,10 @@ def test_a_silent_working_session_is_marked_stale_and_waiting_ones_never(reaping
         store.report("asking", Status.QUESTION, "/c")
         time.sleep(1.0)
         sessions = {s.id: s for s in store.list_all()}
-        assert sessions["busy"].stale and sessions["busy"].status is Status.WORKING
-        assert not sessions["waiting"].stale and not sessions["asking"].stale
+        assert sessions["busy"].stale
+        assert sessions["busy"].status is Status.WORKING
+        assert not sessions["waiting"].stale
+        assert not sessions["asking"].stale
         stale_events = [e.id for e in store.changes(0).events if e.kind is EventKind.STALE]
         assert stale_events == ["busy"]  # marked once, not on every pass
         assert not store.report("busy", Status.WORKING, "/a").stale  # any activity clears it
@@ -263,13 +275,15 @@ def test_install_hooks_merges_keeps_everything_and_is_idempotent(sock_dir: Path)
     settings.write_text(json.dumps(EXISTING, indent=2))
 
     dry = install(settings, "--dry-run")
-    assert dry.returncode == 0 and json.loads(settings.read_text()) == EXISTING  # nothing written
+    assert dry.returncode == 0
+    assert json.loads(settings.read_text()) == EXISTING
     assert "shmstore hook" in dry.stdout
 
     first = install(settings)
     assert first.returncode == 0, first.stderr
     merged = json.loads(settings.read_text())
-    assert merged["model"] == "opus" and merged["permissions"] == EXISTING["permissions"]
+    assert merged["model"] == "opus"
+    assert merged["permissions"] == EXISTING["permissions"]
     assert merged["hooks"]["PreToolUse"][0] == EXISTING["hooks"]["PreToolUse"][0]
     assert merged["hooks"]["Stop"][0] == EXISTING["hooks"]["Stop"][0]
     assert set(merged["hooks"]) == set(EVENT_STATUS)
@@ -280,7 +294,8 @@ def test_install_hooks_merges_keeps_everything_and_is_idempotent(sock_dir: Path)
 
     content = settings.read_bytes()
     second = install(settings)
-    assert second.returncode == 0 and "nothing changed" in second.stdout
+    assert second.returncode == 0
+    assert "nothing changed" in second.stdout
     assert settings.read_bytes() == content
     assert len(list(settings.parent.glob("*.bak"))) == 1
 
@@ -294,12 +309,14 @@ def test_installed_command_works_as_claude_code_would_run_it(sock_dir: Path, ser
     assert result.returncode == 0
     with shmstore.connect(server.address, server.authkey) as store:
         session = store.get(SID)
-        assert session is not None and session.status is Status.WORKING
+        assert session is not None
+        assert session.status is Status.WORKING
 
 
 def test_install_hooks_refuses_a_broken_settings_file(sock_dir: Path) -> None:
     settings = sock_dir / "settings.json"
     settings.write_text("{ not json")
     result = install(settings)
-    assert result.returncode == 1 and "is not JSON" in result.stderr
+    assert result.returncode == 1
+    assert "is not JSON" in result.stderr
     assert settings.read_text() == "{ not json"

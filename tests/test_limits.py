@@ -81,7 +81,8 @@ def test_set_refuses_a_history_longer_than_max_history() -> None:
     store = shmstore.Store(max_history=3)
     store.set(make_session("s", history=history(3)).to_json())  # exactly the limit: fine
     error = refused(store, "history", "set", make_session("s", history=history(4)).to_json())
-    assert "4 entries" in str(error) and "at most 3" in str(error)
+    assert "4 entries" in str(error)
+    assert "at most 3" in str(error)
     [kept] = store.list_all()
     assert len(session_from_store(kept).history) == 3  # neither replaced nor cut
     default = shmstore.Store()
@@ -130,10 +131,12 @@ def test_the_stores_own_changes_never_fail_for_size() -> None:
     store.report(session.id, "closed", "/")
     store.report(session.id, "working", "/")  # revived
     grown = store.get(session.id)
-    assert grown is not None and len(grown) <= store.limits.max_record_bytes
+    assert grown is not None
+    assert len(grown) <= store.limits.max_record_bytes
     kept = session_from_store(grown).history
     # The oldest entries made room for the newest: a consistent chain ending in the last change.
-    assert 0 < len(kept) < 203 and kept[-1].to is Status.WORKING
+    assert 0 < len(kept) < 203
+    assert kept[-1].to is Status.WORKING
     assert all(a.to == b.from_ for a, b in itertools.pairwise(kept))
     assert all(len(e) <= store.limits.max_record_bytes for e in store.list_all())
 
@@ -144,9 +147,11 @@ def test_history_sheds_its_oldest_entries_to_fit_the_record_limit() -> None:
     for k in range(500):
         store.transition("s", ["attention", "working"][k % 2])
     data = store.get("s")
-    assert data is not None and MIN_RECORD_BYTES - 200 < len(data) <= MIN_RECORD_BYTES
+    assert data is not None
+    assert MIN_RECORD_BYTES - 200 < len(data) <= MIN_RECORD_BYTES
     kept = session_from_store(data).history
-    assert kept[-1].to is Status.WORKING and len(kept) < 500
+    assert kept[-1].to is Status.WORKING
+    assert len(kept) < 500
 
 
 def fill(store: shmstore.Store, prefix: str, dir: str) -> int:
@@ -167,7 +172,8 @@ def test_live_sessions_are_bounded_in_bytes() -> None:
     dir = "/" + "a" * 700  # ~1 KB sessions
     added = fill(store, "s", dir)
     live = sum(map(len, store.list_all()))
-    assert added > 50 and limit - 1100 < live <= limit
+    assert added > 50
+    assert limit - 1100 < live <= limit
     assert len(store.snapshot()) < limit + 200
     before = state(store)
     with pytest.raises(StoreFullError, match="max_store_bytes"):
@@ -196,9 +202,14 @@ def test_a_default_store_can_always_send_its_snapshot(sock_dir: object) -> None:
         shmstore.connect(server.address, server.authkey, timeout=30) as store,
     ):
         added = 0
-        with pytest.raises(StoreFullError):
+
+        def fill() -> None:
+            nonlocal added
             for added in range(10_000):
                 store.set(Session(id=f"{added:05d}", working_dir=dir))
+
+        with pytest.raises(StoreFullError):
+            fill()
         assert 3_000 < added < 10_000
         snap = store.snapshot()
         assert len(snap.sessions) == added
@@ -252,7 +263,8 @@ def test_one_changes_reply_is_bounded_in_bytes() -> None:
         reply = store.changes(since)
         assert len(reply) <= 64 * 2**10 + MIN_RECORD_BYTES
         events = orjson.loads(reply)["events"]
-        assert events and events[0]["revision"] == since + 1
+        assert events
+        assert events[0]["revision"] == since + 1
         since, pages = events[-1]["revision"], pages + 1
     assert pages >= 3
 
@@ -347,14 +359,18 @@ def test_the_command_line_can_neither_store_nor_trip_over_far_times(server: shms
         with pytest.raises(ValidationError):
             raw.call("set", orjson.dumps({**good, "since": 1e300, "last_activity": 1e300}), None)
     got = run("get", "far", address=server.address)
-    assert got.returncode == 1 and got.stderr == "shmstore: error: no session with id 'far'\n"
+    assert got.returncode == 1
+    assert got.stderr == "shmstore: error: no session with id 'far'\n"
     pruned = run("prune", "--older-than", "1e300", address=server.address)
-    assert pruned.returncode == 1 and pruned.stderr.startswith("shmstore: error: older_than: must be between 0")
+    assert pruned.returncode == 1
+    assert pruned.stderr.startswith("shmstore: error: older_than: must be between 0")
     assert pruned.stderr.count("\n") == 1
     created = run("set", "near", "--dir", "/src", address=server.address)
     assert created.returncode == 0, created.stderr
     shown = run("get", "near", address=server.address)
-    assert shown.returncode == 0 and "near" in shown.stdout and "Traceback" not in shown.stderr
+    assert shown.returncode == 0
+    assert "near" in shown.stdout
+    assert "Traceback" not in shown.stderr
 
 
 def test_serve_refuses_a_stale_after_past_a_century(sock_dir: object) -> None:
@@ -376,7 +392,8 @@ def test_add_usage_works_on_a_recently_closed_session_and_leaves_it_closed() -> 
     assert order == ["c", "b", "a"]
     revision = store.revision()
     updated = session_from_store(store.add_usage("b", 100, 20))
-    assert updated.closed and updated.api_usage == shmstore.ApiUsage(100, 20)
+    assert updated.closed
+    assert updated.api_usage == shmstore.ApiUsage(100, 20)
     assert [session_from_store(d).id for d in store.recently_closed()] == order  # kept its place
     assert [session_from_store(d).id for d in store.list_all()] == ["live"]
     assert session_from_store(store.get("b")) == updated
@@ -391,7 +408,8 @@ def test_add_usage_on_a_closed_session_through_the_manager(store: shmstore.Clien
     store.report("s", Status.WORKING, "/w")
     store.transition("s", Status.CLOSED)
     assert store.add_usage("s", 7, 3).api_usage == shmstore.ApiUsage(7, 3)
-    assert [s.id for s in store.recently_closed()] == ["s"] and store.list_all() == []
+    assert [s.id for s in store.recently_closed()] == ["s"]
+    assert store.list_all() == []
     assert store.changes(2).events[0].kind is EventKind.ADD_USAGE
 
 
@@ -406,4 +424,5 @@ def test_ls_status_closed_lists_the_recently_closed(server: shmstore.ServerProce
     live = run("ls", "--json", address=server.address)
     assert [s["id"] for s in orjson.loads(live.stdout)] == ["busy"]
     table = run("ls", "--status", "closed", address=server.address)
-    assert "done" in table.stdout and "busy" not in table.stdout
+    assert "done" in table.stdout
+    assert "busy" not in table.stdout

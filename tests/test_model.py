@@ -71,7 +71,8 @@ def test_large_history_round_trips() -> None:
 
 def test_values_are_frozen_and_compare_by_value() -> None:
     a, b = full_session(), full_session()
-    assert a == b and a is not b
+    assert a == b
+    assert a is not b
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.status = Status.WORKING  # type: ignore[misc]
     assert dataclasses.replace(a, status=Status.WORKING) != a
@@ -89,7 +90,8 @@ def test_closed_follows_status() -> None:
 
 def test_enum_values_as_strings_are_accepted() -> None:
     session = Session(id="a", working_dir="/", status="attention", agent_type="claude_code")  # type: ignore[arg-type]
-    assert session.status is Status.ATTENTION and session.agent_type is AgentType.CLAUDE_CODE
+    assert session.status is Status.ATTENTION
+    assert session.agent_type is AgentType.CLAUDE_CODE
 
 
 @pytest.mark.parametrize(
@@ -165,7 +167,9 @@ def test_transition_record_appends_and_bounds_history() -> None:
     transition_record(record, Status.WORKING, 13.0, max_history=2)
     transition_record(record, Status.CLOSED, 20.0, max_history=2)
     session = Session.from_dict(record)
-    assert session.status is Status.CLOSED and session.closed and session.since == 20.0
+    assert session.status is Status.CLOSED
+    assert session.closed
+    assert session.since == 20.0
     assert [(h.from_, h.to, h.duration) for h in session.history] == [
         (Status.ATTENTION, Status.WORKING, 0.5),
         (Status.WORKING, Status.CLOSED, 7.0),
@@ -176,7 +180,8 @@ def test_transition_record_never_goes_back_in_time() -> None:
     record = orjson.loads(Session(id="a", working_dir="/", since=50.0).to_json())
     transition_record(record, Status.ATTENTION, 40.0, max_history=10)  # the wall clock stepped back
     entry = Session.from_dict(record).history[0]
-    assert entry.duration == 0.0 and entry.timestamp == 50.0
+    assert entry.duration == 0.0
+    assert entry.timestamp == 50.0
 
 
 def test_add_usage_record_adds_and_refuses_overflow() -> None:
@@ -195,7 +200,8 @@ def test_fast_decoding_of_stored_sessions_matches_the_validating_one() -> None:
         data = session.to_json()
         decoded = session_from_store(data)
         assert decoded == Session.from_json(data) == session
-        assert type(decoded.history) is tuple and all(type(h.to) is Status for h in decoded.history)
+        assert type(decoded.history) is tuple
+        assert all(type(h.to) is Status for h in decoded.history)
 
 
 def test_fast_decoding_falls_back_to_validation_on_a_malformed_reply() -> None:

@@ -130,7 +130,8 @@ def test_a_clock_stepped_back_does_not_close_a_live_agent(
     monkeypatch.undo()  # the clock is put right: the agent started "after" it last reported
     store.reap()  # which marks it stale (silent for a year, as far as the clock can tell), no more
     [live] = [session_from_store(data) for data in store.list_all()]
-    assert live.status is Status.WORKING and live.stale
+    assert live.status is Status.WORKING
+    assert live.stale
     assert [e["kind"] for e in orjson.loads(store.changes(0))["events"]] == ["report", "stale"]
 
 
@@ -143,7 +144,8 @@ def test_a_reused_pid_closes_the_session_and_a_live_one_stays(child: subprocess.
     assert store.reap() == 1
     assert session_from_store(store.get("gone")).closed
     here = session_from_store(store.get("here"))
-    assert not here.closed and here.pid_start == start
+    assert not here.closed
+    assert here.pid_start == start
 
 
 # -- (b) a real manager closes the session of an agent that died -------------------------------
@@ -161,8 +163,10 @@ def test_a_reported_agent_that_dies_is_closed_by_reap(store: shmstore.Client) ->
         agent.wait()
     assert store.reap() == 1
     closed = store.get("s")
-    assert closed is not None and closed.closed
-    assert store.list_all() == [] and [s.id for s in store.recently_closed()] == ["s"]
+    assert closed is not None
+    assert closed.closed
+    assert store.list_all() == []
+    assert [s.id for s in store.recently_closed()] == ["s"]
 
 
 # -- (c) a pid from another pid namespace is never used ----------------------------------------
@@ -205,7 +209,8 @@ def test_a_report_with_a_pid_that_has_no_process_keeps_what_it_knew(child: subpr
     assert store.reap() == 1
     # A pid that never had a process here is recorded with no start: it cannot be checked.
     other = session_from_store(store.report("u", Status.WORKING, "/u", pid=dead_pid()))
-    assert other.pid_start is None and store.reap() == 0
+    assert other.pid_start is None
+    assert store.reap() == 0
 
 
 # -- (d) through a real pid namespace -------------------------------------------------------------
@@ -291,7 +296,8 @@ def test_a_hook_from_another_pid_namespace_is_never_reaped(
     assert (returncode, stderr) == ("0", "-")
     with shmstore.connect(namespace_aware.address, namespace_aware.authkey) as store:
         session = store.get(SID)
-        assert session is not None and session.pid == int(pid)
+        assert session is not None
+        assert session.pid == int(pid)
         assert session.pid_start is None  # not a pid of ours: not used
         # The agent is gone (the namespace has ended) and whatever has that pid here is not it:
         # either way the session is left to the agent's own SessionEnd, or to going stale.
@@ -300,4 +306,5 @@ def test_a_hook_from_another_pid_namespace_is_never_reaped(
         # The same manager still identifies an agent of its own namespace.
         hook(namespace_aware.address, payload("UserPromptSubmit", session_id="local"), "--pid", str(child.pid))
         local = store.get("local")
-        assert local is not None and local.pid_start == procs.process_start(child.pid)
+        assert local is not None
+        assert local.pid_start == procs.process_start(child.pid)

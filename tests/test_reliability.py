@@ -190,7 +190,8 @@ def test_a_worker_killed_mid_call_changes_nothing_for_the_others(server: shmstor
         chain = session.history
         assert all(a.to == b.from_ for a, b in pairwise(chain))
         assert chain[-1].to is Status.QUESTION
-        assert session.api_usage is not None and session.api_usage.input_tokens == session.api_usage.output_tokens
+        assert session.api_usage is not None
+        assert session.api_usage.input_tokens == session.api_usage.output_tokens
 
 
 # -- limits ----------------------------------------------------------------------------------

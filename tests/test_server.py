@@ -25,7 +25,8 @@ def test_socket_and_key_file_are_private(server: shmstore.ServerProcess) -> None
     key_file = Path(f"{server.address}.key")
     assert mode(server.address) == 0o600
     assert mode(key_file) == 0o600
-    assert key_file.read_bytes() == server.authkey and len(server.authkey) == 64
+    assert key_file.read_bytes() == server.authkey
+    assert len(server.authkey) == 64
 
 
 def test_client_finds_the_key_file_by_itself(server: shmstore.ServerProcess) -> None:
@@ -41,7 +42,8 @@ def test_default_address_is_a_private_per_user_directory(sock_dir: Path) -> None
         sock = sock_dir / "shmstore" / "store.sock"
         assert f"serving at {sock}" in line
         assert mode(sock_dir / "shmstore") == 0o700
-        assert mode(sock) == 0o600 and mode(Path(f"{sock}.key")) == 0o600
+        assert mode(sock) == 0o600
+        assert mode(Path(f"{sock}.key")) == 0o600
         ls = subprocess.run([PYTHON, "-m", "shmstore", "ls", "--json"], env=env, capture_output=True, text=True)
         assert (ls.returncode, ls.stdout.strip()) == (0, "[]")
     finally:
@@ -62,7 +64,8 @@ def test_serve_exits_cleanly_on_signals(sock_dir: Path, signum: int) -> None:
         store.set(make_session())
     proc.send_signal(signum)
     assert proc.wait(10) == 0
-    assert not sock.exists() and not Path(f"{sock}.key").exists()
+    assert not sock.exists()
+    assert not Path(f"{sock}.key").exists()
 
 
 def test_a_stale_socket_is_cleaned_up(sock_dir: Path) -> None:

@@ -20,7 +20,8 @@ def test_create_read_update_delete(store: shmstore.Client) -> None:
     assert created.revision == 1
     assert store.get("s1") == created
     replaced = store.set(make_session("s1", working_dir="/elsewhere"))
-    assert replaced.revision == 2 and store.get("s1") == replaced
+    assert replaced.revision == 2
+    assert store.get("s1") == replaced
     assert store.remove("s1") == replaced
     assert store.get("s1") is None
     assert store.remove("s1") is None
@@ -47,8 +48,10 @@ def test_transition_records_history_and_durations(store: shmstore.Client) -> Non
     ]
     assert first.history[0].duration == pytest.approx(first.since - start.since, abs=0.002)
     assert first.history[0].duration >= 0.04
-    assert second.since >= first.since and third.since == third.history[-1].timestamp
-    assert third.closed and not second.closed
+    assert second.since >= first.since
+    assert third.since == third.history[-1].timestamp
+    assert third.closed
+    assert not second.closed
     assert third.revision == start.revision + 3
 
 
@@ -76,7 +79,8 @@ def test_expected_revision_refuses_a_stale_write(store: shmstore.Client) -> None
     with pytest.raises(ConflictError):
         store.set(make_session("s1"), expected_revision=0)
     current = store.get("s1")
-    assert current is not None and current.status is Status.ATTENTION
+    assert current is not None
+    assert current.status is Status.ATTENTION
     assert store.set(make_session("s1"), expected_revision=current.revision).revision == 3
     assert store.set(make_session("new"), expected_revision=0).revision == 4
 
@@ -152,13 +156,15 @@ def test_unchanged_sessions_are_decoded_once(store: shmstore.Client) -> None:
     assert first is again  # the same frozen value, handed out twice
     assert store.list_all()[0] is first
     changed = store.transition("s1", Status.ATTENTION)
-    assert store.get("s1") is changed and changed is not first
+    assert store.get("s1") is changed
+    assert changed is not first
 
 
 def test_client_returns_copies_the_manager_does_not_share(store: shmstore.Client) -> None:
     session = store.set(make_session("s1"))
     mine = store.get("s1")
-    assert mine == session and mine is not session
+    assert mine == session
+    assert mine is not session
     store.transition("s1", Status.ATTENTION)
     assert mine.status is Status.WORKING  # our copy is a value; it did not move
 

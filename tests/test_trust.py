@@ -128,7 +128,8 @@ def test_writes_from_a_forked_child_are_never_taken_for_its_parents_retries(stor
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     session = store.get("s1")
-    assert session is not None and session.api_usage is not None
+    assert session is not None
+    assert session.api_usage is not None
     assert session.api_usage.input_tokens == 111
 
 
@@ -180,9 +181,11 @@ def test_a_write_that_timed_out_is_retried_and_applied_exactly_once(server: shms
         session = store.add_usage("s1", 100)
     finally:
         timer.join()
-    assert session.api_usage is not None and session.api_usage.input_tokens == 101
+    assert session.api_usage is not None
+    assert session.api_usage.input_tokens == 101
     stored = store.get("s1")
-    assert stored is not None and stored.api_usage is not None
+    assert stored is not None
+    assert stored.api_usage is not None
     assert stored.api_usage.input_tokens == 101
 
 
@@ -247,7 +250,8 @@ def test_a_trickling_peer_is_dropped_at_the_handshake_deadline(sock_dir: Path) -
                 dropped = time.monotonic() - started
                 break
             time.sleep(0.3)
-        assert dropped is not None and dropped < 2.0
+        assert dropped is not None
+        assert dropped < 2.0
 
 
 def test_a_client_turned_away_by_a_full_manager_is_told_so(sock_dir: Path) -> None:
@@ -325,9 +329,13 @@ def test_a_large_send_to_a_stopped_manager_gives_up_at_the_deadline(server: shms
     wait_until_stopped(server.pid)
     big = make_session("big", working_dir="/" + "w" * 4000, session_id="r" * 200)
     started = time.monotonic()
-    with pytest.raises(StoreUnavailableError):
-        for _ in range(400):  # ~2 MB in all: far more than the socket buffers hold
+
+    def send_far_more_than_the_socket_buffers_hold() -> None:
+        for _ in range(400):  # ~2 MB in all
             store.set(big)
+
+    with pytest.raises(StoreUnavailableError):
+        send_far_more_than_the_socket_buffers_hold()
     assert time.monotonic() - started < 3.0  # two tries of 0.5 s, and their connects
     os.kill(server.pid, signal.SIGCONT)
 
@@ -341,7 +349,8 @@ def test_watch_sessions_reflect_only_the_events_yielded(store: shmstore.Client) 
         store.set(make_session(id))
     watch = store.watch(after_revision=start)
     first = watch.poll(1)
-    assert first is not None and first.id == "a"
+    assert first is not None
+    assert first.id == "a"
     assert set(watch.sessions) == {"a"}
     assert watch.revision == first.revision
     watch.poll(1)

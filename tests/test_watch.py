@@ -19,7 +19,8 @@ from shmstore import EventKind, ResyncRequiredError, Status, ValidationError
 
 
 def test_snapshot_and_changes(store: shmstore.Client) -> None:
-    assert store.snapshot().revision == 0 and store.snapshot().sessions == ()
+    assert store.snapshot().revision == 0
+    assert store.snapshot().sessions == ()
     store.set(make_session("a"))
     snap = store.snapshot()
     store.transition("a", Status.ATTENTION)
@@ -34,8 +35,10 @@ def test_snapshot_and_changes(store: shmstore.Client) -> None:
         (4, EventKind.SET, "b"),
         (5, EventKind.REMOVE, "b"),
     ]
-    assert changes.events[0].session is not None and changes.events[0].session.status is Status.ATTENTION
-    assert changes.events[1].session is not None and changes.events[1].session.revision == 3
+    assert changes.events[0].session is not None
+    assert changes.events[0].session.status is Status.ATTENTION
+    assert changes.events[1].session is not None
+    assert changes.events[1].session.revision == 3
     assert changes.events[3].session is None
     assert store.changes(5).events == ()
 
@@ -96,7 +99,8 @@ def test_blocked_watchers_do_not_hold_up_writers(server: Any) -> None:
     assert time.monotonic() - started < 10  # had waiters held the lock, this would take 30 s
     for t in threads:
         t.join(10)
-    assert len(woken) == 4 and all(n >= 1 for n in woken)
+    assert len(woken) == 4
+    assert all(n >= 1 for n in woken)
 
 
 def _writer(address: Any, authkey: bytes, seed: int, rounds: int) -> None:
@@ -164,7 +168,9 @@ def test_watch_that_falls_behind_a_small_log_resyncs(sock_dir: Path) -> None:
         for n in range(30):
             store.set(make_session(f"s{n % 3}", working_dir=f"/v/{n}"))
         event = next(watch)  # the log moved on by 30 events; the watch starts again from a snapshot
-        assert event.kind is EventKind.SNAPSHOT and event.revision == 30 and watch.snapshots == 2
+        assert event.kind is EventKind.SNAPSHOT
+        assert event.revision == 30
+        assert watch.snapshots == 2
         store.transition("s1", Status.CLOSED)
         event = next(watch)
         assert (event.kind, event.revision, event.id) == (EventKind.CLOSE, 31, "s1")
@@ -190,7 +196,8 @@ def test_watch_resyncs_after_a_manager_restart(sock_dir: Path) -> None:
         for n in range(7):  # the new store passes the old revision: only the epoch tells
             store.set(make_session(f"new{n}"))
         event = next(watch)
-        assert event.kind is EventKind.SNAPSHOT and event.revision == 7
+        assert event.kind is EventKind.SNAPSHOT
+        assert event.revision == 7
         assert set(watch.sessions) == {f"new{n}" for n in range(7)}
 
 
