@@ -47,32 +47,37 @@ class StoreProxy(managers.BaseProxy):
     sharing its parent's sockets.
     """
 
-    def __init__(self, *args: Any, timeout: float = DEFAULT_TIMEOUT, **kwds: Any) -> None:
+    def __init__(self, *args: Any, **kwds: Any) -> None:
         super().__init__(*args, **kwds)
-        self._timeout = timeout
         self._own()
 
     def _own(self) -> None:
         """Start with no connections, in this process."""
         self._pid = os.getpid()
         self._tls = threading.local()
-        # Every connection this proxy opened, whichever thread holds it. The lock guards
-        # the set itself; each connection is used only by its own thread.
+        # Every connection this proxy opened, whichever thread holds it. The lock guards the
+        # set, and is held wherever a listed connection is closed or shut down, so that
+        # close() never shuts down a descriptor another thread has just closed (and the
+        # kernel may have handed to someone else). Each connection is used by one thread.
         self._conns: set[wire.Connection] = set()
         self._conns_lock = threading.Lock()
 
     def _after_fork(self) -> None:
         """``multiprocess`` children: nothing to do (the pid check handles every fork)."""
 
-    def _connection(self) -> wire.Connection:
+    def _forget_if_forked(self) -> None:
         if self._pid != os.getpid():
-            # Forked: the sockets are the parent's (closing our copies leaves its own open).
+            # The sockets are the parent's: close our copies of the descriptors (which
+            # leaves the parent's open) and never shut them down (which would not).
             for inherited in list(self._conns):
                 inherited.close()
             self._own()
+
+    def _connection(self, deadline: float) -> wire.Connection:
+        self._forget_if_forked()
         conn: wire.Connection | None = getattr(self._tls, "connection", None)
         if conn is None or conn.closed:
-            conn = wire.Client(self._token.address, authkey=bytes(self._authkey), timeout=self._timeout)
+            conn = wire.Client(self._token.address, authkey=bytes(self._authkey), timeout=_left(deadline))
             with self._conns_lock:
                 self._conns.add(conn)
             try:
@@ -83,13 +88,19 @@ class StoreProxy(managers.BaseProxy):
             self._tls.connection = conn
         return conn
 
-    def call(self, method: str, args: tuple[Any, ...], wait: float = 0.0) -> Any:
-        """Call ``method`` in the manager; allow ``wait`` more seconds for the reply of a
-        call that waits there (``changes``)."""
-        conn = self._connection()
-        conn.deadline = time.monotonic() + self._timeout + wait
+    def call(self, method: str, args: tuple[Any, ...], deadline: float) -> Any:
+        """Call ``method`` in the manager; connecting and the reply must all be done by
+        ``deadline`` (``time.monotonic()``)."""
+        conn = self._connection(deadline)
+        conn.deadline = deadline
         try:
             conn.send((self._id, method, args, {}))
+        except ValidationError:
+            raise  # nothing was sent: the connection is still in step
+        except BaseException:
+            self._drop(conn)
+            raise
+        try:
             kind, result = conn.recv()
         except BaseException:
             self._drop(conn)
@@ -105,21 +116,35 @@ class StoreProxy(managers.BaseProxy):
             del self._tls.connection
         with self._conns_lock:
             self._conns.discard(conn)
-        conn.close()
+            conn.close()
 
     def close(self) -> None:
         """End every connection: this thread's is closed; another thread's is shut down
         (a call of its in flight fails at once) and closed when that thread lets go of it,
-        so its descriptor is never reused under it."""
+        so its descriptor is never reused under it. In a forked child, only the child's
+        copies of its parent's descriptors are closed."""
+        if self._pid != os.getpid():
+            self._forget_if_forked()
+            return
+        mine = getattr(self._tls, "connection", None)
+        if mine is not None:
+            del self._tls.connection
         with self._conns_lock:
             conns, self._conns = self._conns, set()
-        mine = getattr(self._tls, "connection", None)
-        for conn in conns:
-            if conn is mine:
-                del self._tls.connection
-                conn.close()
-            else:
-                conn.shutdown()
+            for conn in conns:
+                if conn is mine:
+                    conn.close()
+                else:
+                    conn.shutdown()
+
+
+#: The types a call's arguments may have: what the manager can unpickle and validate.
+_SENDABLE = frozenset({str, int, float, bool, bytes, type(None), Status, AgentType})
+
+
+def _left(deadline: float) -> float:
+    """Seconds until ``deadline``, never quite zero (a zero timeout means something else)."""
+    return max(0.001, deadline - time.monotonic())
 
 
 def _thread_name() -> str:
@@ -147,8 +172,9 @@ class Client:
         self.address = addr.resolve(address)
         self.timeout = float(timeout)
         self._authkey = None if authkey is None else addr.as_key(authkey)
+        self._pid = os.getpid()
         self._proxy: StoreProxy | None = None
-        self._proxy_lock = threading.Lock()
+        self._proxy_lock = threading.Lock()  # guards _proxy
         self._decoded: dict[bytes, Session] = {}
         self._requests = threading.local()  # this thread's request token and number
 
@@ -165,27 +191,46 @@ class Client:
 
     def connect(self) -> Client:
         """Connect now rather than at the first call; returns the client."""
-        self._get_proxy()
+        self._get_proxy(time.monotonic() + self.timeout)
         return self
 
     def close(self) -> None:
         """Close this client's connections. A later call connects again."""
+        self._forget_if_forked()
         with self._proxy_lock:
             proxy, self._proxy = self._proxy, None
         if proxy is not None:
             proxy.close()
 
-    def _get_proxy(self) -> StoreProxy:
+    def _forget_if_forked(self) -> None:
+        """In a forked child, start afresh: the lock may have been held by a thread that
+        does not exist here (taking it would wait for ever), and the proxy's connections
+        are the parent's."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._proxy_lock = threading.Lock()
+            proxy, self._proxy = self._proxy, None
+            if proxy is not None:
+                proxy.close()  # closes only the child's copies of the descriptors
+
+    def _get_proxy(self, deadline: float) -> StoreProxy:
+        self._forget_if_forked()
+        proxy = self._proxy
+        if proxy is not None:
+            return proxy
+        # Made outside the lock, so that a thread waiting for it never waits for another
+        # thread's whole timeout on top of its own; if two race, the first one wins.
+        made = self._new_proxy(deadline)
         with self._proxy_lock:
             if self._proxy is None:
-                self._proxy = self._new_proxy()
+                self._proxy = made
             return self._proxy
 
-    def _new_proxy(self) -> StoreProxy:
+    def _new_proxy(self, deadline: float) -> StoreProxy:
         key = self._authkey if self._authkey is not None else addr.read_key(self.address)
         where = addr.format_address(self.address)
         try:
-            conn = wire.Client(self.address, authkey=key, timeout=self.timeout)
+            conn = wire.Client(self.address, authkey=key, timeout=_left(deadline))
             try:
                 ident, exposed = managers.dispatch(conn, None, "create", ("store",))
             finally:
@@ -198,27 +243,33 @@ class Client:
         # count again (incref=False) saves a connection, and a client that dies without
         # saying goodbye can then never make the manager drop its store.
         token = managers.Token("store", self.address, ident)
-        return StoreProxy(token, wire.SERIALIZER, authkey=key, exposed=exposed, incref=False, timeout=self.timeout)
+        return StoreProxy(token, wire.SERIALIZER, authkey=key, exposed=exposed, incref=False)
 
     def _call(self, method: str, *args: Any, wait: float = 0.0) -> Any:
         """One call, tried once more on a fresh connection if its connection failed or
         timed out. Writes go through the manager's ``once`` with this thread's next request
         number, so the second try is never applied twice (exactly once, when the manager
-        answers it). A call so gives up after at most twice ``timeout`` (plus ``wait``)."""
+        answers it). Each try, connecting included, has ``timeout`` (plus ``wait``) in all,
+        so a call gives up after at most twice that."""
+        for arg in args:
+            if type(arg) not in _SENDABLE:
+                raise ValidationError("arguments", f"{method}() takes plain values, not {type(arg).__name__}")
         if method in WRITES:  # sent through the manager's once()
             args = (*self._next_request(), method, *args)
             method = "once"
         for attempt in (1, 2):
-            proxy = self._get_proxy()
+            deadline = time.monotonic() + self.timeout + wait
+            proxy = self._get_proxy(deadline)
             try:
-                return proxy.call(method, args, wait)
+                return proxy.call(method, args, deadline)
             except ShmstoreError:
                 raise
             except (EOFError, OSError, managers.RemoteError) as exc:
+                # The next call makes a fresh proxy (the manager may be a new one). Other
+                # threads' calls in flight on this one are left to finish.
                 with self._proxy_lock:
                     if self._proxy is proxy:
                         self._proxy = None
-                proxy.close()
                 if attempt == 2 or isinstance(exc, managers.RemoteError):
                     where = addr.format_address(self.address)
                     name = args[2] if method == "once" else method

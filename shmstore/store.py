@@ -147,7 +147,7 @@ class Store:
         wait = check_duration(timeout, "timeout", MAX_WAIT)
         if epoch is not None and not isinstance(epoch, str):
             raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
-        check_positive(limit, "limit")
+        limit = min(check_positive(limit, "limit"), self.limits.log_size)  # islice takes no more than sys.maxsize
         with self._changed:
             self._check_feed(after_revision, epoch)
             if after_revision == self._revision and wait:
@@ -297,7 +297,7 @@ class Store:
         if not isinstance(client, bytes) or not 8 <= len(client) <= 64:
             raise ValidationError("client", f"must be 8 to 64 bytes, not {client!r:.80}")
         check_count(number, "number")
-        if method not in WRITES:
+        if not isinstance(method, str) or method not in WRITES:
             raise ValidationError("method", f"must be one of {', '.join(sorted(WRITES))}; got {method!r:.80}")
         with self._lock:
             done = self._done.get(client)

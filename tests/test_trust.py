@@ -6,6 +6,7 @@ or slow peers, a full manager, oversized messages: each against a real manager p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -318,7 +319,7 @@ def test_a_reply_over_the_limit_is_a_typed_error_and_the_next_call_works(
     ):
         for n in range(100):
             store.set(make_session(f"s{n}", working_dir="/" + "d" * 4000))  # 100 x ~4 KB > 256 KiB
-        with pytest.raises(StoreUnavailableError, match="larger than"):
+        with pytest.raises(StoreUnavailableError, match=r"reply: make [0-9]+ bytes; the most one message carries"):
             store.list_all()
         assert store.get("s7") is not None
 
@@ -391,3 +392,99 @@ def test_set_returns_the_session_as_stored(store: shmstore.Client) -> None:
     returned = store.set(make_session("s1", pid=os.getpid()))
     assert returned == store.get("s1")
     assert returned.pid_start is not None
+
+
+# -- found by review: forks and threads against the deadline, arguments that cannot travel ----
+
+
+def test_a_child_forked_while_a_thread_connects_is_not_stuck(server: shmstore.ServerProcess) -> None:
+    client = shmstore.Client(server.address, server.authkey, timeout=1.0)
+    os.kill(server.pid, signal.SIGSTOP)
+    wait_until_stopped(server.pid)
+
+    def first_call() -> None:
+        with contextlib.suppress(StoreUnavailableError):  # either outcome is fine here
+            client.revision()
+
+    connecting = threading.Thread(target=first_call)
+    connecting.start()
+    time.sleep(0.2)  # the thread is now inside its first connect
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if client.revision() == 0 else 2
+        finally:
+            os._exit(code)
+    os.kill(server.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    connecting.join()
+    assert done[0] == pid, "the child hung"
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def test_threads_sharing_a_client_each_give_up_within_their_own_deadline(server: shmstore.ServerProcess) -> None:
+    client = shmstore.Client(server.address, server.authkey, timeout=0.5)
+    os.kill(server.pid, signal.SIGSTOP)
+    wait_until_stopped(server.pid)
+    took: list[float] = []
+
+    def call() -> None:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            client.revision()
+        took.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    assert len(took) == 8
+    assert max(took) < 2 * 0.5 + 0.5  # two tries of 0.5 s each, not a queue of them
+
+
+class _Custom(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [lambda: None, _Custom("s1"), [[[]]], "x" * (wire.MAX_MESSAGE + 1)],
+    ids=["a function", "a str subclass", "a list", "70 MB"],
+)
+def test_arguments_that_cannot_travel_are_a_validation_error_and_the_connection_stays(
+    store: shmstore.Client, bad: object
+) -> None:
+    store.set(make_session("s1"))
+    before = store.revision()
+    with pytest.raises(shmstore.ValidationError):
+        store.get(bad)  # type: ignore[arg-type]
+    assert store.revision() == before
+    assert store.get("s1") is not None
+
+
+def test_a_huge_changes_limit_is_only_an_upper_bound(store: shmstore.Client) -> None:
+    store.set(make_session("s1"))
+    assert [event.id for event in store.changes(0, limit=2**63).events] == ["s1"]
+
+
+def test_an_authenticated_client_announcing_an_oversized_message_is_disconnected(
+    server: shmstore.ServerProcess,
+) -> None:
+    conn = wire.Client(server.address, authkey=server.authkey, timeout=5)
+    try:
+        multiprocess.managers.dispatch(conn, None, "accept_connection", ("big",))
+        os.write(conn.fileno(), struct.pack("!i", wire.MAX_MESSAGE + 1))  # and no body
+        with pytest.raises(EOFError):
+            conn.recv()
+    finally:
+        conn.close()
