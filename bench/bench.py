@@ -69,20 +69,41 @@ def make_session(id: str) -> Session:
 Ops = dict[str, Callable[[], object]]
 
 
-def interleaved_us(ops: Ops, n: int, rounds: int) -> dict[str, float]:
+def interleaved_us(ops: Ops, n: int, rounds: int, cpu: dict[str, float] | None = None) -> dict[str, float]:
     """Microseconds per call of each op: the median over ``rounds`` rounds, each of which
     runs every op ``n`` times in turn, so that a machine's slow and fast moments fall on
-    all of them alike."""
+    all of them alike. With ``cpu``, also fills it with the CPU time per call spent by this
+    process and every process it started (the servers): unlike wall-clock time, that does
+    not count the time the machine's other work held the CPU."""
     runs: dict[str, list[float]] = {name: [] for name in ops}
+    cpu_runs: dict[str, list[float]] = {name: [] for name in ops}
     for op in ops.values():
         op()
     for _ in range(rounds):
         for name, op in ops.items():
+            spent = _tree_cpu() if cpu is not None else 0.0
             start = time.perf_counter()
             for _ in range(n):
                 op()
             runs[name].append((time.perf_counter() - start) / n * 1e6)
+            if cpu is not None:
+                cpu_runs[name].append((_tree_cpu() - spent) / n * 1e6)
+    if cpu is not None:
+        cpu.update({name: statistics.median(values) for name, values in cpu_runs.items()})
     return {name: statistics.median(values) for name, values in runs.items()}
+
+
+def _tree_cpu() -> float:
+    """CPU seconds of this process and of every process it started, every thread of each,
+    from /proc/<pid>/task/<tid>/schedstat (nanoseconds; psutil's cpu_times counts 10 ms
+    ticks, too coarse for a batch of round trips)."""
+    total = 0
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{process.pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{process.pid}/task/{task}/schedstat") as file:
+                    total += int(file.read().split()[0])
+    return total / 1e9
 
 
 # -- the floors and the peers, each yielding the operations it offers -------------------------
@@ -374,7 +395,8 @@ def main() -> int:
             ops.update(shmstore_ops(store))
             ops.update(stack.enter_context(sync_manager_ops(as_dict)))
             ops.update(stack.enter_context(redis_ops(tmp, data, skipped)))
-            us = interleaved_us(ops, n, repeat)
+            cpu_us: dict[str, float] = {}
+            us = interleaved_us(ops, n, repeat, cpu_us)
             for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
                 os.sched_setaffinity(process.pid, every_cpu)
             us_unpinned = interleaved_us(ops, n, repeat)
@@ -401,6 +423,13 @@ def main() -> int:
         "scale_8_vs_1": scaling["8"] / scaling["1"],
         "transition_4_watchers_vs_alone": feed["transition_4_watchers"] / feed["transition_alone"],
     }
+    cpu_pingpong = cpu_us["pingpong_multiprocess_connection"]
+    ratios_cpu = {
+        "get_vs_pingpong": cpu_us["shmstore_get"] / cpu_pingpong,
+        "set_vs_pingpong": cpu_us["shmstore_set"] / cpu_pingpong,
+        "transition_vs_pingpong": cpu_us["shmstore_transition"] / cpu_pingpong,
+        "get_vs_redis": cpu_us["redis_get"] / cpu_us["shmstore_get"] if redis_ran else None,
+    }
     unpinned = us_unpinned["pingpong_multiprocess_connection"]
     ratios_unpinned = {
         "get_vs_pingpong": us_unpinned["shmstore_get"] / unpinned,
@@ -422,12 +451,14 @@ def main() -> int:
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "record_bytes": len(data),
         "us_per_op": us,
+        "cpu_us_per_op": cpu_us,
         "us_per_op_unpinned": us_unpinned,
         "change_feed_us": feed,
         "skipped": skipped,
         "scaling_ops_per_s": scaling,
         "memory": memory,
         "ratios": ratios,
+        "ratios_cpu": ratios_cpu,
         "ratios_unpinned": ratios_unpinned,
         "targets_met": targets,
         "seconds": time.monotonic() - started,
@@ -443,9 +474,14 @@ def print_table(results: dict[str, Any]) -> None:
     floor = us["pingpong_multiprocess_connection"]
     print(f"session record: {results['record_bytes']} bytes of JSON, 10-entry history")
     print("latency rows: client and servers pinned to one CPU, so a round trip is two context switches")
-    print(f"\n{'operation':<42}{'us/op':>10}{'ops/s':>10}{'x ping-pong':>13}")
+    cpu = results["cpu_us_per_op"]
+    cpu_floor = cpu["pingpong_multiprocess_connection"]
+    print(f"\n{'operation':<42}{'us/op':>10}{'ops/s':>10}{'x ping-pong':>13}{'cpu us/op':>11}{'x (cpu)':>9}")
     for name, value in us.items():
-        print(f"{name:<42}{value:>10.1f}{1e6 / value:>10.0f}{value / floor:>13.2f}")
+        line = f"{name:<42}{value:>10.1f}{1e6 / value:>10.0f}{value / floor:>13.2f}"
+        if name in cpu:
+            line += f"{cpu[name]:>11.1f}{cpu[name] / cpu_floor:>9.2f}"
+        print(line)
     for note in results["skipped"]:
         print(f"({note})")
     print(f"\n{'change feed':<42}{'us':>10}")
@@ -465,6 +501,8 @@ def print_table(results: dict[str, Any]) -> None:
     for name, value in results["ratios"].items():
         met = results["targets_met"].get(name, "")
         print(f"{name:<42}{'n/a' if value is None else f'{value:.2f}':>10}  {met}")
+    for name, value in results["ratios_cpu"].items():
+        print(f"{'cpu.' + name:<42}{'n/a' if value is None else f'{value:.2f}':>10}")
     for name, value in results["ratios_unpinned"].items():
         print(f"{'unpinned.' + name:<42}{'n/a' if value is None else f'{value:.2f}':>10}")
     for name in ("manager_uss_100_mib", "added_100_mib", "bytes_per_session_10k"):

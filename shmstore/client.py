@@ -65,6 +65,11 @@ class StoreProxy(managers.BaseProxy):
     def _after_fork(self) -> None:
         """``multiprocess`` children: nothing to do (the pid check handles every fork)."""
 
+    def _incref(self) -> None:
+        """Never count references in the manager (see ``Client._new_proxy``). ``BaseProxy``
+        would do so in every ``multiprocess`` child it registered itself for, on a
+        connection of its own, which the manager refuses as not a client's."""
+
     def _forget_if_forked(self) -> None:
         if self._pid != os.getpid():
             # The sockets are the parent's: close our copies of the descriptors (which
