@@ -36,19 +36,19 @@ def test_client_finds_the_key_file_by_itself(server: shmstore.ServerProcess) -> 
 
 def test_default_address_is_a_private_per_user_directory(sock_dir: Path) -> None:
     env = {**os.environ, "XDG_RUNTIME_DIR": str(sock_dir)}
-    proc = subprocess.Popen([PYTHON, "-m", "shmstore", "serve"], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stderr.readline()  # type: ignore[union-attr]
-        sock = sock_dir / "shmstore" / "store.sock"
-        assert f"serving at {sock}" in line
-        assert mode(sock_dir / "shmstore") == 0o700
-        assert mode(sock) == 0o600
-        assert mode(Path(f"{sock}.key")) == 0o600
-        ls = subprocess.run([PYTHON, "-m", "shmstore", "ls", "--json"], env=env, capture_output=True, text=True)
-        assert (ls.returncode, ls.stdout.strip()) == (0, "[]")
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
+    with subprocess.Popen([PYTHON, "-m", "shmstore", "serve"], env=env, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            sock = sock_dir / "shmstore" / "store.sock"
+            assert f"serving at {sock}" in line
+            assert mode(sock_dir / "shmstore") == 0o700
+            assert mode(sock) == 0o600
+            assert mode(Path(f"{sock}.key")) == 0o600
+            ls = subprocess.run([PYTHON, "-m", "shmstore", "ls", "--json"], env=env, capture_output=True, text=True)
+            assert (ls.returncode, ls.stdout.strip()) == (0, "[]")
+        finally:
+            proc.terminate()
+            assert proc.wait(10) == 0
     assert not (sock_dir / "shmstore" / "store.sock").exists()
     assert not (sock_dir / "shmstore" / "store.sock.key").exists()
 
@@ -56,14 +56,18 @@ def test_default_address_is_a_private_per_user_directory(sock_dir: Path) -> None
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_exits_cleanly_on_signals(sock_dir: Path, signum: int) -> None:
     sock = sock_dir / "cli.sock"
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [PYTHON, "-m", "shmstore", "serve", "--address", str(sock)], stderr=subprocess.PIPE, text=True
-    )
-    assert "serving at" in proc.stderr.readline()  # type: ignore[union-attr]
-    with shmstore.connect(sock) as store:
-        store.set(make_session())
-    proc.send_signal(signum)
-    assert proc.wait(10) == 0
+    ) as proc:
+        try:
+            assert "serving at" in proc.stderr.readline()  # type: ignore[union-attr]
+            with shmstore.connect(sock) as store:
+                store.set(make_session())
+            proc.send_signal(signum)
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert not sock.exists()
     assert not Path(f"{sock}.key").exists()
 
