@@ -216,8 +216,10 @@ def test_a_worker_killed_mid_call_changes_nothing_for_the_others(server: shmstor
 
 
 def test_a_full_store_refuses_new_sessions_and_keeps_the_old(sock_dir: Path) -> None:
-    with shmstore.start_server(sock_dir / "f.sock", store=shmstore.Store(max_sessions=3)) as server:
-        store = shmstore.connect(server.address, server.authkey)
+    with (
+        shmstore.start_server(sock_dir / "f.sock", store=shmstore.Store(max_sessions=3)) as server,
+        shmstore.connect(server.address, server.authkey) as store,
+    ):
         for n in range(3):
             store.set(make_session(f"s{n}"))
         before = snapshot(store)
@@ -230,8 +232,10 @@ def test_a_full_store_refuses_new_sessions_and_keeps_the_old(sock_dir: Path) -> 
 
 
 def test_id_length_limit(sock_dir: Path) -> None:
-    with shmstore.start_server(sock_dir / "l.sock", store=shmstore.Store(max_id_length=8)) as server:
-        store = shmstore.connect(server.address, server.authkey)
+    with (
+        shmstore.start_server(sock_dir / "l.sock", store=shmstore.Store(max_id_length=8)) as server,
+        shmstore.connect(server.address, server.authkey) as store,
+    ):
         store.set(make_session("12345678"))
         with pytest.raises(ValidationError, match="limit is 8"):
             store.set(make_session("123456789"))

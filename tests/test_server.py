@@ -107,32 +107,32 @@ def test_no_manager_fails_fast(sock_dir: Path) -> None:
 def test_killed_manager_is_an_error_not_a_hang_and_a_new_one_is_found(sock_dir: Path) -> None:
     path = sock_dir / "k.sock"
     server = shmstore.start_server(path, authkey=b"fixed-key")
-    store = shmstore.connect(path, b"fixed-key")
-    store.set(make_session())
-    os.kill(server.pid, signal.SIGKILL)
-    server.process.join(5)
-    started = time.monotonic()
-    with pytest.raises(StoreUnavailableError, match=str(path)):
-        store.get("s1")
-    assert time.monotonic() - started < 1.0
-    with shmstore.start_server(path, authkey=b"fixed-key"):  # the dead one's socket is stale now
-        assert store.get("s1") is None  # the same client, reconnected to the new, empty store
-        assert store.set(make_session()).revision == 1
+    with shmstore.connect(path, b"fixed-key") as store:
+        store.set(make_session())
+        os.kill(server.pid, signal.SIGKILL)
+        server.process.join(5)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match=str(path)):
+            store.get("s1")
+        assert time.monotonic() - started < 1.0
+        with shmstore.start_server(path, authkey=b"fixed-key"):  # the dead one's socket is stale now
+            assert store.get("s1") is None  # the same client, reconnected to the new, empty store
+            assert store.set(make_session()).revision == 1
 
 
 def test_a_hung_manager_times_out(server: shmstore.ServerProcess) -> None:
-    store = shmstore.connect(server.address, server.authkey, timeout=0.5)
-    store.set(make_session())
-    os.kill(server.pid, signal.SIGSTOP)
-    try:
-        wait_until_stopped(server.pid)
-        started = time.monotonic()
-        with pytest.raises(StoreUnavailableError, match=r"no reply within 0\.5 s"):
-            store.get("s1")
-        assert 0.4 < time.monotonic() - started < 2.0
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
-    assert store.get("s1") is not None  # a fresh connection once the manager answers again
+    with shmstore.connect(server.address, server.authkey, timeout=0.5) as store:
+        store.set(make_session())
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            wait_until_stopped(server.pid)
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailableError, match=r"no reply within 0\.5 s"):
+                store.get("s1")
+            assert 0.4 < time.monotonic() - started < 2.0
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert store.get("s1") is not None  # a fresh connection once the manager answers again
 
 
 def test_tcp_on_loopback(sock_dir: Path) -> None:
