@@ -334,31 +334,31 @@ LAUNCHER = Path(__file__).with_name("launch_manager.py")
 def bench_memory(tmp: Path) -> dict[str, float]:
     """USS of a manager forked from a lean process (as a daemon embeds it), empty and full."""
     path = tmp / "mem.sock"
-    launcher = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, str(LAUNCHER), str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    try:
-        pid = int(launcher.stdout.readline())  # type: ignore[union-attr]
+    ) as launcher:
+        try:
+            pid = int(launcher.stdout.readline())  # type: ignore[union-attr]
 
-        def uss() -> float:
-            time.sleep(0.1)
-            return psutil.Process(pid).memory_full_info().uss / 2**20
+            def uss() -> float:
+                time.sleep(0.1)
+                return psutil.Process(pid).memory_full_info().uss / 2**20
 
-        with shmstore.connect(path) as store:
-            store.set(make_session("warm-up"))
-            store.transition("warm-up", Status.ATTENTION)
-            store.remove("warm-up")
-            empty = uss()
-            for id in IDS:
-                store.set(make_session(id))
-            with_100 = uss()
-            for n in range(100, 10_000):
-                store.set(make_session(f"{n:08d}-7c1e-4b6a-9d3f-2a8e5c0b1f47"))
-            with_10k = uss()
-            record_bytes = len(store.get(IDS[0]).to_json())  # type: ignore[union-attr]
-    finally:
-        launcher.stdin.close()  # type: ignore[union-attr]
-        launcher.wait(10)
+            with shmstore.connect(path) as store:
+                store.set(make_session("warm-up"))
+                store.transition("warm-up", Status.ATTENTION)
+                store.remove("warm-up")
+                empty = uss()
+                for id in IDS:
+                    store.set(make_session(id))
+                with_100 = uss()
+                for n in range(100, 10_000):
+                    store.set(make_session(f"{n:08d}-7c1e-4b6a-9d3f-2a8e5c0b1f47"))
+                with_10k = uss()
+                record_bytes = len(store.get(IDS[0]).to_json())  # type: ignore[union-attr]
+        finally:
+            launcher.stdin.close()  # type: ignore[union-attr]
+            launcher.wait(10)
     return {
         "manager_uss_empty_mib": empty,
         "manager_uss_100_mib": with_100,

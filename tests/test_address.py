@@ -100,17 +100,17 @@ def test_serve_at_server_sock_never_touches_a_users_server_key(sock_dir: Path) -
     notes = sock_dir / "server.key"
     notes.write_text("my own notes\n")
     sock = sock_dir / "server.sock"
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [PYTHON, "-m", "shmstore", "serve", "--address", str(sock)], stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert "serving at" in proc.stderr.readline()  # type: ignore[union-attr]
-        with shmstore.connect(sock) as store:
-            assert store.revision() == 0
-        assert notes.read_text() == "my own notes\n"
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
+    ) as proc:
+        try:
+            assert "serving at" in proc.stderr.readline()  # type: ignore[union-attr]
+            with shmstore.connect(sock) as store:
+                assert store.revision() == 0
+            assert notes.read_text() == "my own notes\n"
+        finally:
+            proc.terminate()
+            assert proc.wait(10) == 0
     assert notes.read_text() == "my own notes\n"
     assert not sock.exists()
     assert not Path(f"{sock}.key").exists()
@@ -478,15 +478,15 @@ def test_shmstore_ls_refuses_a_squatted_tmp_directory_and_never_talks_to_the_pla
 
     shutil.rmtree(squat)  # without the squat, the same user's manager and client meet there
     argv = [PYTHON, "-c", AS_USER, str(uid), "serve"]
-    proc = subprocess.Popen(argv, env=env, cwd="/", stderr=subprocess.PIPE, text=True)
-    try:
-        assert f"serving at {squat}/store.sock" in proc.stderr.readline()  # type: ignore[union-attr]
-        assert (os.lstat(squat).st_uid, mode(squat)) == (uid, 0o700)
-        ls = as_user(uid, env, "ls", "--json")
-        assert (ls.returncode, ls.stdout.strip()) == (0, "[]"), ls.stderr
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
+    with subprocess.Popen(argv, env=env, cwd="/", stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert f"serving at {squat}/store.sock" in proc.stderr.readline()  # type: ignore[union-attr]
+            assert (os.lstat(squat).st_uid, mode(squat)) == (uid, 0o700)
+            ls = as_user(uid, env, "ls", "--json")
+            assert (ls.returncode, ls.stdout.strip()) == (0, "[]"), ls.stderr
+        finally:
+            proc.terminate()
+            assert proc.wait(10) == 0
 
 
 # -- item: serve() off the main thread, and the signal handlers it borrows -------------------
@@ -513,23 +513,23 @@ print("running" if thread.is_alive() else "stopped", flush=True)
 
 def test_serve_runs_in_any_thread_and_stops_when_its_stop_event_is_set(sock_dir: Path) -> None:
     sock = sock_dir / "t.sock"
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [PYTHON, "-c", IN_A_THREAD, str(sock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    try:
-        assert proc.stdout.readline().split() == ["ready", "True"]  # and no signal handler was touched
-        with shmstore.connect(sock) as store:
-            assert store.set(make_session()).revision == 1
-            assert store.get("s1") is not None
-        proc.stdin.write("stop\n")
-        proc.stdin.flush()
-        assert proc.stdout.readline().strip() == "stopped"
-        assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        try:
+            assert proc.stdout.readline().split() == ["ready", "True"]  # and no signal handler was touched
+            with shmstore.connect(sock) as store:
+                assert store.set(make_session()).revision == 1
+                assert store.get("s1") is not None
+            proc.stdin.write("stop\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "stopped"
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert not sock.exists()
     assert not Path(f"{sock}.key").exists()
 
@@ -550,17 +550,17 @@ print("restored" if after == before and caught == [signal.SIGTERM] else f"{befor
 
 def test_serve_puts_back_the_signal_handlers_it_replaced(sock_dir: Path) -> None:
     sock = sock_dir / "m.sock"
-    proc = subprocess.Popen([PYTHON, "-c", IN_THE_MAIN_THREAD, str(sock)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        with shmstore.connect(sock) as store:
-            assert store.revision() == 0
-        proc.send_signal(signal.SIGTERM)  # stops the manager: serve() handles it while it runs
-        assert proc.stdout.readline().strip() == "restored"
-        assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with subprocess.Popen([PYTHON, "-c", IN_THE_MAIN_THREAD, str(sock)], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            with shmstore.connect(sock) as store:
+                assert store.revision() == 0
+            proc.send_signal(signal.SIGTERM)  # stops the manager: serve() handles it while it runs
+            assert proc.stdout.readline().strip() == "restored"
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert not sock.exists()
     assert not Path(f"{sock}.key").exists()

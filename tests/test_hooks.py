@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import subprocess
@@ -133,20 +134,28 @@ def test_a_hung_store_does_not_hold_the_hook(server: shmstore.ServerProcess) -> 
 
 
 def _spawn_hooks(address: object, bodies: list[dict[str, Any]]) -> None:
-    procs = [
-        subprocess.Popen(
-            [PYTHON, "-m", "shmstore", "hook", "--address", str(address)],
-            stdin=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for _ in bodies
-    ]
-    for proc, body in zip(procs, bodies, strict=True):
-        proc.stdin.write(json.dumps(body).encode())  # type: ignore[union-attr]
-        proc.stdin.close()  # type: ignore[union-attr]
-    for proc in procs:
-        assert proc.wait(60) == 0
-        assert proc.stderr.read() == b""  # type: ignore[union-attr]
+    with contextlib.ExitStack() as stack:  # each Popen's exit closes its pipes and reaps it
+        procs = [
+            stack.enter_context(
+                subprocess.Popen(
+                    [PYTHON, "-m", "shmstore", "hook", "--address", str(address)],
+                    stdin=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            )
+            for _ in bodies
+        ]
+        try:
+            for proc, body in zip(procs, bodies, strict=True):
+                proc.stdin.write(json.dumps(body).encode())  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
+            for proc in procs:
+                assert proc.wait(60) == 0
+                assert proc.stderr.read() == b""  # type: ignore[union-attr]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
 
 
 def test_twenty_concurrent_hooks_for_new_ids_create_twenty_sessions_once(

@@ -27,13 +27,15 @@ def uss_mib(pid: int) -> float:
 @pytest.fixture
 def lean_manager(sock_dir: Path) -> Iterator[tuple[int, Path]]:
     path = sock_dir / "mem.sock"
-    launcher = subprocess.Popen([PYTHON, str(LAUNCHER), str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        pid = int(launcher.stdout.readline())  # type: ignore[union-attr]
-        yield pid, path
-    finally:
-        launcher.stdin.close()  # type: ignore[union-attr]
-        launcher.wait(10)
+    with subprocess.Popen(
+        [PYTHON, str(LAUNCHER), str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as launcher:
+        try:
+            pid = int(launcher.stdout.readline())  # type: ignore[union-attr]
+            yield pid, path
+        finally:
+            launcher.stdin.close()  # type: ignore[union-attr]  # the launcher stops its manager and exits
+            launcher.wait(10)
 
 
 def fill(store: shmstore.Client, count: int) -> None:

@@ -24,7 +24,11 @@ from shmstore.server import _check_exposure
 
 def raw_connect(address: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX)
-    sock.connect(address)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -68,13 +72,15 @@ def test_tcp_beyond_loopback_needs_an_explicit_opt_in() -> None:
 
 def test_the_key_is_never_printed(sock_dir: Path) -> None:
     sock = sock_dir / "quiet.sock"
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [PYTHON, "-m", "shmstore", "serve", "--address", str(sock)], stderr=subprocess.PIPE, text=True
-    )
-    proc.stderr.readline()  # type: ignore[union-attr]
-    key = Path(f"{sock}.key").read_text()
-    proc.terminate()
-    _, err = proc.communicate(timeout=10)
+    ) as proc:
+        try:
+            proc.stderr.readline()  # type: ignore[union-attr]
+            key = Path(f"{sock}.key").read_text()
+        finally:
+            proc.terminate()
+        _, err = proc.communicate(timeout=10)
     assert key not in err
 
 
@@ -86,8 +92,10 @@ def test_the_key_is_never_printed(sock_dir: Path) -> None:
     [b"\x00\x00\x00\x05hello", b"\x7f\xff\xff\xff" + b"x" * 100, os.urandom(300), b"GET / HTTP/1.1\r\n\r\n"],
 )
 def test_garbage_is_refused_and_others_are_served(sock_dir: Path, garbage: bytes) -> None:
-    with shmstore.start_server(sock_dir / "g.sock", handshake_timeout=1.0) as server:
-        peer = raw_connect(str(server.address))
+    with (
+        shmstore.start_server(sock_dir / "g.sock", handshake_timeout=1.0) as server,
+        raw_connect(str(server.address)) as peer,
+    ):
         peer.recv(4096)  # the challenge
         peer.sendall(garbage)
         assert closed_by_peer(peer, within=3.0)
@@ -95,8 +103,10 @@ def test_garbage_is_refused_and_others_are_served(sock_dir: Path, garbage: bytes
 
 
 def test_a_silent_peer_is_dropped_after_the_handshake_timeout(sock_dir: Path) -> None:
-    with shmstore.start_server(sock_dir / "s.sock", handshake_timeout=0.5) as server:
-        silent = raw_connect(str(server.address))
+    with (
+        shmstore.start_server(sock_dir / "s.sock", handshake_timeout=0.5) as server,
+        raw_connect(str(server.address)) as silent,
+    ):
         assert works(server) < 1.0  # served while the silent one waits
         started = time.monotonic()
         assert closed_by_peer(silent, within=5.0)
@@ -104,8 +114,10 @@ def test_a_silent_peer_is_dropped_after_the_handshake_timeout(sock_dir: Path) ->
 
 
 def test_a_peer_that_stalls_mid_message_is_dropped(sock_dir: Path) -> None:
-    with shmstore.start_server(sock_dir / "m.sock", handshake_timeout=0.5) as server:
-        peer = raw_connect(str(server.address))
+    with (
+        shmstore.start_server(sock_dir / "m.sock", handshake_timeout=0.5) as server,
+        raw_connect(str(server.address)) as peer,
+    ):
         peer.recv(4096)
         peer.sendall(b"\x00\x00\x00\x10abc")  # promises 16 bytes, sends 3
         assert closed_by_peer(peer, within=5.0)
@@ -114,8 +126,10 @@ def test_a_peer_that_stalls_mid_message_is_dropped(sock_dir: Path) -> None:
 
 def test_hundreds_of_idle_connections_do_not_stop_service(sock_dir: Path) -> None:
     with shmstore.start_server(sock_dir / "i.sock", max_connections=32, handshake_timeout=0.5) as server:
-        idle = [raw_connect(str(server.address)) for _ in range(300)]
+        idle: list[socket.socket] = []
         try:
+            for _ in range(300):
+                idle.append(raw_connect(str(server.address)))
             # Past the limit they are closed on arrival; the rest time out. Service resumes
             # as soon as the handshake timeout frees their slots.
             assert works(server, within=5.0) < 3.0
@@ -135,28 +149,32 @@ LOW_FD_MANAGER = (
 
 def test_running_out_of_file_descriptors_does_not_spin_or_stop_service(sock_dir: Path) -> None:
     path = sock_dir / "fd.sock"
-    proc = subprocess.Popen([PYTHON, "-c", LOW_FD_MANAGER, str(path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
-        flood = [raw_connect(str(path)) for _ in range(100)]  # far more than 48 descriptors
-        manager = psutil.Process(proc.pid)
-        manager.cpu_percent()
-        time.sleep(1.0)
-        assert manager.cpu_percent() < 60  # backing off, not spinning on EMFILE
-        for s in flood:
-            s.close()
-        deadline = time.monotonic() + 5
-        while True:  # the manager frees what it holds within its handshake timeout
-            try:
-                with shmstore.connect(path, b"k", timeout=2.0) as store:
-                    assert store.set(make_session()).revision == 1
-                break
-            except shmstore.StoreUnavailableError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    flood: list[socket.socket] = []
+    with subprocess.Popen([PYTHON, "-c", LOW_FD_MANAGER, str(path)], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+            for _ in range(100):  # far more than 48 descriptors
+                flood.append(raw_connect(str(path)))
+            manager = psutil.Process(proc.pid)
+            manager.cpu_percent()
+            time.sleep(1.0)
+            assert manager.cpu_percent() < 60  # backing off, not spinning on EMFILE
+            for s in flood:
+                s.close()
+            deadline = time.monotonic() + 5
+            while True:  # the manager frees what it holds within its handshake timeout
+                try:
+                    with shmstore.connect(path, b"k", timeout=2.0) as store:
+                        assert store.set(make_session()).revision == 1
+                    break
+                except shmstore.StoreUnavailableError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+        finally:
+            for s in flood:
+                s.close()  # again, if the test failed before it did
+            proc.terminate()
+            proc.wait(10)
 
 
 # -- faults ----------------------------------------------------------------------------------
@@ -198,8 +216,10 @@ def test_a_worker_killed_mid_call_changes_nothing_for_the_others(server: shmstor
 
 
 def test_a_full_store_refuses_new_sessions_and_keeps_the_old(sock_dir: Path) -> None:
-    with shmstore.start_server(sock_dir / "f.sock", store=shmstore.Store(max_sessions=3)) as server:
-        store = shmstore.connect(server.address, server.authkey)
+    with (
+        shmstore.start_server(sock_dir / "f.sock", store=shmstore.Store(max_sessions=3)) as server,
+        shmstore.connect(server.address, server.authkey) as store,
+    ):
         for n in range(3):
             store.set(make_session(f"s{n}"))
         before = snapshot(store)
@@ -212,8 +232,10 @@ def test_a_full_store_refuses_new_sessions_and_keeps_the_old(sock_dir: Path) -> 
 
 
 def test_id_length_limit(sock_dir: Path) -> None:
-    with shmstore.start_server(sock_dir / "l.sock", store=shmstore.Store(max_id_length=8)) as server:
-        store = shmstore.connect(server.address, server.authkey)
+    with (
+        shmstore.start_server(sock_dir / "l.sock", store=shmstore.Store(max_id_length=8)) as server,
+        shmstore.connect(server.address, server.authkey) as store,
+    ):
         store.set(make_session("12345678"))
         with pytest.raises(ValidationError, match="limit is 8"):
             store.set(make_session("123456789"))

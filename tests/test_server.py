@@ -36,19 +36,19 @@ def test_client_finds_the_key_file_by_itself(server: shmstore.ServerProcess) -> 
 
 def test_default_address_is_a_private_per_user_directory(sock_dir: Path) -> None:
     env = {**os.environ, "XDG_RUNTIME_DIR": str(sock_dir)}
-    proc = subprocess.Popen([PYTHON, "-m", "shmstore", "serve"], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stderr.readline()  # type: ignore[union-attr]
-        sock = sock_dir / "shmstore" / "store.sock"
-        assert f"serving at {sock}" in line
-        assert mode(sock_dir / "shmstore") == 0o700
-        assert mode(sock) == 0o600
-        assert mode(Path(f"{sock}.key")) == 0o600
-        ls = subprocess.run([PYTHON, "-m", "shmstore", "ls", "--json"], env=env, capture_output=True, text=True)
-        assert (ls.returncode, ls.stdout.strip()) == (0, "[]")
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
+    with subprocess.Popen([PYTHON, "-m", "shmstore", "serve"], env=env, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            sock = sock_dir / "shmstore" / "store.sock"
+            assert f"serving at {sock}" in line
+            assert mode(sock_dir / "shmstore") == 0o700
+            assert mode(sock) == 0o600
+            assert mode(Path(f"{sock}.key")) == 0o600
+            ls = subprocess.run([PYTHON, "-m", "shmstore", "ls", "--json"], env=env, capture_output=True, text=True)
+            assert (ls.returncode, ls.stdout.strip()) == (0, "[]")
+        finally:
+            proc.terminate()
+            assert proc.wait(10) == 0
     assert not (sock_dir / "shmstore" / "store.sock").exists()
     assert not (sock_dir / "shmstore" / "store.sock.key").exists()
 
@@ -56,14 +56,18 @@ def test_default_address_is_a_private_per_user_directory(sock_dir: Path) -> None
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_exits_cleanly_on_signals(sock_dir: Path, signum: int) -> None:
     sock = sock_dir / "cli.sock"
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [PYTHON, "-m", "shmstore", "serve", "--address", str(sock)], stderr=subprocess.PIPE, text=True
-    )
-    assert "serving at" in proc.stderr.readline()  # type: ignore[union-attr]
-    with shmstore.connect(sock) as store:
-        store.set(make_session())
-    proc.send_signal(signum)
-    assert proc.wait(10) == 0
+    ) as proc:
+        try:
+            assert "serving at" in proc.stderr.readline()  # type: ignore[union-attr]
+            with shmstore.connect(sock) as store:
+                store.set(make_session())
+            proc.send_signal(signum)
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert not sock.exists()
     assert not Path(f"{sock}.key").exists()
 
@@ -103,32 +107,32 @@ def test_no_manager_fails_fast(sock_dir: Path) -> None:
 def test_killed_manager_is_an_error_not_a_hang_and_a_new_one_is_found(sock_dir: Path) -> None:
     path = sock_dir / "k.sock"
     server = shmstore.start_server(path, authkey=b"fixed-key")
-    store = shmstore.connect(path, b"fixed-key")
-    store.set(make_session())
-    os.kill(server.pid, signal.SIGKILL)
-    server.process.join(5)
-    started = time.monotonic()
-    with pytest.raises(StoreUnavailableError, match=str(path)):
-        store.get("s1")
-    assert time.monotonic() - started < 1.0
-    with shmstore.start_server(path, authkey=b"fixed-key"):  # the dead one's socket is stale now
-        assert store.get("s1") is None  # the same client, reconnected to the new, empty store
-        assert store.set(make_session()).revision == 1
+    with shmstore.connect(path, b"fixed-key") as store:
+        store.set(make_session())
+        os.kill(server.pid, signal.SIGKILL)
+        server.process.join(5)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match=str(path)):
+            store.get("s1")
+        assert time.monotonic() - started < 1.0
+        with shmstore.start_server(path, authkey=b"fixed-key"):  # the dead one's socket is stale now
+            assert store.get("s1") is None  # the same client, reconnected to the new, empty store
+            assert store.set(make_session()).revision == 1
 
 
 def test_a_hung_manager_times_out(server: shmstore.ServerProcess) -> None:
-    store = shmstore.connect(server.address, server.authkey, timeout=0.5)
-    store.set(make_session())
-    os.kill(server.pid, signal.SIGSTOP)
-    try:
-        wait_until_stopped(server.pid)
-        started = time.monotonic()
-        with pytest.raises(StoreUnavailableError, match=r"no reply within 0\.5 s"):
-            store.get("s1")
-        assert 0.4 < time.monotonic() - started < 2.0
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
-    assert store.get("s1") is not None  # a fresh connection once the manager answers again
+    with shmstore.connect(server.address, server.authkey, timeout=0.5) as store:
+        store.set(make_session())
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            wait_until_stopped(server.pid)
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailableError, match=r"no reply within 0\.5 s"):
+                store.get("s1")
+            assert 0.4 < time.monotonic() - started < 2.0
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert store.get("s1") is not None  # a fresh connection once the manager answers again
 
 
 def test_tcp_on_loopback(sock_dir: Path) -> None:

@@ -325,20 +325,20 @@ def test_a_reply_over_the_limit_is_a_typed_error_and_the_next_call_works(
 
 
 def test_a_large_send_to_a_stopped_manager_gives_up_at_the_deadline(server: shmstore.ServerProcess) -> None:
-    store = shmstore.connect(server.address, server.authkey, timeout=0.5)
-    os.kill(server.pid, signal.SIGSTOP)
-    wait_until_stopped(server.pid)
-    big = make_session("big", working_dir="/" + "w" * 4000, session_id="r" * 200)
-    started = time.monotonic()
+    with shmstore.connect(server.address, server.authkey, timeout=0.5) as store:
+        os.kill(server.pid, signal.SIGSTOP)
+        wait_until_stopped(server.pid)
+        big = make_session("big", working_dir="/" + "w" * 4000, session_id="r" * 200)
+        started = time.monotonic()
 
-    def send_far_more_than_the_socket_buffers_hold() -> None:
-        for _ in range(400):  # ~2 MB in all
-            store.set(big)
+        def send_far_more_than_the_socket_buffers_hold() -> None:
+            for _ in range(400):  # ~2 MB in all
+                store.set(big)
 
-    with pytest.raises(StoreUnavailableError):
-        send_far_more_than_the_socket_buffers_hold()
-    assert time.monotonic() - started < 3.0  # two tries of 0.5 s, and their connects
-    os.kill(server.pid, signal.SIGCONT)
+        with pytest.raises(StoreUnavailableError):
+            send_far_more_than_the_socket_buffers_hold()
+        assert time.monotonic() - started < 3.0  # two tries of 0.5 s, and their connects
+        os.kill(server.pid, signal.SIGCONT)
 
 
 # -- 14. Watch ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import subprocess
 import threading
@@ -61,10 +62,12 @@ def test_changes_waits_for_a_write_and_wakes_promptly(store: shmstore.Client, se
 
 
 def test_changes_refuses_what_it_cannot_answer(server: Any) -> None:
-    with shmstore.start_server(
-        Path(str(server.address)).with_name("small.sock"), store=shmstore.Store(log_size=4)
-    ) as small:
-        store = shmstore.connect(small.address, small.authkey)
+    with (
+        shmstore.start_server(
+            Path(str(server.address)).with_name("small.sock"), store=shmstore.Store(log_size=4)
+        ) as small,
+        shmstore.connect(small.address, small.authkey) as store,
+    ):
         for n in range(10):
             store.set(make_session(f"s{n}"))
         with pytest.raises(ResyncRequiredError, match="left the log"):
@@ -161,8 +164,10 @@ def test_watch_follows_many_writers_losslessly(server: Any) -> None:
 
 
 def test_watch_that_falls_behind_a_small_log_resyncs(sock_dir: Path) -> None:
-    with shmstore.start_server(sock_dir / "tiny.sock", store=shmstore.Store(log_size=4)) as server:
-        store = shmstore.connect(server.address, server.authkey)
+    with (
+        shmstore.start_server(sock_dir / "tiny.sock", store=shmstore.Store(log_size=4)) as server,
+        shmstore.connect(server.address, server.authkey) as store,
+    ):
         watch = store.watch()
         assert next(watch).kind is EventKind.SNAPSHOT
         for n in range(30):
@@ -182,23 +187,24 @@ def test_watch_that_falls_behind_a_small_log_resyncs(sock_dir: Path) -> None:
 
 def test_watch_resyncs_after_a_manager_restart(sock_dir: Path) -> None:
     path = sock_dir / "r.sock"
-    with shmstore.start_server(path, authkey=b"k") as server:
-        store = shmstore.connect(path, b"k")
-        watch = store.watch(poll=0.1)
-        next(watch)
-        for n in range(5):
-            store.set(make_session(f"s{n}"))
-        assert [next(watch).revision for _ in range(5)] == [1, 2, 3, 4, 5]
-        server.stop()
-        with pytest.raises(shmstore.StoreUnavailableError):
-            next(watch)  # the subscriber is told; it is never silently stale
-    with shmstore.start_server(path, authkey=b"k"):
-        for n in range(7):  # the new store passes the old revision: only the epoch tells
-            store.set(make_session(f"new{n}"))
-        event = next(watch)
-        assert event.kind is EventKind.SNAPSHOT
-        assert event.revision == 7
-        assert set(watch.sessions) == {f"new{n}" for n in range(7)}
+    with contextlib.ExitStack() as stack:  # the client outlives the first manager
+        with shmstore.start_server(path, authkey=b"k") as server:
+            store = stack.enter_context(shmstore.connect(path, b"k"))
+            watch = store.watch(poll=0.1)
+            next(watch)
+            for n in range(5):
+                store.set(make_session(f"s{n}"))
+            assert [next(watch).revision for _ in range(5)] == [1, 2, 3, 4, 5]
+            server.stop()
+            with pytest.raises(shmstore.StoreUnavailableError):
+                next(watch)  # the subscriber is told; it is never silently stale
+        with shmstore.start_server(path, authkey=b"k"):
+            for n in range(7):  # the new store passes the old revision: only the epoch tells
+                store.set(make_session(f"new{n}"))
+            event = next(watch)
+            assert event.kind is EventKind.SNAPSHOT
+            assert event.revision == 7
+            assert set(watch.sessions) == {f"new{n}" for n in range(7)}
 
 
 def test_cli_watch_prints_events(server: Any) -> None:
