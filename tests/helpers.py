@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ PYTHON = sys.executable
 LAUNCHER = Path(__file__).resolve().parent.parent / "bench" / "launch_manager.py"
 #: The soak: worker processes and a subscriber against one manager, checking every invariant.
 SOAK = LAUNCHER.with_name("soak.py")
+
+#: The type of the ``start_server`` fixture: starts a manager, stopped when the test ends.
+StartServer = Callable[..., shmstore.ServerProcess]
 
 SID = "3f2a8c1e-5b7d-4e9f-a0c2-6d8b1e4f7a93"
 CWD = "/home/dev/projects/webapp"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
-from helpers import make_session
+from helpers import StartServer, make_session
 
 import shmstore
 from shmstore import errors
@@ -54,7 +55,7 @@ def test_errors_raised_in_the_manager_arrive_with_their_fields(store: shmstore.C
     assert invalid.value.field == "input_tokens"
 
 
-def test_a_full_store_names_the_limit(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_full_store_names_the_limit(start_server: StartServer) -> None:
     server = start_server(max_sessions=1)
     with shmstore.connect(server.address, server.authkey) as store:
         store.set(make_session("a"))
@@ -63,7 +64,7 @@ def test_a_full_store_names_the_limit(start_server) -> None:  # type: ignore[no-
     assert (full.value.limit, full.value.id) == ("max_sessions", "b")
 
 
-def test_an_unreachable_manager_names_its_address(sock_dir) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreachable_manager_names_its_address(sock_dir: Path) -> None:
     with pytest.raises(shmstore.StoreUnavailableError) as down:
         shmstore.connect(sock_dir / "nobody.sock", authkey=b"k" * 64)
     assert down.value.address == str(sock_dir / "nobody.sock")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CWD, PYTHON, SID, hook, payload, wait_until_stopped
+from helpers import CWD, PYTHON, SID, StartServer, hook, payload, wait_until_stopped
 
 import shmstore
 from shmstore import EventKind, Status
@@ -189,10 +189,8 @@ def test_concurrent_reports_on_one_id_lose_no_transition(
 
 
 @pytest.fixture
-def reaping(sock_dir: Path) -> Any:
-    store = shmstore.Store(stale_after=0.4, reap_interval=0.1)
-    with shmstore.start_server(sock_dir / "reap.sock", store=store) as server:
-        yield server
+def reaping(start_server: StartServer) -> shmstore.ServerProcess:
+    return start_server(stale_after=0.4, reap_interval=0.1)
 
 
 def test_a_session_whose_agent_died_is_closed_and_the_subscriber_sees_it(reaping: shmstore.ServerProcess) -> None:

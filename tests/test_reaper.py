@@ -16,7 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from helpers import PYTHON, SID, hook, payload
+from helpers import PYTHON, SID, StartServer, hook, payload
 
 import shmstore
 from shmstore import Status, procs
@@ -266,10 +266,9 @@ def test_peer_same_pid_namespace_tells_the_caller_apart(sock_dir: Path) -> None:
 
 
 @pytest.fixture
-def namespace_aware(sock_dir: Path) -> Iterator[shmstore.ServerProcess]:
+def namespace_aware(start_server: StartServer) -> shmstore.ServerProcess:
     """A real manager: its connection threads say whether their client is in its pid namespace."""
-    with shmstore.start_server(sock_dir / "ns.sock") as server:
-        yield server
+    return start_server()
 
 
 @needs_unshare

@@ -15,7 +15,7 @@ import multiprocess
 import orjson
 import psutil
 import pytest
-from helpers import PYTHON, SOAK, make_session, snapshot
+from helpers import PYTHON, SOAK, StartServer, make_session, snapshot
 
 import shmstore
 from shmstore import Status, StoreFullError, ValidationError
@@ -91,33 +91,29 @@ def test_the_key_is_never_printed(sock_dir: Path) -> None:
     "garbage",
     [b"\x00\x00\x00\x05hello", b"\x7f\xff\xff\xff" + b"x" * 100, os.urandom(300), b"GET / HTTP/1.1\r\n\r\n"],
 )
-def test_garbage_is_refused_and_others_are_served(sock_dir: Path, garbage: bytes) -> None:
-    with (
-        shmstore.start_server(sock_dir / "g.sock", handshake_timeout=1.0) as server,
-        raw_connect(str(server.address)) as peer,
-    ):
+def test_garbage_is_refused_and_others_are_served(start_server: StartServer, garbage: bytes) -> None:
+    server = start_server(handshake_timeout=1.0)
+    with raw_connect(str(server.address)) as peer:
         peer.recv(4096)  # the challenge
         peer.sendall(garbage)
         assert closed_by_peer(peer, within=3.0)
         assert works(server) < 1.0
 
 
-def test_a_silent_peer_is_dropped_after_the_handshake_timeout(sock_dir: Path) -> None:
-    with (
-        shmstore.start_server(sock_dir / "s.sock", handshake_timeout=0.5) as server,
-        raw_connect(str(server.address)) as silent,
-    ):
+def test_a_silent_peer_is_dropped_after_the_handshake_timeout(
+    start_server: StartServer,
+) -> None:
+    server = start_server(handshake_timeout=0.5)
+    with raw_connect(str(server.address)) as silent:
         assert works(server) < 1.0  # served while the silent one waits
         started = time.monotonic()
         assert closed_by_peer(silent, within=5.0)
         assert time.monotonic() - started < 2.0
 
 
-def test_a_peer_that_stalls_mid_message_is_dropped(sock_dir: Path) -> None:
-    with (
-        shmstore.start_server(sock_dir / "m.sock", handshake_timeout=0.5) as server,
-        raw_connect(str(server.address)) as peer,
-    ):
+def test_a_peer_that_stalls_mid_message_is_dropped(start_server: StartServer) -> None:
+    server = start_server(handshake_timeout=0.5)
+    with raw_connect(str(server.address)) as peer:
         peer.recv(4096)
         peer.sendall(b"\x00\x00\x00\x10abc")  # promises 16 bytes, sends 3
         assert closed_by_peer(peer, within=5.0)
@@ -215,11 +211,11 @@ def test_a_worker_killed_mid_call_changes_nothing_for_the_others(server: shmstor
 # -- limits ----------------------------------------------------------------------------------
 
 
-def test_a_full_store_refuses_new_sessions_and_keeps_the_old(sock_dir: Path) -> None:
-    with (
-        shmstore.start_server(sock_dir / "f.sock", store=shmstore.Store(max_sessions=3)) as server,
-        shmstore.connect(server.address, server.authkey) as store,
-    ):
+def test_a_full_store_refuses_new_sessions_and_keeps_the_old(
+    start_server: StartServer,
+) -> None:
+    server = start_server(max_sessions=3)
+    with shmstore.connect(server.address, server.authkey) as store:
         for n in range(3):
             store.set(make_session(f"s{n}"))
         before = snapshot(store)
@@ -231,11 +227,9 @@ def test_a_full_store_refuses_new_sessions_and_keeps_the_old(sock_dir: Path) -> 
         store.set(make_session("s3"))
 
 
-def test_id_length_limit(sock_dir: Path) -> None:
-    with (
-        shmstore.start_server(sock_dir / "l.sock", store=shmstore.Store(max_id_length=8)) as server,
-        shmstore.connect(server.address, server.authkey) as store,
-    ):
+def test_id_length_limit(start_server: StartServer) -> None:
+    server = start_server(max_id_length=8)
+    with shmstore.connect(server.address, server.authkey) as store:
         store.set(make_session("12345678"))
         with pytest.raises(ValidationError, match="limit is 8"):
             store.set(make_session("123456789"))

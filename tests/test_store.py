@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from helpers import RawStore, make_session, snapshot
+from helpers import RawStore, StartServer, make_session, snapshot
 
 import shmstore
 from shmstore import ApiUsage, ConflictError, NotFoundError, Session, Status, ValidationError
@@ -189,11 +189,9 @@ def test_one_client_shared_by_threads(store: shmstore.Client) -> None:
     assert store.get("s1").api_usage == ApiUsage(300, 600)  # type: ignore[union-attr]
 
 
-def test_history_is_bounded_by_max_history(sock_dir: object) -> None:
-    with (
-        shmstore.start_server(f"{sock_dir}/h.sock", store=shmstore.Store(max_history=3)) as server,
-        shmstore.connect(server.address, server.authkey) as store,
-    ):
+def test_history_is_bounded_by_max_history(start_server: StartServer) -> None:
+    server = start_server(max_history=3)
+    with shmstore.connect(server.address, server.authkey) as store:
         store.set(Session(id="s", working_dir="/"))
         for status in ["attention", "working", "question", "working", "closed"]:
             result = store.transition("s", status)

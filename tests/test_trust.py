@@ -19,7 +19,7 @@ from typing import Any
 
 import multiprocess
 import pytest
-from helpers import make_session, wait_until_stopped
+from helpers import StartServer, make_session, wait_until_stopped
 
 import shmstore
 from shmstore import StoreUnavailableError, wire
@@ -235,11 +235,11 @@ def test_a_wrong_digest_is_answered_by_silence_not_a_traceback(server: shmstore.
     assert rest == b""
 
 
-def test_a_trickling_peer_is_dropped_at_the_handshake_deadline(sock_dir: Path) -> None:
-    with (
-        shmstore.start_server(sock_dir / "t.sock", handshake_timeout=1.0) as server,
-        socket.socket(socket.AF_UNIX) as sock,
-    ):
+def test_a_trickling_peer_is_dropped_at_the_handshake_deadline(
+    start_server: StartServer,
+) -> None:
+    server = start_server(handshake_timeout=1.0)
+    with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(str(server.address))
         started = time.monotonic()
         read_frame(sock)
@@ -310,13 +310,11 @@ def test_an_announced_message_over_the_limit_is_a_typed_error_at_once() -> None:
 
 
 def test_a_reply_over_the_limit_is_a_typed_error_and_the_next_call_works(
-    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(wire, "MAX_MESSAGE", 256 * 1024)  # the forked manager inherits it
-    with (
-        shmstore.start_server(sock_dir / "m.sock") as server,
-        shmstore.connect(server.address, server.authkey) as store,
-    ):
+    server = start_server()
+    with shmstore.connect(server.address, server.authkey) as store:
         for n in range(100):
             store.set(make_session(f"s{n}", working_dir="/" + "d" * 4000))  # 100 x ~4 KB > 256 KiB
         with pytest.raises(StoreUnavailableError, match=r"reply: make [0-9]+ bytes; the most one message carries"):

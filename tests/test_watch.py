@@ -13,7 +13,7 @@ from typing import Any
 import multiprocess
 import orjson
 import pytest
-from helpers import PYTHON, RawStore, make_session
+from helpers import PYTHON, RawStore, StartServer, make_session
 
 import shmstore
 from shmstore import EventKind, ResyncRequiredError, Status, ValidationError
@@ -61,13 +61,9 @@ def test_changes_waits_for_a_write_and_wakes_promptly(store: shmstore.Client, se
     assert time.monotonic() - started < 5  # woken by the write, not by the timeout
 
 
-def test_changes_refuses_what_it_cannot_answer(server: Any) -> None:
-    with (
-        shmstore.start_server(
-            Path(str(server.address)).with_name("small.sock"), store=shmstore.Store(log_size=4)
-        ) as small,
-        shmstore.connect(small.address, small.authkey) as store,
-    ):
+def test_changes_refuses_what_it_cannot_answer(start_server: StartServer) -> None:
+    small = start_server(log_size=4)
+    with shmstore.connect(small.address, small.authkey) as store:
         for n in range(10):
             store.set(make_session(f"s{n}"))
         with pytest.raises(ResyncRequiredError, match="left the log"):
@@ -163,11 +159,9 @@ def test_watch_follows_many_writers_losslessly(server: Any) -> None:
     assert state == {s.id: s.to_json() for s in final.sessions}
 
 
-def test_watch_that_falls_behind_a_small_log_resyncs(sock_dir: Path) -> None:
-    with (
-        shmstore.start_server(sock_dir / "tiny.sock", store=shmstore.Store(log_size=4)) as server,
-        shmstore.connect(server.address, server.authkey) as store,
-    ):
+def test_watch_that_falls_behind_a_small_log_resyncs(start_server: StartServer) -> None:
+    server = start_server(log_size=4)
+    with shmstore.connect(server.address, server.authkey) as store:
         watch = store.watch()
         assert next(watch).kind is EventKind.SNAPSHOT
         for n in range(30):
