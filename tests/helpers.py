@@ -6,11 +6,12 @@ Fixtures are in conftest.py; test files import from here and never from one anot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,22 @@ def run(*args: str, address: object = None, timeout: float = 60) -> subprocess.C
     if address is not None:
         argv += ["--address", str(address)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def serving(address: object) -> Iterator[subprocess.Popen[str]]:
+    """``shmstore serve --address ADDRESS`` in a process of its own, once it says it serves;
+    terminated (and its pipe closed) on the way out unless the test ended it already."""
+    with subprocess.Popen(
+        [PYTHON, "-m", "shmstore", "serve", "--address", str(address)], stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            assert "serving at" in proc.stderr.readline()
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
 
 
 def payload(event: str, **fields: Any) -> dict[str, Any]:

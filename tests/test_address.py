@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON, make_session
+from helpers import PYTHON, make_session, serving
 
 import shmstore
 from shmstore import AddressInUseError, StoreUnavailableError
@@ -100,17 +100,12 @@ def test_serve_at_server_sock_never_touches_a_users_server_key(sock_dir: Path) -
     notes = sock_dir / "server.key"
     notes.write_text("my own notes\n")
     sock = sock_dir / "server.sock"
-    with subprocess.Popen(
-        [PYTHON, "-m", "shmstore", "serve", "--address", str(sock)], stderr=subprocess.PIPE, text=True
-    ) as proc:
-        try:
-            assert "serving at" in proc.stderr.readline()  # type: ignore[union-attr]
-            with shmstore.connect(sock) as store:
-                assert store.revision() == 0
-            assert notes.read_text() == "my own notes\n"
-        finally:
-            proc.terminate()
-            assert proc.wait(10) == 0
+    with serving(sock) as proc:
+        with shmstore.connect(sock) as store:
+            assert store.revision() == 0
+        assert notes.read_text() == "my own notes\n"
+        proc.terminate()
+        assert proc.wait(10) == 0
     assert notes.read_text() == "my own notes\n"
     assert not sock.exists()
     assert not Path(f"{sock}.key").exists()

@@ -15,7 +15,7 @@ import multiprocess
 import orjson
 import psutil
 import pytest
-from helpers import PYTHON, SOAK, StartServer, make_session, snapshot
+from helpers import PYTHON, SOAK, StartServer, make_session, serving, snapshot
 
 import shmstore
 from shmstore import Status, StoreFullError, ValidationError
@@ -72,14 +72,9 @@ def test_tcp_beyond_loopback_needs_an_explicit_opt_in() -> None:
 
 def test_the_key_is_never_printed(sock_dir: Path) -> None:
     sock = sock_dir / "quiet.sock"
-    with subprocess.Popen(
-        [PYTHON, "-m", "shmstore", "serve", "--address", str(sock)], stderr=subprocess.PIPE, text=True
-    ) as proc:
-        try:
-            proc.stderr.readline()  # type: ignore[union-attr]
-            key = Path(f"{sock}.key").read_text()
-        finally:
-            proc.terminate()
+    with serving(sock) as proc:
+        key = Path(f"{sock}.key").read_text()
+        proc.terminate()
         _, err = proc.communicate(timeout=10)
     assert key not in err
 

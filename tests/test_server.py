@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON, make_session, wait_until_stopped
+from helpers import PYTHON, make_session, serving, wait_until_stopped
 
 import shmstore
 from shmstore import AddressInUseError, AuthKeyError, StoreUnavailableError
@@ -56,18 +56,11 @@ def test_default_address_is_a_private_per_user_directory(sock_dir: Path) -> None
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_exits_cleanly_on_signals(sock_dir: Path, signum: int) -> None:
     sock = sock_dir / "cli.sock"
-    with subprocess.Popen(
-        [PYTHON, "-m", "shmstore", "serve", "--address", str(sock)], stderr=subprocess.PIPE, text=True
-    ) as proc:
-        try:
-            assert "serving at" in proc.stderr.readline()  # type: ignore[union-attr]
-            with shmstore.connect(sock) as store:
-                store.set(make_session())
-            proc.send_signal(signum)
-            assert proc.wait(10) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with serving(sock) as proc:
+        with shmstore.connect(sock) as store:
+            store.set(make_session())
+        proc.send_signal(signum)
+        assert proc.wait(10) == 0
     assert not sock.exists()
     assert not Path(f"{sock}.key").exists()
 
