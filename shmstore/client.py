@@ -1,11 +1,13 @@
 """The client: typed calls on a manager found by address and authkey.
 
 A :class:`Client` speaks to the manager's store through a ``multiprocess`` proxy
-(:class:`StoreProxy`), which keeps one connection per thread, so one client may be shared
-by several threads. The client turns sessions into bytes and back, and turns transport
-failures into :class:`StoreUnavailableError` so that a dead or hung manager is an error,
-never a hang. After such an error the next call connects afresh, so a client outlives a
-manager restart at the same address.
+(:class:`StoreProxy`) that owns one connection per thread, so one client may be shared by
+several threads. The client turns sessions into bytes and back, sends every write through
+the manager's ``once`` with a request number, tries a call whose connection failed once
+more on a fresh connection, and turns transport failures into
+:class:`StoreUnavailableError`, so that a dead or hung manager is an error, never a hang
+and never another call's reply. A client outlives a manager restart at the same address,
+and a process forked from one that used it connects afresh.
 """
 
 from __future__ import annotations
