@@ -486,3 +486,63 @@ def test_an_authenticated_client_announcing_an_oversized_message_is_disconnected
             conn.recv()
     finally:
         conn.close()
+
+
+class _SlowManager:
+    """A relay in front of a real manager that passes each connection's first ``quick``
+    messages from the manager after ``delay`` seconds each and holds back every later one:
+    a manager alive but slow at every stage of a call (handshake, create, accept, reply)."""
+
+    def __init__(self, upstream: str, path: str, delay: float, quick: int) -> None:
+        self.upstream, self.delay, self.quick = upstream, delay, quick
+        self.sockets: list[socket.socket] = []
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(path)
+        self.listener.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                manager = socket.socket(socket.AF_UNIX)
+                manager.connect(self.upstream)
+                self.sockets += [client, manager]
+                threading.Thread(target=self._pass, args=(client, manager), daemon=True).start()
+                threading.Thread(target=self._hold, args=(manager, client), daemon=True).start()
+
+    def _pass(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+
+    def _hold(self, manager: socket.socket, client: socket.socket) -> None:
+        sent, pending = 0, b""
+        with contextlib.suppress(OSError, struct.error):
+            while sent < self.quick:
+                while len(pending) < 4 or len(pending) < 4 + struct.unpack("!i", pending[:4])[0]:
+                    data = manager.recv(65536)
+                    if not data:
+                        return
+                    pending += data
+                size = 4 + struct.unpack("!i", pending[:4])[0]
+                time.sleep(self.delay)
+                client.sendall(pending[:size])
+                pending, sent = pending[size:], sent + 1
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_one_deadline_covers_every_stage_of_a_try(server: shmstore.ServerProcess, sock_dir: Path) -> None:
+    relay = _SlowManager(str(server.address), str(sock_dir / "relay.sock"), delay=0.22, quick=4)
+    try:
+        store = shmstore.Client(sock_dir / "relay.sock", server.authkey, timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            store.revision()
+        assert time.monotonic() - started < 2 * 1.0 + 0.5  # two tries; once took 5.6 s
+    finally:
+        relay.close()
