@@ -11,7 +11,7 @@ The defaults' reasons are in the comments beside them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, TypeVar
 
 from .checks import MAX_ID_LENGTH, check_duration, check_positive
 from .errors import ValidationError
@@ -46,6 +46,18 @@ DEFAULT_MAX_STORE_BYTES = 32 * 2**20
 #: measured at 6 bytes per session for ``list_all`` (pickle's per-item header) and 39 bytes
 #: in all for ``snapshot``, far under the other half even for sessions of the minimum size.
 MAX_STORE_BYTES = MAX_MESSAGE // 2
+
+
+_Settings = TypeVar("_Settings", "Limits", "ServeOptions")
+
+
+def changed(settings: type[_Settings], base: _Settings | None, changes: dict[str, Any], field: str) -> _Settings:
+    """``base`` (the defaults when None) with the fields named in ``changes`` changed,
+    validated; a keyword that names no field is a ValidationError on ``field``."""
+    try:
+        return settings(**changes) if base is None else dataclasses.replace(base, **changes)
+    except TypeError as exc:
+        raise ValidationError(field, str(exc)) from None
 
 
 def _setting(default: Any, help: str, metavar: str = "N") -> Any:

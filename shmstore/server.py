@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import gc
 import ipaddress
@@ -36,7 +35,7 @@ from multiprocess import managers
 
 from . import address as addr
 from . import procs, wire
-from .config import ServeOptions
+from .config import ServeOptions, changed
 from .errors import AddressInUseError, AuthKeyError, ShmstoreError, StoreUnavailableError, ValidationError
 from .store import EXPOSED, Store
 
@@ -106,13 +105,6 @@ class _Dispatcher(managers.Server):
     def accept_connection(self, conn: wire.Connection, name: str) -> None:
         conn.deadline = None  # authenticated: a client may stay idle as long as it likes
         super().accept_connection(conn, name)
-
-
-def _options(options: ServeOptions | None, changes: dict[str, Any]) -> ServeOptions:
-    try:
-        return ServeOptions(**changes) if options is None else dataclasses.replace(options, **changes)
-    except TypeError as exc:  # a keyword that is not an option
-        raise ValidationError("options", str(exc)) from None
 
 
 def _why(exc: BaseException) -> str:
@@ -222,7 +214,7 @@ def serve(
     address off the loopback needs ``allow_remote``; at most ``max_connections`` clients are
     connected at once, and each must authenticate within ``handshake_timeout`` seconds.
     """
-    options = _options(options, changes)
+    options = changed(ServeOptions, options, changes, "options")
     address = addr.resolve(address)
     key = addr.new_key() if authkey is None else addr.as_key(authkey)
     store = Store() if store is None else store
@@ -381,7 +373,7 @@ def start_server(
     its limits, e.g. ``Store(max_history=20)``; ``options`` and keywords are :func:`serve`'s.
     Both values travel to the child whole.
     """
-    options = _options(options, changes)
+    options = changed(ServeOptions, options, changes, "options")
     address = addr.resolve(address)
     key = addr.new_key() if authkey is None else addr.as_key(authkey)
     store = Store() if store is None else store

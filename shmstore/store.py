@@ -17,7 +17,6 @@ while it waits). The data flow of a write is::
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import threading
 from collections import deque
@@ -28,7 +27,7 @@ import orjson
 
 from . import procs
 from .checks import MAX_WAIT, check_count, check_dir, check_duration, check_id, check_pid, check_positive, now
-from .config import RECORD_RESERVE, Limits
+from .config import RECORD_RESERVE, Limits, changed
 from .errors import ConflictError, NotFoundError, ResyncRequiredError, StoreFullError, ValidationError
 from .feed import EventKind, encode_event
 from .model import AgentType, Session, Status, check_agent_type, check_status
@@ -81,10 +80,7 @@ class Store:
     def __init__(self, limits: Limits | None = None, /, **changes: Any) -> None:
         """A store within ``limits`` (the defaults when None); keywords change single limits,
         e.g. ``Store(max_history=50)``."""
-        try:
-            self.limits = Limits(**changes) if limits is None else dataclasses.replace(limits, **changes)
-        except TypeError as exc:  # a keyword that is not a limit
-            raise ValidationError("limits", str(exc)) from None
+        self.limits = changed(Limits, limits, changes, "limits")
         #: Tells this store's revisions from those of an earlier manager at the same address.
         self.epoch = secrets.token_hex(8)
         # Guards every field below; re-entrant because once() holds it across the write it
