@@ -317,5 +317,7 @@ def print_once(client: Client) -> int:
     snapshot = client.snapshot()
     frame = Frame(addr.format_address(client.address), snapshot.sessions, snapshot.revision, Link.LIVE)
     console = Console(highlight=False)
-    console.print(view(frame, time.time(), console.width, CHROME + len(frame.sessions), keys=False))
+    # A pipe has no width: rich assumes 80 columns (or $COLUMNS); lines are not wrapped.
+    screen = view(frame, time.time(), console.width, CHROME + len(frame.sessions), keys=False)
+    console.print(screen, soft_wrap=True)
     return 0
