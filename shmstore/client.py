@@ -422,7 +422,7 @@ class Watch:
     far (events fetched but not yet yielded do not count): the live sessions (a ``close``
     event takes one out). Iteration ends after :meth:`close`, within ``poll`` seconds if it
     was waiting. Errors of the store (:class:`StoreUnavailableError`) are raised, never
-    swallowed.
+    swallowed; a :class:`Follower` reconnects instead.
     """
 
     def __init__(self, client: Client, after_revision: int | None = None, *, poll: float = 1.0) -> None:

@@ -285,8 +285,8 @@ def run(client: Client) -> int:
         pass
     finally:
         follower.close()
-        # close() ends a call in flight at once; the join's bound is a safety net only.
-        thread.join(client.timeout)
+        if thread.ident is not None:  # started: close() ends a call in flight at once, so
+            thread.join(client.timeout)  # this bound is only a safety net
         board.close()
     return 0
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import PYTHON, StartServer, make_session, run
 from rich.console import Console
@@ -237,12 +238,18 @@ def test_top_in_a_terminal_follows_the_store_through_a_manager_restart_and_quits
         assert "tty-restored" in screen
 
 
-def test_top_in_a_terminal_quits_on_ctrl_c_and_restores_the_terminal(
-    server: shmstore.ServerProcess, terminal: Callable[[Path], Pane]
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_top_in_a_terminal_quits_on_ctrl_c_or_sigterm_and_restores_the_terminal(
+    server: shmstore.ServerProcess, terminal: Callable[[Path], Pane], how: str
 ) -> None:
     pane = terminal(Path(server.address))
     pane.shows("live", "0 sessions")
-    pane.keys("C-c")
+    if how == "ctrl-c":
+        pane.keys("C-c")
+    else:
+        shell = psutil.Process(int(pane.tmux("display-message", "-p", "-t", "top", "#{pane_pid}")))
+        (top,) = shell.children()
+        top.terminate()
     screen = pane.shows("top exited", "tty-")
     assert "top exited 0" in screen
     assert "tty-restored" in screen
