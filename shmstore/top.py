@@ -126,7 +126,10 @@ def header(frame: Frame, at: float, *, live: bool = True) -> Text:
     text = Text(f"shmstore top  {printable(frame.address)}  ")
     if frame.link == Link.RECONNECTING:
         text.append("reconnecting\u2026", style="bold red")
-        text.append(f"  (last seen: rev {frame.revision}, {summary(frame.sessions)})\n")
+        if frame.revision is None:
+            text.append("  (nothing seen yet)\n")
+        else:
+            text.append(f"  (last seen: rev {frame.revision}, {summary(frame.sessions)})\n")
         text.append(printable(frame.message), style="red")
         return text
     if frame.link != Link.LIVE:

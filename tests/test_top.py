@@ -98,6 +98,8 @@ def test_the_screen_says_when_it_is_reconnecting_and_when_it_resynced() -> None:
     assert "no live sessions" in back
     assert "resynced" not in _screen(Frame("/run/s.sock", (), 0, "live", resynced_at=AT - 60))
     assert "connecting\u2026" in _screen(Frame("/run/s.sock"))
+    never = _screen(Frame("/run/s.sock", link="reconnecting", message="no manager at /run/s.sock"))
+    assert "reconnecting\u2026  (nothing seen yet)" in never
 
 
 def test_rows_that_do_not_fit_are_counted_not_drawn() -> None:
