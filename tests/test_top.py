@@ -151,16 +151,18 @@ def test_only_top_imports_rich() -> None:
 
 
 class Pane:
-    """One command in a detached tmux session on a server of its own (``-L``)."""
+    """One command in a detached tmux session on a server of its own, whose socket is in
+    the test's directory (``-S``, rather than ``-L`` in tmux's shared one, so that nothing
+    is left behind)."""
 
-    def __init__(self, socket: str, command: str) -> None:
+    def __init__(self, socket: Path, command: str) -> None:
         self.socket = socket
         env = {k: v for k, v in os.environ.items() if k != "TMUX"}
         env.setdefault("TERM", "xterm-256color")
         self.tmux("new-session", "-d", "-x", "120", "-y", "30", "-s", "top", command, env=env)
 
     def tmux(self, *args: str, env: dict[str, str] | None = None) -> str:
-        argv = ["tmux", "-L", self.socket, "-f", "/dev/null", *args]
+        argv = ["tmux", "-S", str(self.socket), "-f", "/dev/null", *args]
         return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=10, env=env).stdout
 
     def text(self) -> str:
@@ -183,7 +185,7 @@ class Pane:
         self.tmux("send-keys", "-t", "top", *keys)
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
+        subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], capture_output=True, timeout=10)
 
 
 @pytest.fixture
@@ -199,7 +201,7 @@ def terminal(sock_dir: Path) -> Iterator[Callable[[Path], Pane]]:
     def start(address: Path) -> Pane:
         top = shlex.join([PYTHON, "-m", "shmstore", "top", "--address", str(address)])
         after = 'echo "top exited $?"; case "$(stty -a)" in *-icanon*) echo cbreak-left;; *) echo tty-restored;; esac'
-        panes.append(Pane(f"shmtop-{sock_dir.name}", f"{top}; {after}; sleep 600"))
+        panes.append(Pane(sock_dir / f"tmux{len(panes)}", f"{top}; {after}; sleep 600"))
         return panes[-1]
 
     yield start
