@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 from . import __doc__ as package_doc
 from . import address as addr
 from . import demo, hooks
-from .client import DEFAULT_TIMEOUT, Client
+from .client import DEFAULT_TIMEOUT, Client, Follower, Link, Notice
 from .config import Limits, ServeOptions
 from .errors import NotFoundError, ShmstoreError
 from .model import AgentType, Session, Status
@@ -119,12 +120,27 @@ def _parser() -> argparse.ArgumentParser:
     cmd = command("prune", _prune, "forget recently closed sessions that closed at least SECONDS ago")
     cmd.add_argument("--older-than", type=float, required=True, metavar="SECONDS")
 
-    cmd = command("watch", _watch, "print every change as it happens (a snapshot first), until interrupted")
+    cmd = command(
+        "watch",
+        _watch,
+        "print every change as it happens (a snapshot first), until interrupted; carries on through a manager "
+        "restart or hang (reconnecting, then resyncing from a fresh snapshot), with a line on stderr saying so",
+    )
     cmd.add_argument("--json", action="store_true", help="one JSON event per line")
+    cmd.add_argument(
+        "--once", action="store_true", help="do not reconnect: exit with an error when the manager cannot be reached"
+    )
     cmd.add_argument(
         "--after-revision", type=int, help="continue after this revision instead of from a snapshot", metavar="REV"
     )
     cmd.add_argument("--limit", type=int, help="stop after this many lines")
+
+    command(
+        "top",
+        _top,
+        "a live full-screen table of the sessions, those waiting for you first, kept up to date from the change "
+        "feed and through manager restarts; q or Ctrl-C quits (without a terminal: prints the table once)",
+    )
 
     cmd = command("demo", _demo, "run a manager, agent workers and a live subscriber on a private socket")
     cmd.add_argument("--duration", type=float, default=10.0, help="seconds the agents run (default: %(default)s)")
@@ -254,17 +270,38 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    _tolerate_encoding(sys.stdout)
     printed = 0
-    with _client(args) as store, store.watch(args.after_revision) as watch:
-        try:
-            for event in watch:
-                print(event.to_json().decode() if args.json else format_event(event), flush=True)
-                printed += 1
-                if args.limit is not None and printed >= args.limit:
-                    break
-        except KeyboardInterrupt:
-            pass
+    with _client(args) as store:
+        follow = store.watch(args.after_revision) if args.once else Follower(store, args.after_revision)
+        with follow:
+            try:
+                for item in follow:
+                    if isinstance(item, Notice):
+                        if item.link is Link.LIVE or item.attempt == 1:  # not every try of a long outage
+                            print(f"shmstore: watch: {printable(item.message)}", file=sys.stderr, flush=True)
+                        continue
+                    print(item.to_json().decode() if args.json else format_event(item), flush=True)
+                    printed += 1
+                    if args.limit is not None and printed >= args.limit:
+                        break
+            except KeyboardInterrupt:
+                pass
     return 0
+
+
+def _tolerate_encoding(stream: object) -> None:
+    """Event lines hold arrows (and ids any text): on a terminal whose encoding lacks
+    a character, print it escaped rather than fail."""
+    if isinstance(stream, io.TextIOWrapper):
+        stream.reconfigure(errors="backslashreplace")
+
+
+def _top(args: argparse.Namespace) -> int:
+    from . import top  # only here: it imports rich, which no other command needs
+
+    with _client(args) as store:
+        return top.run(store)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """Sessions and events as text for people: the table, a session with its history, one line
-per event. Pure functions; the CLI and the demo print what they return.
+per event, and the short cells of ``shmstore top``. Pure functions; the CLI, the demo and
+:mod:`~shmstore.top` print what they return.
 
 Ids and working dirs are the user's (or an agent's) text and may hold control characters:
 they are shown escaped, so nothing in the store can put an escape sequence on a terminal.
@@ -7,11 +8,15 @@ they are shown escaped, so nothing in the store can put an escape sequence on a 
 
 from __future__ import annotations
 
+import posixpath
 import time
 from collections.abc import Sequence
 
 from .feed import Event, EventKind
-from .model import Session
+from .model import ApiUsage, Session
+
+#: What an event line puts between a status and the next.
+ARROW = "\u2192"
 
 
 def printable(text: str) -> str:
@@ -67,10 +72,59 @@ def format_event(event: Event) -> str:
         return f"{head} {id}"
     detail = session.status.value
     if event.kind is EventKind.TRANSITION and session.history:
-        detail = f"{session.history[-1].from_} -> {session.status}"
+        detail = f"{session.history[-1].from_} {ARROW} {session.status}"
+    elif event.kind is EventKind.REPORT:
+        detail = reported(session)
     elif event.kind is EventKind.ADD_USAGE and session.api_usage is not None:
         detail = f"tokens {session.api_usage.input_tokens}/{session.api_usage.output_tokens}"
     return f"{head} {id}  {detail}"
+
+
+def reported(session: Session) -> str:
+    """What a report did to ``session`` (as the report left it): ``working \u2192 question`` when it
+    changed the status, ``new \u2192 working`` when it created the session, else ``still working``.
+
+    A report that changes the status adds a history entry stamped with the new ``since``,
+    which is also the session's ``last_activity``; one that only shows life moves
+    ``last_activity`` alone."""
+    status = session.status.value
+    if session.last_activity != session.since:
+        return f"still {status}"
+    if session.history and session.history[-1].timestamp == session.since and session.history[-1].to is session.status:
+        return f"{session.history[-1].from_} {ARROW} {status}"
+    if not session.history:
+        return f"new {ARROW} {status}"
+    return f"still {status}"
+
+
+def project(session: Session) -> str:
+    """The session's project as people name it: the last part of its working directory."""
+    return printable(posixpath.basename(session.working_dir.rstrip("/")) or "/")
+
+
+def short_id(id: str, length: int = 8) -> str:
+    """The first ``length`` characters of an id (a Claude Code session id is a UUID, whose
+    first eight hex digits tell a user's sessions apart)."""
+    return printable(id[:length])
+
+
+def count(n: int) -> str:
+    """A count in a few characters: 999, 1.2k, 34k, 5.6M."""
+    if n < 1000:
+        return str(n)
+    scaled = float(n)
+    for unit in "kMGTP":
+        scaled /= 1000
+        if round(scaled, 1) < 10:
+            return f"{scaled:.1f}{unit}"
+        if round(scaled) < 1000:
+            return f"{scaled:.0f}{unit}"
+    return f"{scaled:.0f}P"
+
+
+def tokens(usage: ApiUsage | None) -> str:
+    """Tokens in and out, short: ``12k/3.4k``; ``-`` before the first usage report."""
+    return "-" if usage is None else f"{count(usage.input_tokens)}/{count(usage.output_tokens)}"
 
 
 def age(seconds: float) -> str:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import select
+import signal
 import subprocess
 import threading
 import time
@@ -13,10 +16,12 @@ from typing import Any
 import multiprocess
 import orjson
 import pytest
-from helpers import PYTHON, RawStore, StartServer, make_session
+from helpers import PYTHON, RawStore, StartServer, make_session, wait_until_stopped
 
 import shmstore
-from shmstore import EventKind, ResyncRequiredError, Status, ValidationError
+from shmstore import Event, EventKind, ResyncRequiredError, Status, ValidationError
+from shmstore.client import Backoff, Follower, Link, Notice
+from shmstore.render import format_event
 
 
 def test_snapshot_and_changes(store: shmstore.Client) -> None:
@@ -222,3 +227,227 @@ def test_cli_watch_prints_events(server: Any) -> None:
     assert [(e["revision"], e["kind"], e["id"]) for e in lines] == [(1, "set", "cli"), (2, "transition", "cli")]
     assert lines[1]["session"]["status"] == "question"
     assert proc.returncode == 0
+
+
+# -- following through restarts and hangs -----------------------------------------------------
+
+
+def _next(follower: Follower, timeout: float = 20) -> Event | Notice:
+    """The follower's next item, or a failure after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        item = follower.poll(0.2)
+        if item is not None:
+            return item
+    raise AssertionError(f"the follower yielded nothing in {timeout} s")
+
+
+def _until_live(follower: Follower) -> tuple[list[Notice], Notice]:
+    """The reconnecting notices, and the notice that the manager is back."""
+    failures = []
+    while True:
+        item = _next(follower)
+        assert isinstance(item, Notice), item
+        if item.link is Link.LIVE:
+            return failures, item
+        failures.append(item)
+
+
+def test_backoff_doubles_from_first_to_its_cap_with_jitter() -> None:
+    backoff = Backoff(first=0.1, cap=2.0)
+    assert [backoff.delay(n, draw=0.999999) for n in (1, 2, 3, 4, 5, 6, 50)] == pytest.approx(
+        [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0], abs=1e-5
+    )
+    assert [backoff.delay(n, draw=0.0) for n in (1, 5, 6)] == pytest.approx([0.05, 0.8, 1.0])
+    drawn = {backoff.delay(3) for _ in range(50)}
+    assert len(drawn) > 10  # jittered
+    assert all(0.2 <= d <= 0.4 for d in drawn)
+    for bad in [{"first": 0}, {"cap": -1.0}, {"first": 3.0, "cap": 2.0}, {"first": True}, {"cap": 1e9}]:
+        with pytest.raises(ValidationError, match="backoff"):
+            Backoff(**bad)  # type: ignore[arg-type]
+
+
+def test_follower_carries_on_through_a_manager_restart_and_resyncs(sock_dir: Path) -> None:
+    path = sock_dir / "r.sock"
+    first = shmstore.start_server(path)
+    try:
+        with shmstore.connect(path) as store, Follower(store, poll=0.2) as follower:
+            assert _next(follower).kind is EventKind.SNAPSHOT  # type: ignore[union-attr]
+            store.set(make_session("old"))
+            assert (_next(follower).kind, follower.revision) == (EventKind.SET, 1)  # type: ignore[union-attr]
+            os.kill(first.pid, signal.SIGKILL)
+            first.process.join(10)
+            lost = _next(follower)
+            assert isinstance(lost, Notice)
+            assert (lost.link, lost.attempt) == (Link.RECONNECTING, 1)
+            assert isinstance(lost.problem, shmstore.StoreUnavailableError)
+            assert "reconnecting" in lost.message
+            assert follower.link is Link.RECONNECTING
+            assert follower.sessions.keys() == {"old"}  # the last state seen is kept meanwhile
+            with shmstore.start_server(path):  # a new key file too: the follower reads it again
+                for n in range(3):
+                    store.set(make_session(f"new{n}"))
+                _, back = _until_live(follower)
+                assert back.resynced
+                assert "resynced" in back.message
+                event = _next(follower)
+                assert isinstance(event, Event)
+                assert (event.kind, event.revision) == (EventKind.SNAPSHOT, 3)
+                assert follower.sessions.keys() == {"new0", "new1", "new2"}
+                assert (follower.link, follower.problem, follower.attempt) == (Link.LIVE, None, 0)
+                store.transition("new1", Status.QUESTION)
+                assert (_next(follower).kind, follower.revision) == (EventKind.TRANSITION, 4)  # type: ignore[union-attr]
+    finally:
+        first.stop()
+
+
+def test_follower_waits_out_a_hung_manager_and_misses_no_change(server: Any) -> None:
+    with (
+        shmstore.connect(server.address, server.authkey) as store,
+        shmstore.Client(server.address, server.authkey, timeout=0.5) as impatient,
+        Follower(impatient, poll=0.2, backoff=Backoff(0.05, 0.2)) as follower,
+    ):
+        assert follower.client is not impatient  # closing the follower leaves the caller's client alone
+        assert _next(follower).kind is EventKind.SNAPSHOT  # type: ignore[union-attr]
+        store.set(make_session("a"))
+        assert _next(follower).kind is EventKind.SET  # type: ignore[union-attr]
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            wait_until_stopped(server.pid)
+            lost = _next(follower)
+            assert isinstance(lost, Notice)
+            assert lost.link is Link.RECONNECTING
+            assert "no reply within 0.5 s" in str(lost.problem)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        store.set(make_session("b"))
+        _, back = _until_live(follower)
+        assert not back.resynced  # the same manager, whose log still reaches back
+        assert "no change was missed" in back.message
+        event = _next(follower)
+        assert (event.kind, event.revision, follower.snapshots) == (EventKind.SET, 2, 1)  # type: ignore[union-attr]
+        assert impatient.revision() == 2
+
+
+def test_follower_closed_from_another_thread_ends_a_back_off_wait_at_once(sock_dir: Path) -> None:
+    client = shmstore.Client(sock_dir / "nobody.sock", b"k")
+    follower = Follower(client, backoff=Backoff(first=30.0, cap=30.0))
+    lost = next(follower)
+    assert isinstance(lost, Notice)
+    assert lost.retry_in >= 15
+    threading.Timer(0.3, follower.close).start()
+    started = time.monotonic()
+    assert list(follower) == []
+    assert time.monotonic() - started < 3  # not the 15-30 s of the back-off
+
+
+def test_follower_closed_from_another_thread_ends_a_call_to_a_hung_manager(server: Any) -> None:
+    with shmstore.Client(server.address, server.authkey, timeout=30) as patient:
+        follower = Follower(patient, poll=0.2)
+        assert next(follower).kind is EventKind.SNAPSHOT  # type: ignore[union-attr]
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            wait_until_stopped(server.pid)
+            threading.Timer(0.5, follower.close).start()
+            started = time.monotonic()
+            assert list(follower) == []
+            assert time.monotonic() - started < 5  # the call would have waited 30 s
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+
+
+def test_follower_never_busy_loops_while_the_manager_is_down(sock_dir: Path) -> None:
+    follower = Follower(shmstore.Client(sock_dir / "down.sock", b"k"), backoff=Backoff(0.1, 0.4))
+    threading.Timer(2.0, follower.close).start()
+    cpu = time.process_time()
+    notices = list(follower)
+    assert time.process_time() - cpu < 1.0  # a busy loop would burn the whole 2 s
+    assert all(isinstance(n, Notice) and n.link is Link.RECONNECTING for n in notices)
+    assert [n.attempt for n in notices] == list(range(1, len(notices) + 1))  # type: ignore[union-attr]
+    assert 3 <= len(notices) <= 12  # waits of 0.05-0.1, 0.1-0.2, then 0.2-0.4 s each
+
+
+def test_report_lines_show_the_status_they_moved_from_and_to() -> None:
+    created = shmstore.Session(id="r", working_dir="/w", since=100.0)
+    assert format_event(Event(1, EventKind.REPORT, "r", created)).endswith("r  new \u2192 working")
+    asked = shmstore.Session(
+        id="r",
+        working_dir="/w",
+        status=Status.QUESTION,
+        since=105.0,
+        history=(shmstore.StateTransition(105.0, Status.WORKING, Status.QUESTION, 5.0),),
+    )
+    assert format_event(Event(2, EventKind.REPORT, "r", asked)).endswith("r  working \u2192 question")
+    alive = shmstore.Session(
+        id="r", working_dir="/w", status=Status.QUESTION, since=105.0, last_activity=107.0, history=asked.history
+    )
+    assert format_event(Event(3, EventKind.REPORT, "r", alive)).endswith("r  still question")
+
+
+class _Output:
+    """A child's pipe, read with a deadline for each line waited for."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.fd = pipe.fileno()
+        self.text = ""
+
+    def wait_for(self, needle: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{needle!r} not printed in {timeout} s; got {self.text!r}"
+            if select.select([self.fd], [], [], left)[0]:
+                chunk = os.read(self.fd, 65536)
+                assert chunk, f"the pipe closed before {needle!r}; got {self.text!r}"
+                self.text += chunk.decode()
+        return self.text
+
+
+def _watch_cli(path: Path, *flags: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [PYTHON, "-m", "shmstore", "watch", "--address", str(path), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_cli_watch_keeps_going_through_a_manager_restart(sock_dir: Path) -> None:
+    path = sock_dir / "w.sock"
+    first = shmstore.start_server(path)
+    proc = _watch_cli(path)
+    try:
+        out, err = _Output(proc.stdout), _Output(proc.stderr)
+        out.wait_for("snapshot   0 sessions")
+        with shmstore.connect(path) as store:
+            store.report("r1", Status.WORKING, "/w")
+            store.report("r1", Status.QUESTION, "/w")
+            out.wait_for("r1  working \u2192 question")
+            first.stop()
+            err.wait_for("reconnecting (try 2 in")
+            assert proc.poll() is None
+            with shmstore.start_server(path):
+                store.set(make_session("again"))
+                err.wait_for("resynced from a fresh snapshot")
+                out.wait_for("rev 1      snapshot   1 sessions")
+                store.transition("again", Status.ATTENTION)
+                out.wait_for("again  working \u2192 attention")
+        assert err.text.count("reconnecting (try") == 1  # one line for the outage, not one per try
+        assert out.text.count("new \u2192 working") == 1
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+        first.stop()
+
+
+def test_cli_watch_once_exits_with_an_error_when_the_manager_goes(sock_dir: Path) -> None:
+    path = sock_dir / "o.sock"
+    with shmstore.start_server(path) as server:
+        proc = _watch_cli(path, "--once")
+        _Output(proc.stdout).wait_for("snapshot")
+        server.stop()
+        _, err = proc.communicate(timeout=30)
+    # 1 today; 3 ("manager unreachable") once cli.main maps StoreUnavailableError to it.
+    assert proc.returncode in (1, 3)
+    assert err.decode().startswith("shmstore: error: ")
+    assert "manager at" in err.decode()
+    assert err.count(b"\n") == 1  # one line, and no reconnecting

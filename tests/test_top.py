@@ -1,0 +1,259 @@
+"""``shmstore top``: what it shows, in-process; and the real thing in a real terminal (tmux),
+against a real manager that is killed and started again under it."""
+
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import PYTHON, StartServer, make_session, run
+from rich.console import Console
+
+import shmstore
+from shmstore import ApiUsage, Session, Status
+from shmstore.top import Frame, cells, columns, ordered, view
+
+AT = 1_000_000.0
+
+
+def _session(id: str, status: Status, active: float, **fields: object) -> Session:
+    """A session in ``status`` since 100 s before ``AT``, last active ``active`` s before it."""
+    return make_session(id, status=status, since=AT - 100, last_activity=AT - active, **fields)
+
+
+def _screen(frame: Frame, width: int = 120, height: int = 30) -> str:
+    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
+    console.print(view(frame, AT, width, height))
+    return console.file.getvalue()  # type: ignore[attr-defined,no-any-return]
+
+
+# -- what it shows ------------------------------------------------------------------------------
+
+
+def test_questions_come_first_then_attention_then_working_each_by_last_activity() -> None:
+    sessions = [
+        _session("w-old", Status.WORKING, 50),
+        _session("a", Status.ATTENTION, 90),
+        _session("w-new", Status.WORKING, 1),
+        _session("q-old", Status.QUESTION, 80),
+        _session("q-new", Status.QUESTION, 5),
+    ]
+    assert [s.id for s in ordered(sessions)] == ["q-new", "q-old", "a", "w-new", "w-old"]
+
+
+def test_a_row_shows_status_project_short_id_ages_tokens_pid_and_agent() -> None:
+    session = _session(
+        "3f2a8c1e-5b7d-4e9f-a0c2-6d8b1e4f7a93",
+        Status.WORKING,
+        75,
+        working_dir="/home/dev/projects/webapp/",
+        api_usage=ApiUsage(12_345, 678),
+        pid=4242,
+        stale=True,
+    )
+    names = columns([session], width=120)
+    assert names == ["STATUS", "PROJECT", "ID", "IN STATUS", "LAST ACTIVE", "TOKENS IN/OUT", "PID", "AGENT"]
+    assert cells(session, names, AT) == [
+        "working (stale)",
+        "webapp",
+        "3f2a8c1e",
+        "1m40s",
+        "1m15s ago",
+        "12k/678",
+        "4242",
+        "claude_code",
+    ]
+
+
+def test_tokens_show_only_when_a_session_has_usage_and_pid_only_when_there_is_room() -> None:
+    plain = [_session("a", Status.WORKING, 1)]
+    assert columns(plain, width=80) == ["STATUS", "PROJECT", "ID", "IN STATUS", "LAST ACTIVE"]
+    used = [*plain, _session("b", Status.WORKING, 1, api_usage=ApiUsage(1, 2))]
+    assert "TOKENS IN/OUT" in columns(used, width=80)
+    assert "PID" not in columns(used, width=99)
+    assert "PID" in columns(used, width=100)
+
+
+def test_the_screen_says_when_it_is_reconnecting_and_when_it_resynced() -> None:
+    sessions = (_session("q", Status.QUESTION, 1), _session("w", Status.WORKING, 2))
+    live = _screen(Frame("/run/s.sock", sessions, 7, "live"))
+    assert "live  rev 7  2 sessions: 1 question, 0 attention, 1 working" in live
+    assert live.index(" q ") < live.index(" w ")
+    assert "q quit" in live
+    lost = _screen(Frame("/run/s.sock", sessions, 7, "reconnecting", message="connection refused (try 3 in 0.4 s)"))
+    assert "reconnecting\u2026  (last seen: rev 7, 2 sessions" in lost
+    assert "connection refused (try 3 in 0.4 s)" in lost
+    assert " q " in lost  # the last table seen stays up meanwhile
+    back = _screen(Frame("/run/s.sock", (), 0, "live", resynced_at=AT - 2))
+    assert "live (resynced)  rev 0" in back
+    assert "no live sessions" in back
+    assert "resynced" not in _screen(Frame("/run/s.sock", (), 0, "live", resynced_at=AT - 60))
+    assert "connecting\u2026" in _screen(Frame("/run/s.sock"))
+    never = _screen(Frame("/run/s.sock", link="reconnecting", message="no manager at /run/s.sock"))
+    assert "reconnecting\u2026  (nothing seen yet)" in never
+
+
+def test_rows_that_do_not_fit_are_counted_not_drawn() -> None:
+    sessions = tuple(_session(f"s{n:02}", Status.WORKING, n) for n in range(40))
+    screen = _screen(Frame("/s", sessions, 40, "live"), height=20)
+    assert len(screen.splitlines()) <= 20
+    assert "\u2026 and 27 more" in screen
+    assert "s00" in screen  # the last active first
+    assert "s39" not in screen
+
+
+def test_text_from_the_store_is_shown_literally() -> None:
+    hostile = _session("[bold]x", Status.WORKING, 1, working_dir="/w/[red]proj")
+    screen = _screen(Frame("/s[/]", (hostile,), 1, "live"))
+    assert "[bold]x" in screen  # not rich markup
+    assert "[red]proj" in screen
+    assert "/s[/]" in screen
+
+
+def test_top_without_a_terminal_prints_the_table_once_without_escape_codes(store: shmstore.Client) -> None:
+    store.set(make_session("plain", working_dir="/src/alpha"))
+    store.report("asks", Status.QUESTION, "/src/bravo")
+    result = run("top", address=store.address, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout
+    assert "rev 2  2 sessions: 1 question, 0 attention, 1 working" in result.stdout
+    assert result.stdout.index("bravo") < result.stdout.index("alpha")
+    assert "q quit" not in result.stdout
+
+
+def test_top_without_a_manager_says_so_in_one_line(sock_dir: Path) -> None:
+    result = run("top", address=sock_dir / "none.sock", timeout=30)
+    assert result.returncode in (1, 3)  # 3 ("manager unreachable") once cli.main maps it
+    assert result.stderr.startswith("shmstore: error: no manager at")
+    assert result.stderr.count("\n") == 1
+
+
+def test_only_top_imports_rich() -> None:
+    code = (
+        "import sys, shmstore.cli, shmstore.hooks, shmstore.server\n"
+        "assert 'rich' not in sys.modules and 'shmstore.top' not in sys.modules\n"
+        "import shmstore.top\n"
+        "assert 'rich' in sys.modules\n"
+    )
+    assert subprocess.run([PYTHON, "-c", code], timeout=60).returncode == 0
+
+
+# -- in a real terminal -------------------------------------------------------------------------
+
+
+class Pane:
+    """One command in a detached tmux session on a server of its own, whose socket is in
+    the test's directory (``-S``, rather than ``-L`` in tmux's shared one, so that nothing
+    is left behind)."""
+
+    def __init__(self, socket: Path, command: str) -> None:
+        self.socket = socket
+        env = {k: v for k, v in os.environ.items() if k != "TMUX"}
+        env.setdefault("TERM", "xterm-256color")
+        self.tmux("new-session", "-d", "-x", "120", "-y", "30", "-s", "top", command, env=env)
+
+    def tmux(self, *args: str, env: dict[str, str] | None = None) -> str:
+        argv = ["tmux", "-S", str(self.socket), "-f", "/dev/null", *args]
+        return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=10, env=env).stdout
+
+    def text(self) -> str:
+        return self.tmux("capture-pane", "-p", "-t", "top")
+
+    def wait_for(self, seen: Callable[[str], bool], what: str, timeout: float = 15) -> str:
+        """The screen once ``seen`` says so; fails after ``timeout`` seconds, showing it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text()
+            if seen(text):
+                return text
+            assert time.monotonic() < deadline, f"not on screen after {timeout} s: {what}\n{text}"
+            time.sleep(0.1)
+
+    def shows(self, *needles: str) -> str:
+        return self.wait_for(lambda text: all(n in text for n in needles), " and ".join(needles))
+
+    def keys(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", "top", *keys)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def terminal(sock_dir: Path) -> Iterator[Callable[[Path], Pane]]:
+    """``shmstore top --address ADDRESS`` in a 120x30 tmux pane; after it exits, the pane
+    says with what code, and whether the terminal was left in cbreak mode."""
+    if shutil.which("tmux") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("tmux is not installed (.ci/run installs it)")
+        pytest.skip("tmux is not installed")
+    panes: list[Pane] = []
+
+    def start(address: Path) -> Pane:
+        top = shlex.join([PYTHON, "-m", "shmstore", "top", "--address", str(address)])
+        after = 'echo "top exited $?"; case "$(stty -a)" in *-icanon*) echo cbreak-left;; *) echo tty-restored;; esac'
+        panes.append(Pane(sock_dir / f"tmux{len(panes)}", f"{top}; {after}; sleep 600"))
+        return panes[-1]
+
+    yield start
+    for pane in panes:
+        pane.close()
+
+
+def _row(text: str, name: str) -> str:
+    return next((line for line in text.splitlines() if f" {name} " in line), "")
+
+
+def test_top_in_a_terminal_follows_the_store_through_a_manager_restart_and_quits_on_q(
+    start_server: StartServer, terminal: Callable[[Path], Pane]
+) -> None:
+    first = start_server("t.sock")
+    address = Path(first.address)
+    with shmstore.connect(address) as store:
+        store.set(make_session("w-1", working_dir="/src/alpha"))
+        pane = terminal(address)
+        pane.shows("live", "alpha", "1 working")
+        store.report("q-1", Status.QUESTION, "/src/bravo")
+        screen = pane.shows("bravo", "1 question")
+        assert screen.index("bravo") < screen.index("alpha")  # the question comes first
+        store.transition("w-1", Status.ATTENTION)
+        screen = pane.wait_for(lambda text: "attention" in _row(text, "alpha"), "alpha in attention")
+        assert screen.index("bravo") < screen.index("alpha")
+
+        os.kill(first.pid, signal.SIGKILL)
+        first.process.join(10)
+        screen = pane.shows("reconnecting\u2026", "bravo")  # the last table seen stays up
+        start_server("t.sock")
+        store.report("c-1", Status.WORKING, "/src/charlie")
+        screen = pane.shows("live (resynced)", "charlie", "1 session:")
+        assert "bravo" not in screen  # the new manager's sessions, not the old ones
+
+        pane.keys("q")
+        screen = pane.shows("top exited 0", "tty-")
+        assert "tty-restored" in screen
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_top_in_a_terminal_quits_on_ctrl_c_or_sigterm_and_restores_the_terminal(
+    server: shmstore.ServerProcess, terminal: Callable[[Path], Pane], how: str
+) -> None:
+    pane = terminal(Path(server.address))
+    pane.shows("live", "0 sessions")
+    if how == "ctrl-c":
+        pane.keys("C-c")
+    else:
+        shell = psutil.Process(int(pane.tmux("display-message", "-p", "-t", "top", "#{pane_pid}")))
+        (top,) = shell.children()
+        top.terminate()
+    screen = pane.shows("top exited", "tty-")
+    assert "top exited 0" in screen
+    assert "tty-restored" in screen
