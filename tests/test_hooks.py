@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CWD, PYTHON, SID, StartServer, hook, payload, wait_until_stopped
+from helpers import CWD, PYTHON, SID, StartServer, hook, payload, run, wait_until_stopped
 
 import shmstore
 from shmstore import EventKind, Status
@@ -433,12 +433,7 @@ EXISTING = {
 
 
 def install(settings: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "shmstore", "install-hooks", "--settings", str(settings), *extra],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return run("install-hooks", "--settings", str(settings), *extra)
 
 
 def test_install_hooks_merges_keeps_everything_and_is_idempotent(sock_dir: Path) -> None:
@@ -495,12 +490,7 @@ def test_install_hooks_refuses_a_broken_settings_file(sock_dir: Path) -> None:
 
 
 def uninstall(settings: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "shmstore", "uninstall-hooks", "--settings", str(settings), *extra],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return run("uninstall-hooks", "--settings", str(settings), *extra)
 
 
 def ours_per_event(settings: Path) -> dict[str, list[str]]:
