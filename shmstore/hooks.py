@@ -180,27 +180,44 @@ def run_hook(
     deadline = process_started(time.monotonic() if started is None else started) + budget
     previous = signal.signal(signal.SIGALRM, _expire)
     signal.setitimer(signal.ITIMER_REAL, max(0.001, deadline - time.monotonic()))
-    event, session = "-", "-"
+    event, session, failure = "-", "-", None
     try:
-        payload = read_payload(stream)
-        event, session = payload["hook_event_name"], payload["session_id"]
-        status = status_for(payload)
-        if status is None:
-            if event not in QUIET_EVENTS:
-                print(f"shmstore hook: ignored unknown event {event!r}", file=sys.stderr)
-            return 0
-        where = addr.resolve(address)
-        # TODO(state slice): pass SessionEnd's payload["reason"] once report() takes one.
-        report(
-            where, None, session, status, payload["cwd"], pid=pid or agent_pid(), session_id=session, deadline=deadline
-        )
-    except (Exception, _DeadlineError) as exc:
-        print(f"shmstore hook: not reported ({exc}); the agent carries on", file=sys.stderr)
-        note_failure(event, session, str(exc))
+        try:
+            payload = read_payload(stream)
+            event, session = payload["hook_event_name"], payload["session_id"]
+            _report_payload(payload, address, pid, deadline)
+        except (Exception, _DeadlineError) as exc:
+            failure = str(exc)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _DeadlineError as exc:  # it fired while another failure was handled (it fires once only)
+        failure = str(exc)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    if failure is not None:
+        print(f"shmstore hook: not reported ({failure}); the agent carries on", file=sys.stderr)
+        note_failure(event, session, failure)
     return 0
+
+
+def _report_payload(payload: Mapping[str, Any], address: str | None, pid: int | None, deadline: float) -> None:
+    status = status_for(payload)
+    event, session = payload["hook_event_name"], payload["session_id"]
+    if status is None:
+        if event not in QUIET_EVENTS:
+            print(f"shmstore hook: ignored unknown event {event!r}", file=sys.stderr)
+        return
+    # TODO(state slice): pass SessionEnd's payload["reason"] once report() takes one.
+    report(
+        addr.resolve(address),
+        None,
+        session,
+        status,
+        payload["cwd"],
+        pid=pid or agent_pid(),
+        session_id=session,
+        deadline=deadline,
+    )
 
 
 def _expire(signum: int, frame: Any) -> None:
