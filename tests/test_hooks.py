@@ -172,12 +172,14 @@ def test_unknown_events_and_bad_payloads_are_ignored_with_a_note(
     assert store.revision() == 0
 
 
-def test_with_the_store_down_the_hook_exits_0_within_a_second(sock_dir: Path) -> None:
+def test_with_the_store_down_the_hook_exits_0_within_its_deadline(sock_dir: Path) -> None:
     for address in [sock_dir / "nobody.sock", "127.0.0.1:9"]:
         started = time.monotonic()
         result = hook(address, payload("Stop"))
         assert result.returncode == 0
-        assert time.monotonic() - started < 1.0
+        # The hook's 0.9 s count from its process's start, so only exiting comes on top; a
+        # machine with a load average of 20 on 2 CPUs took 1.1 s for the whole run.
+        assert time.monotonic() - started < 1.5
         assert b"not reported" in result.stderr
 
 
