@@ -582,3 +582,12 @@ def test_a_symlinked_settings_file_stays_a_symlink(sock_dir: Path) -> None:
     assert uninstall(settings).returncode == 0
     assert settings.is_symlink()
     assert json.loads(target.read_text()) == EXISTING
+
+
+def test_anything_but_a_plain_hook_call_goes_to_the_full_command_line(sock_dir: Path) -> None:
+    helped = run("hook", "--help")
+    assert helped.returncode == 0
+    assert "gives up --timeout seconds (default 0.9) after its process started" in " ".join(helped.stdout.split())
+    bad = run("hook", "--pid", "not-a-pid")
+    assert bad.returncode == 2
+    assert "invalid int value: 'not-a-pid'" in bad.stderr
