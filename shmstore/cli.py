@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 from . import __doc__ as package_doc
 from . import address as addr
-from . import demo, hooks
+from . import claude_settings, demo, hooks
 from .client import DEFAULT_TIMEOUT, Client, Follower, Link, Notice
 from .config import Limits, ServeOptions
 from .errors import NotFoundError, ShmstoreError
@@ -109,13 +109,26 @@ def _parser() -> argparse.ArgumentParser:
     cmd = command("rm", _rm, "remove a session")
     cmd.add_argument("id")
 
-    cmd = command("hook", _hook, "report one Claude Code hook payload (JSON on stdin); never fails the agent")
+    cmd = command(
+        "hook",
+        _hook,
+        "report one Claude Code hook payload (JSON on stdin); never fails the agent: gives up --timeout seconds "
+        "(default 0.9) after its process started, and logs a failed report to ~/.local/state/shmstore/hook.log",
+    )
     cmd.add_argument("--pid", type=int, help="the agent's process id (default: found from the parent processes)")
+    # For the hook, --timeout is its whole budget, counted from the start of its process.
+    cmd.set_defaults(timeout=hooks.HOOK_DEADLINE)
 
-    cmd = command("install-hooks", _install_hooks, "add `shmstore hook` to a Claude Code settings file")
-    cmd.add_argument("--settings", type=Path, default=None, help="the settings file (default: ~/.claude/settings.json)")
+    cmd = command(
+        "install-hooks",
+        _install_hooks,
+        "make `shmstore hook` the one shmstore hook of each event in a Claude Code settings file",
+    )
+    _add_settings_file(cmd)
     cmd.add_argument("--command", dest="hook_command", help="the hook command to install (default: this Python's)")
-    cmd.add_argument("--dry-run", action="store_true", help="print the merged settings, write nothing")
+
+    cmd = command("uninstall-hooks", _uninstall_hooks, "remove every shmstore hook from a Claude Code settings file")
+    _add_settings_file(cmd)
 
     cmd = command("prune", _prune, "forget recently closed sessions that closed at least SECONDS ago")
     cmd.add_argument("--older-than", type=float, required=True, metavar="SECONDS")
@@ -247,19 +260,34 @@ def _hook(args: argparse.Namespace) -> int:
     return hooks.run_hook(sys.stdin.buffer, args.address, args.timeout, args.pid)
 
 
+def _add_settings_file(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--settings", type=Path, default=None, help="the settings file (default: ~/.claude/settings.json)")
+    cmd.add_argument("--dry-run", action="store_true", help="print a diff of the settings file, write nothing")
+
+
 def _install_hooks(args: argparse.Namespace) -> int:
-    path = args.settings or hooks.default_settings()
-    command = args.hook_command or hooks.hook_command(args.address)
-    added, text, backup = hooks.install(path, command, dry_run=args.dry_run)
-    if args.dry_run:
-        sys.stdout.write(text)
-        print(f"dry run: would add the hook to {len(added)} events in {path}", file=sys.stderr)
-    elif not added:
-        print(f"{path} already runs `{command}` on every event; nothing changed")
+    command = args.hook_command or claude_settings.hook_command(args.address)
+    path = args.settings or claude_settings.default_settings()
+    change = claude_settings.install(path, command, dry_run=args.dry_run)
+    return _report_change(change, args.dry_run, f"put `{command}` on")
+
+
+def _uninstall_hooks(args: argparse.Namespace) -> int:
+    path = args.settings or claude_settings.default_settings()
+    change = claude_settings.uninstall(path, dry_run=args.dry_run)
+    return _report_change(change, args.dry_run, "removed the shmstore hook from")
+
+
+def _report_change(change: claude_settings.Change, dry_run: bool, done: str) -> int:
+    if dry_run:
+        sys.stdout.write(change.diff())
+        print(f"dry run, nothing written; it would have {done} {len(change.events)} events", file=sys.stderr)
+    elif not change.events:
+        print(f"{change.path} is as it should be; nothing changed")
     else:
-        print(f"added `{command}` to {len(added)} events in {path}")
-        if backup is not None:
-            print(f"the old file is kept as {backup}")
+        print(f"{done} {len(change.events)} events in {change.path}")
+        if change.backup is not None:
+            print(f"the old file is kept as {change.backup}")
     return 0
 
 

@@ -1,78 +1,119 @@
-"""Claude Code hooks: what each hook event means for a session, and how the hook command
-gets into Claude Code's settings, and the hook's run itself (:func:`run_hook`).
+"""Claude Code hooks: what each hook event means for a session, and the hook's run itself
+(:func:`run_hook`), which must be fast and must never fail the agent, but never fail silently
+either (:func:`recent_failures`). Putting the hook into Claude Code's settings is
+:mod:`shmstore.claude_settings`.
 
 Claude Code runs the configured hook commands on its events and passes each a JSON payload
 on stdin with at least ``session_id``, ``cwd`` and ``hook_event_name``, plus fields of the
 event's own (``tool_name`` for tool events, ``notification_type`` and ``message`` for
 notifications, ``source`` for session start, ``reason`` for session end). ``shmstore hook``
 turns one payload into one atomic ``report`` on the store.
+
+This module is on the hook's path, so it imports only the standard library and the light
+modules of the package (never ``multiprocess``, ``dill`` or ``orjson``): its statuses are
+the plain values of :class:`shmstore.model.Status`, a ``StrEnum`` they compare equal to.
 """
 
 from __future__ import annotations
 
-import datetime
+import contextlib
 import json
 import os
-import shlex
-import shutil
 import signal
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import address as addr
 from .checks import check_dir, check_id
-from .client import Client
 from .errors import ValidationError
-from .model import Status
 from .procs import process_stat
+from .reporter import report
 
-#: The status each hook event puts a session in. :func:`status_for` refines three of them.
-EVENT_STATUS: Mapping[str, Status] = {
-    "SessionStart": Status.ATTENTION,  # a new or resumed session waits for the first prompt
-    "UserPromptSubmit": Status.WORKING,
-    "PreToolUse": Status.WORKING,
-    "PostToolUse": Status.WORKING,
-    "PostToolUseFailure": Status.WORKING,
-    "SubagentStop": Status.WORKING,  # the main agent carries on
-    "PreCompact": Status.WORKING,
-    "PermissionRequest": Status.QUESTION,
-    "Notification": Status.ATTENTION,
-    "Stop": Status.ATTENTION,  # the turn is over: the user's move
-    "SessionEnd": Status.CLOSED,
+# The values of shmstore.model.Status (importing that module would import orjson).
+WORKING, ATTENTION, QUESTION, CLOSED = "working", "attention", "question", "closed"
+
+#: The status each hook event puts a session in (every event of Claude Code's hooks
+#: reference that says something about it); :func:`status_for` refines a few of them.
+EVENT_STATUS: Mapping[str, str] = {
+    "SessionStart": ATTENTION,  # a new or resumed session waits for the first prompt
+    "UserPromptSubmit": WORKING,
+    "UserPromptExpansion": WORKING,  # a slash command expands into the prompt
+    "PreToolUse": WORKING,
+    "PermissionRequest": QUESTION,
+    "PermissionDenied": WORKING,  # auto mode refused a call; the agent carries on
+    "PostToolUse": WORKING,
+    "PostToolUseFailure": WORKING,
+    "PostToolBatch": WORKING,
+    "SubagentStart": WORKING,
+    "SubagentStop": WORKING,  # the main agent carries on
+    "TaskCreated": WORKING,
+    "TaskCompleted": WORKING,
+    "PreCompact": WORKING,
+    "PostCompact": WORKING,
+    "Elicitation": QUESTION,  # an MCP server asks the user for input
+    "ElicitationResult": WORKING,  # the user answered it
+    "Notification": ATTENTION,
+    "Stop": ATTENTION,  # the turn is over: the user's move
+    "StopFailure": ATTENTION,  # the turn ended on an API error: the user's move too
+    "SessionEnd": CLOSED,
 }
+#: Events of the reference that say nothing of the session's status: ignored without a
+#: note, and not installed. (WorktreeCreate's hook must print a path: never install there.)
+QUIET_EVENTS = frozenset(
+    {
+        "Setup",
+        "InstructionsLoaded",
+        "ConfigChange",
+        "CwdChanged",
+        "FileChanged",
+        "WorktreeCreate",
+        "WorktreeRemove",
+        "TeammateIdle",  # another agent of a team goes idle
+    }
+)
 
 #: Notification types that ask the user something (rather than only wait for them).
 QUESTION_NOTIFICATIONS = frozenset({"permission_prompt", "elicitation_dialog"})
 #: The tool with which the agent asks the user a question.
 ASK_TOOL = "AskUserQuestion"
-#: The largest payload read from stdin.
-MAX_PAYLOAD = 1 << 20
+#: The largest payload read from stdin: a prompt with a pasted log is megabytes.
+MAX_PAYLOAD = 64 << 20
+_CHUNK = 1 << 20
 
 
-def status_for(payload: Mapping[str, Any]) -> Status | None:
+def status_for(payload: Mapping[str, Any]) -> str | None:
     """The status a hook payload reports, or None for an event that says nothing of it."""
     event = payload.get("hook_event_name")
     if event == "PreToolUse" and payload.get("tool_name") == ASK_TOOL:
-        return Status.QUESTION
+        return QUESTION
     if event == "Notification":
         kind = payload.get("notification_type")
         message = str(payload.get("message", "")).lower()
         if kind in QUESTION_NOTIFICATIONS or (kind is None and "permission" in message):
-            return Status.QUESTION
-        return Status.ATTENTION
+            return QUESTION
+        return ATTENTION
     if event == "SessionStart" and payload.get("source") == "compact":
-        return Status.WORKING  # compaction happens mid-task
+        return WORKING  # compaction happens mid-task
     return EVENT_STATUS.get(event) if isinstance(event, str) else None
 
 
 def read_payload(stream: BinaryIO) -> dict[str, Any]:
-    """One hook payload from ``stream``, checked for the fields a report needs."""
-    raw = stream.read(MAX_PAYLOAD + 1)
-    if len(raw) > MAX_PAYLOAD:
+    """One hook payload from ``stream`` (read to its end, up to :data:`MAX_PAYLOAD`),
+    checked for the fields a report needs."""
+    chunks, size = [], 0
+    while size <= MAX_PAYLOAD:
+        chunk = stream.read(_CHUNK)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > MAX_PAYLOAD:
         raise ValidationError("payload", f"is larger than {MAX_PAYLOAD} bytes")
     try:
-        payload = json.loads(raw)
+        payload = json.loads(b"".join(chunks))
     except ValueError as exc:
         raise ValidationError("payload", f"is not JSON: {exc}") from None
     if not isinstance(payload, dict):
@@ -103,7 +144,8 @@ def agent_pid() -> int:
 
 # -- running -------------------------------------------------------------------------------
 
-#: The longest `shmstore hook` may take: an agent waits for its hooks.
+#: The longest `shmstore hook` may take, counted from the start of its process (the
+#: interpreter's start-up included): an agent waits for its hooks.
 HOOK_DEADLINE = 0.9
 
 
@@ -111,103 +153,146 @@ class _DeadlineError(Exception):
     pass
 
 
-def run_hook(stream: BinaryIO, address: str | None, timeout: float, pid: int | None = None) -> int:
-    """Report one hook payload read from ``stream``. Whatever goes wrong, return 0 within
-    HOOK_DEADLINE seconds and say why on stderr: a status display must never block or fail
-    the agent. The deadline is a SIGALRM timer, so it also cuts short a hung read."""
+def process_started(fallback: float) -> float:
+    """When this process started, as a ``time.monotonic()`` value: from ``/proc/self/stat``
+    (clock ticks since boot, so to within 10 ms), else ``fallback``. Never earlier than a
+    second before ``fallback``, whatever the clocks say."""
+    stat = process_stat(os.getpid())
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if stat is None or boottime is None:
+        return fallback
+    age = time.clock_gettime(boottime) - stat.start / os.sysconf("SC_CLK_TCK")
+    return min(fallback, max(time.monotonic() - age, fallback - 1.0))
 
-    def expire(signum: int, frame: Any) -> None:
-        raise _DeadlineError(f"gave up after {HOOK_DEADLINE} s")
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, HOOK_DEADLINE)
+def run_hook(
+    stream: BinaryIO,
+    address: str | None,
+    budget: float = HOOK_DEADLINE,
+    pid: int | None = None,
+    started: float | None = None,
+) -> int:
+    """Report one hook payload read from ``stream``. Whatever goes wrong, return 0 by
+    ``budget`` seconds after the process started (``started``, a ``time.monotonic()``
+    value; default: read from /proc), and say why on stderr and in the failure log
+    (:func:`failure_log_path`): a status display must never block or fail the agent, nor
+    fail without a trace. The deadline is also a SIGALRM timer, so it cuts short a hung read."""
+    deadline = process_started(time.monotonic() if started is None else started) + budget
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.setitimer(signal.ITIMER_REAL, max(0.001, deadline - time.monotonic()))
+    event, session, failure = "-", "-", None
     try:
-        payload = read_payload(stream)
-        status = status_for(payload)
-        if status is None:
-            print(f"shmstore hook: ignored event {payload['hook_event_name']!r}", file=sys.stderr)
-            return 0
-        id = payload["session_id"]
-        with Client(address, timeout=min(timeout, HOOK_DEADLINE / 2)) as store:
-            store.report(id, status, payload["cwd"], pid=pid or agent_pid(), session_id=id)
-    except (Exception, _DeadlineError) as exc:
-        print(f"shmstore hook: not reported ({exc}); the agent carries on", file=sys.stderr)
+        try:
+            payload = read_payload(stream)
+            event, session = payload["hook_event_name"], payload["session_id"]
+            _report_payload(payload, address, pid, deadline)
+        except (Exception, _DeadlineError) as exc:
+            failure = str(exc)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _DeadlineError as exc:  # it fired while another failure was handled (it fires once only)
+        failure = str(exc)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    if failure is not None:
+        print(f"shmstore hook: not reported ({failure}); the agent carries on", file=sys.stderr)
+        note_failure(event, session, failure)
     return 0
 
 
-# -- installing ------------------------------------------------------------------------------
-
-#: Seconds Claude Code gives the hook command (it needs about one).
-HOOK_TIMEOUT = 5
-
-
-def default_settings() -> Path:
-    return Path.home() / ".claude" / "settings.json"
-
-
-def hook_command(address: str | None = None) -> str:
-    """The command to install: this interpreter running ``shmstore hook``, so it works
-    whatever PATH the agent has."""
-    command = f"{shlex.quote(sys.executable)} -m shmstore hook"
-    return command if address is None else f"{command} --address {shlex.quote(address)}"
-
-
-def merge_hooks(settings: dict[str, Any], command: str) -> list[str]:
-    """Add ``command`` to every event of :data:`EVENT_STATUS` in ``settings`` (in place),
-    keeping every other key and hook; returns the events it was added to (none when it
-    is there already)."""
-    hooks = settings.setdefault("hooks", {})
-    if not isinstance(hooks, dict):
-        raise ValidationError("hooks", f"in the settings must be an object, not {type(hooks).__name__}")
-    added = []
-    for event in EVENT_STATUS:
-        groups = hooks.setdefault(event, [])
-        if not isinstance(groups, list):
-            raise ValidationError(f"hooks.{event}", f"in the settings must be a list, not {type(groups).__name__}")
-        present = any(
-            isinstance(group, dict)
-            and any(isinstance(h, dict) and h.get("command") == command for h in group.get("hooks", []))
-            for group in groups
-        )
-        if not present:
-            groups.append({"hooks": [{"type": "command", "command": command, "timeout": HOOK_TIMEOUT}]})
-            added.append(event)
-    return added
+def _report_payload(payload: Mapping[str, Any], address: str | None, pid: int | None, deadline: float) -> None:
+    status = status_for(payload)
+    event, session = payload["hook_event_name"], payload["session_id"]
+    if status is None:
+        if event not in QUIET_EVENTS:
+            print(f"shmstore hook: ignored unknown event {event!r}", file=sys.stderr)
+        return
+    # TODO(state slice): pass SessionEnd's payload["reason"] once report() takes one.
+    report(
+        addr.resolve(address),
+        None,
+        session,
+        status,
+        payload["cwd"],
+        pid=pid or agent_pid(),
+        session_id=session,
+        deadline=deadline,
+    )
 
 
-def install(path: Path, command: str, *, dry_run: bool = False) -> tuple[list[str], str, Path | None]:
-    """Merge the hook into the settings file at ``path``.
+def _expire(signum: int, frame: Any) -> None:
+    raise _DeadlineError("gave up: the hook's time since its process started is over")
 
-    Returns the events added, the settings as they are (or would be) written, and the
-    backup of the old file (None when nothing was written or there was no old file).
-    Writes nothing when nothing changes, or with ``dry_run``.
-    """
+
+def main(argv: Sequence[str], started: float) -> int | None:
+    """``shmstore hook [--address A] [--timeout T] [--pid N]`` without the command line's
+    parser (which imports the whole package); None for anything else (``--help``, a bad
+    value), which the full parser then handles. ``--timeout`` is the hook's budget from
+    the start of its process (default :data:`HOOK_DEADLINE`)."""
+    options: dict[str, str] = {}
+    args = list(argv)
+    while args:
+        name, equals, value = args.pop(0).partition("=")
+        if name not in ("--address", "--timeout", "--pid") or name in options:
+            return None
+        if not equals:
+            if not args:
+                return None
+            value = args.pop(0)
+        options[name] = value
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        text = ""
+        budget = float(options.get("--timeout", HOOK_DEADLINE))
+        pid = int(options["--pid"]) if "--pid" in options else None
+    except ValueError:
+        return None
+    if not budget > 0:
+        return None
+    return run_hook(sys.stdin.buffer, options.get("--address"), budget, pid, started)
+
+
+# -- the failure log ---------------------------------------------------------------------------
+
+#: The failure log is rotated when it reaches this size (one older file, ``.1``, is kept).
+MAX_LOG_BYTES = 64 * 1024
+
+
+def failure_log_path() -> Path:
+    """Where failed reports are logged: ``$XDG_STATE_HOME/shmstore/hook.log`` (default
+    ``~/.local/state/shmstore/hook.log``)."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
+    return base / "shmstore" / "hook.log"
+
+
+def note_failure(event: str, session: str, why: str) -> None:
+    """Append one line (UTC time, event, session id, why) to the failure log, rotating it
+    at :data:`MAX_LOG_BYTES`. Best effort: a log that cannot be written is skipped."""
+    path = failure_log_path()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    line = " ".join(_one_line(part) for part in (stamp, event, session, why)) + "\n"
     try:
-        settings = json.loads(text) if text.strip() else {}
-    except ValueError as exc:
-        raise ValidationError("settings", f"{path} is not JSON: {exc}") from None
-    if not isinstance(settings, dict):
-        raise ValidationError("settings", f"{path} must hold a JSON object")
-    added = merge_hooks(settings, command)
-    result = json.dumps(settings, indent=2, ensure_ascii=False) + "\n"
-    if dry_run or not added:
-        return added, result, None
-    backup = None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if text:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        backup = path.with_name(f"{path.name}.{stamp}.bak")
-        shutil.copy2(path, backup)
-    temporary = path.with_name(f".{path.name}.shmstore-tmp")
-    temporary.write_text(result)
-    if text:
-        shutil.copymode(path, temporary)
-    os.replace(temporary, path)
-    return added, result, backup
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size >= MAX_LOG_BYTES:
+                os.replace(path, path.with_name(path.name + ".1"))
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, line.encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # never fail the agent for its log
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:500]) or "-"
+
+
+def recent_failures(limit: int = 5) -> list[str]:
+    """The last ``limit`` lines of the failure log, oldest first (none when there is no log)."""
+    path = failure_log_path()
+    lines: list[str] = []
+    for part in (path.with_name(path.name + ".1"), path):
+        with contextlib.suppress(OSError):
+            lines += part.read_text("utf-8", "replace").splitlines()
+    return lines[-limit:] if limit > 0 else []

@@ -22,7 +22,7 @@ import pytest
 from helpers import StartServer, make_session, wait_until_stopped
 
 import shmstore
-from shmstore import StoreUnavailableError, wire
+from shmstore import StoreUnavailableError, protocol, wire
 from shmstore.store import Store
 
 
@@ -312,7 +312,7 @@ def test_an_announced_message_over_the_limit_is_a_typed_error_at_once() -> None:
 def test_a_reply_over_the_limit_is_a_typed_error_and_the_next_call_works(
     start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(wire, "MAX_MESSAGE", 256 * 1024)  # the forked manager inherits it
+    monkeypatch.setattr(protocol, "MAX_MESSAGE", 256 * 1024)  # the forked manager inherits it
     server = start_server()
     with shmstore.connect(server.address, server.authkey) as store:
         for n in range(100):

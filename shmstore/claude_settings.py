@@ -1,0 +1,209 @@
+"""Claude Code's settings file: putting ``shmstore hook`` into it, and taking it out.
+
+The hook goes on every event of :data:`shmstore.hooks.EVENT_STATUS`, exactly once per
+event: a hook command of ours is recognised by its shape (``... -m shmstore hook ...``, or
+the ``shmstore hook`` script), whichever interpreter or ``--address`` it names, so that
+installing again from another virtualenv replaces it. Every other key and hook is left as
+it was. A settings file that is a symlink stays one: the file it points to is rewritten
+(atomically, through a temporary file beside it). A changed file is first copied to a
+backup beside it (``settings.json.STAMP.bak``), never overwriting an older backup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import json
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import ValidationError
+from .hooks import EVENT_STATUS
+
+#: Seconds Claude Code gives the hook command (it needs well under one).
+HOOK_TIMEOUT = 5
+
+
+def default_settings() -> Path:
+    return Path.home() / ".claude" / "settings.json"
+
+
+def hook_command(address: str | None = None) -> str:
+    """The command to install: this interpreter running ``shmstore hook``, so it works
+    whatever PATH the agent has."""
+    command = f"{shlex.quote(sys.executable)} -m shmstore hook"
+    return command if address is None else f"{command} --address {shlex.quote(address)}"
+
+
+def is_ours(command: object) -> bool:
+    """Is ``command`` a shmstore hook command (any interpreter, any options)?"""
+    if not isinstance(command, str):
+        return False
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return False
+    if len(words) >= 2 and os.path.basename(words[0]) == "shmstore" and words[1] == "hook":
+        return True
+    return any(words[i : i + 3] == ["-m", "shmstore", "hook"] for i in range(len(words) - 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """What installing or uninstalling does (or would do, in a dry run) to a settings file."""
+
+    path: Path
+    #: The events whose shmstore hook was added, replaced or removed.
+    events: list[str]
+    before: str
+    after: str
+    #: The copy of the old file, when one was written.
+    backup: Path | None = None
+
+    def diff(self) -> str:
+        """A unified diff from the file as it was to the file as it is (or would be)."""
+        return "".join(
+            difflib.unified_diff(
+                self.before.splitlines(keepends=True),
+                self.after.splitlines(keepends=True),
+                fromfile=str(self.path),
+                tofile=str(self.path),
+            )
+        )
+
+
+def install(path: Path, command: str, *, dry_run: bool = False) -> Change:
+    """Make ``command`` the one shmstore hook of every event in the settings at ``path``."""
+    return _rewrite(path, lambda hooks: _install(hooks, command), dry_run)
+
+
+def uninstall(path: Path, *, dry_run: bool = False) -> Change:
+    """Remove every shmstore hook from the settings at ``path``, and nothing else."""
+    return _rewrite(path, _uninstall, dry_run)
+
+
+def _install(hooks: dict[str, Any], command: str) -> list[str]:
+    changed = []
+    for event in sorted(set(hooks) | set(EVENT_STATUS), key=_event_order):
+        groups = _groups(hooks, event)
+        ours = [h for g in groups for h in _entries(g) if is_ours(h.get("command"))]
+        wanted = event in EVENT_STATUS
+        if ours == [_entry(command)] or (not ours and not wanted):
+            continue
+        _strip(hooks, event)
+        if wanted:
+            hooks.setdefault(event, []).append({"hooks": [_entry(command)]})
+        changed.append(event)
+    return changed
+
+
+def _uninstall(hooks: dict[str, Any]) -> list[str]:
+    return [event for event in list(hooks) if _strip(hooks, event)]
+
+
+def _entry(command: str) -> dict[str, Any]:
+    return {"type": "command", "command": command, "timeout": HOOK_TIMEOUT}
+
+
+def _event_order(event: str) -> tuple[int, str]:
+    order = list(EVENT_STATUS)
+    return (order.index(event), "") if event in EVENT_STATUS else (len(order), event)
+
+
+def _groups(hooks: dict[str, Any], event: str) -> list[Any]:
+    groups = hooks.get(event, [])
+    if not isinstance(groups, list):
+        raise ValidationError(f"hooks.{event}", f"in the settings must be a list, not {type(groups).__name__}")
+    return groups
+
+
+def _entries(group: object) -> list[dict[str, Any]]:
+    entries = group.get("hooks") if isinstance(group, dict) else None
+    return [h for h in entries if isinstance(h, dict)] if isinstance(entries, list) else []
+
+
+def _strip(hooks: dict[str, Any], event: str) -> bool:
+    """Remove our hooks from ``event`` (a group left empty goes, and then an event left
+    empty); returns whether there were any."""
+    groups, kept, found = _groups(hooks, event), [], False
+    for group in groups:
+        entries = _entries(group)
+        mine = [h for h in entries if is_ours(h.get("command"))]
+        if not mine:
+            kept.append(group)
+            continue
+        found = True
+        rest = [h for h in group["hooks"] if h not in mine]
+        if rest:
+            kept.append({**group, "hooks": rest})
+    if found:
+        if kept:
+            hooks[event] = kept
+        else:
+            del hooks[event]
+    return found
+
+
+def _rewrite(path: Path, change: Callable[[dict[str, Any]], list[str]], dry_run: bool) -> Change:
+    before = _read(path)
+    settings = json.loads(before) if before.strip() else {}
+    hooks = settings.get("hooks", {})
+    if not isinstance(hooks, dict):
+        raise ValidationError("hooks", f"in the settings must be an object, not {type(hooks).__name__}")
+    events = change(hooks)
+    if not events:
+        return Change(path, events, before, before)
+    if hooks:
+        settings["hooks"] = hooks
+    else:
+        settings.pop("hooks", None)  # it held only our hooks
+    after = json.dumps(settings, indent=2, ensure_ascii=False) + "\n"
+    return Change(path, events, before, after, None if dry_run else _write(path, before, after))
+
+
+def _read(path: Path) -> str:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return ""
+    try:
+        settings = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise ValidationError("settings", f"{path} is not JSON: {exc}") from None
+    if not isinstance(settings, dict):
+        raise ValidationError("settings", f"{path} must hold a JSON object")
+    return text
+
+
+def _write(path: Path, before: str, after: str) -> Path | None:
+    """Write ``after`` to the file ``path`` is (through a symlink), atomically; returns the
+    backup of ``before``, if there was a file."""
+    target = Path(os.path.realpath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    backup = _backup(path) if before else None
+    temporary = target.with_name(f".{target.name}.shmstore-tmp")
+    temporary.write_text(after)
+    if before:
+        shutil.copymode(target, temporary)
+    os.replace(temporary, target)
+    return backup
+
+
+def _backup(path: Path) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        backup = path.with_name(f"{path.name}.{stamp}{f'-{n}' if n else ''}.bak")
+        try:
+            with backup.open("x") as file:
+                file.write(path.read_text())
+        except FileExistsError:
+            continue
+        shutil.copystat(path, backup)
+        return backup
+    raise ValidationError("settings", f"too many backups of {path} this second")
