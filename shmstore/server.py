@@ -404,7 +404,10 @@ def start_server(
             raise StoreUnavailableError(f"manager did not start at {addr.format_address(address)} within {timeout} s")
         kind, value = reader.recv()
     except EOFError:
-        raise StoreUnavailableError(f"manager process died while starting at {addr.format_address(address)}") from None
+        hint = "" if ctx.get_start_method() == "fork" else _MAIN_HINT
+        raise StoreUnavailableError(
+            f"manager process died while starting at {addr.format_address(address)}{hint}"
+        ) from None
     finally:
         reader.close()
     if kind == "error":
@@ -418,6 +421,13 @@ def start_server(
 #: first: fork 9-10 ms; forkserver 27-29 ms, and 370-460 ms for the first call, which also
 #: starts the server process; spawn 220-260 ms, each a new interpreter importing shmstore.
 START_METHODS = ("fork", "forkserver", "spawn")
+
+
+# The usual cause: the new process runs the caller's main script again, which starts another.
+_MAIN_HINT = (
+    "; it was not forked from this process, so it imported the main script again: start the manager "
+    "under `if __name__ == '__main__':`, or before any thread (then it is forked)"
+)
 
 
 def _context(start_method: str | None) -> Any:

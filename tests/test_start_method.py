@@ -78,3 +78,16 @@ def test_an_unknown_start_method_is_refused_with_a_validation_error(sock_dir: Pa
         shmstore.start_server(sock_dir / "s.sock", start_method="thread")
     assert error.value.field == "start_method"
     assert not (sock_dir / "s.sock").exists()
+
+
+def test_a_script_that_starts_threads_and_no_main_guard_is_told_what_to_do(sock_dir: Path) -> None:
+    script = sock_dir / "daemon.py"
+    script.write_text(
+        "import threading, shmstore\n"
+        "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+        f"shmstore.start_server({str(sock_dir / 's.sock')!r})\n"
+    )
+    result = subprocess.run([PYTHON, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "StoreUnavailableError: manager process died while starting" in result.stderr
+    assert "start the manager under `if __name__ == '__main__':`, or before any thread" in result.stderr
