@@ -205,6 +205,17 @@ def test_install_writes_the_unit_then_reloads_and_enables_it_now(home: Home) -> 
     assert f"wrote {home.unit}" in result.stdout
 
 
+def test_installing_again_keeps_the_same_unit_and_still_enables_it(home: Home) -> None:
+    assert home.run("install-service").returncode == 0
+    written = home.unit.stat().st_mtime_ns
+    home.log.unlink()
+    result = home.run("install-service")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"kept {home.unit};")
+    assert home.unit.stat().st_mtime_ns == written
+    assert home.calls()[-1] == "--user enable --now shmstore.service"
+
+
 def test_install_respects_xdg_config_home_and_defaults_to_dot_config(home: Home) -> None:
     env = {k: v for k, v in home.env.items() if k != "XDG_CONFIG_HOME"}
     result = subprocess.run(
