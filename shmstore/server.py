@@ -1,6 +1,6 @@
 """The manager process: accepting and authenticating connections, claiming the address,
 and the lifecycle of serving a :class:`~shmstore.store.Store` (in this process with
-:func:`serve`, or in a forked child with :func:`start_server`).
+:func:`serve`, or in a child process with :func:`start_server`).
 
 The stock ``multiprocess`` server supplies the request loop and one thread per client
 connection; :class:`_Dispatcher` bounds the handshake and the connections and tells the
