@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import io
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, NoReturn, TypeVar
 
 from . import __doc__ as package_doc
 from . import address as addr
-from . import claude_settings, demo, hooks
+from . import claude_settings, demo, hooks, notify, service
 from .client import DEFAULT_TIMEOUT, Client, Follower, Link, Notice
 from .config import Limits, ServeOptions
 from .errors import NotFoundError, ShmstoreError
@@ -130,6 +131,17 @@ def _parser() -> argparse.ArgumentParser:
     cmd = command("uninstall-hooks", _uninstall_hooks, "remove every shmstore hook from a Claude Code settings file")
     _add_settings_file(cmd)
 
+    cmd = command(
+        "install-service",
+        _install_service,
+        "run the manager as a user service (systemd; launchd on macOS) that starts at login and restarts on failure",
+    )
+    _add_service_flags(cmd)
+    cmd.add_argument("--dry-run", action="store_true", help="print the unit file and the commands, change nothing")
+
+    cmd = command("uninstall-service", _uninstall_service, "stop the user service and remove its file (only ours)")
+    _add_service_flags(cmd)
+
     cmd = command("prune", _prune, "forget recently closed sessions that closed at least SECONDS ago")
     cmd.add_argument("--older-than", type=float, required=True, metavar="SECONDS")
 
@@ -179,6 +191,17 @@ def _add_settings(cmd: argparse.ArgumentParser, settings: type[_Settings]) -> No
             )
 
 
+def _add_service_flags(cmd: argparse.ArgumentParser) -> None:
+    # --timeout bounds each systemctl/launchctl call; `enable --now` waits for the manager.
+    cmd.set_defaults(timeout=service.COMMAND_TIMEOUT)
+    cmd.add_argument(
+        "--init",
+        choices=service.INITS,
+        default=service.default_init(),
+        help="the service manager (default: %(default)s, this system's); --address is passed on to `serve`",
+    )
+
+
 def _settings(args: argparse.Namespace, settings: type[_Settings]) -> _Settings:
     return settings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(settings)})
 
@@ -193,8 +216,12 @@ def _client(args: argparse.Namespace) -> Client:
 def _serve(args: argparse.Namespace) -> int:
     def ready(bound: Any) -> None:
         print(f"shmstore: serving at {addr.format_address(bound)} (pid {os.getpid()})", file=sys.stderr, flush=True)
+        notify.ready(f"serving at {addr.format_address(bound)}")
 
-    serve(args.address, store=Store(_settings(args, Limits)), options=_settings(args, ServeOptions), on_ready=ready)
+    try:
+        serve(args.address, store=Store(_settings(args, Limits)), options=_settings(args, ServeOptions), on_ready=ready)
+    finally:
+        notify.stopping()
     print("shmstore: stopped", file=sys.stderr)
     return 0
 
@@ -288,6 +315,40 @@ def _report_change(change: claude_settings.Change, dry_run: bool, done: str) -> 
         print(f"{done} {len(change.events)} events in {change.path}")
         if change.backup is not None:
             print(f"the old file is kept as {change.backup}")
+    return 0
+
+
+def _install_service(args: argparse.Namespace) -> int:
+    plan = service.plan(args.init, address=args.address, timeout=args.timeout)
+    if args.dry_run:
+        service.check_not_foreign(plan.path)
+        sys.stdout.write(plan.text)
+        commands = "".join(f"\n  {shlex.join(argv)}" for argv in plan.commands)
+        print(f"dry run: would write {plan.path} and run:{commands}", file=sys.stderr)
+        return 0
+    try:
+        service.check_manager(args.init, address=args.address, timeout=args.timeout)
+    except service.NoServiceManagerError as exc:
+        print(exc.advice)  # on stdout, to paste into a login script; the reason goes to stderr
+        raise
+    changed = service.install(plan)
+    print(f"{'wrote' if changed else 'kept'} {plan.path}; the {args.init} user service is enabled and started")
+    return 0
+
+
+def _uninstall_service(args: argparse.Namespace) -> int:
+    plan = service.plan(args.init, address=args.address, timeout=args.timeout)
+    try:
+        service.check_manager(args.init, timeout=args.timeout)
+        manager = True
+    except service.NoServiceManagerError:
+        manager = False
+    if not service.uninstall(plan, manager=manager):
+        print(f"there is no service file at {plan.path}; nothing to do")
+    elif manager:
+        print(f"stopped and disabled the service; removed {plan.path}")
+    else:
+        print(f"removed {plan.path} (no {args.init} user manager is running, so none was told)")
     return 0
 
 

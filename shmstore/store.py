@@ -96,6 +96,18 @@ class Store:
         # once() answers a retry with instead of applying the write again.
         self._done: dict[bytes, tuple[int, Any]] = {}
 
+    # The lock and its condition are not data: a store sent to another process (start_server
+    # with "forkserver" or "spawn") gets fresh ones. Pickled whole, dill's copy of an RLock
+    # comes out held by the unpickling thread, and every call then waits for it for ever.
+    def __getstate__(self) -> dict[str, Any]:
+        with self._lock:
+            return {name: value for name, value in vars(self).items() if name not in ("_lock", "_changed")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+
     # -- reads ------------------------------------------------------------------------------
 
     def get(self, id: str) -> bytes | None:

@@ -313,7 +313,9 @@ def test_a_reply_over_the_limit_is_a_typed_error_and_the_next_call_works(
     start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(protocol, "MAX_MESSAGE", 256 * 1024)  # the forked manager inherits it
-    server = start_server()
+    # Forked even from a pytest process that runs a thread (xdist's), which start_server would
+    # otherwise not fork: that thread holds nothing the manager needs.
+    server = start_server(start_method="fork")
     with shmstore.connect(server.address, server.authkey) as store:
         for n in range(100):
             store.set(make_session(f"s{n}", working_dir="/" + "d" * 4000))  # 100 x ~4 KB > 256 KiB
