@@ -71,33 +71,40 @@ def _play(
     with start_server(socket_path, store=_store_for(workers * agents)) as server:
         print(f"demo: manager pid {server.pid} at {socket_path}; {workers} workers x {agents} agents", flush=True)
         deadline = time.time() + duration
-        results = ctx.Queue()
+        results, stop = ctx.Queue(), ctx.Event()
         players = [
-            ctx.Process(target=_worker, args=(server.address, server.authkey, n, agents, deadline, results))
+            ctx.Process(target=_worker, args=(server.address, server.authkey, n, agents, deadline, stop, results))
             for n in range(workers)
         ]
-        subscriber = ctx.Process(target=_subscriber, args=(server.address, server.authkey, deadline + 0.5, redraw))
+        subscriber = ctx.Process(
+            target=_subscriber, args=(server.address, server.authkey, deadline + 0.5, stop, redraw)
+        )
         everyone = [*players, subscriber]
         try:
-            for process in everyone:
-                process.start()
+            with _interrupts_held():
+                for process in everyone:
+                    process.start()
             reports = [results.get(timeout=duration + 30) for _ in players]
             for process in everyone:
                 process.join(30)
         finally:
+            stop.set()  # an interrupted demo: the players stop at their next step
             _end(everyone)
         with Client(server.address, server.authkey) as store:
             return reports, store.list_all() + store.recently_closed(), store.revision()
 
 
 def _end(processes: list[Any]) -> None:
-    """Terminate those of ``processes`` still running (an interrupted demo), then kill any
-    that did not end within a second."""
+    """Wait for those of ``processes`` still running (an interrupted demo; they were told
+    to stop) to end within a few seconds, then terminate them, then kill any that still
+    did not end. Stopping on their own, they close their sessions and connections as
+    they should (terminated halfway through a handshake, a client makes the manager warn)."""
+    for process in processes:
+        if process.is_alive():
+            process.join(5)
     for process in processes:
         if process.is_alive():
             process.terminate()
-    for process in processes:
-        if process.is_alive():
             process.join(1)
             if process.is_alive():
                 process.kill()
@@ -123,16 +130,35 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+#: The signals that end a demo early: Ctrl-C and a plain kill.
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold back SIGINT and SIGTERM while processes are started: one arriving halfway
+    through a fork would leave a child that the demo does not know of, so it could neither
+    end it nor wait for it. A signal that arrived meanwhile is handled when the block ends,
+    when every child is known. The children inherit the mask; :func:`_ignore_interrupts`
+    lifts it once their own handlers are set."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
+
+
 def _ignore_interrupts() -> None:
     """In a worker or the subscriber: Ctrl-C reaches the whole process group, but the demo
-    process decides when these end (and terminates them), so they neither stop nor print a
-    traceback of their own; SIGTERM ends them at once."""
+    process decides when these end (it tells them to stop, and terminates those that do
+    not), so they neither stop nor print a traceback of their own; SIGTERM ends them at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
 
 
-def _worker(address: Any, authkey: bytes, worker: int, agents: int, deadline: float, results: Any) -> None:
-    """One worker process playing ``agents`` coding agents until ``deadline``."""
+def _worker(address: Any, authkey: bytes, worker: int, agents: int, deadline: float, stop: Any, results: Any) -> None:
+    """One worker process playing ``agents`` coding agents until ``deadline`` or ``stop``."""
     _ignore_interrupts()
     rng = random.Random(worker)
     counts = {"worker": worker, "transitions": 0, "input_tokens": 0, "output_tokens": 0, "errors": 0}
@@ -141,7 +167,7 @@ def _worker(address: Any, authkey: bytes, worker: int, agents: int, deadline: fl
         for k, id in enumerate(ids):
             store.set(Session(id=id, working_dir=f"/home/demo/project-{worker}-{k}", session_id=f"resume-{worker}-{k}"))
         statuses, weights = list(_WEIGHTS), list(_WEIGHTS.values())
-        while time.time() < deadline:
+        while time.time() < deadline and not stop.is_set():
             id = rng.choice(ids)
             try:
                 session = store.transition(id, rng.choices(statuses, weights)[0])
@@ -160,13 +186,13 @@ def _worker(address: Any, authkey: bytes, worker: int, agents: int, deadline: fl
     results.put(counts)
 
 
-def _subscriber(address: Any, authkey: bytes, deadline: float, redraw: bool) -> None:
+def _subscriber(address: Any, authkey: bytes, deadline: float, stop: Any, redraw: bool) -> None:
     """The subscriber: follows the change feed and, with ``redraw`` (a terminal that takes
     escape codes), redraws the live table at most ten times a second; else it prints a
     plain line a second."""
     _ignore_interrupts()
     try:
-        _follow(address, authkey, deadline, redraw)
+        _follow(address, authkey, deadline, stop, redraw)
     except BrokenPipeError:
         # The reader of the demo's output went away (``demo | head``): stop following. The
         # demo process itself ends as the CLI does on a closed pipe. Pointing stdout at the
@@ -176,11 +202,11 @@ def _subscriber(address: Any, authkey: bytes, deadline: float, redraw: bool) -> 
         os.close(devnull)
 
 
-def _follow(address: Any, authkey: bytes, deadline: float, redraw: bool) -> None:
+def _follow(address: Any, authkey: bytes, deadline: float, stop: Any, redraw: bool) -> None:
     statuses = [status for status in Status if status is not Status.CLOSED]
     last_draw = 0.0
     with Client(address, authkey) as store, store.watch() as watch:
-        while time.time() < deadline:
+        while time.time() < deadline and not stop.is_set():
             watch.poll(0.1)
             if time.time() - last_draw < (0.1 if redraw else 1.0):
                 continue
