@@ -4,6 +4,9 @@ Each command parses its arguments, makes one or two calls, and prints what
 :mod:`~shmstore.render` makes of the result. Errors of ours are printed in one place
 (:func:`main`); the flags of ``serve`` are generated from :class:`~shmstore.config.Limits`
 and :class:`~shmstore.config.ServeOptions`, so they cannot drift from the settings.
+A command is offered only the connection flags it uses (``--address``, ``--timeout``).
+When the reader of stdout goes away (``shmstore ls | head -1``), the command ends quietly
+with status 141, as one killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from .client import DEFAULT_TIMEOUT, Client, Follower, Link, Notice
 from .config import Limits, ServeOptions
 from .errors import NotFoundError, ShmstoreError
 from .model import AgentType, Session, Status
-from .render import format_event, format_session, format_table, printable
+from .render import format_closed, format_event, format_session, format_table, printable
 from .server import serve
 from .store import Store
 
 STATUSES = [status.value for status in Status]
+#: The exit status when stdout's reader goes away early: 128 + SIGPIPE, what a shell reports
+#: for a command that SIGPIPE killed (Python ignores SIGPIPE, so we say it ourselves).
+OUTPUT_CLOSED = 141
 
 _Settings = TypeVar("_Settings", Limits, ServeOptions)
 
@@ -39,12 +45,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result: int = args.run(args)
+        sys.stdout.flush()  # here, so that a reader gone early is seen below
         return result
     except ShmstoreError as exc:
         print(f"shmstore: error: {printable(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _output_closed()
+
+
+def _output_closed() -> int:
+    """The reader of stdout went away (``shmstore ls | head -1``): end quietly with the
+    status of a command killed by SIGPIPE, as other tools in a pipeline do. Whatever is
+    still buffered has nowhere to go; stdout now points at the null device so that the
+    interpreter's own flush at exit does not fail again (and print a traceback)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return OUTPUT_CLOSED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,28 +89,37 @@ def _parser() -> argparse.ArgumentParser:
         return 2
 
     parser.set_defaults(run=usage)
-    common = _Parser(add_help=False)
-    common.add_argument("--address", help="unix socket path or host:port (default: the per-user socket)")
-    common.add_argument(
+    # Each command is offered only the flags it uses: a command that connects to the
+    # manager takes both (the default); serve and install-hooks only --address; demo none.
+    address = _Parser(add_help=False)
+    address.add_argument("--address", help="unix socket path or host:port (default: the per-user socket)")
+    timeout = _Parser(add_help=False)
+    timeout.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the manager (default: %(default)s)"
     )
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print the session JSON the store itself uses")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    def command(name: str, run: Callable[[argparse.Namespace], int], help: str, *parents: Any) -> Any:
-        cmd = sub.add_parser(name, help=help, description=help, parents=[common, *parents])
+    def command(
+        name: str,
+        run: Callable[[argparse.Namespace], int],
+        help: str,
+        *parents: _Parser,
+        uses: Sequence[_Parser] = (address, timeout),
+    ) -> Any:
+        cmd = sub.add_parser(name, help=help, description=help, parents=[*uses, *parents])
         cmd.set_defaults(run=run)
         return cmd
 
-    cmd = command("serve", _serve, "run a store manager in the foreground until SIGINT or SIGTERM")
+    cmd = command("serve", _serve, "run a store manager in the foreground until SIGINT or SIGTERM", uses=[address])
     _add_settings(cmd, Limits)
     _add_settings(cmd, ServeOptions)
 
     cmd = command("ls", _ls, "list the live sessions (--status closed: the recently closed ones)", json_flag)
     cmd.add_argument("--status", choices=STATUSES, help="only sessions with this status")
 
-    cmd = command("get", _get, "show one session", json_flag)
+    cmd = command("get", _get, "show one session: its agent, pid, resume id and history", json_flag)
     cmd.add_argument("id")
 
     cmd = command("set", _set, "create or replace a session", json_flag)
@@ -105,7 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("id")
     cmd.add_argument("status", choices=STATUSES)
 
-    cmd = command("closed", _closed, "list recently closed sessions (with their resume ids)", json_flag)
+    cmd = command(
+        "closed", _closed, "list recently closed sessions with their resume ids (and how to resume one)", json_flag
+    )
 
     cmd = command("rm", _rm, "remove a session")
     cmd.add_argument("id")
@@ -124,22 +155,28 @@ def _parser() -> argparse.ArgumentParser:
         "install-hooks",
         _install_hooks,
         "make `shmstore hook` the one shmstore hook of each event in a Claude Code settings file",
+        uses=[address],
     )
     _add_settings_file(cmd)
     cmd.add_argument("--command", dest="hook_command", help="the hook command to install (default: this Python's)")
 
-    cmd = command("uninstall-hooks", _uninstall_hooks, "remove every shmstore hook from a Claude Code settings file")
+    cmd = command(
+        "uninstall-hooks", _uninstall_hooks, "remove every shmstore hook from a Claude Code settings file", uses=[]
+    )
     _add_settings_file(cmd)
 
     cmd = command(
         "install-service",
         _install_service,
-        "run the manager as a user service (systemd; launchd on macOS) that starts at login and restarts on failure",
+        "run the manager as a user service (systemd; launchd on macOS) that starts at login and restarts on "
+        "failure; --address is passed on to `serve`, --timeout bounds each systemctl/launchctl command",
     )
     _add_service_flags(cmd)
     cmd.add_argument("--dry-run", action="store_true", help="print the unit file and the commands, change nothing")
 
-    cmd = command("uninstall-service", _uninstall_service, "stop the user service and remove its file (only ours)")
+    cmd = command(
+        "uninstall-service", _uninstall_service, "stop the user service and remove its file (only ours)", uses=[timeout]
+    )
     _add_service_flags(cmd)
 
     cmd = command("prune", _prune, "forget recently closed sessions that closed at least SECONDS ago")
@@ -167,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
         "feed and through manager restarts; q or Ctrl-C quits (without a terminal: prints the table once)",
     )
 
-    cmd = command("demo", _demo, "run a manager, agent workers and a live subscriber on a private socket")
+    cmd = command("demo", _demo, "run a manager, agent workers and a live subscriber on a private socket", uses=[])
     cmd.add_argument("--duration", type=float, default=10.0, help="seconds the agents run (default: %(default)s)")
     cmd.add_argument("--workers", type=int, default=4, help="agent worker processes (default: %(default)s)")
     cmd.add_argument("--agents", type=int, default=2, help="sessions each worker plays (default: %(default)s)")
@@ -198,7 +235,7 @@ def _add_service_flags(cmd: argparse.ArgumentParser) -> None:
         "--init",
         choices=service.INITS,
         default=service.default_init(),
-        help="the service manager (default: %(default)s, this system's); --address is passed on to `serve`",
+        help="the service manager (default: %(default)s, this system's)",
     )
 
 
@@ -227,24 +264,26 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    closed = args.status == Status.CLOSED
     with _client(args) as store:
-        if args.status == Status.CLOSED:
+        if closed:
             sessions = store.recently_closed()  # a closed session is never among the live ones
         else:
             sessions = [s for s in store.list_all() if args.status is None or s.status == args.status]
-    return _print_sessions(sessions, args.json)
+    return _print_sessions(sessions, args.json, closed=closed)
 
 
 def _closed(args: argparse.Namespace) -> int:
     with _client(args) as store:
-        return _print_sessions(store.recently_closed(), args.json)
+        sessions = store.recently_closed()
+    return _print_sessions(sessions, args.json, closed=True)
 
 
-def _print_sessions(sessions: Sequence[Session], as_json: bool) -> int:
+def _print_sessions(sessions: Sequence[Session], as_json: bool, closed: bool = False) -> int:
     if as_json:
         print("[" + ",".join(s.to_json().decode() for s in sessions) + "]")
     else:
-        print(format_table(sessions))
+        print(format_closed(sessions) if closed else format_table(sessions))
     return 0
 
 
@@ -337,7 +376,7 @@ def _install_service(args: argparse.Namespace) -> int:
 
 
 def _uninstall_service(args: argparse.Namespace) -> int:
-    plan = service.plan(args.init, address=args.address, timeout=args.timeout)
+    plan = service.plan(args.init, address=None, timeout=args.timeout)
     try:
         service.check_manager(args.init, timeout=args.timeout)
         manager = True

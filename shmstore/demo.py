@@ -1,15 +1,22 @@
 """``shmstore demo``: a manager, worker processes playing coding agents, and a subscriber
 following the change feed, on a private socket; at the end it checks that the store holds
-exactly what the workers sent."""
+exactly what the workers sent.
+
+The socket is in a temporary directory, removed however the demo ends. The subscriber
+redraws a live table only on a terminal that takes escape codes
+(:func:`~shmstore.render.escapes_allowed`); piped, it prints plain lines."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from itertools import pairwise
 from typing import Any
 
@@ -19,9 +26,12 @@ from .client import Client
 from .config import DEFAULT_MAX_STORE_BYTES, MIN_RECORD_BYTES
 from .errors import StoreUnavailableError, ValidationError
 from .model import Session, Status
-from .render import format_table
+from .render import escapes_allowed, format_table
 from .server import start_server
 from .store import Store
+
+#: Cursor to the top left, then erase the screen: the subscriber's redraw on a terminal.
+_CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 #: How a demo agent picks its next status: mostly working, sometimes waiting on the user.
 _WEIGHTS = {Status.WORKING: 6, Status.ATTENTION: 2, Status.QUESTION: 1}
@@ -38,37 +48,118 @@ def _store_for(sessions: int) -> Store:
 
 
 def run(duration: float = 10.0, workers: int = 4, agents: int = 2) -> int:
-    """Run the demo; 0 when the store holds exactly what the workers sent."""
+    """Run the demo; 0 when the store holds exactly what the workers sent. Its socket lives
+    in a temporary directory that is removed however the demo ends (SIGTERM included:
+    it ends the demo as Ctrl-C does, with the processes it started)."""
     if workers < 1 or agents < 1:
         raise ValidationError("workers", "--workers and --agents must be at least 1")
     if not 0 <= duration <= 3600:
         raise ValidationError("duration", "must be between 0 and 3600 seconds")
-    ctx = multiprocess.get_context("fork")
-    directory = tempfile.mkdtemp(prefix="shmstore-demo-")
-    socket_path = os.path.join(directory, "store.sock")
-    with start_server(socket_path, store=_store_for(workers * agents)) as server:
-        print(f"demo: manager pid {server.pid} at {socket_path}; {workers} workers x {agents} agents")
-        deadline = time.time() + duration
-        results = ctx.Queue()
-        players = [
-            ctx.Process(target=_worker, args=(server.address, server.authkey, n, agents, deadline, results))
-            for n in range(workers)
-        ]
-        subscriber = ctx.Process(target=_subscriber, args=(server.address, server.authkey, deadline + 0.5))
-        for process in [*players, subscriber]:
-            process.start()
-        reports = [results.get(timeout=duration + 30) for _ in players]
-        for process in [*players, subscriber]:
-            process.join(30)
-        with Client(server.address, server.authkey) as store:
-            sessions = store.list_all() + store.recently_closed()
-            revision = store.revision()
-    shutil.rmtree(directory, ignore_errors=True)
+    with _sigterm_exits(), tempfile.TemporaryDirectory(prefix="shmstore-demo-") as directory:
+        reports, sessions, revision = _play(os.path.join(directory, "store.sock"), duration, workers, agents)
     return _summary(reports, sessions, revision)
 
 
-def _worker(address: Any, authkey: bytes, worker: int, agents: int, deadline: float, results: Any) -> None:
-    """One worker process playing ``agents`` coding agents until ``deadline``."""
+def _play(
+    socket_path: str, duration: float, workers: int, agents: int
+) -> tuple[list[dict[str, int]], list[Session], int]:
+    """A manager at ``socket_path``, the workers and the subscriber, until the workers are
+    done; returns their reports and what the store holds then. Every process it started
+    has ended when it returns or raises."""
+    ctx = multiprocess.get_context("fork")
+    redraw = escapes_allowed(sys.stdout)
+    with start_server(socket_path, store=_store_for(workers * agents)) as server:
+        print(f"demo: manager pid {server.pid} at {socket_path}; {workers} workers x {agents} agents", flush=True)
+        deadline = time.time() + duration
+        results, stop = ctx.Queue(), ctx.Event()
+        players = [
+            ctx.Process(target=_worker, args=(server.address, server.authkey, n, agents, deadline, stop, results))
+            for n in range(workers)
+        ]
+        subscriber = ctx.Process(
+            target=_subscriber, args=(server.address, server.authkey, deadline + 0.5, stop, redraw)
+        )
+        everyone = [*players, subscriber]
+        try:
+            with _interrupts_held():
+                for process in everyone:
+                    process.start()
+            reports = [results.get(timeout=duration + 30) for _ in players]
+            for process in everyone:
+                process.join(30)
+        finally:
+            stop.set()  # an interrupted demo: the players stop at their next step
+            _end(everyone)
+        with Client(server.address, server.authkey) as store:
+            return reports, store.list_all() + store.recently_closed(), store.revision()
+
+
+def _end(processes: list[Any]) -> None:
+    """Wait for those of ``processes`` still running (an interrupted demo; they were told
+    to stop) to end within a few seconds, then terminate them, then kill any that still
+    did not end. Stopping on their own, they close their sessions and connections as
+    they should (terminated halfway through a handshake, a client makes the manager warn)."""
+    for process in processes:
+        if process.is_alive():
+            process.join(5)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(1)
+            if process.is_alive():
+                process.kill()
+                process.join(1)
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While the block runs, SIGTERM raises SystemExit (exit status 143) in this process,
+    so that the block's cleanup runs as it does for Ctrl-C; the handler is put back after.
+    Only the main thread can handle signals: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: The signals that end a demo early: Ctrl-C and a plain kill.
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold back SIGINT and SIGTERM while processes are started: one arriving halfway
+    through a fork would leave a child that the demo does not know of, so it could neither
+    end it nor wait for it. A signal that arrived meanwhile is handled when the block ends,
+    when every child is known. The children inherit the mask; :func:`_ignore_interrupts`
+    lifts it once their own handlers are set."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
+
+
+def _ignore_interrupts() -> None:
+    """In a worker or the subscriber: Ctrl-C reaches the whole process group, but the demo
+    process decides when these end (it tells them to stop, and terminates those that do
+    not), so they neither stop nor print a traceback of their own; SIGTERM ends them at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
+
+
+def _worker(address: Any, authkey: bytes, worker: int, agents: int, deadline: float, stop: Any, results: Any) -> None:
+    """One worker process playing ``agents`` coding agents until ``deadline`` or ``stop``."""
+    _ignore_interrupts()
     rng = random.Random(worker)
     counts = {"worker": worker, "transitions": 0, "input_tokens": 0, "output_tokens": 0, "errors": 0}
     with Client(address, authkey) as store:
@@ -76,7 +167,7 @@ def _worker(address: Any, authkey: bytes, worker: int, agents: int, deadline: fl
         for k, id in enumerate(ids):
             store.set(Session(id=id, working_dir=f"/home/demo/project-{worker}-{k}", session_id=f"resume-{worker}-{k}"))
         statuses, weights = list(_WEIGHTS), list(_WEIGHTS.values())
-        while time.time() < deadline:
+        while time.time() < deadline and not stop.is_set():
             id = rng.choice(ids)
             try:
                 session = store.transition(id, rng.choices(statuses, weights)[0])
@@ -95,24 +186,37 @@ def _worker(address: Any, authkey: bytes, worker: int, agents: int, deadline: fl
     results.put(counts)
 
 
-def _subscriber(address: Any, authkey: bytes, deadline: float) -> None:
-    """The subscriber: follows the change feed and redraws the live table at most ten
-    times a second (or prints a line a second when not on a terminal)."""
-    live = sys.stdout.isatty()
+def _subscriber(address: Any, authkey: bytes, deadline: float, stop: Any, redraw: bool) -> None:
+    """The subscriber: follows the change feed and, with ``redraw`` (a terminal that takes
+    escape codes), redraws the live table at most ten times a second; else it prints a
+    plain line a second."""
+    _ignore_interrupts()
+    try:
+        _follow(address, authkey, deadline, stop, redraw)
+    except BrokenPipeError:
+        # The reader of the demo's output went away (``demo | head``): stop following. The
+        # demo process itself ends as the CLI does on a closed pipe. Pointing stdout at the
+        # null device keeps the flush at this process's exit from failing with a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _follow(address: Any, authkey: bytes, deadline: float, stop: Any, redraw: bool) -> None:
+    statuses = [status for status in Status if status is not Status.CLOSED]
     last_draw = 0.0
     with Client(address, authkey) as store, store.watch() as watch:
-        while time.time() < deadline:
+        while time.time() < deadline and not stop.is_set():
             watch.poll(0.1)
-            if time.time() - last_draw < (0.1 if live else 1.0):
+            if time.time() - last_draw < (0.1 if redraw else 1.0):
                 continue
             last_draw = time.time()
             sessions = list(watch.sessions.values())
-            if live:
-                sys.stdout.write("\x1b[H\x1b[2J" + format_table(sessions) + f"\nrevision {watch.revision}\n")
+            if redraw:
+                sys.stdout.write(_CLEAR_SCREEN + format_table(sessions) + f"\nrevision {watch.revision}\n")
                 sys.stdout.flush()
             else:
-                live = [status for status in Status if status is not Status.CLOSED]
-                line = "  ".join(f"{status.value} {sum(s.status is status for s in sessions)}" for status in live)
+                line = "  ".join(f"{status.value} {sum(s.status is status for s in sessions)}" for status in statuses)
                 print(f"subscriber: rev {watch.revision:>5}  live {len(sessions)}: {line}", flush=True)
 
 

@@ -1,6 +1,8 @@
-"""Sessions and events as text for people: the table, a session with its history, one line
-per event, and the short cells of ``shmstore top``. Pure functions; the CLI, the demo and
-:mod:`~shmstore.top` print what they return.
+"""Sessions and events as text for people: the table (closed sessions with the command
+that resumes them), a session with its agent, pid and history, one line per event, the
+short cells of ``shmstore top``; and whether a stream may be sent terminal escape codes at
+all. Pure functions (but for reading the environment in :func:`escapes_allowed`); the CLI,
+the demo and :mod:`~shmstore.top` print what they return.
 
 Ids and working dirs are the user's (or an agent's) text and may hold control characters:
 they are shown escaped, so nothing in the store can put an escape sequence on a terminal.
@@ -8,12 +10,15 @@ they are shown escaped, so nothing in the store can put an escape sequence on a 
 
 from __future__ import annotations
 
+import os
 import posixpath
+import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TextIO
 
 from .feed import Event, EventKind
-from .model import ApiUsage, Session
+from .model import AgentType, ApiUsage, Session, Status
 
 #: What an event line puts between a status and the next.
 ARROW = "\u2192"
@@ -26,36 +31,76 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def format_table(sessions: Sequence[Session], at: float | None = None) -> str:
-    """Sessions as an aligned text table, newest change first."""
+def escapes_allowed(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether terminal escape codes (clearing the screen, colour) may be written to
+    ``stream``: only when it is a terminal, and not when the user asks for plain output with
+    ``NO_COLOR`` (set and not empty, as no-color.org defines it) or ``TERM=dumb``. A pipe or
+    a file gets plain lines."""
+    if environ.get("NO_COLOR") or environ.get("TERM") == "dumb":
+        return False
+    return stream.isatty()
+
+
+#: A column of the session table: its header and how a session's cell is made (``at`` is now).
+_Column = tuple[str, Callable[[Session, float], str]]
+
+_ID: _Column = ("ID", lambda s, at: printable(s.id))
+_STATUS: _Column = ("STATUS", lambda s, at: f"{s.status} (stale)" if s.stale else s.status.value)
+_FOR: _Column = ("FOR", lambda s, at: age(at - s.since))
+_SEEN: _Column = ("LAST SEEN", lambda s, at: age(at - (s.last_activity or s.since)) + " ago")
+_TOKENS: _Column = ("TOKENS IN/OUT", lambda s, at: "-" if s.api_usage is None else _tokens(s.api_usage))
+_CHANGES: _Column = ("CHANGES", lambda s, at: str(len(s.history)))
+_REV: _Column = ("REV", lambda s, at: str(s.revision))
+_RESUME: _Column = ("RESUME", lambda s, at: "-" if s.session_id is None else printable(s.session_id))
+_DIR: _Column = ("WORKING DIR", lambda s, at: printable(s.working_dir))
+
+
+def format_table(sessions: Sequence[Session], at: float | None = None, *, resume: bool = False) -> str:
+    """Sessions as an aligned text table, newest change first. The tokens column is left
+    out when no session has usage; ``resume=True`` adds the agent's resume id."""
     at = time.time() if at is None else at
-    rows = [("ID", "STATUS", "FOR", "LAST SEEN", "TOKENS IN/OUT", "CHANGES", "REV", "WORKING DIR")]
-    for s in sorted(sessions, key=lambda s: s.since, reverse=True):
-        usage = s.api_usage
-        tokens = "-" if usage is None else f"{usage.input_tokens}/{usage.output_tokens}"
-        status = f"{s.status} (stale)" if s.stale else s.status.value
-        seen = age(at - (s.last_activity or s.since)) + " ago"
-        rows.append(
-            (
-                printable(s.id),
-                status,
-                age(at - s.since),
-                seen,
-                tokens,
-                str(len(s.history)),
-                str(s.revision),
-                printable(s.working_dir),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    columns = [_ID, _STATUS, _FOR, _SEEN]
+    if any(s.api_usage is not None for s in sessions):
+        columns.append(_TOKENS)
+    columns += [_CHANGES, _REV]
+    if resume:
+        columns.append(_RESUME)
+    columns.append(_DIR)  # last and not padded: a long path does not widen the others
+    rows = [[header for header, _ in columns]]
+    rows += [[cell(s, at) for _, cell in columns] for s in sorted(sessions, key=lambda s: s.since, reverse=True)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows
     )
 
 
+def format_closed(sessions: Sequence[Session], at: float | None = None) -> str:
+    """Closed sessions as a table with their resume ids, and how to resume the newest."""
+    table = format_table(sessions, at, resume=True)
+    resumable = [s for s in sessions if resume_command(s)]
+    if not resumable:
+        return table
+    newest = max(resumable, key=lambda s: s.since)
+    return f"{table}\n\nresume the newest: {resume_command(newest)}"
+
+
+def resume_command(session: Session) -> str:
+    """The shell command that resumes ``session``'s agent where it ran (Claude Code looks a
+    session up by its id among those of the current directory), or "" without a resume id."""
+    if session.session_id is None or session.agent_type is not AgentType.CLAUDE_CODE:
+        return ""
+    directory, id = (shlex.quote(printable(text)) for text in (session.working_dir, session.session_id))
+    return f"cd {directory} && claude --resume {id}"
+
+
 def format_session(session: Session) -> str:
-    """One session: its table row, then its history, one transition a line."""
-    lines = [format_table([session])]
+    """One session: its table row; its agent, pid and resume id; then its history, one
+    transition a line."""
+    pid = "-" if session.pid is None else str(session.pid)
+    resume = "-" if session.session_id is None else printable(session.session_id)
+    lines = [format_table([session]), f"agent {session.agent_type}  pid {pid}  resume id {resume}"]
+    if session.status is Status.CLOSED and resume_command(session):
+        lines.append(f"resume: {resume_command(session)}")
     for entry in session.history:
         lines.append(f"  {clock(entry.timestamp)}  {entry.from_:>9} -> {entry.to:<9} after {entry.duration:.1f}s")
     return "\n".join(lines)
@@ -125,6 +170,10 @@ def count(n: int) -> str:
 def tokens(usage: ApiUsage | None) -> str:
     """Tokens in and out, short: ``12k/3.4k``; ``-`` before the first usage report."""
     return "-" if usage is None else f"{count(usage.input_tokens)}/{count(usage.output_tokens)}"
+
+
+def _tokens(usage: ApiUsage) -> str:
+    return f"{usage.input_tokens}/{usage.output_tokens}"
 
 
 def age(seconds: float) -> str:
