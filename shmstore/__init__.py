@@ -10,6 +10,8 @@ worker and subscriber processes connect by address and authkey::
             store.transition("abc", shmstore.Status.ATTENTION)
 """
 
+__version__ = "0.1.0"  # when not installed; else importlib.metadata's
+
 from .client import Client, Watch, connect
 from .config import Limits, ServeOptions
 from .errors import (

@@ -10,26 +10,40 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import importlib.metadata
+import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __doc__ as package_doc
+from . import __version__, demo, hooks
 from . import address as addr
-from . import demo, hooks
 from .client import DEFAULT_TIMEOUT, Client
 from .config import Limits, ServeOptions
-from .errors import NotFoundError, ShmstoreError
+from .errors import NotFoundError, ShmstoreError, StoreUnavailableError, ValidationError
 from .model import AgentType, Session, Status
-from .render import format_event, format_session, format_table, printable
+from .render import age, format_event, format_session, format_table, printable
 from .server import serve
 from .store import Store
 
 STATUSES = [status.value for status in Status]
 
 _Settings = TypeVar("_Settings", Limits, ServeOptions)
+
+
+#: What ``shmstore`` exits with (argparse itself exits 2 on a usage error).
+EXIT_OK = 0
+EXIT_ERROR = 1  # any other error of ours
+EXIT_BAD_INPUT = 2  # usage, or a ValidationError
+EXIT_UNAVAILABLE = 3  # no manager running or reachable: StoreUnavailableError
+EXIT_NOT_FOUND = 4  # no such session: NotFoundError
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok; 1 any other error; 2 bad input (usage or an invalid value); "
+    "3 the manager is not running or cannot be reached; 4 no such session."
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,9 +54,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except ShmstoreError as exc:
         print(f"shmstore: error: {printable(str(exc))}", file=sys.stderr)
-        return 1
+        return exit_code(exc)
     except KeyboardInterrupt:
         return 130
+
+
+def exit_code(exc: ShmstoreError) -> int:
+    """The exit code that tells a script what kind of error ``exc`` is."""
+    if isinstance(exc, ValidationError):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, StoreUnavailableError):
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, NotFoundError):
+        return EXIT_NOT_FOUND
+    return EXIT_ERROR
+
+
+def version() -> str:
+    """This shmstore's version, as installed (else the package's own)."""
+    try:
+        return importlib.metadata.version("shmstore")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,15 +85,28 @@ class _Parser(argparse.ArgumentParser):
         super().error(printable(message))
 
 
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked for (importlib.metadata costs ~10 ms)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        print(f"shmstore {version()}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="shmstore",
         description=(package_doc or "").splitlines()[0],
         epilog=(
             f"The address defaults to ${addr.ENV_ADDRESS}, else {addr.runtime_dir()}/store.sock; "
-            f"clients read the authkey from ${addr.ENV_AUTHKEY}, else from the key file beside the socket."
+            f"clients read the authkey from ${addr.ENV_AUTHKEY}, else from the key file beside the socket. "
+            + EXIT_CODES_HELP
         ),
     )
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
 
     def usage(args: argparse.Namespace) -> int:
         parser.print_help()
@@ -84,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd = command("serve", _serve, "run a store manager in the foreground until SIGINT or SIGTERM")
     _add_settings(cmd, Limits)
     _add_settings(cmd, ServeOptions)
+
+    cmd = command("status", _status, "is the manager up, and how is it (exit code 0 up, 3 down)")
+    cmd.epilog = EXIT_CODES_HELP
 
     cmd = command("ls", _ls, "list the live sessions (--status closed: the recently closed ones)", json_flag)
     cmd.add_argument("--status", choices=STATUSES, help="only sessions with this status")
@@ -162,12 +211,64 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    def ready(bound: Any) -> None:
-        print(f"shmstore: serving at {addr.format_address(bound)} (pid {os.getpid()})", file=sys.stderr, flush=True)
-
-    serve(args.address, store=Store(_settings(args, Limits)), options=_settings(args, ServeOptions), on_ready=ready)
-    print("shmstore: stopped", file=sys.stderr)
+    options = _settings(args, ServeOptions)
+    _log_to_stderr(options.log_level)
+    serve(args.address, store=Store(_settings(args, Limits)), options=options)
     return 0
+
+
+def _log_to_stderr(level: str) -> None:
+    """The manager's log records, at ``level`` and up, one line each on stderr (where
+    journald collects them under the service, with its own timestamps)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("shmstore: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("shmstore")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
+def _status(args: argparse.Namespace) -> int:
+    where = addr.format_address(addr.resolve(args.address))
+    try:
+        with _client(args) as store:
+            info = store.info()
+    except StoreUnavailableError as exc:
+        print(f"manager: not running at {where} ({printable(str(exc))})")
+        return EXIT_UNAVAILABLE
+    print(format_status(info))
+    # TODO(lead): "recent hook failures" go here (hooks.recent_failures()).
+    return EXIT_OK
+
+
+def format_status(info: dict[str, Any], at: float | None = None) -> str:
+    """The manager's ``info()`` as aligned lines for people."""
+    at = time.time() if at is None else at
+    uss = info.get("uss")
+    rows = [
+        ("manager", f"up at {info.get('address', '?')}"),
+        ("pid", str(info["pid"])),
+        ("uptime", age(at - info["started"]) if "started" in info else "?"),
+        ("epoch", info["epoch"]),
+        ("revision", str(info["revision"])),
+        ("sessions", f"{info['live']} live, {info['closed']} recently closed"),
+        ("clients", f"{info.get('clients', '?')} connected (this one included)"),
+        ("memory", "?" if uss is None else f"{uss / 2**20:.1f} MiB USS"),
+        ("state file", _format_state(info.get("state"), at)),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name + ':':<{width + 1}} {printable(str(value))}" for name, value in rows)
+
+
+def _format_state(saved: dict[str, Any] | None, at: float) -> str:
+    if saved is None:
+        return "none (sessions are not kept across a restart; serve --state FILE keeps them)"
+    if saved["error"]:
+        last = f"last save failed: {saved['error']}"
+    elif saved["saved"] is None:
+        last = "not saved since the start (nothing changed)"
+    else:
+        last = f"saved {age(at - saved['saved'])} ago ({saved['sessions']} sessions, {saved['ms']} ms)"
+    return f"{saved['path']}, {last}"
 
 
 def _ls(args: argparse.Namespace) -> int:

@@ -29,6 +29,8 @@ def format_table(sessions: Sequence[Session], at: float | None = None) -> str:
         usage = s.api_usage
         tokens = "-" if usage is None else f"{usage.input_tokens}/{usage.output_tokens}"
         status = f"{s.status} (stale)" if s.stale else s.status.value
+        if s.closed_reason is not None:
+            status = f"{s.status} ({printable(s.closed_reason)})"  # why it closed
         seen = age(at - (s.last_activity or s.since)) + " ago"
         rows.append(
             (
