@@ -115,7 +115,7 @@ def read(path: Path) -> Saved | None:
     try:
         with open(path, "rb") as file:
             data = file.read(MAX_STATE_BYTES + 1)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # none yet (write() will say if it cannot be made)
         return None
     except OSError as exc:
         raise StateFileError(path, f"cannot be read: {exc.strerror or exc}") from None
