@@ -2,7 +2,8 @@
 
 Each command parses its arguments, makes one or two calls, and prints what
 :mod:`~shmstore.render` makes of the result. Errors of ours are printed in one place
-(:func:`main`); the flags of ``serve`` are generated from :class:`~shmstore.config.Limits`
+(:func:`main`), which exits with a code that says what kind of error it was (see
+:data:`EXIT_CODES_HELP`); the flags of ``serve`` are generated from :class:`~shmstore.config.Limits`
 and :class:`~shmstore.config.ServeOptions`, so they cannot drift from the settings.
 """
 

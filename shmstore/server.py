@@ -5,7 +5,14 @@ and the lifecycle of serving a :class:`~shmstore.store.Store` (in this process w
 The stock ``multiprocess`` server supplies the request loop and one thread per client
 connection; :class:`_Dispatcher` bounds the handshake and the connections and tells the
 store who is calling; :func:`serve` adds the address, the key file, signals, the reaper's
-pass and clean-up. The roles, one noun each: the *manager* is the process, the
+pass, the state file (restored on start, saved while serving and on stop: a
+:class:`_StateKeeper`, with :mod:`shmstore.state`'s format) and clean-up.
+
+The manager logs through :mod:`logging` (the ``shmstore`` logger; ``shmstore serve`` sends
+it to stderr): its start and stop, connections refused or failing the handshake, sessions
+reaped or gone stale with the reason, and state file restores and saves (a periodic save is
+logged at DEBUG, since it may come every few seconds; the final one, and any failure, at
+INFO and ERROR). The roles, one noun each: the *manager* is the process, the
 *dispatcher* serves its connections, the *store* holds the sessions.
 """
 
@@ -224,6 +231,12 @@ def serve(
     (or keywords changing single ones, e.g. ``max_connections=16``) say how to serve: a TCP
     address off the loopback needs ``allow_remote``; at most ``max_connections`` clients are
     connected at once, and each must authenticate within ``handshake_timeout`` seconds.
+
+    With ``state`` (a file path), the sessions a previous manager saved there are restored
+    before clients can connect (with a new epoch, and the revision continued), and saved
+    back every ``save_interval`` seconds when they changed and once more on the way out. A
+    file that cannot be restored is renamed to ``FILE.corrupt-STAMP`` with a warning, and
+    the store starts empty.
     """
     options = changed(ServeOptions, options, changes, "options")
     address = addr.resolve(address)

@@ -89,8 +89,10 @@ class Store:
         self.limits = changed(Limits, limits, changes, "limits")
         #: Tells this store's revisions from those of an earlier manager at the same address.
         self.epoch = secrets.token_hex(8)
-        #: Set by the manager that serves this store: what ``info`` adds of the manager's own
-        #: (its connections, address, state file); called without the lock held.
+        #: Set by the manager that serves this store, once, before any client connects (so
+        #: no lock guards it): what ``info`` adds of the manager's own (its connections,
+        #: address, memory, state file). Called without the lock held: it takes the
+        #: dispatcher's and the state keeper's locks, never this one.
         self.manager_info: Callable[[], dict[str, Any]] | None = None
         # Guards every field below; re-entrant because once() holds it across the write it
         # runs, which takes it again.
