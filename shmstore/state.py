@@ -94,7 +94,7 @@ def decode(data: bytes, path: Path) -> Saved:
         closed = _sessions(doc["closed"], closed=True)
     except KeyError as exc:
         raise StateFileError(path, f"has no {exc}") from None
-    except (ShmstoreError, TypeError) as exc:
+    except (ShmstoreError, TypeError, ValueError, AttributeError) as exc:
         raise StateFileError(path, f"holds a session that is not valid: {exc}") from None
     return Saved(revision, epoch, saved, live, closed)
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import orjson
 import pytest
 from helpers import PYTHON, serving
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import shmstore
 from shmstore import Session, Status, state
@@ -243,3 +245,38 @@ def test_a_state_file_with_a_live_session_that_is_closed_is_refused(tmp_path: Pa
     path.write_bytes(state.encode("e", 1, [closed.to_json()], []))
     with pytest.raises(state.StateFileError, match="'c' is closed among the live"):
         state.read(path)
+
+
+_GOOD_DOC = orjson.loads(GOOD)
+_junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from([*_GOOD_DOC, "live.0", "live.0.history", "live.0.since", "live.0.pid"]), value=_junk)
+def test_any_field_of_a_state_file_changed_to_junk_restores_or_is_a_state_file_error(key: str, value: object) -> None:
+    doc = orjson.loads(GOOD)
+    if key.startswith("live.0"):
+        if key == "live.0":
+            doc["live"][0] = value
+        else:
+            doc["live"][0][key.split(".")[2]] = value
+    else:
+        doc[key] = value
+    try:
+        data = orjson.dumps(doc)
+    except (TypeError, orjson.JSONEncodeError):
+        return  # not JSON at all: covered by the garbage cases
+    try:
+        saved = state.decode(data, Path("fuzzed"))
+    except state.StateFileError:
+        return  # the one error a bad file may raise (any other fails the test)
+    store = Store()
+    store.restore(saved.revision, saved.live, saved.closed)  # what decodes is always restorable
