@@ -310,7 +310,7 @@ def _run(store: Store, stop: threading.Event, keeper: _StateKeeper | None, save_
 
 
 #: How long the final save waits for a periodic save in progress (one of 10,000 sessions
-#: takes ~30 ms; a disk that takes longer than this is not one to wait for).
+#: took 90-190 ms, measured; a disk that takes longer than this is not one to wait for).
 _SAVE_JOIN_TIMEOUT = 10.0
 
 
