@@ -319,16 +319,19 @@ class _StateKeeper:
     once, saves the store to it when it changed, and remembers how the last save went.
 
     The store's lock is held only to copy the sessions (:meth:`Store.dump`); encoding and
-    writing happen outside it, under this keeper's own lock, which guards the fields below
-    and makes saves one at a time (a periodic one and the final one never interleave).
+    writing happen outside it, under ``_writing``, which makes saves one at a time (a
+    periodic one and the final one never interleave) and guards ``_saved_revision``.
+    ``_lock`` guards ``_last`` and is only held for a moment, so ``info`` (what ``status``
+    shows) answers even while a slow disk holds a save.
     """
 
     def __init__(self, path: Path, store: Store) -> None:
-        self.path = path
+        self.path = path  # changed only by restore(), before the saver starts
         self.store = store
-        self._lock = threading.Lock()
+        self._writing = threading.Lock()
         self._saved_revision = 0  # an empty store needs no file; restore() sets what it read
-        self._last: dict[str, Any] = {"path": str(path), "saved": None, "sessions": 0, "ms": None, "error": None}
+        self._lock = threading.Lock()
+        self._last: dict[str, Any] = {"saved": None, "sessions": 0, "ms": None, "error": None}
 
     def restore(self) -> None:
         """Fill the (new) store from the state file; a file that cannot be restored is
@@ -345,7 +348,7 @@ class _StateKeeper:
         for line in self.store.restore(saved.revision, saved.live, saved.closed):
             log.warning("not restored from %s: session %s", self.path, line)
         _, revision, live, closed = self.store.dump()
-        with self._lock:
+        with self._writing:
             self._saved_revision = revision
         log.info(
             "restored %d live and %d closed sessions from %s (revision %d) in %.1f ms",
@@ -374,8 +377,12 @@ class _StateKeeper:
 
     def save(self, final: bool = False) -> None:
         """Write the store to the state file if it changed since the last save (a failure
-        is logged and remembered, never raised: the manager serves on)."""
-        with self._lock:
+        is logged and remembered, never raised: the manager serves on). Waits at most
+        _SAVE_JOIN_TIMEOUT for a save in progress, so a hung disk cannot hang the stop."""
+        if not self._writing.acquire(timeout=_SAVE_JOIN_TIMEOUT):
+            log.error("did not save the sessions to %s: an earlier save is still writing", self.path)
+            return
+        try:
             began = time.perf_counter()
             epoch, revision, live, closed = self.store.dump()
             if revision == self._saved_revision:
@@ -383,12 +390,16 @@ class _StateKeeper:
             try:
                 state.write(self.path, state.encode(epoch, revision, live, closed))
             except OSError as exc:
-                self._last["error"] = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {exc}"
+                with self._lock:
+                    self._last["error"] = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {exc}"
                 log.error("could not save the sessions to %s: %s", self.path, exc)
                 return
             ms = (time.perf_counter() - began) * 1000
             self._saved_revision = revision
-            self._last.update(saved=time.time(), sessions=len(live) + len(closed), ms=round(ms, 1), error=None)
+            with self._lock:
+                self._last.update(saved=time.time(), sessions=len(live) + len(closed), ms=round(ms, 1), error=None)
+        finally:
+            self._writing.release()
         log.log(
             logging.INFO if final else logging.DEBUG,
             "saved %d live and %d closed sessions to %s in %.1f ms",
