@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import logging
 import sys
 import time
@@ -73,6 +72,8 @@ def exit_code(exc: ShmstoreError) -> int:
 
 def version() -> str:
     """This shmstore's version, as installed (else the package's own)."""
+    import importlib.metadata  # here, not at the top: it costs every command (the hook too) ~5 ms
+
     try:
         return importlib.metadata.version("shmstore")
     except importlib.metadata.PackageNotFoundError:
