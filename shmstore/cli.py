@@ -197,7 +197,7 @@ def _add_settings(cmd: argparse.ArgumentParser, settings: type[_Settings]) -> No
                 type=type(field.default),
                 default=field.default,
                 metavar=field.metadata["metavar"],
-                help=f"{help} (default: %(default)s)",
+                help=f"{help} (default: %(default)s)" if field.default != "" else help,
             )
 
 

@@ -119,7 +119,7 @@ class ServeOptions:
     allow_remote: bool = _setting(False, "serve TCP beyond loopback (anyone with the key can run code in it)", "")
     max_connections: int = _setting(256, "clients connected at once; more are told the manager is full")
     handshake_timeout: float = _setting(2.0, "seconds a new connection has to authenticate", "SECONDS")
-    state: str = _setting("", "keep sessions across restarts in this file (default: none kept)", "FILE")
+    state: str = _setting("", "keep sessions across restarts in this file (default: none are kept)", "FILE")
     # A crash loses at most this much. Saving 10,000 sessions with 10-entry histories (an
     # 11.8 MB file) took 90-190 ms on a loaded 2-CPU machine, about half of it write + fsync;
     # 100 sessions, 12 ms. So 5 s costs at most ~3% of one CPU while sessions change, and

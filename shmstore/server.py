@@ -265,7 +265,7 @@ def serve(
                 addr.ensure_private_dir(key_file.parent)
             written = addr.create_key_file(key_file, key)  # we hold the address: a key file there is stale
             dispatcher.stop_event = stop
-            keeper = _StateKeeper(Path(options.state), store) if options.state else None
+            keeper = _StateKeeper(Path(options.state).expanduser(), store) if options.state else None
             if keeper is not None:
                 keeper.restore()
             started = time.time()
