@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+__version__ = "0.1.0"  # when not installed; else importlib.metadata's
+
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ imports on first use
     from .client import Client, Watch, connect
     from .config import Limits, ServeOptions

@@ -2,7 +2,8 @@
 
 Each command parses its arguments, makes one or two calls, and prints what
 :mod:`~shmstore.render` makes of the result. Errors of ours are printed in one place
-(:func:`main`); the flags of ``serve`` are generated from :class:`~shmstore.config.Limits`
+(:func:`main`), which exits with a code that says what kind of error it was (see
+:data:`EXIT_CODES_HELP`); the flags of ``serve`` are generated from :class:`~shmstore.config.Limits`
 and :class:`~shmstore.config.ServeOptions`, so they cannot drift from the settings.
 A command is offered only the connection flags it uses (``--address``, ``--timeout``).
 When the reader of stdout goes away (``shmstore ls | head -1``), the command ends quietly
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import logging
 import os
 import shlex
 import sys
@@ -22,13 +24,13 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __doc__ as package_doc
+from . import __version__, claude_settings, demo, hooks, notify, service
 from . import address as addr
-from . import claude_settings, demo, hooks, notify, service
 from .client import DEFAULT_TIMEOUT, Client, Follower, Link, Notice
 from .config import Limits, ServeOptions
-from .errors import NotFoundError, ShmstoreError
+from .errors import NotFoundError, ShmstoreError, StoreUnavailableError, ValidationError
 from .model import AgentType, Session, Status
-from .render import format_closed, format_event, format_session, format_table, printable
+from .render import format_closed, format_event, format_session, format_status, format_table, printable
 from .server import serve
 from .store import Store
 
@@ -40,6 +42,18 @@ OUTPUT_CLOSED = 141
 _Settings = TypeVar("_Settings", Limits, ServeOptions)
 
 
+#: What ``shmstore`` exits with (argparse itself exits 2 on a usage error).
+EXIT_OK = 0
+EXIT_ERROR = 1  # any other error of ours
+EXIT_BAD_INPUT = 2  # usage, or a ValidationError
+EXIT_UNAVAILABLE = 3  # no manager running or reachable: StoreUnavailableError
+EXIT_NOT_FOUND = 4  # no such session: NotFoundError
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok; 1 any other error; 2 bad input (usage or an invalid value); "
+    "3 the manager is not running or cannot be reached; 4 no such session."
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -49,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     except ShmstoreError as exc:
         print(f"shmstore: error: {printable(str(exc))}", file=sys.stderr)
-        return 1
+        return exit_code(exc)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -67,11 +81,43 @@ def _output_closed() -> int:
     return OUTPUT_CLOSED
 
 
+def exit_code(exc: ShmstoreError) -> int:
+    """The exit code that tells a script what kind of error ``exc`` is."""
+    if isinstance(exc, ValidationError):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, StoreUnavailableError):
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, NotFoundError):
+        return EXIT_NOT_FOUND
+    return EXIT_ERROR
+
+
+def version() -> str:
+    """This shmstore's version, as installed (else the package's own)."""
+    import importlib.metadata  # here, not at the top: it costs every command (the hook too) ~5 ms
+
+    try:
+        return importlib.metadata.version("shmstore")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # Arguments are echoed in the message: never let one put control characters (or a
         # terminal escape sequence) on the user's screen.
         super().error(printable(message))
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked for (importlib.metadata costs ~10 ms)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        print(f"shmstore {version()}")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,9 +126,11 @@ def _parser() -> argparse.ArgumentParser:
         description=(package_doc or "").splitlines()[0],
         epilog=(
             f"The address defaults to ${addr.ENV_ADDRESS}, else {addr.runtime_dir()}/store.sock; "
-            f"clients read the authkey from ${addr.ENV_AUTHKEY}, else from the key file beside the socket."
+            f"clients read the authkey from ${addr.ENV_AUTHKEY}, else from the key file beside the socket. "
+            + EXIT_CODES_HELP
         ),
     )
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
 
     def usage(args: argparse.Namespace) -> int:
         parser.print_help()
@@ -115,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd = command("serve", _serve, "run a store manager in the foreground until SIGINT or SIGTERM", uses=[address])
     _add_settings(cmd, Limits)
     _add_settings(cmd, ServeOptions)
+
+    cmd = command("status", _status, "is the manager up, and how is it (exit code 0 up, 3 down)")
+    cmd.epilog = EXIT_CODES_HELP
 
     cmd = command("ls", _ls, "list the live sessions (--status closed: the recently closed ones)", json_flag)
     cmd.add_argument("--status", choices=STATUSES, help="only sessions with this status")
@@ -224,7 +275,7 @@ def _add_settings(cmd: argparse.ArgumentParser, settings: type[_Settings]) -> No
                 type=type(field.default),
                 default=field.default,
                 metavar=field.metadata["metavar"],
-                help=f"{help} (default: %(default)s)",
+                help=f"{help} (default: %(default)s)" if field.default != "" else help,
             )
 
 
@@ -251,16 +302,46 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    options = _settings(args, ServeOptions)
+    _log_to_stderr(options.log_level)
+
     def ready(bound: Any) -> None:
-        print(f"shmstore: serving at {addr.format_address(bound)} (pid {os.getpid()})", file=sys.stderr, flush=True)
-        notify.ready(f"serving at {addr.format_address(bound)}")
+        notify.ready(f"serving at {addr.format_address(bound)}")  # serve() logs it too
 
     try:
-        serve(args.address, store=Store(_settings(args, Limits)), options=_settings(args, ServeOptions), on_ready=ready)
+        serve(args.address, store=Store(_settings(args, Limits)), options=options, on_ready=ready)
     finally:
         notify.stopping()
-    print("shmstore: stopped", file=sys.stderr)
     return 0
+
+
+def _log_to_stderr(level: str) -> None:
+    """The manager's log records, at ``level`` and up, one line each on stderr (where
+    journald collects them under the service, with its own timestamps)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("shmstore: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("shmstore")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
+def _status(args: argparse.Namespace) -> int:
+    where = addr.format_address(addr.resolve(args.address))
+    try:
+        with _client(args) as store:
+            info = store.info()
+        print(format_status(info))
+        code = EXIT_OK
+    except StoreUnavailableError as exc:
+        print(f"manager: not running at {where} ({printable(str(exc))})")
+        code = EXIT_UNAVAILABLE
+    # Hooks that could not report say so here, up or down: how a user learns that the
+    # store was down while their agents worked.
+    failures = hooks.recent_failures()
+    if failures:
+        print(f"recent hook failures (newest last; all in {hooks.failure_log_path()}):")
+        print("\n".join("  " + printable(line) for line in failures))
+    return code
 
 
 def _ls(args: argparse.Namespace) -> int:

@@ -359,12 +359,16 @@ class Client:
         pid: int | None = None,
         session_id: str | None = None,
         agent_type: AgentType | str = AgentType.CLAUDE_CODE,
+        reason: str | None = None,
     ) -> Session:
         """What an agent's hook reports, in one atomic step: create session ``id`` if it is
         new, else move it to ``status`` (recording a transition only if the status changed).
         Either way it counts as activity. Reporting on a recently closed session resumes it.
+        A report that closes it records ``closed_reason`` ``session_end``, or
+        ``session_end:REASON`` given the agent's ``reason`` (e.g. ``logout``).
         """
-        return self._session(self._call("report", id, check_status(status), working_dir, pid, session_id, agent_type))
+        args = (id, check_status(status), working_dir, pid, session_id, agent_type)
+        return self._session(self._call("report", *args, *(() if reason is None else (reason,))))
 
     def recently_closed(self) -> list[Session]:
         """Sessions that ended, newest first, kept (with their resume ids) up to a limit."""
@@ -379,6 +383,13 @@ class Client:
         """Make the manager look for dead agents and stale sessions now (it also does so on
         its own every few seconds); returns how many sessions it changed."""
         return int(self._call("reap"))
+
+    def info(self) -> dict[str, Any]:
+        """How the manager is, as plain values: ``pid``, ``started`` (epoch seconds),
+        ``epoch``, ``revision``, ``live`` and ``closed`` session counts, and from the serving
+        manager ``address``, ``clients`` (connected now, this one included), ``uss`` (bytes of
+        memory only it uses, or None) and ``state`` (its state file and last save, or None)."""
+        return dict(self._call("info"))
 
     def revision(self) -> int:
         """The store-wide revision: how many changes the store has made."""

@@ -48,6 +48,10 @@ DEFAULT_MAX_STORE_BYTES = 32 * 2**20
 MAX_STORE_BYTES = MAX_MESSAGE // 2
 
 
+#: The levels ``--log-level`` takes, as the ``logging`` module names them (lower case).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 _Settings = TypeVar("_Settings", "Limits", "ServeOptions")
 
 
@@ -115,6 +119,13 @@ class ServeOptions:
     allow_remote: bool = _setting(False, "serve TCP beyond loopback (anyone with the key can run code in it)", "")
     max_connections: int = _setting(256, "clients connected at once; more are told the manager is full")
     handshake_timeout: float = _setting(2.0, "seconds a new connection has to authenticate", "SECONDS")
+    state: str = _setting("", "keep sessions across restarts in this file (default: none are kept)", "FILE")
+    # A crash loses at most this much. Saving 10,000 sessions with 10-entry histories (an
+    # 11.8 MB file) took 90-190 ms on a loaded 2-CPU machine, about half of it write + fsync;
+    # 100 sessions, 12 ms. So 5 s costs at most ~3% of one CPU while sessions change, and
+    # nothing while they do not (an unchanged store is not written).
+    save_interval: float = _setting(5.0, "seconds between saves of the state file, when sessions changed", "SECONDS")
+    log_level: str = _setting("info", f"what the manager logs to stderr: {', '.join(LOG_LEVELS)}", "LEVEL")
 
     def __post_init__(self) -> None:
         if not isinstance(self.allow_remote, bool):
@@ -122,3 +133,9 @@ class ServeOptions:
         check_positive(self.max_connections, "max_connections")
         if not check_duration(self.handshake_timeout, "handshake_timeout"):
             raise ValidationError("handshake_timeout", "must be more than 0")
+        if not isinstance(self.state, str) or "\0" in self.state:
+            raise ValidationError("state", f"must be a file path, not {self.state!r:.80}")
+        if not check_duration(self.save_interval, "save_interval"):
+            raise ValidationError("save_interval", "must be more than 0")
+        if self.log_level not in LOG_LEVELS:
+            raise ValidationError("log_level", f"must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r:.80}")

@@ -129,6 +129,13 @@ class Session:
     ``session_id`` is the agent's own **resume id** (Claude Code's ``session_id``, what
     ``claude --resume`` takes), kept so that a closed session can be resumed; ``id`` is the
     store's key (the hook uses the same value for both).
+
+    ``closed_reason`` says why a closed session closed, and is None while it is open:
+    ``session_end`` (the agent's hook reported the end; Claude Code's own reason follows a
+    colon when it gave one, e.g. ``session_end:logout``), ``agent_gone`` (the manager
+    found the agent's process dead), or ``transition`` (someone moved it to ``closed`` by
+    hand). A session written whole with ``set`` may carry any short printable reason.
+    JSON written before the field existed decodes with None.
     """
 
     id: str
@@ -144,6 +151,7 @@ class Session:
     pid: int | None = None
     pid_start: int | None = None
     revision: int = 0
+    closed_reason: str | None = None
 
     def __post_init__(self) -> None:
         check_id(self.id)
@@ -169,6 +177,10 @@ class Session:
         if self.session_id is not None:
             check_id(self.session_id, "session_id")
         check_count(self.revision, "revision")
+        if self.closed_reason is not None:
+            check_closed_reason(self.closed_reason)
+            if self.status is not Status.CLOSED:
+                raise ValidationError("closed_reason", f"is only for a closed session, not one that is {self.status}")
 
     @property
     def closed(self) -> bool:
@@ -193,6 +205,7 @@ class Session:
             "pid": self.pid,
             "pid_start": self.pid_start,
             "revision": self.revision,
+            "closed_reason": self.closed_reason,
         }
 
     def to_json(self) -> bytes:
@@ -219,6 +232,7 @@ class Session:
             pid=fields.get("pid"),
             pid_start=fields.get("pid_start"),
             revision=fields.get("revision", 0),
+            closed_reason=fields.get("closed_reason"),
         )
         if "closed" in fields and fields["closed"] is not session.closed:
             raise ValidationError("closed", f"must be {session.closed} when status is {session.status}")
@@ -243,7 +257,27 @@ _SESSION_OPTIONAL = (
     "pid",
     "pid_start",
     "revision",
+    "closed_reason",
 )
+
+
+class ClosedReason(enum.StrEnum):
+    """Why the store closed a session (:attr:`Session.closed_reason`)."""
+
+    SESSION_END = "session_end"
+    AGENT_GONE = "agent_gone"
+    TRANSITION = "transition"
+
+
+#: The longest ``closed_reason``: a reason and the agent's own word for it.
+MAX_REASON_LENGTH = 64
+
+
+def check_closed_reason(value: object, field: str = "closed_reason") -> str:
+    """A short printable reason (at most MAX_REASON_LENGTH characters)."""
+    if not isinstance(value, str) or not value or len(value) > MAX_REASON_LENGTH or not value.isprintable():
+        raise ValidationError(field, f"must be 1 to {MAX_REASON_LENGTH} printable characters, not {value!r:.80}")
+    return value
 
 
 def _check_history(history: object) -> tuple[StateTransition, ...]:
@@ -322,6 +356,7 @@ def _stored_session(data: Mapping[str, Any]) -> Session:
         set_pid,
         set_pid_start,
         set_rev,
+        set_reason,
     ) = _SESSION_SET
     set_time, set_from, set_to, set_duration = _ENTRY_SET
     status = _STATUS
@@ -348,6 +383,7 @@ def _stored_session(data: Mapping[str, Any]) -> Session:
     set_pid(session, data["pid"])
     set_pid_start(session, data["pid_start"])
     set_rev(session, data["revision"])
+    set_reason(session, data["closed_reason"])  # absent in JSON from before it: the validating path
     return session
 
 

@@ -15,7 +15,7 @@ import posixpath
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from .feed import Event, EventKind
 from .model import AgentType, ApiUsage, Session, Status
@@ -45,7 +45,7 @@ def escapes_allowed(stream: TextIO, environ: Mapping[str, str] = os.environ) -> 
 _Column = tuple[str, Callable[[Session, float], str]]
 
 _ID: _Column = ("ID", lambda s, at: printable(s.id))
-_STATUS: _Column = ("STATUS", lambda s, at: f"{s.status} (stale)" if s.stale else s.status.value)
+_STATUS: _Column = ("STATUS", lambda s, at: status_text(s))
 _FOR: _Column = ("FOR", lambda s, at: age(at - s.since))
 _SEEN: _Column = ("LAST SEEN", lambda s, at: age(at - (s.last_activity or s.since)) + " ago")
 _TOKENS: _Column = ("TOKENS IN/OUT", lambda s, at: "-" if s.api_usage is None else _tokens(s.api_usage))
@@ -53,6 +53,14 @@ _CHANGES: _Column = ("CHANGES", lambda s, at: str(len(s.history)))
 _REV: _Column = ("REV", lambda s, at: str(s.revision))
 _RESUME: _Column = ("RESUME", lambda s, at: "-" if s.session_id is None else printable(s.session_id))
 _DIR: _Column = ("WORKING DIR", lambda s, at: printable(s.working_dir))
+
+
+def status_text(session: Session) -> str:
+    """The status as the table shows it: with why a closed session closed, or that a live
+    one has gone stale."""
+    if session.closed_reason is not None:
+        return f"{session.status} ({printable(session.closed_reason)})"
+    return f"{session.status} (stale)" if session.stale else session.status.value
 
 
 def format_table(sessions: Sequence[Session], at: float | None = None, *, resume: bool = False) -> str:
@@ -189,3 +197,34 @@ def age(seconds: float) -> str:
 def clock(timestamp: float) -> str:
     """A timestamp as local wall-clock time to the millisecond."""
     return time.strftime("%H:%M:%S", time.localtime(timestamp)) + f".{int(timestamp * 1000) % 1000:03d}"
+
+
+def format_status(info: dict[str, Any], at: float | None = None) -> str:
+    """The manager's ``info()`` as aligned lines for people."""
+    at = time.time() if at is None else at
+    uss = info.get("uss")
+    rows = [
+        ("manager", f"up at {info.get('address', '?')}"),
+        ("pid", str(info["pid"])),
+        ("uptime", age(at - info["started"]) if "started" in info else "?"),
+        ("epoch", info["epoch"]),
+        ("revision", str(info["revision"])),
+        ("sessions", f"{info['live']} live, {info['closed']} recently closed"),
+        ("clients", f"{info.get('clients', '?')} connected (this one included)"),
+        ("memory", "?" if uss is None else f"{uss / 2**20:.1f} MiB USS"),
+        ("state file", _format_state(info.get("state"), at)),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name + ':':<{width + 1}} {printable(str(value))}" for name, value in rows)
+
+
+def _format_state(saved: dict[str, Any] | None, at: float) -> str:
+    if saved is None:
+        return "none (sessions are not kept across a restart; serve --state FILE keeps them)"
+    if saved["error"]:
+        last = f"last save failed: {saved['error']}"
+    elif saved["saved"] is None:
+        last = "not saved since the start (nothing changed)"
+    else:
+        last = f"saved {age(at - saved['saved'])} ago ({saved['sessions']} sessions, {saved['ms']} ms)"
+    return f"{saved['path']}, {last}"

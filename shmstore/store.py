@@ -17,9 +17,12 @@ while it waits). The data flow of a write is::
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
 import threading
 from collections import deque
+from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Any
 
@@ -30,7 +33,9 @@ from .checks import MAX_WAIT, check_count, check_dir, check_duration, check_id, 
 from .config import RECORD_RESERVE, Limits, changed
 from .errors import ConflictError, NotFoundError, ResyncRequiredError, StoreFullError, ValidationError
 from .feed import EventKind, encode_event
-from .model import AgentType, Session, Status, check_agent_type, check_status
+from .model import AgentType, ClosedReason, Session, Status, check_agent_type, check_closed_reason, check_status
+
+log = logging.getLogger(__name__)
 
 #: The methods a client may call on the manager's store, and nothing else (the Client has
 #: one method of the same name for each but ``once``, which wraps the writes).
@@ -48,6 +53,7 @@ EXPOSED = (
     "revision",
     "snapshot",
     "changes",
+    "info",
     "once",
 )
 #: The writes a client may wrap in :meth:`Store.once` so that a retry is never applied twice.
@@ -83,6 +89,11 @@ class Store:
         self.limits = changed(Limits, limits, changes, "limits")
         #: Tells this store's revisions from those of an earlier manager at the same address.
         self.epoch = secrets.token_hex(8)
+        #: Set by the manager that serves this store, once, before any client connects (so
+        #: no lock guards it): what ``info`` adds of the manager's own (its connections,
+        #: address, memory, state file). Called without the lock held: it takes the
+        #: dispatcher's and the state keeper's locks, never this one.
+        self.manager_info: Callable[[], dict[str, Any]] | None = None
         # Guards every field below; re-entrant because once() holds it across the write it
         # runs, which takes it again.
         self._lock = threading.RLock()
@@ -129,6 +140,21 @@ class Store:
     def revision(self) -> int:
         with self._lock:
             return self._revision
+
+    def info(self) -> dict[str, Any]:
+        """How the manager is: its pid, epoch, revision, how many sessions are live
+        and closed, and what the serving manager adds (:attr:`manager_info`). Plain values."""
+        with self._lock:
+            info: dict[str, Any] = {
+                "pid": os.getpid(),
+                "epoch": self.epoch,
+                "revision": self._revision,
+                "live": len(self._sessions),
+                "closed": len(self._closed),
+            }
+        if self.manager_info is not None:
+            info.update(self.manager_info())
+        return info
 
     def snapshot(self) -> bytes:
         """The epoch, the revision and every session, taken at one instant."""
@@ -229,7 +255,8 @@ class Store:
         to = check_status(status)
         with self._lock:
             record = self._load(id)
-            return self._commit(transition_record(record, to, now(), self.limits.max_history), EventKind.TRANSITION)
+            record = transition_record(record, to, now(), self.limits.max_history, ClosedReason.TRANSITION)
+            return self._commit(record, EventKind.TRANSITION)
 
     def add_usage(self, id: str, input_tokens: int, output_tokens: int) -> bytes:
         """Add token counts to a session, live or recently closed (as ``get`` finds it): a
@@ -249,13 +276,16 @@ class Store:
         pid: int | None = None,
         session_id: str | None = None,
         agent_type: str = AgentType.CLAUDE_CODE,
+        reason: str | None = None,
     ) -> bytes:
         """What an agent's hook says: create the session if it is new, else move it to
         ``status`` (a history entry only if the status changes), in one step.
 
         Every report counts as activity (``last_activity``, and no longer stale). A report
         on a recently closed session brings it back: the agent resumed it. ``pid`` and
-        ``session_id``, when given, replace what the session had.
+        ``session_id``, when given, replace what the session had. A report that closes the
+        session records its ``closed_reason`` as ``session_end``, followed by ``:reason`` when
+        the agent said why (Claude Code's SessionEnd ``reason``, e.g. ``session_end:logout``).
 
         The agent is identified by ``pid`` and the start time /proc gives for it now (the
         reporting agent is running), kept as ``pid_start``; if the pid has no process any
@@ -272,6 +302,9 @@ class Store:
             check_pid(pid)
         if session_id is not None:
             check_id(session_id, "session_id")
+        why = ClosedReason.SESSION_END.value
+        if reason is not None:
+            why = check_closed_reason(f"{why}:{reason}" if isinstance(reason, str) else reason, "reason")
         same_namespace, fresh = _see_pid(pid, None)
         with self._lock:
             at = now()
@@ -279,10 +312,13 @@ class Store:
             if current is not None:
                 record = orjson.loads(current)
                 if record["status"] != to:
-                    transition_record(record, to, at, self.limits.max_history)
+                    transition_record(record, to, at, self.limits.max_history, why)
                 touch_record(record, at)
             else:
-                new = Session(id=id, working_dir=working_dir, agent_type=agent, status=to, since=at)
+                reason_now = why if to is Status.CLOSED else None
+                new = Session(
+                    id=id, working_dir=working_dir, agent_type=agent, status=to, since=at, closed_reason=reason_now
+                )
                 record = new.to_dict()
             if pid is not None:
                 record["pid"] = pid
@@ -352,14 +388,17 @@ class Store:
         with self._lock:
             for id, data in dead:
                 if self._sessions.get(id) is data:  # unchanged since examined
-                    record = transition_record(orjson.loads(data), Status.CLOSED, now(), self.limits.max_history)
+                    record = orjson.loads(data)
+                    transition_record(record, Status.CLOSED, now(), self.limits.max_history, ClosedReason.AGENT_GONE)
                     self._commit(record, EventKind.CLOSE)
+                    log.info("closed session %r: agent_gone (pid %d is no longer its agent)", id, record["pid"])
                     changed += 1
             for id, data in silent:
                 if self._sessions.get(id) is data:
                     record = orjson.loads(data)
                     record["stale"] = True
                     self._commit(record, EventKind.STALE)
+                    log.info("session %r is stale: no report for %.0f s", id, self.limits.stale_after)
                     changed += 1
         return changed
 
@@ -374,6 +413,72 @@ class Store:
                 del self._closed[id]
                 self._publish(EventKind.REMOVE, id, None)
             return len(old)
+
+    # -- keeping sessions across a restart (the manager's, not exposed) ---------------------
+
+    def dump(self) -> tuple[str, int, list[bytes], list[bytes]]:
+        """The epoch, the revision, the live sessions' JSON and the recently closed ones'
+        (oldest first), taken at one instant under the lock. Copying the two lists takes
+        only references to the stored bytes (~0.1 ms for 10,000 sessions), so the caller
+        encodes and writes them with the lock released."""
+        with self._lock:
+            return self.epoch, self._revision, list(self._sessions.values()), list(self._closed.values())
+
+    def restore(self, revision: int, live: Sequence[Session], closed: Sequence[Session]) -> list[str]:
+        """Fill an empty store with sessions a previous manager kept (``closed`` oldest
+        first) and continue its ``revision``; returns what had to be left out, one line each.
+
+        The revision goes on from the saved one (or the highest a session carries), so that
+        every session's ``revision`` stays at or below the store's and ``set``'s
+        ``expected_revision`` keeps meaning what it meant; the epoch stays this store's new
+        one, so a follower of the old manager is told to resync rather than handed events it
+        may have half seen. Sessions are fitted to this store's limits: histories cut to
+        ``max_history`` (and to ``max_record_bytes``), and live sessions past
+        ``max_sessions`` or ``max_store_bytes`` or closed ones past ``max_closed`` left out.
+        No event is published: there is no follower yet that could miss one.
+        """
+        with self._lock:
+            if self._revision or self._sessions or self._closed:
+                raise ValidationError("store", "is not empty: only a new store is restored into")
+            left_out: list[str] = []
+            top = check_count(revision, "revision")
+            for session in live:
+                try:
+                    data = self._fitted(session)
+                except ValidationError as exc:
+                    left_out.append(f"{session.id!r}: {exc}")
+                    continue
+                if len(self._sessions) >= self.limits.max_sessions:
+                    left_out.append(f"{session.id!r}: past max_sessions ({self.limits.max_sessions})")
+                elif self._live_bytes + len(data) > self.limits.max_store_bytes:
+                    left_out.append(f"{session.id!r}: past max_store_bytes ({self.limits.max_store_bytes})")
+                else:
+                    self._sessions[session.id] = data
+                    self._live_bytes += len(data)
+                    top = max(top, session.revision)
+            for session in closed[-self.limits.max_closed :]:
+                if session.id in self._sessions:
+                    continue
+                try:
+                    data = self._fitted(session)
+                except ValidationError as exc:
+                    left_out.append(f"{session.id!r}: {exc}")
+                    continue
+                self._closed.pop(session.id, None)
+                self._closed[session.id] = data
+                top = max(top, session.revision)
+            left_out += [
+                f"{s.id!r}: past max_closed ({self.limits.max_closed})" for s in closed[: -self.limits.max_closed]
+            ]
+            self._revision = top
+            return left_out
+
+    def _fitted(self, session: Session) -> bytes:
+        """``session``'s JSON within this store's history and record size limits."""
+        record = session.to_dict()
+        del record["history"][: -self.limits.max_history]
+        data = memoryview(orjson.dumps(record)).tobytes()
+        return self._shed_history(record, data) if len(data) > self.limits.max_record_bytes else data
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -522,10 +627,13 @@ def _pid_start(pid: int, fresh: int | None, current: bytes | None) -> int | None
 Record = dict[str, Any]
 
 
-def transition_record(record: Record, to: Status, at: float, max_history: int) -> Record:
+def transition_record(
+    record: Record, to: Status, at: float, max_history: int, reason: str = ClosedReason.TRANSITION
+) -> Record:
     """Move ``record`` to status ``to`` at time ``at``: one more history entry, ``since``
-    reset, only the newest ``max_history`` entries kept. A clock that stepped back never
-    makes a duration negative."""
+    reset, only the newest ``max_history`` entries kept; ``reason`` is its ``closed_reason``
+    if ``to`` is closed (an open session has none). A clock that stepped back never makes a
+    duration negative."""
     since = record["since"]
     at = max(at, since)
     history = record["history"]
@@ -534,6 +642,7 @@ def transition_record(record: Record, to: Status, at: float, max_history: int) -
     record["status"] = to
     record["since"] = at
     record["closed"] = to is Status.CLOSED
+    record["closed_reason"] = reason if to is Status.CLOSED else None
     return touch_record(record, at)
 
 

@@ -62,15 +62,20 @@ def run(*args: str, address: object = None, timeout: float = 60) -> subprocess.C
 
 
 @contextlib.contextmanager
-def serving(address: object) -> Iterator[subprocess.Popen[str]]:
-    """``shmstore serve --address ADDRESS`` in a process of its own, once it says it serves;
-    terminated (and its pipe closed) on the way out unless the test ended it already."""
+def serving(address: object, *flags: str) -> Iterator[subprocess.Popen[str]]:
+    """``shmstore serve --address ADDRESS FLAGS...`` in a process of its own, once it says
+    it serves (the lines it logged before that are in ``proc.before``); terminated (and its
+    pipe closed) on the way out unless the test ended it already."""
     with subprocess.Popen(
-        [PYTHON, "-m", "shmstore", "serve", "--address", str(address)], stderr=subprocess.PIPE, text=True
+        [PYTHON, "-m", "shmstore", "serve", "--address", str(address), *flags], stderr=subprocess.PIPE, text=True
     ) as proc:
         try:
             assert proc.stderr is not None
-            assert "serving at" in proc.stderr.readline()
+            before = []
+            while "serving at" not in (line := proc.stderr.readline()):
+                assert line, "".join(before)  # it ended without serving
+                before.append(line)
+            proc.before = "".join(before)  # type: ignore[attr-defined]
             yield proc
         finally:
             if proc.poll() is None:

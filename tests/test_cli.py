@@ -53,20 +53,20 @@ def test_set_get_transition_ls_rm(server: shmstore.ServerProcess) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "code"),
     [
-        (["set", "abc", "--dir", "relative"], "working_dir: must be an absolute path"),
-        (["transition", "ghost", "working"], "no live session with id 'ghost'"),
-        (["get", "ghost"], "no session with id 'ghost'"),
-        (["rm", "ghost"], "no session with id 'ghost'"),
-        (["set", "abc", "--dir", "/x", "--expect-revision", "5"], "not the expected 5"),
+        (["set", "abc", "--dir", "relative"], "working_dir: must be an absolute path", 2),
+        (["transition", "ghost", "working"], "no live session with id 'ghost'", 4),
+        (["get", "ghost"], "no session with id 'ghost'", 4),
+        (["rm", "ghost"], "no session with id 'ghost'", 4),
+        (["set", "abc", "--dir", "/x", "--expect-revision", "5"], "not the expected 5", 1),
     ],
 )
-def test_errors_are_one_clear_line_and_a_failing_exit(
-    server: shmstore.ServerProcess, args: list[str], message: str
+def test_errors_are_one_clear_line_and_an_exit_code_that_says_which_kind(
+    server: shmstore.ServerProcess, args: list[str], message: str, code: int
 ) -> None:
     result = run(*args, address=server.address)
-    assert result.returncode == 1
+    assert result.returncode == code
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("shmstore: error: ")
     assert message in result.stderr
@@ -78,9 +78,9 @@ def test_bad_arguments_exit_2() -> None:
     assert "invalid choice" in result.stderr
 
 
-def test_no_manager_is_one_line(sock_dir: object) -> None:
+def test_no_manager_is_one_line_and_exit_code_3(sock_dir: object) -> None:
     result = run("ls", address=f"{sock_dir}/none.sock", timeout=10)
-    assert result.returncode == 1
+    assert result.returncode == 3
     assert result.stderr.startswith("shmstore: error: no manager at")
     assert result.stderr.count("\n") == 1
 

@@ -485,7 +485,7 @@ def test_install_hooks_refuses_a_broken_settings_file(sock_dir: Path) -> None:
     settings = sock_dir / "settings.json"
     settings.write_text("{ not json")
     result = install(settings)
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input: the settings file is not JSON
     assert "is not JSON" in result.stderr
     assert settings.read_text() == "{ not json"
 

@@ -359,10 +359,10 @@ def test_the_command_line_can_neither_store_nor_trip_over_far_times(server: shms
         with pytest.raises(ValidationError):
             raw.call("set", orjson.dumps({**good, "since": 1e300, "last_activity": 1e300}), None)
     got = run("get", "far", address=server.address)
-    assert got.returncode == 1
+    assert got.returncode == 4  # not found
     assert got.stderr == "shmstore: error: no session with id 'far'\n"
     pruned = run("prune", "--older-than", "1e300", address=server.address)
-    assert pruned.returncode == 1
+    assert pruned.returncode == 2  # bad input
     assert pruned.stderr.startswith("shmstore: error: older_than: must be between 0")
     assert pruned.stderr.count("\n") == 1
     created = run("set", "near", "--dir", "/src", address=server.address)
@@ -375,7 +375,7 @@ def test_the_command_line_can_neither_store_nor_trip_over_far_times(server: shms
 
 def test_serve_refuses_a_stale_after_past_a_century(sock_dir: object) -> None:
     result = run("serve", "--stale-after", "1e300", address=f"{sock_dir}/x.sock", timeout=30)
-    assert result.returncode == 1
+    assert result.returncode == 2  # bad input
     assert result.stderr.startswith("shmstore: error: stale_after: must be between 0 and 100 years")
 
 

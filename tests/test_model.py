@@ -54,6 +54,7 @@ def test_json_encoding_is_exact() -> None:
         "pid",
         "pid_start",
         "revision",
+        "closed_reason",
     ]
     assert data["history"][0] == {"timestamp": 100.0, "from": "working", "to": "attention", "duration": 5.5}
     assert data["api_usage"] == {"input_tokens": 1200, "output_tokens": 340}

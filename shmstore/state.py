@@ -1,0 +1,178 @@
+"""The state file: the sessions a manager keeps across a restart, its format, and writing
+and reading it safely.
+
+The file is one small, versioned JSON document::
+
+    {"format": "shmstore-state", "version": 1, "saved": 1764123456.7, "epoch": "9f...",
+     "revision": 1234, "live": [SESSION, ...], "closed": [SESSION, ...]}
+
+where each SESSION is the store's own JSON for it (``Session.to_json``; ``closed`` is
+oldest first, as the store keeps it). Sessions are stored as they are, so that writing
+10,000 of them is a join of bytes the store already holds, not a re-encoding.
+
+Writing is atomic: the document goes to a temporary file in the same directory (mode 0600),
+which is fsynced and renamed over the old file, and then the directory is fsynced, so after
+a crash the file is either the old document or the new one, never a mix. Reading validates
+everything (a file may have been edited or be someone else's): a file that is not one of
+ours, of a version we do not know, truncated or unreadable is a :class:`StateFileError`, and
+:func:`keep_aside` moves it out of the way under a new name, never deleting or overwriting
+anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import ShmstoreError
+from .model import Session, Status
+
+#: What the ``format`` key says in every state file of ours.
+FORMAT = "shmstore-state"
+#: The version of the document this module writes and reads.
+VERSION = 1
+#: The largest state file read: the live sessions are bounded by ``max_store_bytes`` (at
+#: most 32 MiB) and the closed ones by the same, so anything past this is not ours.
+MAX_STATE_BYTES = 256 * 2**20
+
+
+class StateFileError(ShmstoreError):
+    """The state file at ``path`` cannot be restored: ``problem`` says why."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"state file {path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Saved:
+    """What a state file held: the store's revision and epoch when it was written (epoch
+    seconds ``saved``), its live sessions, and its recently closed ones, oldest first."""
+
+    revision: int
+    epoch: str
+    saved: float
+    live: tuple[Session, ...]
+    closed: tuple[Session, ...]
+
+
+def encode(epoch: str, revision: int, live: Sequence[bytes], closed: Sequence[bytes]) -> bytes:
+    """The state document for a store at ``revision`` holding these sessions' JSON."""
+    head = orjson.dumps(
+        {"format": FORMAT, "version": VERSION, "saved": time.time(), "epoch": epoch, "revision": revision}
+    )
+    return b'%s,"live":[%s],"closed":[%s]}' % (head[:-1], b",".join(live), b",".join(closed))
+
+
+def decode(data: bytes, path: Path) -> Saved:
+    """The sessions in a state document, every one validated; a document that is not a
+    state file of this version raises StateFileError."""
+    if not data:
+        raise StateFileError(path, "is empty")
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise StateFileError(path, f"is not JSON (truncated?): {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise StateFileError(path, f'is not a shmstore state file (no "format": "{FORMAT}")')
+    if doc.get("version") != VERSION:
+        raise StateFileError(path, f"is version {doc.get('version')!r}; this shmstore reads version {VERSION}")
+    try:
+        revision, epoch, saved = doc["revision"], doc["epoch"], doc["saved"]
+        if not (type(revision) is int and revision >= 0 and isinstance(epoch, str) and type(saved) in (int, float)):
+            raise StateFileError(path, "has a revision, epoch or saved time of the wrong type")
+        live = _sessions(doc["live"], closed=False)
+        closed = _sessions(doc["closed"], closed=True)
+    except KeyError as exc:
+        raise StateFileError(path, f"has no {exc}") from None
+    except (ShmstoreError, TypeError, ValueError, AttributeError) as exc:
+        raise StateFileError(path, f"holds a session that is not valid: {exc}") from None
+    return Saved(revision, epoch, saved, live, closed)
+
+
+def _sessions(items: Any, *, closed: bool) -> tuple[Session, ...]:
+    if not isinstance(items, list):
+        raise TypeError(f"sessions must be a list, not {type(items).__name__}")
+    sessions = tuple(Session.from_dict(item) for item in items)
+    for session in sessions:
+        if (session.status is Status.CLOSED) is not closed:
+            raise TypeError(f"session {session.id!r} is {session.status} among the {'closed' if closed else 'live'}")
+    return sessions
+
+
+def read(path: Path) -> Saved | None:
+    """The state file at ``path``, or None if there is none; StateFileError if it cannot
+    be read or is not a state file we can restore."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_STATE_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError):  # none yet (write() will say if it cannot be made)
+        return None
+    except OSError as exc:
+        raise StateFileError(path, f"cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_STATE_BYTES:
+        raise StateFileError(path, f"is larger than {MAX_STATE_BYTES} bytes, more than a store holds")
+    return decode(data, path)
+
+
+def write(path: Path, data: bytes) -> None:
+    """Replace the file at ``path`` with ``data`` atomically and durably (mode 0600): a
+    temporary file beside it, fsynced, renamed over it, and the directory fsynced. The
+    directory is made (0700) if missing."""
+    directory = path.parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename itself is done
+    finally:
+        os.close(fd)
+
+
+def keep_aside(path: Path) -> Path:
+    """Rename the file at ``path`` to ``PATH.corrupt-STAMP`` (a free name: ``-1``, ``-2``...
+    added if taken) and return the new path; nothing is deleted or overwritten."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for attempt in range(1000):
+        target = path.with_name(f"{path.name}.corrupt-{stamp}" + (f"-{attempt}" if attempt else ""))
+        try:
+            os.link(path, target)  # fails if target exists: never overwrites
+        except FileExistsError:
+            continue
+        except OSError:  # a filesystem without hard links, or a directory
+            if target.exists():
+                continue
+            path.rename(target)
+            return target
+        path.unlink()
+        return target
+    raise StateFileError(path, "could not be kept aside: every .corrupt name is taken")
