@@ -207,7 +207,6 @@ def _report_payload(payload: Mapping[str, Any], address: str | None, pid: int | 
         if event not in QUIET_EVENTS:
             print(f"shmstore hook: ignored unknown event {event!r}", file=sys.stderr)
         return
-    # TODO(state slice): pass SessionEnd's payload["reason"] once report() takes one.
     report(
         addr.resolve(address),
         None,
@@ -216,8 +215,23 @@ def _report_payload(payload: Mapping[str, Any], address: str | None, pid: int | 
         payload["cwd"],
         pid=pid or agent_pid(),
         session_id=session,
+        reason=end_reason(payload) if status == "closed" else None,
         deadline=deadline,
     )
+
+
+#: The longest SessionEnd reason passed on ("session_end:" + it fits the store's 64).
+MAX_END_REASON = 48
+
+
+def end_reason(payload: Mapping[str, Any]) -> str | None:
+    """Claude Code's word for why a session ended (``logout``, ``clear``, ...), when it is
+    one the store takes: anything else is dropped rather than fail the report, so that the
+    session is closed whatever the reason looks like."""
+    reason = payload.get("reason")
+    if isinstance(reason, str) and 0 < len(reason) <= MAX_END_REASON and reason.isprintable():
+        return reason
+    return None
 
 
 def _expire(signum: int, frame: Any) -> None:

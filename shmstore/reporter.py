@@ -43,6 +43,7 @@ def report(
     pid: int | None,
     session_id: str | None,
     agent_type: str = "claude_code",
+    reason: str | None = None,
     deadline: float,
 ) -> bytes:
     """What :meth:`Client.report <shmstore.client.Client.report>` does, done by
@@ -54,7 +55,9 @@ def report(
     :class:`StoreUnavailableError` when the manager cannot be reached or fails.
     """
     key = addr.read_key(address) if authkey is None else authkey
-    request = (os.urandom(16), 1, "report", id, status, working_dir, pid, session_id, agent_type)
+    request: tuple[Any, ...] = (os.urandom(16), 1, "report", id, status, working_dir, pid, session_id, agent_type)
+    if reason is not None:
+        request += (reason,)  # only when given, as Client.report sends it
     where = addr.format_address(address)
     for attempt in (1, 2):
         now = time.monotonic()

@@ -153,6 +153,23 @@ def test_a_closed_session_comes_back_when_resumed(store: shmstore.Client, server
     assert store.recently_closed() == []
 
 
+def test_a_session_ended_by_the_agent_records_claudes_reason(
+    store: shmstore.Client, server: shmstore.ServerProcess
+) -> None:
+    hook(server.address, payload("UserPromptSubmit", prompt="x"), *SLOW_OK)
+    hook(server.address, payload("SessionEnd", reason="logout"), *SLOW_OK)
+    assert [s.closed_reason for s in store.recently_closed()] == ["session_end:logout"]
+
+
+def test_a_session_end_reason_the_store_would_refuse_still_closes_the_session(
+    store: shmstore.Client, server: shmstore.ServerProcess
+) -> None:
+    hook(server.address, payload("UserPromptSubmit", prompt="x"), *SLOW_OK)
+    result = hook(server.address, payload("SessionEnd", reason="x" * 500), *SLOW_OK)
+    assert result.stderr == b""
+    assert [s.closed_reason for s in store.recently_closed()] == ["session_end"]
+
+
 def test_unknown_events_and_bad_payloads_are_ignored_with_a_note(
     server: shmstore.ServerProcess, store: shmstore.Client
 ) -> None:
