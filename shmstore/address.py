@@ -18,7 +18,6 @@ import errno
 import os
 import re
 import stat
-from pathlib import Path
 
 from .errors import AddressInUseError, StoreUnavailableError, ValidationError
 from .protocol import Address
@@ -34,8 +33,8 @@ MAX_SOCKET_PATH = 107
 KEY_SUFFIX = ".key"
 
 #: Where logind makes each user's runtime directory, and where we go without one.
-_RUN_USER = Path("/run/user")
-_TMP = Path("/tmp")
+_RUN_USER = "/run/user"
+_TMP = "/tmp"
 #: What :func:`new_key` makes: 64 lowercase hex digits.
 _KEY_SHAPE = re.compile(rb"[0-9a-f]{64}")
 #: More than any key file of ours holds.
@@ -44,30 +43,30 @@ _MAX_KEY_FILE = 64 * 1024
 _INSPECT = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def runtime_dir() -> Path:
+def runtime_dir() -> str:
     """The per-user directory for sockets and key files: ``$XDG_RUNTIME_DIR/shmstore``;
     without that variable, ``/run/user/UID/shmstore`` if ``/run/user/UID`` is a directory
     of this user; else ``/tmp/shmstore-UID``."""
     return _runtime_dir(os.environ.get("XDG_RUNTIME_DIR"), os.getuid())
 
 
-def _runtime_dir(xdg: str | None, uid: int, run_user: Path = _RUN_USER, tmp: Path = _TMP) -> Path:
+def _runtime_dir(xdg: str | None, uid: int, run_user: str = _RUN_USER, tmp: str = _TMP) -> str:
     if xdg:
-        return Path(xdg) / "shmstore"
-    home = run_user / str(uid)
+        return os.path.join(xdg, "shmstore")
+    home = os.path.join(run_user, str(uid))
     try:
-        info = home.lstat()
+        info = os.lstat(home)
     except OSError:
         pass
     else:
         if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:
-            return home / "shmstore"
-    return tmp / f"shmstore-{uid}"
+            return os.path.join(home, "shmstore")
+    return os.path.join(tmp, f"shmstore-{uid}")
 
 
 def default_address() -> Address:
     text = os.environ.get(ENV_ADDRESS)
-    return parse_address(text) if text else str(runtime_dir() / "store.sock")
+    return parse_address(text) if text else os.path.join(runtime_dir(), "store.sock")
 
 
 def resolve(address: Address | os.PathLike[str] | None) -> Address:
@@ -99,22 +98,22 @@ def format_address(address: Address) -> str:
     return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
 
-def key_path(address: Address) -> Path:
+def key_path(address: Address) -> str:
     """The key file that goes with ``address``: the socket's path plus ``.key`` (nothing of
     the path is replaced, so two sockets never share a key file), or for a TCP address
     ``tcp-HOST-PORT.key`` in the runtime directory."""
     if isinstance(address, str):
-        return Path(address + KEY_SUFFIX)
+        return address + KEY_SUFFIX
     host, port = address
-    return runtime_dir() / f"tcp-{host}-{port}.key"
+    return os.path.join(runtime_dir(), f"tcp-{host}-{port}.key")
 
 
-def socket_dir(address: str) -> Path:
+def socket_dir(address: str) -> str:
     """The directory a unix socket lives in, as an absolute path."""
-    return Path(os.path.abspath(address)).parent
+    return os.path.dirname(os.path.abspath(address))
 
 
-def is_runtime_dir(path: Path) -> bool:
+def is_runtime_dir(path: str) -> bool:
     return os.path.abspath(path) == os.path.abspath(runtime_dir())
 
 
@@ -154,10 +153,10 @@ def check_address(address: Address) -> None:
         raise StoreUnavailableError(f"no manager at {address}: {directory} does not exist") from None
 
 
-def check_private_dir(path: Path) -> None:
+def check_private_dir(path: str) -> None:
     """Refuse ``path`` unless it is a directory (not a symlink) of this user that no one
     else may enter. Raises FileNotFoundError if there is nothing there."""
-    info = path.lstat()
+    info = os.lstat(path)
     problem = _not_private(info)
     if problem:
         raise StoreUnavailableError(
@@ -173,12 +172,12 @@ def check_private_dir(path: Path) -> None:
         )
 
 
-def check_socket_dir(path: Path) -> None:
+def check_socket_dir(path: str) -> None:
     """Refuse a socket's directory that another user controls: one owned by another user
     (other than root), or writable by group or others without the sticky bit (where anyone
     could replace the socket and its key file). ``/tmp`` itself passes: root's, and sticky.
     Raises FileNotFoundError if there is nothing there."""
-    info = path.stat()  # the directory the socket really is in, through any symlink
+    info = os.stat(path)  # the directory the socket really is in, through any symlink
     uid = os.getuid()
     if not stat.S_ISDIR(info.st_mode):
         problem = "is not a directory"
@@ -211,7 +210,7 @@ def read_key(address: Address) -> bytes:
     path = key_path(address)
     if not isinstance(address, str):
         try:
-            check_private_dir(path.parent)
+            check_private_dir(os.path.dirname(path))
         except FileNotFoundError:
             raise StoreUnavailableError(
                 f"no manager at {format_address(address)}: key file {path} does not exist"
@@ -239,7 +238,7 @@ def read_key(address: Address) -> bytes:
         raise StoreUnavailableError(f"cannot read key file {path}: {exc}") from None
 
 
-def _untrusted_key(path: Path, problem: str) -> StoreUnavailableError:
+def _untrusted_key(path: str, problem: str) -> StoreUnavailableError:
     return StoreUnavailableError(
         f"refusing key file {path}: it {problem}, so it may not be your manager's. Remove it and restart "
         "the manager, or pass the authkey explicitly"
@@ -249,17 +248,17 @@ def _untrusted_key(path: Path, problem: str) -> StoreUnavailableError:
 # -- what a manager claims --------------------------------------------------------------------
 
 
-def ensure_private_dir(path: Path) -> None:
+def ensure_private_dir(path: str) -> None:
     """Create ``path`` with mode 0700, or check that an existing one is a directory of
     ours (not a symlink) and make it private if it is not yet."""
     with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700, parents=True)
+        os.makedirs(path, mode=0o700)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         fd = None  # not a directory, a symlink, or not ours to read: lstat says which
     try:
-        info = os.fstat(fd) if fd is not None else path.lstat()
+        info = os.fstat(fd) if fd is not None else os.lstat(path)
         problem = _not_private(info) or (None if fd is not None else "cannot be opened")
         if problem:
             raise StoreUnavailableError(
@@ -274,7 +273,7 @@ def ensure_private_dir(path: Path) -> None:
             os.close(fd)
 
 
-def create_key_file(path: Path, key: bytes) -> tuple[int, int]:
+def create_key_file(path: str, key: bytes) -> tuple[int, int]:
     """Write ``key`` to a new file at ``path`` that only its owner can read; returns the
     file's ``(st_dev, st_ino)``.
 
@@ -309,7 +308,7 @@ def create_key_file(path: Path, key: bytes) -> tuple[int, int]:
     raise AssertionError("unreachable")
 
 
-def _remove_stale_key(path: Path, key: bytes) -> None:
+def _remove_stale_key(path: str, key: bytes) -> None:
     """Remove the key file a dead manager left at ``path``, or say why it is not one."""
     try:
         fd = os.open(path, _INSPECT)
@@ -332,7 +331,8 @@ def _remove_stale_key(path: Path, key: bytes) -> None:
             "key file of its own there (a regular file of this user, mode 0600, holding a key); remove it if "
             "you do not need it, or choose another address"
         )
-    path.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 # -- what to make of a file -------------------------------------------------------------------

@@ -180,7 +180,7 @@ def _claim(address: wire.Address) -> None:
     if addr.is_runtime_dir(directory):
         addr.ensure_private_dir(directory)
     else:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         addr.check_socket_dir(directory)
     try:
         info = path.lstat()
@@ -262,7 +262,7 @@ def serve(
             if isinstance(address, str):
                 os.chmod(address, 0o600)
             else:
-                addr.ensure_private_dir(key_file.parent)
+                addr.ensure_private_dir(os.path.dirname(key_file))
             written = addr.create_key_file(key_file, key)  # we hold the address: a key file there is stale
             dispatcher.stop_event = stop
             keeper = _StateKeeper(Path(options.state).expanduser(), store) if options.state else None
@@ -471,7 +471,7 @@ def _one_malloc_arena() -> None:
 _M_ARENA_MAX = -8  # from glibc's malloc.h
 
 
-def _remove_key(path: Path, key: bytes, written: tuple[int, int] | None = None) -> None:
+def _remove_key(path: str, key: bytes, written: tuple[int, int] | None = None) -> None:
     """Remove our key file: only if it still holds ``key`` and (given ``written``, its
     ``(st_dev, st_ino)``) is the very file we wrote, never one another manager has since
     put there, and never through a symlink."""
@@ -492,7 +492,7 @@ def _remove_key(path: Path, key: bytes, written: tuple[int, int] | None = None) 
         os.close(fd)
     if ours:
         with contextlib.suppress(OSError):
-            path.unlink()
+            os.unlink(path)
 
 
 class ServerProcess:

@@ -87,7 +87,7 @@ def runtime(sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_the_key_file_is_the_socket_path_plus_key(sock_dir: Path) -> None:
     key_file = sock_dir / "store.sock.key"
     with shmstore.start_server(sock_dir / "store.sock") as server:
-        assert key_path(server.address) == key_file
+        assert key_path(server.address) == str(key_file)
         assert key_file.read_bytes() == server.authkey
         assert mode(key_file) == 0o600
         assert not (sock_dir / "store.key").exists()
@@ -223,11 +223,11 @@ def test_a_manager_removes_its_key_file_only_while_it_is_still_its_own(sock_dir:
 
 def test_without_xdg_runtime_dir_the_runtime_dir_is_run_user_uid_if_it_is_ours(tmp_path: Path) -> None:
     run_user, tmp, uid = tmp_path / "run" / "user", tmp_path / "tmp", os.getuid()
-    assert _runtime_dir(None, uid, run_user, tmp) == tmp / f"shmstore-{uid}"  # no /run/user/UID
+    assert Path(_runtime_dir(None, uid, run_user, tmp)) == tmp / f"shmstore-{uid}"  # no /run/user/UID
     (run_user / str(uid)).mkdir(mode=0o700, parents=True)
-    assert _runtime_dir(None, uid, run_user, tmp) == run_user / str(uid) / "shmstore"
-    assert _runtime_dir("", uid, run_user, tmp) == run_user / str(uid) / "shmstore"
-    assert _runtime_dir("/run/xdg", uid, run_user, tmp) == Path("/run/xdg/shmstore")
+    assert Path(_runtime_dir(None, uid, run_user, tmp)) == run_user / str(uid) / "shmstore"
+    assert Path(_runtime_dir("", uid, run_user, tmp)) == run_user / str(uid) / "shmstore"
+    assert Path(_runtime_dir("/run/xdg", uid, run_user, tmp)) == Path("/run/xdg/shmstore")
 
 
 @as_root
@@ -235,11 +235,11 @@ def test_a_run_user_directory_of_another_user_or_a_symlink_is_passed_over(tmp_pa
     run_user, tmp, uid = tmp_path / "run" / "user", tmp_path / "tmp", os.getuid()
     (run_user / str(uid)).mkdir(parents=True)
     os.chown(run_user / str(uid), OTHER_UID, OTHER_UID)
-    assert _runtime_dir(None, uid, run_user, tmp) == tmp / f"shmstore-{uid}"
+    assert Path(_runtime_dir(None, uid, run_user, tmp)) == tmp / f"shmstore-{uid}"
     (run_user / str(uid)).rmdir()
     (tmp_path / "mine").mkdir(mode=0o700)
     (run_user / str(uid)).symlink_to(tmp_path / "mine")
-    assert _runtime_dir(None, uid, run_user, tmp) == tmp / f"shmstore-{uid}"
+    assert Path(_runtime_dir(None, uid, run_user, tmp)) == tmp / f"shmstore-{uid}"
 
 
 def _squat(runtime: Path) -> tuple[socket.socket, Path]:

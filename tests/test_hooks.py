@@ -280,7 +280,7 @@ def test_the_hook_imports_neither_multiprocess_nor_dill_nor_orjson(server: shmst
 def test_a_failed_report_leaves_one_line_in_the_failure_log(sock_dir: Path, state_home: Path) -> None:
     from shmstore import hooks
 
-    assert hooks.failure_log_path() == state_home / "shmstore" / "hook.log"
+    assert Path(hooks.failure_log_path()) == state_home / "shmstore" / "hook.log"
     assert hooks.recent_failures() == []
     result = hook(sock_dir / "nobody.sock", payload("Stop"))
     assert b"not reported" in result.stderr
@@ -300,7 +300,7 @@ def test_the_failure_log_is_rotated_and_stays_small(state_home: Path) -> None:
 
     for n in range(2000):
         hooks.note_failure("Stop", f"s{n}", "the manager is down " + "x" * 60)
-    log = hooks.failure_log_path()
+    log = Path(hooks.failure_log_path())
     assert log.stat().st_size <= hooks.MAX_LOG_BYTES + 200
     assert log.with_name("hook.log.1").stat().st_size <= hooks.MAX_LOG_BYTES + 200
     assert sorted(p.name for p in log.parent.iterdir()) == ["hook.log", "hook.log.1"]

@@ -131,5 +131,5 @@ def test_the_default_runtime_dir_is_the_same_with_or_without_xdg_runtime_dir(tmp
     uid = os.getuid()
     run_user = tmp_path / "run-user"
     (run_user / str(uid)).mkdir(parents=True)
-    with_xdg = _runtime_dir(str(run_user / str(uid)), uid, run_user, tmp_path)
-    assert with_xdg == _runtime_dir(None, uid, run_user, tmp_path) == run_user / str(uid) / "shmstore"
+    with_xdg = Path(_runtime_dir(str(run_user / str(uid)), uid, run_user, tmp_path))
+    assert with_xdg == Path(_runtime_dir(None, uid, run_user, tmp_path)) == run_user / str(uid) / "shmstore"
