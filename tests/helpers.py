@@ -53,12 +53,15 @@ def wait_until_stopped(pid: int) -> None:
         time.sleep(0.01)
 
 
-def run(*args: str, address: object = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``shmstore ARGS...`` in a process of its own, as a user runs it."""
+def run(
+    *args: str, address: object = None, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``shmstore ARGS...`` in a process of its own, as a user runs it (in ``env``, else
+    this process's environment)."""
     argv = [PYTHON, "-m", "shmstore", *args]
     if address is not None:
         argv += ["--address", str(address)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @contextlib.contextmanager
