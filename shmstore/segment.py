@@ -45,7 +45,7 @@ stores, which would need barriers Python cannot issue: :func:`supported` is Fals
 the caller reads over the socket.
 
 A writer killed by SIGKILL leaves the map valid and the state "live": readers go on reading
-its last records (one killed inside a write leaves that slot odd: :class:`SegmentBusy`, never
+its last records (one killed inside a write leaves that slot odd: :class:`SegmentBusyError`, never
 a torn record). Liveness is the caller's to check, on its socket to the manager.
 """
 
@@ -73,7 +73,7 @@ VERSION = 1
 MAX_ID_BYTES = 256
 #: Largest slot: well below glibc's non-temporal memcpy threshold (see the module docstring).
 MAX_SLOT_SIZE = 2**16
-#: Tries at a slot that is being written before :class:`SegmentBusy`: a slot write is ~1 µs,
+#: Tries at a slot that is being written before :class:`SegmentBusyError`: a slot write is ~1 µs,
 #: a try ~0.5 µs, so a writer that is not descheduled mid-write is always waited out.
 SPINS = 100
 LIVE, MOVED, CLOSED = 0, 1, 2
@@ -97,11 +97,11 @@ class SegmentError(ShmstoreError):
     """The shared segment cannot be used for this read: read over the socket instead."""
 
 
-class SegmentBusy(SegmentError):
+class SegmentBusyError(SegmentError):
     """A slot was being written for all of :data:`SPINS` tries (or its writer died mid-write)."""
 
 
-class SegmentMoved(SegmentError):
+class SegmentMovedError(SegmentError):
     """The writer grew the segment (``state`` moved) or closed it (closed): get the new one."""
 
     def __init__(self, message: str, *, state: int) -> None:
@@ -109,7 +109,7 @@ class SegmentMoved(SegmentError):
         self.state = state
 
 
-class SegmentFull(SegmentError):
+class SegmentFullError(SegmentError):
     """No free slot or index entry for a new id: :meth:`Segment.grow` and put it again."""
 
 
@@ -146,6 +146,12 @@ def _hash(key: bytes) -> int:
 
 class _Map:
     """A mapped segment and the layout both sides read."""
+
+    epoch: bytes
+    generation: int
+    slot_count: int
+    slot_size: int
+    index_size: int
 
     def __init__(self, fd: int, size: int, prot: int) -> None:
         self._map = mmap.mmap(fd, size, prot=prot)
@@ -214,7 +220,7 @@ class Segment(_Map):
 
     def put(self, id: str, record: bytes, revision: int) -> None:
         """Store ``record`` under ``id`` at store revision ``revision``; one too big for a slot
-        is marked so. Raises ValidationError (id) or SegmentFull, changing nothing."""
+        is marked so. Raises ValidationError (id) or SegmentFullError, changing nothing."""
         key = id.encode()
         if not 0 < len(key) <= MAX_ID_BYTES:
             raise ValidationError("id", f"is {len(key)} bytes of UTF-8; a segment takes 1 to {MAX_ID_BYTES}")
@@ -262,7 +268,7 @@ class Segment(_Map):
         return new
 
     def close(self) -> None:
-        """Mark the segment closed (readers get SegmentMoved) and let go of it; the kernel
+        """Mark the segment closed (readers get SegmentMovedError) and let go of it; the kernel
         frees it when the last reader's map closes too."""
         if not self.closed:
             self._set_state(CLOSED)
@@ -289,7 +295,7 @@ class Segment(_Map):
     def _place(self, key: bytes) -> tuple[int, int]:
         """A free slot and index position for a new id, taken from the bookkeeping."""
         if self.full:
-            raise SegmentFull(f"the segment holds {len(self._where)} of {self.slot_count} records and is full")
+            raise SegmentFullError(f"the segment holds {len(self._where)} of {self.slot_count} records and is full")
         mask = self.index_size - 1
         position = _hash(key) & mask
         while self._words[HEADER // 8 + position] not in (0, _TOMB):
@@ -337,7 +343,7 @@ class Reader(_Map):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read(self, id: str) -> bytes | None | Literal[Mark.TOO_BIG]:
+    def read(self, id: str) -> bytes | Literal[Mark.TOO_BIG] | None:
         """``id``'s record, None if there is none, or Mark.TOO_BIG (read it over the socket)."""
         record = self.read_record(id)
         return None if record is None else record.data  # type: ignore[return-value]
@@ -381,7 +387,9 @@ class Reader(_Map):
     def _check_state(self) -> None:
         state = self._words[_STATE]
         if state != LIVE:
-            raise SegmentMoved(f"the segment was {'moved' if state == MOVED else 'closed'} by its writer", state=state)
+            raise SegmentMovedError(
+                f"the segment was {'moved' if state == MOVED else 'closed'} by its writer", state=state
+            )
 
     def _read_slot(self, slot: int, key: bytes | None) -> Record | None:
         """The slot's record (None: empty, or not ``key``'s), copied under its seqlock."""
@@ -399,7 +407,7 @@ class Reader(_Map):
                 if not flags & _USED or (key is not None and found != key):
                     return None
                 return Record(slot, seq, revision, found.decode(errors="replace"), data)
-        raise SegmentBusy(f"slot {slot} was being written for {SPINS} tries")
+        raise SegmentBusyError(f"slot {slot} was being written for {SPINS} tries")
 
 
 def send_segment(sock: socket.socket, segment: Segment) -> None:
