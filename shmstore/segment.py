@@ -155,16 +155,13 @@ class _Map:
 
     def __init__(self, fd: int, size: int, prot: int) -> None:
         self._map = mmap.mmap(fd, size, prot=prot)
-        self._words = memoryview(self._map).cast("Q")  # seq and header words: one 8-byte access each
-        magic, version = struct.unpack_from("<4sI", self._map)
-        self.epoch = self._map[_EPOCH * 8 : _EPOCH * 8 + 8]
-        if magic != MAGIC or version != VERSION:
-            self.close()
-            raise SegmentError(f"not a segment of layout {VERSION}: magic {magic!r}, version {version}")
-        self.generation = self._words[_GENERATION]
-        self.slot_count, self.slot_size = struct.unpack_from("<II", self._map, _SIZES * 8)
-        self.index_size = self._words[_INDEX]
+        magic, version, _, self.epoch, self.generation = struct.unpack_from("<4sIQ8sQ", self._map)
+        self.slot_count, self.slot_size, self.index_size = struct.unpack_from("<IIQ", self._map, _SIZES * 8)
         self._slots = HEADER + 8 * self.index_size
+        if magic != MAGIC or version != VERSION or size != self._slots + self.slot_count * self.slot_size:
+            self._map.close()
+            raise SegmentError(f"not a segment of layout {VERSION}: magic {magic!r}, version {version}, {size} bytes")
+        self._words = memoryview(self._map).cast("Q")  # seq and header words: one 8-byte access each
 
     def close(self) -> None:
         self._words.release()
