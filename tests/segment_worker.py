@@ -74,6 +74,8 @@ def reader(seconds: float, check: bool, sock: socket.socket) -> dict[str, int]:
                     counts["scans"] += 1
                     for slot in segment.read_all().records:
                         _tally(counts, slot.id, slot.data)
+            except UnicodeDecodeError:  # an id torn (only without the sequence check)
+                counts["torn"] += 1
             except SegmentBusyError:
                 counts["busy"] += 1
             except SegmentMovedError:

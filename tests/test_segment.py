@@ -99,7 +99,7 @@ def test_many_ids_colliding_in_the_index_are_each_found_after_deletions() -> Non
 def test_an_id_over_256_bytes_is_refused_and_nothing_changes(writer: Segment, reader: Reader) -> None:
     with pytest.raises(ValidationError, match="257 bytes"):
         writer.put("é" * 128 + "x", b"r", 1)
-    assert reader.read_all() == seg.Scan(0, True, [])
+    assert reader.read_all() == seg.Scan(0, True, [], [], [])
 
 
 def test_a_full_segment_refuses_a_new_id_and_changes_nothing(writer: Segment, reader: Reader) -> None:
@@ -152,15 +152,20 @@ def test_closing_the_writer_tells_its_readers(writer: Segment, reader: Reader) -
     assert raised.value.state == seg.CLOSED
 
 
-def test_read_all_skips_the_copy_of_a_slot_whose_sequence_the_caller_knows(writer: Segment, reader: Reader) -> None:
-    writer.put("s1", b"one", 1)
-    writer.put("s2", b"two", 2)
+def test_read_all_copies_only_the_slots_changed_since_the_sequences_the_caller_knows(
+    writer: Segment, reader: Reader
+) -> None:
+    for n in range(4):
+        writer.put(f"s{n}", b"r%d" % n, n)
     first = reader.read_all()
-    known = {r.slot: (r.seq, r.data) for r in first.records}
-    writer.put("s2", b"TWO", 3)
-    again = reader.read_all(known)
-    assert [(r.id, r.data) for r in again.records] == [("", Mark.UNCHANGED), ("s2", b"TWO")]
-    assert again.records[0].seq == first.records[0].seq
+    assert (first.changed, len(first.sequences)) == ([0, 1, 2, 3], 4)
+    assert reader.read_all(first.sequences).records == []
+    writer.put("s1", b"R1", 5)
+    writer.put("s4", b"r4", 6)
+    writer.delete("s2", 7)
+    again = reader.read_all(first.sequences)
+    assert again.changed == [1, 2, 4]  # s2's slot now empty: the caller drops its copy
+    assert [(r.slot, r.id, r.data) for r in again.records] == [(1, "s1", b"R1"), (4, "s4", b"r4")]
 
 
 def test_read_all_says_whether_a_change_happened_during_the_scan(writer: Segment, reader: Reader) -> None:
@@ -169,7 +174,7 @@ def test_read_all_says_whether_a_change_happened_during_the_scan(writer: Segment
     writer._begin()  # as if a change were under way
     assert not reader.read_all().consistent
     writer._end(2)
-    assert reader.read_all() == seg.Scan(2, True, reader.read_all().records)
+    assert reader.read_all().consistent
 
 
 def test_a_slot_left_mid_write_is_busy_and_never_read(writer: Segment, reader: Reader) -> None:
