@@ -15,7 +15,7 @@ Layout (little-endian; offsets in bytes)::
     header, 128 bytes, one 8-byte word each:
       0 magic b"SHMS", layout version (u32)      40 state: 0 live, 1 moved, 2 closed
       8 header seqlock (odd while changing)      48 slot count (u32), slot size (u32)
-     16 epoch (8 bytes, given by the store)      56 index size (u32, a power of two)
+     16 epoch (8 bytes, given by the store)      56 index size (a power of two)
      24 generation (+1 for each grow)            64 slots in use: slots [0, this) are scanned
      32 revision (the store's, of the last change)
     index at 128: index size x 8 bytes, open addressing, linear probing from crc32(id):
@@ -269,7 +269,6 @@ class Segment(_Map):
         new.set_revision(self._words[_REVISION])
         self._set_state(MOVED)
         return new
-        return new
 
     def close(self) -> None:
         """Mark the segment closed (readers get SegmentMovedError) and let go of it; the kernel
@@ -329,7 +328,10 @@ class Segment(_Map):
 class Reader(_Map):
     """A read-only map of a segment, in any process. Reads take no lock (see the module
     docstring); each checks that the segment was not moved or closed before it reads.
-    ``epoch``, when given, must be the segment's (the store the caller talks to)."""
+    ``epoch``, when given, must be the segment's (the store the caller talks to): it is
+    checked here once, as a segment's epoch never changes; a new store makes a new segment.
+    On SegmentMovedError the caller closes this reader (the old segment is freed when the
+    last reader lets go) and asks the manager for the new one."""
 
     def __init__(self, fd: int, epoch: bytes | None = None, *, _check_sequence: bool = True) -> None:
         size = os.fstat(fd).st_size

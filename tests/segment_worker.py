@@ -107,6 +107,7 @@ def main() -> None:
     before = fds()
     if mode == "hold":
         hold(socket.socket(fileno=int(args[0])))
+        return
     socks = [socket.socket(fileno=int(fd)) for fd in args[-1 if mode == "reader" else 1 :]]
     result = writer(float(args[0]), socks) if mode == "writer" else reader(float(args[0]), args[1] == "1", socks[0])
     result.update(fds_before=before, fds_after=fds())
