@@ -39,7 +39,8 @@ seq is visible before the data, the data before the even seq) and loads in progr
 (the first seq before the copy, the copy before the second seq); the data copies are
 memcpy of at most a slot (< 64 KiB: glibc uses weakly ordered non-temporal stores only for
 copies of the order of the L3 size, and a rep-movs' stores, reordered among themselves, are
-all visible before a later store). CPython cannot reorder either: each access is a separate
+all visible before a later store: Intel SDM vol. 3 §8.2.2 and §8.2.4, AMD APM vol. 2 §7.2).
+CPython cannot reorder either: each access is a separate
 opaque C call from the interpreter loop, in bytecode order. ARM and POWER reorder loads and
 stores, which would need barriers Python cannot issue: :func:`supported` is False there and
 the caller reads over the socket.
