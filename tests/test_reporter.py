@@ -4,7 +4,9 @@ heavier than the standard library. Also the lazy package namespace it relies on.
 
 from __future__ import annotations
 
+import hmac
 import os
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from helpers import PYTHON, RawStore, snapshot
 
 import shmstore
-from shmstore import AuthKeyError, Status, StoreUnavailableError, ValidationError, reporter
+from shmstore import AuthKeyError, Status, StoreUnavailableError, ValidationError, protocol, reporter
 from shmstore.address import _runtime_dir
 from shmstore.model import session_from_store
 
@@ -133,3 +135,12 @@ def test_the_default_runtime_dir_is_the_same_with_or_without_xdg_runtime_dir(tmp
     (run_user / str(uid)).mkdir(parents=True)
     with_xdg = Path(_runtime_dir(str(run_user / str(uid)), uid, run_user, tmp_path))
     assert with_xdg == Path(_runtime_dir(None, uid, run_user, tmp_path)) == run_user / str(uid) / "shmstore"
+
+
+def test_the_handshakes_hmac_is_the_standard_librarys_for_every_key_length() -> None:
+    """protocol signs with HMAC-SHA256 over the built-in SHA-256 (no OpenSSL at start-up):
+    it must give hmac's digests, keys longer than a block (hashed first) included."""
+    rng = random.Random(11)
+    for length in [0, 1, 31, 32, 63, 64, 65, 100, 1000]:
+        key, message = rng.randbytes(length), rng.randbytes(rng.randrange(200))
+        assert protocol.hmac_sha256(key, message) == hmac.digest(key, message, "sha256")
