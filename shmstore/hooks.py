@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 
@@ -32,8 +31,11 @@ from .reporter import report
 # start-up (mypy takes any name TYPE_CHECKING as true).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal  # the same calls, typed
     from collections.abc import Mapping, Sequence
     from typing import Any, BinaryIO
+else:
+    import _signal as signal  # signal.py wraps these calls in enums: 3.5M instructions of start-up
 
 # The values of shmstore.model.Status (importing that module would import orjson).
 WORKING, ATTENTION, QUESTION, CLOSED = "working", "attention", "question", "closed"
