@@ -268,7 +268,7 @@ class Store:
         if not isinstance(data, bytes):
             raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
         # Every field checked in place, in one pass over the decoded JSON (model.session_record):
-        # the bounds Session's own checks apply, at a fifth of the cost of building one.
+        # the bounds Session's own checks apply, at about a third of the cost of building one.
         record = session_record(data, self.limits.max_id_length)
         id, history = record["id"], record["history"]
         if len(history) > self.limits.max_history:
