@@ -242,7 +242,7 @@ def _list_all_anew(store: shmstore.Client) -> object:
     each in its decode cache. The manager answers from its cached reply, as it does between
     changes; its first reply after a change is rebuilt (~45 us more for 100 sessions, one
     decoded again, measured in-process), which this row does not count."""
-    last = store._listing
+    last = getattr(store, "_listing", None)  # (absent before list_all had a cache: then always whole)
     if last is not None:
         store._listing = last._replace(revision=0)
     return store.list_all()

@@ -350,7 +350,7 @@ def session_record(data: bytes | str, max_id_length: int = MAX_ID_LENGTH) -> dic
     history = fields.get("history", ())
     if not isinstance(history, list | tuple):
         raise ValidationError("history", f"must be a list, not {type(history).__name__}")
-    entries = [_entry_record(entry) for entry in history]
+    entries = _history_record(history)
     usage = fields.get("api_usage")
     if usage is not None:
         counts = _fields(usage, "api_usage", ("input_tokens", "output_tokens"))
@@ -407,25 +407,35 @@ def session_record(data: bytes | str, max_id_length: int = MAX_ID_LENGTH) -> dic
     }
 
 
+def _history_record(history: list[Any] | tuple[Any, ...]) -> list[Any]:
+    """History entries' JSON, each checked as :meth:`StateTransition.from_dict` checks it.
+    Entries as the store writes them pass the same bounds inline, in this loop, and are
+    kept as they are (a session may carry hundreds of them): each value is already what
+    its check would return or, a status, encodes the same. Any other entry takes the
+    checks' own path (:func:`_entry_record`)."""
+    horizon, statuses, keys = checks._horizon, _STATUS, _ENTRY_KEYS
+    entries = []
+    for entry in history:
+        if type(entry) is dict and tuple(entry) == keys:  # these keys, in this order
+            at, was, to, duration = entry["timestamp"], entry["from"], entry["to"], entry["duration"]
+            if (
+                type(at) is float
+                and 0.0 <= at <= horizon
+                and type(duration) is float
+                and 0.0 <= duration <= MAX_DURATION
+                and type(was) is str
+                and type(to) is str
+                and was in statuses
+                and to in statuses
+            ):
+                entries.append(entry)
+                continue
+        entries.append(_entry_record(entry))
+    return entries
+
+
 def _entry_record(data: object) -> dict[str, Any]:
-    """One history entry's JSON, checked as :meth:`StateTransition.from_dict` checks it.
-    Entries as the store writes them pass the same bounds inline, without a call per field
-    (a session may carry hundreds of entries), and are kept as they are: each value is
-    already what its check would return, or (a status) encodes the same. Anything else
-    takes the checks' own path."""
-    if type(data) is dict and tuple(data) == _ENTRY_KEYS:  # these keys, in this order
-        at, was, to, duration = data["timestamp"], data["from"], data["to"], data["duration"]
-        if (
-            type(at) is float
-            and 0.0 <= at <= checks._horizon
-            and type(duration) is float
-            and 0.0 <= duration <= MAX_DURATION
-            and type(was) is str
-            and type(to) is str
-            and was in _STATUS
-            and to in _STATUS
-        ):
-            return data
+    """One history entry's JSON, checked as :meth:`StateTransition.from_dict` checks it."""
     fields = _fields(data, "history[]", _ENTRY_KEYS)
     return {
         "timestamp": check_time(fields["timestamp"], "history.timestamp"),
