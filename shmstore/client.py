@@ -363,7 +363,10 @@ class Client:
         hashing ~120 KB for 100 sessions on every call); only the others go through
         :meth:`_session`."""
         last = self._listing
-        reply = self._call("list_all", *((None, 0) if last is None else (last.epoch, last.revision)))
+        try:
+            reply = self._call("list_all", *((None, 0) if last is None else (last.epoch, last.revision)))
+        except TypeError:  # a manager started before list_all took them (the package was upgraded)
+            return [self._session(data) for data in self._call("list_all")]
         if reply is None and last is not None:
             return list(last.sessions)
         epoch, revision, index, datas = reply

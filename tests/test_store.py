@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -259,3 +260,20 @@ def test_list_all_after_a_manager_restart_lists_the_new_managers_sessions(start_
         assert [s.working_dir for s in client.list_all()] == ["/new"]
     finally:
         client.close()
+
+
+class _StoreBeforeListings(shmstore.Store):
+    """A manager's store from before ``list_all`` took the caller's epoch and revision."""
+
+    def list_all(self) -> list[bytes]:  # type: ignore[override]
+        return super().list_all()
+
+
+def test_list_all_works_with_a_manager_from_before_listings(sock_dir: Path) -> None:
+    with (
+        shmstore.start_server(sock_dir / "old.sock", store=_StoreBeforeListings()) as server,
+        shmstore.connect(server.address, server.authkey) as store,
+    ):
+        store.set(make_session("s1"))
+        assert [s.id for s in store.list_all()] == ["s1"]
+        assert [s.id for s in store.list_all()] == ["s1"]
