@@ -82,6 +82,8 @@ Listing = tuple[str, int, bytes, list[bytes]]
 
 
 class _ListingCache(NamedTuple):
+    """The manager's last :data:`Listing`, with what rebuilding the next one reuses."""
+
     revision: int  # the store's, when the reply was built
     reply: Listing
     ids: list[str]  # of the reply's sessions, in its order
