@@ -10,6 +10,17 @@ every operation alike: first with the client and every server pinned to one CPU,
 round trip costs two context switches plus the work on each side (stable from run to run;
 the named ratios use these), then on every CPU, where the figures also carry the
 scheduler's cross-CPU wake-ups and swing several-fold between runs on a small VM.
+
+Every ratio divides two figures of the same phase and the same clock: wall-clock time, and
+CPU time (every thread of the client and of the processes it started, from /proc), which
+does not count the time the machine's other work held the CPU and so holds on a loaded
+machine. Each row also gives the manager's own CPU time per op; for the writes that is the
+writer's cost per change. Memory rows: USS of a manager forked from a lean process (the
+embedded case), bytes per session at 10,000, and the total PSS of a standalone
+`shmstore serve` with 100 sessions. ``goals`` holds issue #12's goals by name.
+``list_all`` of 100 has two rows: the manager sending all of them (what follows a change;
+the client finds each in its decode cache), and ``unchanged`` (the manager answers that the
+client's last listing is current).
 Needs the test extras (psutil, memory-profiler) and, for the Redis row, `redis-server`
 (Debian package redis-server) and the `redis` Python package; without them that row is
 skipped and says so.
@@ -71,39 +82,56 @@ def make_session(id: str) -> Session:
 Ops = dict[str, Callable[[], object]]
 
 
-def interleaved_us(ops: Ops, n: int, rounds: int, cpu: dict[str, float] | None = None) -> dict[str, float]:
+def interleaved_us(
+    ops: Ops,
+    n: int,
+    rounds: int,
+    cpu: dict[str, float] | None = None,
+    manager: int | None = None,
+    manager_cpu: dict[str, float] | None = None,
+) -> dict[str, float]:
     """Microseconds per call of each op: the median over ``rounds`` rounds, each of which
     runs every op ``n`` times in turn, so that a machine's slow and fast moments fall on
     all of them alike. With ``cpu``, also fills it with the CPU time per call spent by this
     process and every process it started (the servers): unlike wall-clock time, that does
-    not count the time the machine's other work held the CPU."""
+    not count the time the machine's other work held the CPU. With ``manager`` (a pid) and
+    ``manager_cpu``, fills that with the CPU time per call of that process alone."""
     runs: dict[str, list[float]] = {name: [] for name in ops}
     cpu_runs: dict[str, list[float]] = {name: [] for name in ops}
+    manager_runs: dict[str, list[float]] = {name: [] for name in ops}
+    only = None if manager is None else [manager]
     for op in ops.values():
         op()
     for _ in range(rounds):
         for name, op in ops.items():
             spent = _tree_cpu() if cpu is not None else 0.0
+            spent_there = _tree_cpu(only) if only is not None else 0.0
             start = time.perf_counter()
             for _ in range(n):
                 op()
             runs[name].append((time.perf_counter() - start) / n * 1e6)
+            if only is not None:
+                manager_runs[name].append((_tree_cpu(only) - spent_there) / n * 1e6)
             if cpu is not None:
                 cpu_runs[name].append((_tree_cpu() - spent) / n * 1e6)
     if cpu is not None:
         cpu.update({name: statistics.median(values) for name, values in cpu_runs.items()})
+    if manager_cpu is not None and only is not None:
+        manager_cpu.update({name: statistics.median(values) for name, values in manager_runs.items()})
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
-def _tree_cpu() -> float:
-    """CPU seconds of this process and of every process it started, every thread of each,
-    from /proc/<pid>/task/<tid>/schedstat (nanoseconds; psutil's cpu_times counts 10 ms
-    ticks, too coarse for a batch of round trips)."""
+def _tree_cpu(pids: list[int] | None = None) -> float:
+    """CPU seconds of this process and of every process it started (or of ``pids`` alone),
+    every thread of each, from /proc/<pid>/task/<tid>/schedstat (nanoseconds; psutil's
+    cpu_times counts 10 ms ticks, too coarse for a batch of round trips)."""
+    if pids is None:
+        pids = [process.pid for process in [psutil.Process(), *psutil.Process().children(recursive=True)]]
     total = 0
-    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+    for pid in pids:
         with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{process.pid}/task"):
-                with contextlib.suppress(OSError), open(f"/proc/{process.pid}/task/{task}/schedstat") as file:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as file:
                     total += int(file.read().split()[0])
     return total / 1e9
 
@@ -208,7 +236,21 @@ def shmstore_ops(store: shmstore.Client) -> Ops:
         "shmstore_set": lambda: store.set(session),
         "shmstore_transition": lambda: store.transition(IDS[1], next(flip)),
         "shmstore_add_usage": lambda: store.add_usage(IDS[2], 10, 2),
+        "shmstore_list_all_100": lambda: _list_all_anew(store),
+        "shmstore_list_all_100_unchanged": store.list_all,
     }
+
+
+def _list_all_anew(store: shmstore.Client) -> object:
+    """``list_all`` as a client sees it after a change elsewhere: the manager sends all 100
+    sessions (the client's last listing is made to look out of date), and the client finds
+    each in its decode cache. The manager answers from its cached reply, as it does between
+    changes; its first reply after a change is rebuilt (~45 us more for 100 sessions, one
+    decoded again, measured in-process), which this row does not count."""
+    last = getattr(store, "_listing", None)  # (absent before list_all had a cache: then always whole)
+    if last is not None:
+        store._listing = last._replace(revision=0)
+    return store.list_all()
 
 
 @contextlib.contextmanager
@@ -299,19 +341,23 @@ def _follower(address: Any, authkey: bytes, stop: Any) -> None:
 
 
 def writes_with_watchers(
-    server: shmstore.ServerProcess, store: shmstore.Client, n: int, rounds: int
+    server: shmstore.ServerProcess, store: shmstore.Client, n: int, rounds: int, cpu: dict[str, float]
 ) -> dict[str, float]:
-    """Transition cost with no watcher, then with four watcher processes following every change."""
+    """Transition cost with no watcher, then with four watcher processes following every
+    change; fills ``cpu`` with the CPU time per transition of every process (watchers too)."""
     flip = itertools.cycle(STATUSES)
     ops: Ops = {"transition": lambda: store.transition(IDS[4], next(flip))}
-    alone = interleaved_us(ops, n, rounds)["transition"]
+    spent: dict[str, float] = {}
+    alone = interleaved_us(ops, n, rounds, spent)["transition"]
+    cpu["transition_alone"] = spent["transition"]
     ctx = multiprocess.get_context("fork")
     stop = ctx.Event()
     followers = [ctx.Process(target=_follower, args=(server.address, server.authkey, stop)) for _ in range(4)]
     for p in followers:
         p.start()
     time.sleep(0.5)
-    watched = interleaved_us(ops, n, rounds)["transition"]
+    watched = interleaved_us(ops, n, rounds, spent)["transition"]
+    cpu["transition_4_watchers"] = spent["transition"]
     stop.set()
     for p in followers:
         p.join(10)
@@ -344,6 +390,8 @@ def _mixed(address: Any, authkey: bytes, seconds: float, start: Any, out: Any) -
 
 
 def bench_scaling(tmp: Path, seconds: float) -> dict[str, float]:
+    """Aggregate ops/s of 1, 2, 4 and 8 worker processes on a mixed load, and the CPU time
+    (workers and manager together) per op at each."""
     ctx = multiprocess.get_context("fork")
     results = {}
     with shmstore.start_server(tmp / "scale.sock") as server, shmstore.connect(server.address, server.authkey) as store:
@@ -358,11 +406,14 @@ def bench_scaling(tmp: Path, seconds: float) -> dict[str, float]:
             for p in procs:
                 p.start()
             time.sleep(0.3)
+            spent = _tree_cpu()
             start.set()
             total = sum(out.get(timeout=seconds + 60) for _ in procs)
+            spent = _tree_cpu() - spent  # the workers, still alive until joined, and the manager
             for p in procs:
                 p.join(10)
             results[str(workers)] = total / seconds
+            results[f"{workers}_cpu_us_per_op"] = spent / total * 1e6
     return results
 
 
@@ -408,6 +459,53 @@ def bench_memory(tmp: Path) -> dict[str, float]:
     }
 
 
+def bench_serve_pss(tmp: Path) -> dict[str, float]:
+    """``shmstore serve`` as a user runs it, standalone: the PSS of all its processes
+    together (from /proc/PID/smaps_rollup; shared pages are split among the processes that
+    map them, so the interpreter's own are not counted whole), empty and with 100 sessions."""
+    path = tmp / "serve.sock"
+    with subprocess.Popen(
+        [sys.executable, "-m", "shmstore", "serve", "--address", str(path), "--log-level", "warning"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    ) as serve:
+        try:
+            store = _connect_when_up(path, serve)
+            with store:
+                store.set(make_session("warm-up"))
+                store.remove("warm-up")
+                empty = _pss_mib(serve.pid)
+                for id in IDS:
+                    store.set(make_session(id))
+                with_100 = _pss_mib(serve.pid)
+                processes = 1 + len(psutil.Process(serve.pid).children(recursive=True))
+        finally:
+            serve.terminate()
+            serve.wait(10)
+    return {"serve_pss_empty_mib": empty, "serve_pss_total_mib": with_100, "serve_processes": processes}
+
+
+def _connect_when_up(path: Path, serve: subprocess.Popen[bytes]) -> shmstore.Client:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return shmstore.connect(path, timeout=5)
+        except (shmstore.StoreUnavailableError, shmstore.AuthKeyError, OSError):
+            if time.monotonic() > deadline or serve.poll() is not None:
+                raise
+            time.sleep(0.05)
+
+
+def _pss_mib(pid: int) -> float:
+    """PSS of ``pid`` and every process under it, in MiB."""
+    time.sleep(0.1)
+    total = 0
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        with open(f"/proc/{process.pid}/smaps_rollup") as rollup:
+            total += next(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
+    return total / 1024
+
+
 # -- report -----------------------------------------------------------------------------------
 
 
@@ -434,50 +532,38 @@ def main() -> int:
             ops.update(shmstore_ops(store))
             ops.update(stack.enter_context(sync_manager_ops(as_dict)))
             ops.update(stack.enter_context(redis_ops(tmp, data, skipped)))
+            # Phase 1, pinned to one CPU: every row of the named ratios, in-process ones included.
             cpu_us: dict[str, float] = {}
-            us = interleaved_us(ops, n, repeat, cpu_us)
+            manager_cpu_us: dict[str, float] = {}
+            us = interleaved_us(ops, n, repeat, cpu_us, server.pid, manager_cpu_us)
+            # The manager's CPU means something only for the calls made on it.
+            manager_cpu_us = {name: value for name, value in manager_cpu_us.items() if name.startswith("shmstore_")}
+            data_copy = bytes(bytearray(data))
+            local: Ops = {"model_decode_session": lambda: session_from_store(data_copy)}
+            local.update(stack.enter_context(floor_ops(data)))
+            us.update(interleaved_us(local, n * 10, repeat, cpu_us))
+            # Phase 2, on every CPU: the same process-crossing rows again, for what they swing.
             for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
                 os.sched_setaffinity(process.pid, every_cpu)
-            us_unpinned = interleaved_us(ops, n, repeat)
-            data_copy = bytes(bytearray(data))
-            us["model_decode_session"] = interleaved_us({"d": lambda: session_from_store(data_copy)}, n, repeat)["d"]
-            us.update(interleaved_us(stack.enter_context(floor_ops(data)), n * 10, repeat))
-            us["shmstore_list_all_100"] = interleaved_us({"list_all": store.list_all}, max(n // 20, 20), repeat)[
-                "list_all"
-            ]
+            cpu_us_unpinned: dict[str, float] = {}
+            us_unpinned = interleaved_us(ops, n, repeat, cpu_us_unpinned)
             feed = wake_latency(server, store, rounds=max(n // 20, 30))
-            feed.update(writes_with_watchers(server, store, n, repeat))
+            feed_cpu: dict[str, float] = {}
+            feed.update(writes_with_watchers(server, store, n, repeat, feed_cpu))
         scaling = bench_scaling(tmp, seconds)
         memory = bench_memory(tmp)
+        memory.update(bench_serve_pss(tmp))
         hook = hook_startup_ms(tmp, 20 if args.quick else 60)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    pingpong = us["pingpong_multiprocess_connection"]
     redis_ran = "redis_get" in us
-    ratios = {
-        "get_vs_pingpong": us["shmstore_get"] / pingpong,
-        "set_vs_pingpong": us["shmstore_set"] / pingpong,
-        "get_vs_redis": us["redis_get"] / us["shmstore_get"] if redis_ran else None,
-        "list_all_100_vs_get": us["shmstore_list_all_100"] / us["shmstore_get"],
-        "scale_8_vs_1": scaling["8"] / scaling["1"],
-        "transition_4_watchers_vs_alone": feed["transition_4_watchers"] / feed["transition_alone"],
-        "hook_vs_python_startup": hook["hook"] / hook["python_pass"],  # on every CPU: start-up
-    }
-    cpu_pingpong = cpu_us["pingpong_multiprocess_connection"]
-    ratios_cpu = {
-        "get_vs_pingpong": cpu_us["shmstore_get"] / cpu_pingpong,
-        "set_vs_pingpong": cpu_us["shmstore_set"] / cpu_pingpong,
-        "transition_vs_pingpong": cpu_us["shmstore_transition"] / cpu_pingpong,
-        "get_vs_redis": cpu_us["redis_get"] / cpu_us["shmstore_get"] if redis_ran else None,
-        "hook_vs_python_startup": hook["hook_cpu"] / hook["python_pass_cpu"],
-    }
-    unpinned = us_unpinned["pingpong_multiprocess_connection"]
-    ratios_unpinned = {
-        "get_vs_pingpong": us_unpinned["shmstore_get"] / unpinned,
-        "set_vs_pingpong": us_unpinned["shmstore_set"] / unpinned,
-        "get_vs_redis": us_unpinned["redis_get"] / us_unpinned["shmstore_get"] if redis_ran else None,
-    }
+    # Every ratio divides two figures of one phase (pinned, or on every CPU) and one clock.
+    ratios = {**op_ratios(us, redis_ran), **other_ratios(feed, scaling, hook, "wall")}
+    ratios_cpu = {**op_ratios(cpu_us, redis_ran), **other_ratios(feed_cpu, scaling, hook, "cpu")}
+    ratios_unpinned = op_ratios(us_unpinned, redis_ran)
+    ratios_unpinned_cpu = op_ratios(cpu_us_unpinned, redis_ran)
+    writer_cost = {name: manager_cpu_us[f"shmstore_{name}"] for name in ("set", "transition", "add_usage")}
     targets = {
         "get_vs_pingpong": ratios["get_vs_pingpong"] <= 1.5,
         "set_vs_pingpong": ratios["set_vs_pingpong"] <= 1.5,
@@ -489,14 +575,26 @@ def main() -> int:
         "added_100_mib": memory["added_100_mib"] < 1.0,
         "bytes_per_session_10k": memory["bytes_per_session_10k"] <= 650,
     }
+    # Issue #12's goals, by its names: each figure, the bound, and whether it is met.
+    goals = {
+        "set_vs_pingpong": goal(ratios_cpu["set_vs_pingpong"], "<=", 3, "CPU, pinned"),
+        "list_all_100_vs_get": goal(ratios["list_all_100_vs_get"], "<=", 3, "wall, pinned"),
+        "bytes_per_session_10k": goal(memory["bytes_per_session_10k"], "<=", 500, "USS delta"),
+        "manager_uss_100_mib": goal(memory["manager_uss_100_mib"], "<", 5, "embedded, USS"),
+        "serve_pss_total_mib": goal(memory["serve_pss_total_mib"], "<=", 12, "shmstore serve, PSS"),
+    }
     results = {
         "quick": args.quick,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "record_bytes": len(data),
         "us_per_op": us,
         "cpu_us_per_op": cpu_us,
+        "manager_cpu_us_per_op": manager_cpu_us,
+        "writer_cost_per_change_us": writer_cost,
         "us_per_op_unpinned": us_unpinned,
+        "cpu_us_per_op_unpinned": cpu_us_unpinned,
         "change_feed_us": feed,
+        "change_feed_cpu_us": feed_cpu,
         "skipped": skipped,
         "scaling_ops_per_s": scaling,
         "memory": memory,
@@ -504,7 +602,9 @@ def main() -> int:
         "ratios": ratios,
         "ratios_cpu": ratios_cpu,
         "ratios_unpinned": ratios_unpinned,
+        "ratios_unpinned_cpu": ratios_unpinned_cpu,
         "targets_met": targets,
+        "goals": goals,
         "seconds": time.monotonic() - started,
     }
     print_table(results)
@@ -513,47 +613,95 @@ def main() -> int:
     return 0
 
 
+def op_ratios(per_op: dict[str, float], redis_ran: bool) -> dict[str, float | None]:
+    """The per-operation ratios of one phase and one clock (wall or CPU)."""
+    pingpong, get = per_op["pingpong_multiprocess_connection"], per_op["shmstore_get"]
+    return {
+        "get_vs_pingpong": get / pingpong,
+        "set_vs_pingpong": per_op["shmstore_set"] / pingpong,
+        "transition_vs_pingpong": per_op["shmstore_transition"] / pingpong,
+        "add_usage_vs_pingpong": per_op["shmstore_add_usage"] / pingpong,
+        "get_vs_redis": per_op["redis_get"] / get if redis_ran else None,
+        "list_all_100_vs_get": per_op["shmstore_list_all_100"] / get,
+        "list_all_100_unchanged_vs_get": per_op["shmstore_list_all_100_unchanged"] / get,
+    }
+
+
+def other_ratios(
+    feed: dict[str, float], scaling: dict[str, float], hook: dict[str, float], clock: str
+) -> dict[str, float]:
+    """The ratios of the runs that are not one op in a loop, each within its own run."""
+    suffix = "" if clock == "wall" else "_cpu"
+    return {
+        "transition_4_watchers_vs_alone": feed["transition_4_watchers"] / feed["transition_alone"],
+        # CPU per op at 8 workers against 1 (lower is better); wall: throughput (higher is better).
+        "scale_8_vs_1": (scaling["8"] / scaling["1"])
+        if clock == "wall"
+        else scaling["8_cpu_us_per_op"] / scaling["1_cpu_us_per_op"],
+        "hook_vs_python_startup": hook[f"hook{suffix}"] / hook[f"python_pass{suffix}"],  # on every CPU
+    }
+
+
+def goal(value: float, relation: str, bound: float, measured: str) -> dict[str, Any]:
+    met = value <= bound if relation == "<=" else value < bound
+    return {"value": value, "goal": f"{relation} {bound}", "measured": measured, "met": met}
+
+
 def print_table(results: dict[str, Any]) -> None:
-    us = results["us_per_op"]
-    floor = us["pingpong_multiprocess_connection"]
     print(f"session record: {results['record_bytes']} bytes of JSON, 10-entry history")
     print("latency rows: client and servers pinned to one CPU, so a round trip is two context switches")
-    cpu = results["cpu_us_per_op"]
-    cpu_floor = cpu["pingpong_multiprocess_connection"]
-    print(f"\n{'operation':<42}{'us/op':>10}{'ops/s':>10}{'x ping-pong':>13}{'cpu us/op':>11}{'x (cpu)':>9}")
-    for name, value in us.items():
-        line = f"{name:<42}{value:>10.1f}{1e6 / value:>10.0f}{value / floor:>13.2f}"
-        if name in cpu:
-            line += f"{cpu[name]:>11.1f}{cpu[name] / cpu_floor:>9.2f}"
-        print(line)
+    print("cpu: every thread of the client and its servers; manager cpu: the shmstore manager's alone")
+    _op_table(results["us_per_op"], results["cpu_us_per_op"], results["manager_cpu_us_per_op"], "pinned to one CPU")
     for note in results["skipped"]:
         print(f"({note})")
-    print(f"\n{'change feed':<42}{'us':>10}")
-    for name, value in results["change_feed_us"].items():
+    print(f"\n{'writer cost per change (manager CPU)':<42}{'us':>10}")
+    for name, value in results["writer_cost_per_change_us"].items():
         print(f"{name:<42}{value:>10.1f}")
-    print(f"\n{'workers':<10}{'ops/s, mixed load':>20}")
-    for workers, rate in results["scaling_ops_per_s"].items():
-        print(f"{workers:<10}{rate:>20.0f}")
+    print(f"\n{'change feed (every CPU)':<42}{'us':>10}{'cpu us':>10}")
+    for name, value in results["change_feed_us"].items():
+        spent = results["change_feed_cpu_us"].get(name)
+        print(f"{name:<42}{value:>10.1f}" + ("" if spent is None else f"{spent:>10.1f}"))
+    print(f"\n{'workers':<10}{'ops/s, mixed load':>20}{'cpu us/op':>12}")
+    scaling = results["scaling_ops_per_s"]
+    for workers in ("1", "2", "4", "8"):
+        print(f"{workers:<10}{scaling[workers]:>20.0f}{scaling[f'{workers}_cpu_us_per_op']:>12.1f}")
     print()
     for name, value in results["memory"].items():
         print(f"{name:<42}{value:>10.2f}")
     print(f"\n{'start-up (every CPU)':<42}{'ms':>10}")
     for name, value in results["hook_startup_ms"].items():
         print(f"{name:<42}{value:>10.1f}")
-    print(f"\n{'unpinned (both CPUs, noisy)':<42}{'us/op':>10}{'x ping-pong':>13}")
-    loose = results["us_per_op_unpinned"]
-    for name, value in loose.items():
-        print(f"{name:<42}{value:>10.1f}{value / loose['pingpong_multiprocess_connection']:>13.2f}")
-    print(f"\n{'ratio (pinned to one CPU)':<42}{'value':>10}  target met")
-    for name, value in results["ratios"].items():
-        met = results["targets_met"].get(name, "")
-        print(f"{name:<42}{'n/a' if value is None else f'{value:.2f}':>10}  {met}")
-    for name, value in results["ratios_cpu"].items():
-        print(f"{'cpu.' + name:<42}{'n/a' if value is None else f'{value:.2f}':>10}")
-    for name, value in results["ratios_unpinned"].items():
-        print(f"{'unpinned.' + name:<42}{'n/a' if value is None else f'{value:.2f}':>10}")
+    _op_table(results["us_per_op_unpinned"], results["cpu_us_per_op_unpinned"], {}, "every CPU, noisy")
+    print(f"\n{'ratio (one phase, one clock each)':<42}{'wall':>10}{'cpu':>10}  target met")
+    pairs = [
+        ("", results["ratios"], results["ratios_cpu"]),
+        ("unpinned.", results["ratios_unpinned"], results["ratios_unpinned_cpu"]),
+    ]
+    for prefix, wall, cpu in pairs:
+        for name, value in wall.items():
+            met = results["targets_met"].get(name, "") if not prefix else ""
+            print(f"{prefix + name:<42}{_fmt(value):>10}{_fmt(cpu.get(name)):>10}  {met}")
     for name in ("manager_uss_100_mib", "added_100_mib", "bytes_per_session_10k"):
         print(f"{'memory.' + name:<42}{results['memory'][name]:>10.2f}  {results['targets_met'][name]}")
+    print(f"\n{'goal (issue #12)':<42}{'value':>10}  {'goal':<8}{'met':<6}measured")
+    for name, g in results["goals"].items():
+        print(f"{name:<42}{_fmt(g['value']):>10}  {g['goal']:<8}{g['met']!s:<6}{g['measured']}")
+
+
+def _op_table(wall: dict[str, float], cpu: dict[str, float], manager: dict[str, float], phase: str) -> None:
+    floor, cpu_floor = wall["pingpong_multiprocess_connection"], cpu["pingpong_multiprocess_connection"]
+    print(f"\n{phase:<42}{'us/op':>10}{'ops/s':>10}{'x pp':>8}{'cpu us':>9}{'x pp':>8}{'mgr cpu':>9}")
+    for name, value in wall.items():
+        line = f"{name:<42}{value:>10.1f}{1e6 / value:>10.0f}{value / floor:>8.2f}"
+        if name in cpu:
+            line += f"{cpu[name]:>9.1f}{cpu[name] / cpu_floor:>8.2f}"
+        if name in manager:
+            line += f"{manager[name]:>9.1f}"
+        print(line)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import math
 import time
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -351,6 +352,46 @@ def test_the_manager_refuses_a_far_future_time_sent_as_raw_json(store: shmstore.
     with pytest.raises(ValidationError):  # an int past 64 bits is not even parsed
         raw.call("set", b'{"id":"s","working_dir":"/","since":1' + b"0" * 400 + b"}", None)
     assert store.revision() == 0
+
+
+_ENTRY = {"timestamp": 100.0, "from": "working", "to": "attention", "duration": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"history": [{**_ENTRY, "to": "asleep"}]}, "history.to"),
+        ({"history": [{**_ENTRY, "timestamp": -1.0}]}, "history.timestamp"),
+        ({"history": [{**_ENTRY, "duration": float("inf")}]}, "history.duration"),  # orjson writes it as null
+        ({"history": [_ENTRY, {"timestamp": 1.0, "from": "working", "to": "closed"}]}, "history[]"),
+        ({"history": [_ENTRY] * 11}, "history"),  # past this store's max_history
+        ({"pid_start": 5}, "pid_start"),
+        ({"pid": 0}, "pid"),
+        ({"closed_reason": "why"}, "closed_reason"),
+        ({"closed": True}, "closed"),
+        ({"api_usage": {"input_tokens": -1, "output_tokens": 0}}, "api_usage.input_tokens"),
+        ({"stale": 1}, "stale"),
+        ({"revision": True}, "revision"),
+        ({"working_dir": "relative"}, "working_dir"),
+        ({"agent_type": "vim"}, "agent_type"),
+        ({"session_id": ""}, "session_id"),
+        ({"id": "x" * 33}, "id"),  # past this store's max_id_length
+    ],
+)
+def test_a_raw_set_with_one_bad_field_is_refused_and_changes_nothing(
+    start_server: Callable[..., shmstore.ServerProcess], change: dict[str, object], field: str
+) -> None:
+    server = start_server(max_history=10, max_id_length=32)
+    with shmstore.connect(server.address, server.authkey) as store, RawStore(server.address, server.authkey) as raw:
+        good = orjson.loads(
+            store.set(make_session("s1", history=(StateTransition(100.0, "working", "attention", 1.0),))).to_json()
+        )
+        before = snapshot(store)
+        with pytest.raises(ValidationError) as info:
+            raw.call("set", orjson.dumps({**good, **change}), None)
+        assert info.value.field == field, info.value
+        assert snapshot(store) == before
+        assert store.get("s1") == session_from_store(orjson.dumps(good))
 
 
 def test_the_command_line_can_neither_store_nor_trip_over_far_times(server: shmstore.ServerProcess) -> None:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
+from collections.abc import Callable
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shmstore import AgentType, ApiUsage, Session, StateTransition, Status, ValidationError
 from shmstore.checks import MAX_ID_LENGTH, MAX_TOKENS
-from shmstore.model import session_from_store
+from shmstore.model import restamped, session_from_store, session_record
 from shmstore.store import add_usage_record, transition_record
 
 
@@ -212,3 +217,96 @@ def test_fast_decoding_falls_back_to_validation_on_a_malformed_reply() -> None:
     data["status"] = "sleeping"
     with pytest.raises(ValidationError, match="status"):
         session_from_store(data)
+
+
+# -- the manager's one-pass check agrees with the model ---------------------------------------
+
+_junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**65), max_value=2**65),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+
+
+def _mostly(good: st.SearchStrategy[object], bad: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    """``good`` four times in five: deep fields are only reached past good earlier ones."""
+    return st.integers(0, 4).flatmap(lambda roll: bad if roll == 0 else good)
+
+
+_statuses = _mostly(st.sampled_from(["working", "attention", "question", "closed"]), _junk)
+_times = _mostly(
+    st.one_of(st.floats(min_value=0, max_value=2e9), st.integers(min_value=0, max_value=2**40)),
+    st.one_of(st.floats(min_value=-1), st.floats(min_value=1e10), _junk),
+)
+_entry = _mostly(
+    st.fixed_dictionaries({"timestamp": _times, "from": _statuses, "to": _statuses, "duration": _times}),
+    st.one_of(st.fixed_dictionaries({"timestamp": _times, "from": _statuses}), _junk),
+)
+_session_json = st.fixed_dictionaries(
+    {
+        "id": _mostly(st.just("s1"), st.one_of(st.sampled_from(["", "a\nb", "x" * 300]), _junk)),
+        "working_dir": _mostly(st.just("/home/dev"), st.one_of(st.sampled_from(["relative", "/a\x00b"]), _junk)),
+        "since": _times,
+    },
+    optional={
+        "status": _statuses,
+        "agent_type": _mostly(st.just("claude_code"), _junk),
+        "last_activity": _mostly(st.none(), _times),
+        "history": _mostly(st.lists(_entry, max_size=3), _junk),
+        "api_usage": _mostly(
+            st.one_of(st.none(), st.fixed_dictionaries({"input_tokens": _times, "output_tokens": _times})),
+            st.one_of(st.fixed_dictionaries({"input_tokens": _times}), _junk),
+        ),
+        "closed": _mostly(st.booleans(), _junk),
+        "stale": _mostly(st.booleans(), _junk),
+        "session_id": _mostly(st.just("resume"), _junk),
+        "pid": _mostly(st.integers(min_value=1, max_value=2**31 - 1), st.one_of(st.sampled_from([0, 2**31]), _junk)),
+        "pid_start": _mostly(st.integers(min_value=0, max_value=2**63 - 1), st.one_of(st.just(-1), _junk)),
+        "revision": _mostly(st.integers(min_value=0, max_value=2**63 - 1), st.one_of(st.just(2**64 - 1), _junk)),
+        "closed_reason": _mostly(st.just("session_end:logout"), st.one_of(st.sampled_from(["", "a\tb"]), _junk)),
+    },
+)
+
+
+def _outcome(decode: Callable[[bytes], dict[str, object]], data: bytes) -> tuple[str, object]:
+    try:
+        return "ok", orjson.dumps(decode(data))
+    except ValidationError as exc:  # the clock's bound, read at each call, may have moved on
+        return "refused", (exc.field, re.sub(r"\d+\.\d{3} \(a day past", "T (a day past", str(exc)))
+
+
+@settings(max_examples=600, deadline=None)
+@given(fields=_session_json)
+def test_the_managers_one_pass_check_accepts_and_refuses_exactly_what_the_model_does(
+    fields: dict[str, object],
+) -> None:
+    data = json.dumps(fields).encode()
+    assert _outcome(session_record, data) == _outcome(lambda d: Session.from_json(d).to_dict(), data)
+
+
+def test_the_one_pass_check_holds_the_id_to_the_stores_limit() -> None:
+    data = make_json(id="x" * 20)
+    assert session_record(data, max_id_length=20)["id"] == "x" * 20
+    with pytest.raises(ValidationError) as refused:
+        session_record(make_json(id="x" * 21), max_id_length=20)
+    assert refused.value.field == "id"
+
+
+def test_the_one_pass_check_gives_what_the_model_encodes() -> None:
+    data = full_session().to_json()
+    assert orjson.dumps(session_record(data)) == data
+
+
+def test_restamped_changes_only_revision_and_pid_start() -> None:
+    session = dataclasses.replace(full_session(), pid=42)
+    stamped = restamped(session, 9, 1234)
+    assert stamped == dataclasses.replace(session, revision=9, pid_start=1234)
+    assert (session.revision, session.pid_start) == (7, None)  # the original is untouched
+
+
+def make_json(**fields: object) -> bytes:
+    return orjson.dumps({"working_dir": "/home/dev", "since": 100.0, **fields})

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from pathlib import Path
 
+import orjson
 import pytest
 from helpers import RawStore, StartServer, make_session, snapshot
 
@@ -196,3 +198,82 @@ def test_history_is_bounded_by_max_history(start_server: StartServer) -> None:
         for status in ["attention", "working", "question", "working", "closed"]:
             result = store.transition("s", status)
         assert [h.to for h in result.history] == [Status.QUESTION, Status.WORKING, Status.CLOSED]
+
+
+# -- list_all: an unchanged listing costs a comparison; sessions decoded once per revision -------
+
+
+def test_list_all_given_the_callers_current_revision_answers_unchanged(store: shmstore.Client, raw: RawStore) -> None:
+    store.set(make_session("s1"))
+    epoch, revision, index, datas = raw.call("list_all", None, 0)
+    assert (epoch, revision) == (store.info()["epoch"], 1)
+    assert orjson.loads(index) == [["s1"], [1]]
+    assert [Session.from_json(d).id for d in datas] == ["s1"]
+    assert raw.call("list_all", epoch, revision) is None  # unchanged: nothing sent but None
+    assert raw.call("list_all", "another-epoch", revision)[1] == revision  # another store: all of it
+    store.transition("s1", Status.ATTENTION)
+    _, after, index, _ = raw.call("list_all", epoch, revision)
+    assert (after, orjson.loads(index)) == (2, [["s1"], [2]])
+    assert raw.call("list_all") == [store.get("s1").to_json()]  # called bare, as before: the JSON
+
+
+def test_list_all_refuses_a_bad_revision_or_epoch(raw: RawStore) -> None:
+    for args, field in [((None, -1), "revision"), ((None, True), "revision"), ((7, 0), "epoch")]:
+        with pytest.raises(ValidationError) as info:
+            raw.call("list_all", *args)
+        assert info.value.field == field
+
+
+def test_list_all_returns_the_new_session_after_an_update_of_the_same_size(store: shmstore.Client) -> None:
+    store.set(make_session("s1", working_dir="/src/one", since=100.0))  # a fixed time: a fixed size
+    other = store.set(make_session("s2"))
+    [first, kept] = store.list_all()
+    updated = store.set(make_session("s1", working_dir="/src/two", since=100.0))
+    assert len(updated.to_json()) == len(first.to_json())
+    [now, still] = store.list_all()
+    assert now == updated
+    assert now.working_dir == "/src/two"
+    assert still is kept  # unchanged (id, revision): the value decoded before
+    assert kept == other
+
+
+def test_list_all_unchanged_hands_out_the_same_sessions_in_a_new_list(store: shmstore.Client) -> None:
+    store.set(make_session("s1"))
+    first = store.list_all()
+    again = store.list_all()
+    assert again == first
+    assert again is not first  # the caller may change its list
+    assert again[0] is first[0]
+    again.clear()
+    assert store.list_all() == first
+
+
+def test_list_all_after_a_manager_restart_lists_the_new_managers_sessions(start_server: StartServer) -> None:
+    server = start_server("r.sock")
+    client = shmstore.connect(server.address, server.authkey)
+    try:
+        client.set(make_session("s1", working_dir="/old"))
+        assert [s.working_dir for s in client.list_all()] == ["/old"]
+        server.stop()
+        server = start_server("r.sock", server.authkey)  # a new epoch at the same address
+        client.set(make_session("s1", working_dir="/new"))  # the same id at the same revision, 1
+        assert [s.working_dir for s in client.list_all()] == ["/new"]
+    finally:
+        client.close()
+
+
+class _StoreBeforeListings(shmstore.Store):
+    """A manager's store from before ``list_all`` took the caller's epoch and revision."""
+
+    def list_all(self) -> list[bytes]:  # type: ignore[override]
+        return super().list_all()
+
+
+def test_list_all_works_with_a_manager_from_before_listings(sock_dir: Path) -> None:
+    with (
+        shmstore.start_server(sock_dir / "old.sock", store=_StoreBeforeListings()) as server,
+        shmstore.connect(server.address, server.authkey) as store,
+    ):
+        store.set(make_session("s1"))
+        assert [s.id for s in store.list_all()] == ["s1"]
+        assert [s.id for s in store.list_all()] == ["s1"]

@@ -172,3 +172,33 @@ def test_every_change_carries_the_session_as_it_is_after_it(kind: EventKind) -> 
     last = orjson.loads(store.changes(store.revision() - 1))["events"][-1]
     assert last["kind"] == kind.value
     assert last["session"] == record(store.get("a"))
+
+
+def listed(store: Store) -> tuple[list[str], list[int], list[bytes]]:
+    reply = store.list_all(None, 0)
+    assert reply is not None
+    ids, revisions = orjson.loads(reply[2])
+    return ids, revisions, reply[3]
+
+
+def test_the_cached_listing_follows_every_change() -> None:
+    store = Store()
+    for id in "abc":
+        store.set(make_session(id).to_json())
+    assert listed(store) == (["a", "b", "c"], [1, 2, 3], store.list_all())
+    store.transition("b", Status.ATTENTION)
+    store.remove("c")
+    store.set(make_session("d").to_json())
+    ids, revisions, datas = listed(store)
+    assert (ids, revisions) == (["a", "b", "d"], [1, 4, 6])
+    assert [record(data)["revision"] for data in datas] == revisions
+    assert datas == store.list_all()
+    assert store.list_all(store.epoch, store.revision()) is None
+
+
+def test_a_restore_that_keeps_the_revision_is_listed() -> None:
+    store = Store()
+    assert listed(store) == ([], [], [])  # cached at revision 0
+    assert store.restore(0, [make_session("a")], []) == []
+    assert store.revision() == 0  # the sessions changed; the revision did not
+    assert listed(store)[0] == ["a"]
