@@ -137,7 +137,9 @@ def read(path: Path) -> Saved | None:
 def write(path: Path, data: bytes) -> None:
     """Replace the file at ``path`` with ``data`` atomically and durably (mode 0600): a
     temporary file beside it, fsynced, renamed over it, and the directory fsynced. The
-    directory is made (0700) if missing."""
+    directory is made (0700) if missing. A symlink stays one: the file it points to is
+    replaced (renaming over the link itself left the target stale and the link gone)."""
+    path = Path(os.path.realpath(path))
     directory = path.parent
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)  # mode 0600

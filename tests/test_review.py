@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,28 @@ def test_a_users_command_that_runs_ours_among_others_is_theirs_and_kept(tmp_path
         assert result.returncode == 0, result.stderr
     kept = json.loads(settings.read_text())["hooks"]["Stop"]
     assert [h["command"] for g in kept for h in g["hooks"]] == [theirs]
+
+
+def test_a_symlinked_state_file_stays_a_symlink_and_its_target_gets_the_sessions(sock_dir: Path) -> None:
+    (sock_dir / "real").mkdir()
+    link = sock_dir / "state.json"
+    link.symlink_to(sock_dir / "real" / "state.json")
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "shmstore", "serve", "--address", str(sock_dir / "s.sock"), "--state", str(link)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (sock_dir / "s.sock.key").exists():
+            assert time.monotonic() < deadline
+            assert proc.poll() is None
+            time.sleep(0.02)
+        with shmstore.connect(sock_dir / "s.sock", timeout=10) as store:
+            store.report("abc", "attention", "/tmp")
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert link.is_symlink()
+    assert b'"abc"' in (sock_dir / "real" / "state.json").read_bytes()
