@@ -41,14 +41,21 @@ def hook_command(address: str | None = None) -> str:
     return command if address is None else f"{command} --address {shlex.quote(address)}"
 
 
+_OPERATOR_CHARS = frozenset("();<>|&")
+
+
 def is_ours(command: object) -> bool:
     """Is ``command`` a shmstore hook command (any interpreter, any options)?"""
     if not isinstance(command, str):
         return False
     try:
-        words = shlex.split(command)
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
     except ValueError:
         return False
+    if any(word and set(word) <= _OPERATOR_CHARS for word in words):
+        return False  # a user's command line that runs ours among others (`;`, `&&`, `|`, `>`) is theirs
     if len(words) >= 2 and os.path.basename(words[0]) == "shmstore" and words[1] == "hook":
         return True
     return any(words[i : i + 3] == ["-m", "shmstore", "hook"] for i in range(len(words) - 2))

@@ -152,6 +152,9 @@ def agent_pid() -> int:
 #: The longest `shmstore hook` may take, counted from the start of its process (the
 #: interpreter's start-up included): an agent waits for its hooks.
 HOOK_DEADLINE = 0.9
+#: The longest ``--timeout`` honoured (an hour: far more than any agent waits for a hook),
+#: so that ``inf`` or ``1e300`` still make a timer ``setitimer`` takes.
+MAX_BUDGET = 3600.0
 
 
 class _DeadlineError(Exception):
@@ -182,6 +185,8 @@ def run_hook(
     value; default: read from /proc), and say why on stderr and in the failure log
     (:func:`failure_log_path`): a status display must never block or fail the agent, nor
     fail without a trace. The deadline is also a SIGALRM timer, so it cuts short a hung read."""
+    # A budget of inf or 1e300 made setitimer raise OverflowError: the hook crashed, exit 1.
+    budget = min(budget, MAX_BUDGET) if budget == budget else HOOK_DEADLINE  # nan: the default
     deadline = process_started(time.monotonic() if started is None else started) + budget
     previous = signal.signal(signal.SIGALRM, _expire)
     signal.setitimer(signal.ITIMER_REAL, max(0.001, deadline - time.monotonic()))
@@ -200,7 +205,8 @@ def run_hook(
     finally:
         signal.signal(signal.SIGALRM, previous)
     if failure is not None:
-        print(f"shmstore hook: not reported ({failure}); the agent carries on", file=sys.stderr)
+        with contextlib.suppress(OSError):  # a closed stderr must not turn into exit code 1
+            print(f"shmstore hook: not reported ({failure}); the agent carries on", file=sys.stderr, flush=True)
         note_failure(event, session, failure)
     return 0
 

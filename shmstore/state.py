@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Sequence
@@ -113,12 +114,21 @@ def read(path: Path) -> Saved | None:
     """The state file at ``path``, or None if there is none; StateFileError if it cannot
     be read or is not a state file we can restore."""
     try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_STATE_BYTES + 1)
+        # O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer
+        # came, before the manager handles any signal (it hung, deaf to SIGTERM).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):  # none yet (write() will say if it cannot be made)
         return None
     except OSError as exc:
         raise StateFileError(path, f"cannot be read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StateFileError(path, "is not a regular file")
+    with open(fd, "rb") as file:
+        try:
+            data = file.read(MAX_STATE_BYTES + 1)
+        except OSError as exc:
+            raise StateFileError(path, f"cannot be read: {exc.strerror or exc}") from None
     if len(data) > MAX_STATE_BYTES:
         raise StateFileError(path, f"is larger than {MAX_STATE_BYTES} bytes, more than a store holds")
     return decode(data, path)
@@ -127,7 +137,9 @@ def read(path: Path) -> Saved | None:
 def write(path: Path, data: bytes) -> None:
     """Replace the file at ``path`` with ``data`` atomically and durably (mode 0600): a
     temporary file beside it, fsynced, renamed over it, and the directory fsynced. The
-    directory is made (0700) if missing."""
+    directory is made (0700) if missing. A symlink stays one: the file it points to is
+    replaced (renaming over the link itself left the target stale and the link gone)."""
+    path = Path(os.path.realpath(path))
     directory = path.parent
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)  # mode 0600
