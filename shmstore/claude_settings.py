@@ -18,11 +18,13 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .atomic import replace_file
 from .errors import ValidationError
 from .hooks import EVENT_STATUS
 
@@ -191,14 +193,9 @@ def _read(path: Path) -> str:
 def _write(path: Path, before: str, after: str) -> Path | None:
     """Write ``after`` to the file ``path`` is (through a symlink), atomically; returns the
     backup of ``before``, if there was a file."""
-    target = Path(os.path.realpath(path))
-    target.parent.mkdir(parents=True, exist_ok=True)
     backup = _backup(path) if before else None
-    temporary = target.with_name(f".{target.name}.shmstore-tmp")
-    temporary.write_text(after)
-    if before:
-        shutil.copymode(target, temporary)
-    os.replace(temporary, target)
+    mode = stat.S_IMODE(os.stat(path).st_mode) if before else 0o644  # an existing file keeps its mode
+    replace_file(path, after.encode("utf-8"), mode)
     return backup
 
 

@@ -16,6 +16,7 @@ the plain values of :class:`shmstore.model.Status`, a ``StrEnum`` they compare e
 
 from __future__ import annotations
 
+import contextlib  # imported by `python -m` itself (runpy): free
 import json
 import os
 import sys

@@ -21,11 +21,9 @@ anything.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from .atomic import replace_file
 from .errors import ShmstoreError
 from .model import Session, Status
 
@@ -135,39 +134,9 @@ def read(path: Path) -> Saved | None:
 
 
 def write(path: Path, data: bytes) -> None:
-    """Replace the file at ``path`` with ``data`` atomically and durably (mode 0600): a
-    temporary file beside it, fsynced, renamed over it, and the directory fsynced. The
-    directory is made (0700) if missing. A symlink stays one: the file it points to is
-    replaced (renaming over the link itself left the target stale and the link gone)."""
-    path = Path(os.path.realpath(path))
-    directory = path.parent
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename itself is done
-    finally:
-        os.close(fd)
+    """Replace the file at ``path`` with ``data`` atomically and durably, mode 0600
+    (:func:`shmstore.atomic.replace_file`; a symlink stays one)."""
+    replace_file(path, data)
 
 
 def keep_aside(path: Path) -> Path:
