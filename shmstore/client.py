@@ -30,11 +30,12 @@ import multiprocess
 from multiprocess import managers
 
 from . import address as addr
-from . import wire
+from . import segment, wire
 from .checks import MAX_WAIT
 from .errors import ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
 from .feed import Changes, Event, EventKind, Snapshot
 from .model import AgentType, Session, Status, check_status, session_from_store
+from .shared import SharedReads
 from .store import WRITES
 
 DEFAULT_TIMEOUT = wire.DEFAULT_TIMEOUT
@@ -167,7 +168,11 @@ def _thread_name() -> str:
 class Client:
     """Operations on the sessions of one manager. Safe to share between threads.
 
-    Every method is one round trip and one atomic operation in the manager. Errors are
+    Every method is one round trip and one atomic operation in the manager, but for the
+    reads ``get``, ``list_all`` and ``snapshot``, which with ``shared_memory`` (the default,
+    on a unix socket, on x86-64 Linux: :func:`shmstore.segment.supported`) come from the
+    manager's shared segment with no round trip, and are the same atomic answers (see
+    :mod:`shmstore.shared`); ``shared_memory=False`` never maps it. Errors are
     ours: :class:`ValidationError` for bad input (the store is left as it was),
     :class:`NotFoundError` for an unknown id, :class:`ConflictError` for a stale expected
     revision, :class:`StoreUnavailableError` when the manager cannot be reached in time.
@@ -179,9 +184,12 @@ class Client:
         authkey: bytes | str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        shared_memory: bool = True,
     ) -> None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise ValidationError("timeout", f"must be a positive number of seconds; got {timeout!r}")
+        if not isinstance(shared_memory, bool):
+            raise ValidationError("shared_memory", f"must be true or false, not {type(shared_memory).__name__}")
         self.address = addr.resolve(address)
         self.timeout = float(timeout)
         self._authkey = None if authkey is None else addr.as_key(authkey)
@@ -190,6 +198,8 @@ class Client:
         self._proxy_lock = threading.Lock()  # guards _proxy
         self._decoded: dict[bytes, Session] = {}
         self._requests = threading.local()  # this thread's request token and number
+        unix = isinstance(self.address, str)
+        self._shared = SharedReads(self._connect, self.timeout) if shared_memory and unix and segment.supported() else None
 
     def __repr__(self) -> str:
         return f"<shmstore.Client address={addr.format_address(self.address)!r}>"
@@ -214,6 +224,8 @@ class Client:
             proxy, self._proxy = self._proxy, None
         if proxy is not None:
             proxy.close()
+        if self._shared is not None:
+            self._shared.close()
 
     def _forget_if_forked(self) -> None:
         """In a forked child, start afresh: the lock may have been held by a thread that
@@ -257,6 +269,11 @@ class Client:
         # saying goodbye can then never make the manager drop its store.
         token = managers.Token("store", self.address, ident)
         return StoreProxy(token, wire.SERIALIZER, authkey=key, exposed=exposed, incref=False)
+
+    def _connect(self, deadline: float) -> wire.Connection:
+        """A connection of its own to this client's manager, authenticated (SharedReads')."""
+        proxy = self._get_proxy(deadline)
+        return wire.Client(self.address, authkey=bytes(proxy._authkey), timeout=_left(deadline))
 
     def _call(self, method: str, *args: Any, wait: float = 0.0) -> Any:
         """One call, tried once more on a fresh connection if its connection failed or
@@ -319,6 +336,10 @@ class Client:
 
     def get(self, id: str) -> Session | None:
         """The live session with ``id``, else a recently closed one, else None."""
+        if self._shared is not None and type(id) is str:
+            session = self._shared.get(id)
+            if session is not None:
+                return session
         data = self._call("get", id)
         return None if data is None else self._session(data)
 
@@ -339,7 +360,10 @@ class Client:
         return None if data is None else session_from_store(data)
 
     def list_all(self) -> list[Session]:
-        """Every live session (closed ones are in :meth:`recently_closed`)."""
+        """Every live session (closed ones are in :meth:`recently_closed`), in no set order."""
+        listed = None if self._shared is None else self._shared.list_all()
+        if listed is not None:
+            return listed
         return [self._session(data) for data in self._call("list_all")]
 
     def transition(self, id: str, status: Status | str) -> Session:
@@ -400,6 +424,9 @@ class Client:
     def snapshot(self) -> Snapshot:
         """Every session with the revision they are at, taken atomically: the point a
         subscriber starts following :meth:`changes` from."""
+        taken = None if self._shared is None else self._shared.snapshot()
+        if taken is not None:
+            return taken
         return Snapshot.from_json(self._call("snapshot"))
 
     def changes(
@@ -719,11 +746,13 @@ def connect(
     authkey: bytes | str | None = None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    shared_memory: bool = True,
 ) -> Client:
-    """Connect to the manager at ``address`` (default: the per-user socket).
+    """Connect to the manager at ``address`` (default: the per-user socket); ``shared_memory``
+    is :class:`Client`'s.
 
     The authkey defaults to ``$SHMSTORE_AUTHKEY``, else the key file beside the socket.
     Raises :class:`StoreUnavailableError` or :class:`AuthKeyError` at once if the
     manager cannot be used, rather than at the first call.
     """
-    return Client(address, authkey, timeout=timeout).connect()
+    return Client(address, authkey, timeout=timeout, shared_memory=shared_memory).connect()

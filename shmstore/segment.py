@@ -431,10 +431,11 @@ class Reader(_Map):
         raise SegmentBusyError(f"slot {slot} was being written for {SPINS} tries")
 
 
-def send_segment(sock: socket.socket, segment: Segment) -> None:
-    """Send ``segment``'s fd (SCM_RIGHTS) with a 32-byte hello, as one message of its own."""
+def send_segment(sock: socket.socket, segment: Segment, fd: int | None = None) -> None:
+    """Send ``segment``'s fd (SCM_RIGHTS; or ``fd``, a duplicate of it) with a 32-byte hello,
+    as one message of its own."""
     hello = _HELLO.pack(MAGIC, VERSION, segment.epoch, segment.generation, segment.size)
-    sent = socket.send_fds(sock, [hello], [segment.fd])
+    sent = socket.send_fds(sock, [hello], [segment.fd if fd is None else fd])
     sock.sendall(hello[sent:])
 
 

@@ -40,7 +40,7 @@ import multiprocess
 from multiprocess import managers
 
 from . import address as addr
-from . import procs, state, wire
+from . import procs, segment, state, wire
 from .config import ServeOptions, changed
 from .errors import AddressInUseError, AuthKeyError, ShmstoreError, StoreUnavailableError, ValidationError
 from .store import EXPOSED, Store
@@ -62,8 +62,9 @@ class _Dispatcher(managers.Server):
     failing ``accept`` backs off instead of spinning.
     """
 
-    def __init__(self, *args: Any, options: ServeOptions) -> None:
+    def __init__(self, *args: Any, store: Store, options: ServeOptions) -> None:
         super().__init__(*args)
+        self.store = store
         self.options = options
         self._slots = threading.BoundedSemaphore(options.max_connections)
         # Guards _open, the connections being served now (for info()).
@@ -99,7 +100,7 @@ class _Dispatcher(managers.Server):
                 wire.handshake_as_server(conn, self.authkey)
                 request = conn.recv()
                 _, name, args, kwds = request
-                if name not in ("create", "accept_connection"):
+                if name not in ("create", "accept_connection", "segment"):
                     raise AuthKeyError(f"first request {name!r} is not one a client makes")
                 # This thread serves this one client: what the store needs to know of it.
                 procs.caller.same_pid_namespace = procs.peer_same_pid_namespace(conn.fileno())
@@ -108,6 +109,8 @@ class _Dispatcher(managers.Server):
                 return
             if name == "accept_connection":
                 self.accept_connection(conn, *args)  # replies, then serves this client's calls
+            elif name == "segment":
+                self._share_segment(conn)
             else:
                 conn.send(("#RETURN", self.create(conn, *args, **kwds)))
         except SystemExit:
@@ -119,6 +122,25 @@ class _Dispatcher(managers.Server):
             with self._open_lock:
                 self._open -= 1
             self._slots.release()
+
+    def _share_segment(self, conn: wire.Connection) -> None:
+        """Reply whether a segment follows, send it (its fd, SCM_RIGHTS: only on a unix
+        socket, never TCP), then keep the connection open, idle, until the client closes it:
+        the client polls it to know that this manager is alive before it trusts the segment."""
+        with contextlib.ExitStack() as closing:
+            shared = self.store.shared_segment() if _is_unix(conn) else None
+            if shared is not None:
+                closing.callback(os.close, shared[0])
+            conn.send(("#RETURN", shared is not None))
+            if shared is not None:
+                sock = socket.socket(fileno=conn.fileno())
+                try:
+                    segment.send_segment(sock, shared[1], fd=shared[0])
+                finally:
+                    sock.detach()
+        conn.deadline = None
+        with contextlib.suppress(EOFError):  # the client closed it; anything it sends ends it too
+            conn.recv()
 
     def accept_connection(self, conn: wire.Connection, name: str) -> None:
         conn.deadline = None  # authenticated: a client may stay idle as long as it likes
@@ -141,8 +163,33 @@ def _dispatcher(store: Store, address: wire.Address, authkey: bytes, options: Se
         address,
         authkey,
         wire.SERIALIZER,
+        store=store,
         options=options,
     )
+
+
+def _is_unix(conn: wire.Connection) -> bool:
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        return sock.family == socket.AF_UNIX
+    finally:
+        sock.detach()
+
+
+#: The slot of one session in the shared segment. A session with the default 20-entry
+#: history, a 36-character id and resume id and a short working dir is 1,962 bytes of JSON
+#: (measured); a slot also holds its id and 24 bytes of header. 2,560 leaves ~500 bytes for
+#: a longer dir; a larger session is marked too big and read over the socket. 10,000 slots
+#: take 25 MiB of address space, but memory only for the slots ever used.
+SLOT_SIZE = 2560
+
+
+def _share(store: Store) -> None:
+    """Keep ``store``'s live sessions in a segment made here, in the manager's process (one
+    made before a fork would be kept alive by the parent), with a slot per possible live
+    session; where the machine cannot read one (see :func:`segment.supported`), nothing."""
+    if segment.supported():
+        store.share(segment.Segment(store.limits.max_sessions, SLOT_SIZE, bytes.fromhex(store.epoch)))
 
 
 def _check_exposure(address: wire.Address, allow_remote: bool) -> None:
@@ -268,6 +315,7 @@ def serve(
             keeper = _StateKeeper(Path(options.state).expanduser(), store) if options.state else None
             if keeper is not None:
                 keeper.restore()
+            _share(store)
             started = time.time()
             store.manager_info = lambda: {
                 "started": started,
@@ -283,6 +331,7 @@ def serve(
             _run(store, stop, keeper, options.save_interval)
         finally:
             dispatcher.listener.close()  # also unlinks the unix socket
+            store.unshare()
             if written is not None:
                 _remove_key(key_file, key, written)
         log.info("stopped serving at %s", addr.format_address(address))
