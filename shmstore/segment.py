@@ -360,6 +360,12 @@ class Reader(_Map):
         found = self._find(id)
         return None if found is None else Record(found[0], found[1], found[2], id, found[4])
 
+    def sequence(self, slot: int) -> int:
+        """Slot ``slot``'s seq now: one even and equal to a record's ``seq`` means that record
+        is still there, unchanged (a decode cache's check, with no copy: ~0.5 µs)."""
+        self._check_state()
+        return int(self._words[(self._slots + slot * self.slot_size) >> 3])
+
     def read_all(self, known: list[int] | None = None) -> Scan:
         """The records of every slot whose seq is not the one in ``known`` (the ``sequences``
         of the caller's last scan; None: every slot), each consistent. ``consistent`` says

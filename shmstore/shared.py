@@ -74,6 +74,7 @@ class SharedReads:
         # once per version of a record (14-25 µs a session, measured: most of a read's cost).
         self._slots: dict[int, tuple[int, Session | None]] = {}  # None: too big for its slot
         self._big: set[int] = set()
+        self._where: dict[str, int] = {}  # id -> the slot it was decoded from (checked at use)
         self._known: list[int] | None = None  # every slot's seq at the last scan
         self._listed: list[Session] | None = None  # _slots' sessions, as of the last scan
 
@@ -87,6 +88,11 @@ class SharedReads:
                 if reader is None:
                     return None
                 try:
+                    slot = self._where.get(id)
+                    cached = None if slot is None else self._slots.get(slot)
+                    if cached is not None and cached[1] is not None and cached[1].id == id:
+                        if reader.sequence(slot) == cached[0]:  # unchanged since decoded: no copy
+                            return cached[1] if self._alive() else None
                     record = reader.read_record(id)
                 except SegmentMovedError:
                     self._detach()
@@ -100,6 +106,7 @@ class SharedReads:
                     return cached[1]
                 session = session_from_store(record.data)
                 self._slots[record.slot] = (record.seq, session)
+                self._where[id] = record.slot
                 return session
             return None
 
@@ -151,6 +158,7 @@ class SharedReads:
                     self._slots[record.slot] = cached
                 else:
                     self._slots[record.slot] = (record.seq, session_from_store(record.data))
+                    self._where[record.id] = record.slot
             self._listed = None
         self._known = scan.sequences
         if self._listed is None:
