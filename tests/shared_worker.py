@@ -26,7 +26,7 @@ def writer(client: shmstore.Client, seconds: float) -> dict[str, int]:
     writes = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        id = IDS[writes % len(IDS)]
+        id = IDS[writes // 2 % len(IDS)]
         status = ("working", "attention", "question")[writes % 3]
         client.report(id, status, "/home/dev/" + "x" * (writes * 131 % 1500), session_id=f"r{writes}")
         client.add_usage(id, writes % 7, 1)
@@ -35,7 +35,14 @@ def writer(client: shmstore.Client, seconds: float) -> dict[str, int]:
 
 
 def reader(client: shmstore.Client, seconds: float) -> dict[str, int]:
-    counts = dict.fromkeys(("reads", "violations"), 0)
+    counts = dict.fromkeys(("reads", "violations", "socket"), 0)
+    call = client._call
+
+    def counted(method: str, *args: object, **kwds: float) -> object:
+        counts["socket"] += method in ("get", "list_all")  # a read the segment did not answer
+        return call(method, *args, **kwds)
+
+    client._call = counted  # type: ignore[method-assign]
     last: dict[str, tuple[int, int, int]] = {}
     deadline = time.monotonic() + seconds
     n = 0
