@@ -199,7 +199,11 @@ class Client:
         self._decoded: dict[bytes, Session] = {}
         self._requests = threading.local()  # this thread's request token and number
         unix = isinstance(self.address, str)
-        self._shared = SharedReads(self._connect, self.timeout) if shared_memory and unix and segment.supported() else None
+        self._shared = (
+            SharedReads(self._connect, self._session, self.timeout)
+            if shared_memory and unix and segment.supported()
+            else None
+        )
 
     def __repr__(self) -> str:
         return f"<shmstore.Client address={addr.format_address(self.address)!r}>"
@@ -626,7 +630,10 @@ class Follower:
         poll: float = 1.0,
         backoff: Backoff | None = None,
     ) -> None:
-        self.client = _OwnClient(client.address, client._authkey, timeout=client.timeout)
+        # Over the socket only, its snapshot too: the connection it long-polls on then exists
+        # from the start, so close() can end a call to a hung manager at once (a connection
+        # still being made cannot be shut down).
+        self.client = _OwnClient(client.address, client._authkey, timeout=client.timeout, shared_memory=False)
         self.backoff = Backoff() if backoff is None else backoff
         self.poll_interval = poll
         #: ``live``, or ``reconnecting`` between a failed call and the next one that works.

@@ -128,7 +128,12 @@ class _Dispatcher(managers.Server):
         socket, never TCP), then keep the connection open, idle, until the client closes it:
         the client polls it to know that this manager is alive before it trusts the segment."""
         with contextlib.ExitStack() as closing:
-            shared = self.store.shared_segment() if _is_unix(conn) else None
+            shared = None
+            if _is_unix(conn) and segment.supported():
+                try:
+                    shared = self.store.shared_segment(_new_segment)
+                except OSError as exc:  # e.g. out of memory: clients read over the socket
+                    log.error("cannot share the sessions in memory: %s", exc)
             if shared is not None:
                 closing.callback(os.close, shared[0])
             conn.send(("#RETURN", shared is not None))
@@ -179,17 +184,20 @@ def _is_unix(conn: wire.Connection) -> bool:
 #: The slot of one session in the shared segment. A session with the default 20-entry
 #: history, a 36-character id and resume id and a short working dir is 1,962 bytes of JSON
 #: (measured); a slot also holds its id and 24 bytes of header. 2,560 leaves ~500 bytes for
-#: a longer dir; a larger session is marked too big and read over the socket. 10,000 slots
-#: take 25 MiB of address space, but memory only for the slots ever used.
+#: a longer dir; a larger session is marked too big and read over the socket.
 SLOT_SIZE = 2560
+#: Slots a new segment has at least; it doubles when full. Sized for max_sessions from the
+#: start, the index alone (16 bytes a slot, touched all over by the hash) took 256 KiB of the
+#: manager's memory with 100 sessions (measured); a doubling at 10,000 sessions copies them
+#: in ~10 ms.
+FIRST_SLOTS = 64
 
 
-def _share(store: Store) -> None:
-    """Keep ``store``'s live sessions in a segment made here, in the manager's process (one
-    made before a fork would be kept alive by the parent), with a slot per possible live
-    session; where the machine cannot read one (see :func:`segment.supported`), nothing."""
-    if segment.supported():
-        store.share(segment.Segment(store.limits.max_sessions, SLOT_SIZE, bytes.fromhex(store.epoch)))
+def _new_segment(live: int, epoch: str) -> segment.Segment:
+    """The segment a store shares, made in the manager's process (one made before a fork
+    would be kept alive by the parent) when the first client asks for it, so that a manager
+    whose clients only write (hooks) never pays for it: room for twice the live sessions."""
+    return segment.Segment(max(FIRST_SLOTS, 2 * live), SLOT_SIZE, bytes.fromhex(epoch))
 
 
 def _check_exposure(address: wire.Address, allow_remote: bool) -> None:
@@ -315,7 +323,6 @@ def serve(
             keeper = _StateKeeper(Path(options.state).expanduser(), store) if options.state else None
             if keeper is not None:
                 keeper.restore()
-            _share(store)
             started = time.time()
             store.manager_info = lambda: {
                 "started": started,

@@ -36,7 +36,7 @@ from multiprocess import managers
 from . import wire
 from .errors import ShmstoreError
 from .feed import Snapshot
-from .model import Session, session_from_store
+from .model import Session
 from .segment import TOO_BIG, Reader, Scan, SegmentBusyError, SegmentMovedError, receive_segment
 
 #: Whole-segment scans tried for one that no change overlapped, before the socket answers.
@@ -49,13 +49,18 @@ _HANG_UP = select.POLLIN | select.POLLRDHUP | select.POLLHUP | select.POLLERR
 class SharedReads:
     """One client's map of the manager's segment and the sessions decoded from it.
 
-    ``connect(deadline)`` opens an authenticated connection to the manager. Safe to share
+    ``connect(deadline)`` opens an authenticated connection to the manager; ``decode`` makes
+    a session of a record's bytes (the client's, whose cache hands out the session it already
+    decoded from the same bytes, e.g. its own write's reply). Safe to share
     between threads: ``_lock`` guards every field (attaching, a read, closing), since a
     map closed under a reading thread would fail it. A process forked from one that used
     it drops its copies of the parent's map and connection, and attaches afresh."""
 
-    def __init__(self, connect: Callable[[float], wire.Connection], timeout: float) -> None:
+    def __init__(
+        self, connect: Callable[[float], wire.Connection], decode: Callable[[bytes], Session], timeout: float
+    ) -> None:
         self._connect = connect
+        self._decode = decode
         self._timeout = timeout
         self._check_sequence = True  # False only to show that the stress test catches torn reads
         self._own()
@@ -88,11 +93,10 @@ class SharedReads:
                 if reader is None:
                     return None
                 try:
-                    slot = self._where.get(id)
-                    cached = None if slot is None else self._slots.get(slot)
-                    if cached is not None and cached[1] is not None and cached[1].id == id:
-                        if reader.sequence(slot) == cached[0]:  # unchanged since decoded: no copy
-                            return cached[1] if self._alive() else None
+                    slot = self._where.get(id, -1)
+                    seq, session = self._slots.get(slot, (-1, None))
+                    if session is not None and session.id == id and reader.sequence(slot) == seq:
+                        return session if self._alive() else None  # unchanged since decoded: no copy
                     record = reader.read_record(id)
                 except SegmentMovedError:
                     self._detach()
@@ -104,7 +108,7 @@ class SharedReads:
                 cached = self._slots.get(record.slot)
                 if cached is not None and cached[0] == record.seq and cached[1] is not None:
                     return cached[1]
-                session = session_from_store(record.data)
+                session = self._decode(record.data)
                 self._slots[record.slot] = (record.seq, session)
                 self._where[id] = record.slot
                 return session
@@ -157,7 +161,7 @@ class SharedReads:
                 elif cached is not None and cached[0] == record.seq and cached[1] is not None:
                     self._slots[record.slot] = cached
                 else:
-                    self._slots[record.slot] = (record.seq, session_from_store(record.data))
+                    self._slots[record.slot] = (record.seq, self._decode(record.data))
                     self._where[record.id] = record.slot
             self._listed = None
         self._known = scan.sequences

@@ -425,7 +425,7 @@ class Store:
     def share(self, segment: Segment) -> None:
         """Keep the live sessions in ``segment`` too, from now on: each change is written
         there under the lock, before its reply (see :mod:`shmstore.segment`). The serving
-        manager makes the segment in its own process and calls this before clients connect."""
+        manager makes the segment in its own process, when a client first asks for it."""
         with self._lock:
             if self._segment is not None:
                 raise ValidationError("segment", "this store already shares one")
@@ -441,11 +441,15 @@ class Store:
             if segment is not None:
                 segment.close()
 
-    def shared_segment(self) -> tuple[int, Segment] | None:
-        """A duplicate of the segment's fd, and the segment (for its hello), or None. The
-        caller sends the fd (without the lock: a client that does not read must not stall
-        the store) and closes it; the duplicate stays valid whatever a grow does meanwhile."""
+    def shared_segment(self, make: Callable[[int, str], Segment] | None = None) -> tuple[int, Segment] | None:
+        """A duplicate of the segment's fd, and the segment (for its hello), or None. With
+        ``make`` (given how many sessions are live and the epoch, a new segment), one is made and shared
+        if there is none. The caller sends the fd (without the lock: a client that does not
+        read must not stall the store) and closes it; the duplicate stays valid whatever a
+        grow does meanwhile."""
         with self._lock:
+            if self._segment is None and make is not None:
+                self.share(make(len(self._sessions), self.epoch))
             segment = self._segment
             return None if segment is None else (os.dup(segment.fd), segment)
 

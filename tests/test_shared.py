@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from helpers import PYTHON, StartServer, make_session
+from multiprocess import managers
 
 import shmstore
 from shmstore import segment, wire
 from shmstore.errors import NotFoundError
-from multiprocess import managers
 
 pytestmark = pytest.mark.skipif(not segment.supported(), reason="shared reads need x86-64 Linux with memfd sealing")
 
@@ -75,20 +75,26 @@ def test_reads_from_shared_memory_equal_reads_over_the_socket_after_every_write(
             except (NotFoundError, shmstore.StoreFullError):
                 pass
             same_views(shm, sock, ids)
-        assert shm._shared is not None and shm._shared._reader is not None
+        assert shm._shared is not None
+        assert shm._shared._reader is not None
     assert not mapped()
 
 
-def test_readers_follow_the_segment_when_the_manager_grows_it(start_server: StartServer) -> None:
-    server = start_server(max_sessions=4)
-    with shmstore.Client(server.address, server.authkey) as client:
-        for n in range(40):  # each id removed leaves a tombstone in the index, until it grows
+def test_readers_follow_the_segment_when_the_manager_grows_it(server: shmstore.ServerProcess) -> None:
+    with (
+        shmstore.Client(server.address, server.authkey) as client,
+        shmstore.Client(server.address, server.authkey, shared_memory=False) as sock,
+    ):
+        for n in range(150):  # past the first segment's 64 slots; removals leave tombstones
             written = client.report(f"s{n}", "working", "/p")
-            assert client.get(f"s{n}") == written and client.list_all() == [written]
-            client.remove(f"s{n}")
-        assert client._shared is not None and client._shared._reader is not None
+            assert client.get(f"s{n}") == written
+            if n % 3:
+                client.remove(f"s{n}")
+        assert client._shared is not None
+        assert client._shared._reader is not None
         assert client._shared._reader.generation > 0
-        assert client.list_all() == [] and client.get("s0") is None
+        assert sorted(client.list_all(), key=lambda s: s.id) == sorted(sock.list_all(), key=lambda s: s.id)
+        assert len(client.list_all()) == 50
 
 
 def test_a_client_reads_its_own_writes_from_shared_memory(store: shmstore.Client) -> None:
@@ -97,7 +103,8 @@ def test_a_client_reads_its_own_writes_from_shared_memory(store: shmstore.Client
         assert store.get("s1") == written
         assert store.list_all() == [written]
         assert store.snapshot().revision == written.revision
-    assert store._shared is not None and store._shared._reader is not None
+    assert store._shared is not None
+    assert store._shared._reader is not None
     assert mapped()
 
 
@@ -137,7 +144,9 @@ def test_after_the_manager_is_killed_reads_raise_instead_of_answering_stale_sess
     server = start_server()
     with shmstore.Client(server.address, server.authkey, timeout=2) as client:
         client.report("s1", "working", "/p")
-        assert client.get("s1") is not None and client._shared is not None and client._shared._reader is not None
+        assert client.get("s1") is not None
+        assert client._shared is not None
+        assert client._shared._reader is not None
         os.kill(server.pid, signal.SIGKILL)
         server.process.join(10)
         for read in (lambda: client.get("s1"), client.list_all, client.snapshot):
@@ -150,7 +159,9 @@ def test_closing_a_client_leaves_no_fd_no_map_and_nothing_in_dev_shm(server: shm
     names, fds = sorted(os.listdir("/dev/shm")), len(os.listdir("/proc/self/fd"))
     with shmstore.Client(server.address, server.authkey) as client:
         client.report("s1", "working", "/p")
-        assert client.get("s1") is not None and client.list_all() and mapped()
+        assert client.get("s1") is not None
+        assert client.list_all()
+        assert mapped()
     assert len(os.listdir("/proc/self/fd")) == fds
     assert not mapped()
     assert sorted(os.listdir("/dev/shm")) == names
@@ -165,7 +176,9 @@ def test_a_recently_closed_session_is_read_over_the_socket(store: shmstore.Clien
 def test_a_client_without_shared_memory_never_maps_the_segment(server: shmstore.ServerProcess) -> None:
     with shmstore.Client(server.address, server.authkey, shared_memory=False) as client:
         client.report("s1", "working", "/p")
-        assert client.get("s1") is not None and client.list_all() and client.snapshot().sessions
+        assert client.get("s1") is not None
+        assert client.list_all()
+        assert client.snapshot().sessions
         assert client._shared is None
         assert not mapped()
 
@@ -178,8 +191,10 @@ def test_a_tcp_client_reads_over_the_socket_and_the_manager_never_sends_the_segm
     try:
         with shmstore.Client(tcp.address, tcp.authkey) as client:
             client.report("s1", "working", "/p")
-            assert client.get("s1") is not None and client.list_all()
-            assert client._shared is None and not mapped()
+            assert client.get("s1") is not None
+            assert client.list_all()
+            assert client._shared is None
+            assert not mapped()
         conn = wire.Client(tcp.address, authkey=tcp.authkey, timeout=10)
         try:
             assert managers.dispatch(conn, None, "segment", ()) is False
