@@ -23,6 +23,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -199,11 +200,13 @@ class Client:
         self._decoded: dict[bytes, Session] = {}
         self._requests = threading.local()  # this thread's request token and number
         unix = isinstance(self.address, str)
-        self._shared = (
-            SharedReads(self._connect, self._session, self.timeout)
-            if shared_memory and unix and segment.supported()
-            else None
-        )
+        self._shared = None
+        if shared_memory and unix and segment.supported():
+            # Weakly: a client dropped without close() is then freed (its connections closed)
+            # at once, as before, instead of at the cyclic collector's next pass.
+            self._shared = SharedReads(
+                weakref.WeakMethod(self._connect), weakref.WeakMethod(self._session), self.timeout
+            )
 
     def __repr__(self) -> str:
         return f"<shmstore.Client address={addr.format_address(self.address)!r}>"

@@ -49,15 +49,20 @@ _HANG_UP = select.POLLIN | select.POLLRDHUP | select.POLLHUP | select.POLLERR
 class SharedReads:
     """One client's map of the manager's segment and the sessions decoded from it.
 
-    ``connect(deadline)`` opens an authenticated connection to the manager; ``decode`` makes
-    a session of a record's bytes (the client's, whose cache hands out the session it already
-    decoded from the same bytes, e.g. its own write's reply). Safe to share
+    ``connect()(deadline)`` opens an authenticated connection to the manager; ``decode()``
+    makes a session of a record's bytes (the client's, whose cache hands out the session it
+    already decoded from the same bytes, e.g. its own write's reply). Both are the client's
+    methods, held weakly (``weakref.WeakMethod``), so the client is never kept alive by a
+    reference cycle. Safe to share
     between threads: ``_lock`` guards every field (attaching, a read, closing), since a
     map closed under a reading thread would fail it. A process forked from one that used
     it drops its copies of the parent's map and connection, and attaches afresh."""
 
     def __init__(
-        self, connect: Callable[[float], wire.Connection], decode: Callable[[bytes], Session], timeout: float
+        self,
+        connect: Callable[[], Callable[[float], wire.Connection] | None],
+        decode: Callable[[], Callable[[bytes], Session] | None],
+        timeout: float,
     ) -> None:
         self._connect = connect
         self._decode = decode
@@ -108,7 +113,7 @@ class SharedReads:
                 cached = self._slots.get(record.slot)
                 if cached is not None and cached[0] == record.seq and cached[1] is not None:
                     return cached[1]
-                session = self._decode(record.data)
+                session = self._decoded(record.data)
                 self._slots[record.slot] = (record.seq, session)
                 self._where[id] = record.slot
                 return session
@@ -161,7 +166,7 @@ class SharedReads:
                 elif cached is not None and cached[0] == record.seq and cached[1] is not None:
                     self._slots[record.slot] = cached
                 else:
-                    self._slots[record.slot] = (record.seq, self._decode(record.data))
+                    self._slots[record.slot] = (record.seq, self._decoded(record.data))
                     self._where[record.id] = record.slot
             self._listed = None
         self._known = scan.sequences
@@ -190,8 +195,17 @@ class SharedReads:
                 return None
         return self._reader
 
+    def _decoded(self, data: bytes) -> Session:
+        decode = self._decode()
+        if decode is None:
+            raise ShmstoreError("the client was freed")
+        return decode(data)
+
     def _attach(self, deadline: float) -> None:
-        conn = self._connect(deadline)
+        connect = self._connect()
+        if connect is None:
+            raise ShmstoreError("the client was freed")
+        conn = connect(deadline)
         try:
             conn.deadline = deadline
             reader = None

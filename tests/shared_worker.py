@@ -1,8 +1,11 @@
 """Processes for the shared-read stress test, run as ``python shared_worker.py MODE ADDRESS
 KEY_HEX SECONDS [CHECK]``; each prints one JSON line.
 
-- ``writer``: reports on IDS over the socket at full speed for SECONDS (status flips, token
-  counts that only grow, a working dir whose length changes, so records change size).
+- ``manager``: serves a store at ADDRESS (says ``ready`` when it does) while a thread of its
+  own writes to IDS at full speed until SIGTERM (status flips, token counts that only grow,
+  a working dir whose length changes, so records change size): ~10 times the writes a
+  client can make over the socket, so a reader without the sequence check meets torn
+  records within seconds even on a loaded machine.
 - ``reader``: reads the same sessions from shared memory (``get`` and ``list_all``) for
   SECONDS and validates every one it reads: it decodes, its history's last ``to`` is its
   status, its revision and token counts never go back. CHECK 0 turns the seqlock's
@@ -14,24 +17,39 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 
 import shmstore
 from shmstore import Session
+from shmstore.server import serve
 
 IDS = ["s0", "s1"]  # few, so the readers often meet a slot being written
 
 
-def writer(client: shmstore.Client, seconds: float) -> dict[str, int]:
-    writes = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        id = IDS[writes // 2 % len(IDS)]
-        status = ("working", "attention", "question")[writes % 3]
-        client.report(id, status, "/home/dev/" + "x" * (writes * 131 % 1500), session_id=f"r{writes}")
-        client.add_usage(id, writes % 7, 1)
-        writes += 2
-    return {"writes": writes}
+def manager(address: str, key: bytes) -> dict[str, int]:
+    store = shmstore.Store()
+    stop = threading.Event()
+    counts = {"writes": 0}
+
+    def write() -> None:
+        writes = 0
+        while not stop.is_set():
+            id = IDS[writes // 2 % len(IDS)]
+            status = ("working", "attention", "question")[writes % 3]
+            store.report(id, status, "/home/dev/" + "x" * (writes * 131 % 1500), session_id=f"r{writes}")
+            store.add_usage(id, writes % 7, 1)
+            writes += 2
+        counts["writes"] = writes
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        serve(address, key, store=store, stop_event=stop, on_ready=lambda _: print("ready", flush=True))
+    finally:
+        stop.set()
+        writer.join()
+    return counts
 
 
 def reader(client: shmstore.Client, seconds: float) -> dict[str, int]:
@@ -72,13 +90,13 @@ def _valid(session: Session, last: dict[str, tuple[int, int, int]]) -> bool:
 def main() -> None:
     mode, address, key, seconds, *check = sys.argv[1:]
     before = len(os.listdir("/proc/self/fd"))
-    with shmstore.Client(address, bytes.fromhex(key), shared_memory=mode == "reader") as client:
-        if check == ["0"]:
+    if mode == "manager":
+        result = manager(address, bytes.fromhex(key))
+    else:
+        with shmstore.Client(address, bytes.fromhex(key)) as client:
             assert client._shared is not None
-            client._shared._check_sequence = False
-        result = writer(client, float(seconds)) if mode == "writer" else reader(client, float(seconds))
-        if mode == "reader":
-            assert client._shared is not None
+            client._shared._check_sequence = check != ["0"]
+            result = reader(client, float(seconds))
             result["attached"] = client._shared._reader is not None
     result.update(fds_before=before, fds_after=len(os.listdir("/proc/self/fd")))
     print(json.dumps(result), flush=True)

@@ -108,21 +108,27 @@ def test_a_client_reads_its_own_writes_from_shared_memory(store: shmstore.Client
     assert mapped()
 
 
-def race(server: shmstore.ServerProcess, check: bool, seconds: float = 3.0) -> tuple[dict, list[dict]]:
-    args = [str(server.address), server.authkey.hex(), str(seconds)]
-    readers = [
-        subprocess.Popen([PYTHON, WORKER, "reader", *args, "1" if check else "0"], stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    writer = subprocess.Popen([PYTHON, WORKER, "writer", *args], stdout=subprocess.PIPE, text=True)
-    reports = [json.loads(proc.communicate(timeout=seconds + 60)[0]) for proc in [writer, *readers]]
-    assert [proc.returncode for proc in [writer, *readers]] == [0, 0, 0]
+def race(sock_dir: Path, check: bool, seconds: float = 3.0) -> tuple[dict, list[dict]]:
+    """A manager whose own thread writes at full speed, and two reader processes."""
+    address, key = str(sock_dir / "race.sock"), os.urandom(32).hex()
+    manager = subprocess.Popen([PYTHON, WORKER, "manager", address, key, "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert manager.stdout is not None
+        assert manager.stdout.readline() == "ready\n"
+        args = [address, key, str(seconds), "1" if check else "0"]
+        readers = [subprocess.Popen([PYTHON, WORKER, "reader", *args], stdout=subprocess.PIPE, text=True) for _ in "ab"]
+        reports = [json.loads(proc.communicate(timeout=seconds + 60)[0]) for proc in readers]
+        manager.terminate()
+        reports.insert(0, json.loads(manager.communicate(timeout=30)[0]))
+    finally:
+        manager.kill()
+    assert [proc.returncode for proc in [manager, *readers]] == [0, 0, 0]
     return reports[0], reports[1:]
 
 
-def test_reader_processes_never_see_a_torn_session_from_a_writer_at_full_speed(start_server: StartServer) -> None:
+def test_reader_processes_never_see_a_torn_session_from_a_writer_at_full_speed(sock_dir: Path) -> None:
     names = sorted(os.listdir("/dev/shm"))
-    writer, readers = race(start_server(), check=True)
+    writer, readers = race(sock_dir, check=True)
     assert writer["writes"] > 500, writer
     for reader in readers:
         assert reader["attached"], reader
@@ -133,9 +139,17 @@ def test_reader_processes_never_see_a_torn_session_from_a_writer_at_full_speed(s
     assert sorted(os.listdir("/dev/shm")) == names
 
 
-def test_readers_without_the_sequence_check_do_see_torn_sessions(start_server: StartServer) -> None:
-    _, readers = race(start_server(), check=False)
-    assert sum(reader["violations"] for reader in readers) > 0, readers
+def test_readers_without_the_sequence_check_do_see_torn_sessions(sock_dir: Path) -> None:
+    # A torn read needs a reader on a CPU at the instant the manager writes its slot: with two
+    # busy processes beside it on 2 CPUs, one 3 s race saw them in 2 runs of 3 (measured: 42-103
+    # violations, or none), so up to four are run; the first that sees any ends the test.
+    seen = []
+    for _ in range(4):
+        _, readers = race(sock_dir, check=False)
+        seen.append(sum(reader["violations"] for reader in readers))
+        if seen[-1]:
+            break
+    assert seen[-1] > 0, seen
 
 
 def test_after_the_manager_is_killed_reads_raise_instead_of_answering_stale_sessions(
