@@ -11,7 +11,9 @@ import random
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import multiprocess
 import pytest
 from helpers import PYTHON, StartServer, make_session
 from multiprocess import managers
@@ -221,3 +223,31 @@ def test_a_tcp_client_reads_over_the_socket_and_the_manager_never_sends_the_segm
 def test_shared_memory_must_be_a_bool(server: shmstore.ServerProcess) -> None:
     with pytest.raises(shmstore.ValidationError, match="shared_memory"):
         shmstore.Client(server.address, server.authkey, shared_memory="yes")  # type: ignore[arg-type]
+
+
+def _in_child(client: shmstore.Client, out: Any) -> None:
+    parents = client._shared._reader if client._shared else None
+    written = client.report("s1", "attention", "/p")
+    read = client.get("s1")
+    mine = client._shared._reader if client._shared else None
+    out.send((read == written, mine is not None and mine is not parents, os.getpid() == client._shared._pid))
+    client.close()
+
+
+def test_a_forked_child_maps_the_segment_afresh_and_leaves_its_parents_map_alone(
+    server: shmstore.ServerProcess,
+) -> None:
+    with shmstore.Client(server.address, server.authkey) as client:
+        client.report("s1", "working", "/p")
+        assert client.get("s1") is not None
+        ctx = multiprocess.get_context("fork")
+        ours, theirs = ctx.Pipe()
+        child = ctx.Process(target=_in_child, args=(client, theirs))
+        child.start()
+        assert ours.poll(30)
+        assert ours.recv() == (True, True, True)  # its own write, read from its own map
+        child.join(10)
+        assert child.exitcode == 0
+        session = client.get("s1")  # the parent's map and link still work, and see the child's write
+        assert session is not None
+        assert session.status is shmstore.Status.ATTENTION
