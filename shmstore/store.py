@@ -11,8 +11,10 @@ while it waits). The data flow of a write is::
       -> StoreProxy -> wire.Connection                (C pickle envelope over the socket)
       -> manager thread: Store.once -> Store.report() (this module, under the lock)
       -> transition_record() / touch_record()         (this module: the change, on the record)
-      -> Store._commit(): orjson bytes, revision + 1, one event on the feed
+      -> Store._commit(): orjson bytes, revision + 1, one event on the feed, and the
+         session into the shared segment, if one is shared (segment.py)
     subscriber: Watch -> Client.changes() -> Store.changes() wakes, sends the events
+    reader: Client.get() -> the segment, mapped in the reader's process (shared.py)
 """
 
 from __future__ import annotations
@@ -432,7 +434,8 @@ class Store:
             self._segment = segment
             for id, data in self._sessions.items():
                 self._share(id, data)
-            self._share_revision()
+            if self._segment is not None:
+                self._segment.set_revision(self._revision)
 
     def unshare(self) -> None:
         """Stop sharing: the segment is closed (its readers read over the socket again)."""
@@ -443,10 +446,10 @@ class Store:
 
     def shared_segment(self, make: Callable[[int, str], Segment] | None = None) -> tuple[int, Segment] | None:
         """A duplicate of the segment's fd, and the segment (for its hello), or None. With
-        ``make`` (given how many sessions are live and the epoch, a new segment), one is made and shared
-        if there is none. The caller sends the fd (without the lock: a client that does not
-        read must not stall the store) and closes it; the duplicate stays valid whatever a
-        grow does meanwhile."""
+        ``make`` (the live sessions' count and the epoch -> a new segment), one is made and
+        shared if there is none. The caller sends the fd (without the lock: a client that does
+        not read must not stall the store) and closes it; the duplicate stays valid whatever
+        a grow does meanwhile."""
         with self._lock:
             if self._segment is None and make is not None:
                 self.share(make(len(self._sessions), self.epoch))
@@ -475,10 +478,6 @@ class Store:
             log.exception("stopped sharing the sessions in memory: the segment failed")
             self._segment = None
             segment.close()
-
-    def _share_revision(self) -> None:
-        if self._segment is not None:
-            self._segment.set_revision(self._revision)
 
     # -- keeping sessions across a restart (the manager's, not exposed) ---------------------
 
