@@ -221,7 +221,8 @@ def shmstore_server(tmp: Path) -> Iterator[tuple[shmstore.ServerProcess, shmstor
     store_config = shmstore.Store(max_history=10)
     with (
         shmstore.start_server(tmp / "shm.sock", store=store_config) as server,
-        shmstore.connect(server.address, server.authkey) as store,
+        # The socket's rows: shm_ops() reads the same store from shared memory.
+        shmstore.connect(server.address, server.authkey, shared_memory=False) as store,
     ):
         for id in IDS:
             store.set(make_session(id))
@@ -251,6 +252,42 @@ def _list_all_anew(store: shmstore.Client) -> object:
     if last is not None:
         store._listing = last._replace(revision=0)
     return store.list_all()
+
+
+# -- reads from shared memory (issue #12), measured in the phase of the socket get --------------
+
+
+@contextlib.contextmanager
+def shm_ops(server: shmstore.ServerProcess) -> Iterator[Ops]:
+    """Reads of the same store from the manager's shared segment (a client of its own),
+    each session already decoded once, as a status line or a subscriber reads."""
+    with shmstore.connect(server.address, server.authkey) as reader:
+        reader.list_all()
+        if reader._shared is None or reader._shared._reader is None:
+            raise RuntimeError("the reader did not map the segment: shared memory is not supported here")
+        yield {
+            "shmstore_shm_get": lambda: reader.get(IDS[0]),
+            "shmstore_shm_list_all_100": reader.list_all,
+            # What reading the CPU clocks of every process costs, spread over a round (~3 ms
+            # / n): subtracted from the CPU rows' ratios below, as segment_bench.py does.
+            "nothing": lambda: None,
+        }
+
+
+def shm_ratios(us: dict[str, float], cpu_us: dict[str, float]) -> tuple[dict[str, float], dict[str, bool]]:
+    """The shared reads against a socket get of the same phase, wall and CPU; the targets."""
+    cpu = {name: value - cpu_us["nothing"] for name, value in cpu_us.items()}
+    ratios = {
+        "shm_get_vs_socket_get": us["shmstore_shm_get"] / us["shmstore_get"],
+        "shm_list_all_100_vs_socket_get": us["shmstore_shm_list_all_100"] / us["shmstore_get"],
+        "cpu.shm_get_vs_socket_get": cpu["shmstore_shm_get"] / cpu["shmstore_get"],
+        "cpu.shm_list_all_100_vs_socket_get": cpu["shmstore_shm_list_all_100"] / cpu["shmstore_get"],
+    }
+    targets = {
+        "shm_get_vs_socket_get": ratios["shm_get_vs_socket_get"] <= 0.1,
+        "shm_list_all_100_vs_socket_get": ratios["shm_list_all_100_vs_socket_get"] <= 0.25,
+    }
+    return ratios, targets
 
 
 @contextlib.contextmanager
@@ -530,6 +567,7 @@ def main() -> int:
             ops: Ops = {}
             ops.update(stack.enter_context(pingpong_ops(tmp, data)))
             ops.update(shmstore_ops(store))
+            ops.update(stack.enter_context(shm_ops(server)))  # issue #12: same phase as shmstore_get
             ops.update(stack.enter_context(sync_manager_ops(as_dict)))
             ops.update(stack.enter_context(redis_ops(tmp, data, skipped)))
             # Phase 1, pinned to one CPU: every row of the named ratios, in-process ones included.
@@ -583,6 +621,12 @@ def main() -> int:
         "manager_uss_100_mib": goal(memory["manager_uss_100_mib"], "<", 5, "embedded, USS"),
         "serve_pss_total_mib": goal(memory["serve_pss_total_mib"], "<=", 12, "shmstore serve, PSS"),
     }
+    shm, shm_targets = shm_ratios(us, cpu_us)  # issue #12's shared reads: pinned phase
+    ratios.update({name: value for name, value in shm.items() if not name.startswith("cpu.")})
+    ratios_cpu.update({name[4:]: value for name, value in shm.items() if name.startswith("cpu.")})
+    targets.update(shm_targets)
+    goals["shm_get_vs_socket_get"] = goal(shm["shm_get_vs_socket_get"], "<=", 0.1, "wall, pinned")
+    goals["shm_list_all_100_vs_socket_get"] = goal(shm["shm_list_all_100_vs_socket_get"], "<=", 0.25, "wall, pinned")
     results = {
         "quick": args.quick,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},

@@ -23,6 +23,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, NamedTuple
 
@@ -31,11 +32,12 @@ import orjson
 from multiprocess import managers
 
 from . import address as addr
-from . import wire
+from . import segment, wire
 from .checks import MAX_WAIT
 from .errors import ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
 from .feed import Changes, Event, EventKind, Snapshot
 from .model import AgentType, Session, Status, check_status, restamped, session_from_store
+from .shared import SharedReads
 from .store import WRITES
 
 DEFAULT_TIMEOUT = wire.DEFAULT_TIMEOUT
@@ -178,7 +180,11 @@ def _thread_name() -> str:
 class Client:
     """Operations on the sessions of one manager. Safe to share between threads.
 
-    Every method is one round trip and one atomic operation in the manager. Errors are
+    Every method is one round trip and one atomic operation in the manager, but for the
+    reads ``get``, ``list_all`` and ``snapshot``, which with ``shared_memory`` (the default,
+    on a unix socket, on x86-64 Linux: :func:`shmstore.segment.supported`) come from the
+    manager's shared segment with no round trip, and are the same atomic answers (see
+    :mod:`shmstore.shared`); ``shared_memory=False`` never maps it. Errors are
     ours: :class:`ValidationError` for bad input (the store is left as it was),
     :class:`NotFoundError` for an unknown id, :class:`ConflictError` for a stale expected
     revision, :class:`StoreUnavailableError` when the manager cannot be reached in time.
@@ -190,9 +196,12 @@ class Client:
         authkey: bytes | str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        shared_memory: bool = True,
     ) -> None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise ValidationError("timeout", f"must be a positive number of seconds; got {timeout!r}")
+        if not isinstance(shared_memory, bool):
+            raise ValidationError("shared_memory", f"must be true or false, not {type(shared_memory).__name__}")
         self.address = addr.resolve(address)
         self.timeout = float(timeout)
         self._authkey = None if authkey is None else addr.as_key(authkey)
@@ -202,6 +211,14 @@ class Client:
         self._decoded: dict[bytes, Session] = {}
         self._listing: _Listing | None = None  # the last list_all reply, decoded
         self._requests = threading.local()  # this thread's request token and number
+        unix = isinstance(self.address, str)
+        self._shared = None
+        if shared_memory and unix and segment.supported():
+            # Weakly: a client dropped without close() is then freed (its connections closed)
+            # at once, as before, instead of at the cyclic collector's next pass.
+            self._shared = SharedReads(
+                weakref.WeakMethod(self._connect), weakref.WeakMethod(self._session), self.timeout
+            )
 
     def __repr__(self) -> str:
         return f"<shmstore.Client address={addr.format_address(self.address)!r}>"
@@ -226,6 +243,8 @@ class Client:
             proxy, self._proxy = self._proxy, None
         if proxy is not None:
             proxy.close()
+        if self._shared is not None:
+            self._shared.close()
 
     def _forget_if_forked(self) -> None:
         """In a forked child, start afresh: the lock may have been held by a thread that
@@ -269,6 +288,11 @@ class Client:
         # saying goodbye can then never make the manager drop its store.
         token = managers.Token("store", self.address, ident)
         return StoreProxy(token, wire.SERIALIZER, authkey=key, exposed=exposed, incref=False)
+
+    def _connect(self, deadline: float) -> wire.Connection:
+        """A connection of its own to this client's manager, authenticated (SharedReads')."""
+        proxy = self._get_proxy(deadline)
+        return wire.Client(self.address, authkey=bytes(proxy._authkey), timeout=_left(deadline))
 
     def _call(self, method: str, *args: Any, wait: float = 0.0) -> Any:
         """One call, tried once more on a fresh connection if its connection failed or
@@ -331,6 +355,10 @@ class Client:
 
     def get(self, id: str) -> Session | None:
         """The live session with ``id``, else a recently closed one, else None."""
+        if self._shared is not None and type(id) is str:
+            session = self._shared.get(id)
+            if session is not None:
+                return session
         data = self._call("get", id)
         return None if data is None else self._session(data)
 
@@ -351,7 +379,10 @@ class Client:
         return None if data is None else session_from_store(data)
 
     def list_all(self) -> list[Session]:
-        """Every live session (closed ones are in :meth:`recently_closed`)."""
+        """Every live session (closed ones are in :meth:`recently_closed`), in no set order."""
+        listed = None if self._shared is None else self._shared.list_all()
+        if listed is not None:
+            return listed
         return self._list_all_socket()
 
     def _list_all_socket(self) -> list[Session]:
@@ -439,6 +470,9 @@ class Client:
     def snapshot(self) -> Snapshot:
         """Every session with the revision they are at, taken atomically: the point a
         subscriber starts following :meth:`changes` from."""
+        taken = None if self._shared is None else self._shared.snapshot()
+        if taken is not None:
+            return taken
         return Snapshot.from_json(self._call("snapshot"))
 
     def changes(
@@ -638,7 +672,10 @@ class Follower:
         poll: float = 1.0,
         backoff: Backoff | None = None,
     ) -> None:
-        self.client = _OwnClient(client.address, client._authkey, timeout=client.timeout)
+        # Over the socket only, its snapshot too: the connection it long-polls on then exists
+        # from the start, so close() can end a call to a hung manager at once (a connection
+        # still being made cannot be shut down).
+        self.client = _OwnClient(client.address, client._authkey, timeout=client.timeout, shared_memory=False)
         self.backoff = Backoff() if backoff is None else backoff
         self.poll_interval = poll
         #: ``live``, or ``reconnecting`` between a failed call and the next one that works.
@@ -758,11 +795,13 @@ def connect(
     authkey: bytes | str | None = None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    shared_memory: bool = True,
 ) -> Client:
-    """Connect to the manager at ``address`` (default: the per-user socket).
+    """Connect to the manager at ``address`` (default: the per-user socket); ``shared_memory``
+    is :class:`Client`'s.
 
     The authkey defaults to ``$SHMSTORE_AUTHKEY``, else the key file beside the socket.
     Raises :class:`StoreUnavailableError` or :class:`AuthKeyError` at once if the
     manager cannot be used, rather than at the first call.
     """
-    return Client(address, authkey, timeout=timeout).connect()
+    return Client(address, authkey, timeout=timeout, shared_memory=shared_memory).connect()

@@ -360,6 +360,12 @@ class Reader(_Map):
         found = self._find(id)
         return None if found is None else Record(found[0], found[1], found[2], id, found[4])
 
+    def sequence(self, slot: int) -> int:
+        """Slot ``slot``'s seq now: one even and equal to a record's ``seq`` means that record
+        is still there, unchanged (a decode cache's check, with no copy: ~0.5 µs)."""
+        self._check_state()
+        return int(self._words[(self._slots + slot * self.slot_size) >> 3])
+
     def read_all(self, known: list[int] | None = None) -> Scan:
         """The records of every slot whose seq is not the one in ``known`` (the ``sequences``
         of the caller's last scan; None: every slot), each consistent. ``consistent`` says
@@ -431,10 +437,11 @@ class Reader(_Map):
         raise SegmentBusyError(f"slot {slot} was being written for {SPINS} tries")
 
 
-def send_segment(sock: socket.socket, segment: Segment) -> None:
-    """Send ``segment``'s fd (SCM_RIGHTS) with a 32-byte hello, as one message of its own."""
+def send_segment(sock: socket.socket, segment: Segment, fd: int | None = None) -> None:
+    """Send ``segment``'s fd (SCM_RIGHTS; or ``fd``, a duplicate of it) with a 32-byte hello,
+    as one message of its own."""
     hello = _HELLO.pack(MAGIC, VERSION, segment.epoch, segment.generation, segment.size)
-    sent = socket.send_fds(sock, [hello], [segment.fd])
+    sent = socket.send_fds(sock, [hello], [segment.fd if fd is None else fd])
     sock.sendall(hello[sent:])
 
 

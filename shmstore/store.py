@@ -11,8 +11,10 @@ while it waits). The data flow of a write is::
       -> StoreProxy -> wire.Connection                (C pickle envelope over the socket)
       -> manager thread: Store.once -> Store.report() (this module, under the lock)
       -> transition_record() / touch_record()         (this module: the change, on the record)
-      -> Store._commit(): orjson bytes, revision + 1, one event on the feed
+      -> Store._commit(): orjson bytes, revision + 1, one event on the feed, and the
+         session into the shared segment, if one is shared (segment.py)
     subscriber: Watch -> Client.changes() -> Store.changes() wakes, sends the events
+    reader: Client.get() -> the segment, mapped in the reader's process (shared.py)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .model import (
     check_status,
     session_record,
 )
+from .segment import Segment, SegmentFullError
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +122,9 @@ class Store:
         #: address, memory, state file). Called without the lock held: it takes the
         #: dispatcher's and the state keeper's locks, never this one.
         self.manager_info: Callable[[], dict[str, Any]] | None = None
-        # Guards every field below; re-entrant because once() holds it across the write it
-        # runs, which takes it again.
+        # Guards every field below, the shared segment's contents included (a reply leaves
+        # only once its change is in the segment: a client reads its own writes from it);
+        # re-entrant because once() holds it across the write it runs, which takes it again.
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._sessions: dict[str, bytes] = {}
@@ -140,16 +144,20 @@ class Store:
         # development VM: "unchanged" ~1 us; the cached reply ~22 us to pickle (the bare
         # list 18); rebuilt after one change ~45 us, from nothing ~0.5 ms (a decode each).
         self._listing: _ListingCache | None = None
+        # The live sessions again, for readers in other processes (share()); None: not shared.
+        self._segment: Segment | None = None
 
     # The lock and its condition are not data: a store sent to another process (start_server
     # with "forkserver" or "spawn") gets fresh ones. Pickled whole, dill's copy of an RLock
     # comes out held by the unpickling thread, and every call then waits for it for ever.
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:
-            return {name: value for name, value in vars(self).items() if name not in ("_lock", "_changed")}
+            skip = ("_lock", "_changed", "_segment")  # a segment belongs to the process that made it
+            return {name: value for name, value in vars(self).items() if name not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         vars(self).update(state)
+        self._segment = None
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
 
@@ -472,6 +480,63 @@ class Store:
                 self._publish(EventKind.REMOVE, id, None)
             return len(old)
 
+    # -- the shared segment (the manager's, not exposed) -------------------------------------
+
+    def share(self, segment: Segment) -> None:
+        """Keep the live sessions in ``segment`` too, from now on: each change is written
+        there under the lock, before its reply (see :mod:`shmstore.segment`). The serving
+        manager makes the segment in its own process, when a client first asks for it."""
+        with self._lock:
+            if self._segment is not None:
+                raise ValidationError("segment", "this store already shares one")
+            self._segment = segment
+            for id, data in self._sessions.items():
+                self._share(id, data)
+            if self._segment is not None:
+                self._segment.set_revision(self._revision)
+
+    def unshare(self) -> None:
+        """Stop sharing: the segment is closed (its readers read over the socket again)."""
+        with self._lock:
+            segment, self._segment = self._segment, None
+            if segment is not None:
+                segment.close()
+
+    def shared_segment(self, make: Callable[[int, str], Segment] | None = None) -> tuple[int, Segment] | None:
+        """A duplicate of the segment's fd, and the segment (for its hello), or None. With
+        ``make`` (the live sessions' count and the epoch -> a new segment), one is made and
+        shared if there is none. The caller sends the fd (without the lock: a client that does
+        not read must not stall the store) and closes it; the duplicate stays valid whatever
+        a grow does meanwhile."""
+        with self._lock:
+            if self._segment is None and make is not None:
+                self.share(make(len(self._sessions), self.epoch))
+            segment = self._segment
+            return None if segment is None else (os.dup(segment.fd), segment)
+
+    def _share(self, id: str, data: bytes | None) -> None:
+        """Write session ``id`` (``data``; None: no longer live) into the segment at the
+        store's revision. A full segment is replaced by a grown one (its readers re-attach);
+        any other failure (e.g. out of memory) stops sharing, so that readers fall back to
+        the socket rather than read a segment that no longer follows the store."""
+        segment = self._segment
+        if segment is None:
+            return
+        try:
+            try:
+                if data is None:
+                    segment.delete(id, self._revision)
+                else:
+                    segment.put(id, data, self._revision)
+            except SegmentFullError:
+                self._segment = segment = segment.grow()
+                log.info("grew the shared segment to %d slots", segment.slot_count)
+                self._share(id, data)
+        except Exception:
+            log.exception("stopped sharing the sessions in memory: the segment failed")
+            self._segment = None
+            segment.close()
+
     # -- keeping sessions across a restart (the manager's, not exposed) ---------------------
 
     def dump(self) -> tuple[str, int, list[bytes], list[bytes]]:
@@ -649,6 +714,7 @@ class Store:
         """Count a change, log its event, and wake every waiting ``changes`` call."""
         self._revision += 1
         self._log.append((self._revision, kind, id, data))
+        self._share(id, self._sessions.get(id))  # put if live, else gone from the live set
         self._changed.notify_all()
 
     def _check_feed(self, after_revision: int, epoch: str | None) -> None:
