@@ -227,10 +227,10 @@ def test_list_all_refuses_a_bad_revision_or_epoch(raw: RawStore) -> None:
 def test_list_all_returns_the_new_session_after_an_update_of_the_same_size(store: shmstore.Client) -> None:
     store.set(make_session("s1", working_dir="/src/one", since=100.0))  # a fixed time: a fixed size
     other = store.set(make_session("s2"))
-    [first, kept] = store.list_all()
+    first, kept = sorted(store.list_all(), key=lambda s: s.id)  # listed in no set order
     updated = store.set(make_session("s1", working_dir="/src/two", since=100.0))
     assert len(updated.to_json()) == len(first.to_json())
-    [now, still] = store.list_all()
+    now, still = sorted(store.list_all(), key=lambda s: s.id)
     assert now == updated
     assert now.working_dir == "/src/two"
     assert still is kept  # unchanged (id, revision): the value decoded before
