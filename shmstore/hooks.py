@@ -206,10 +206,22 @@ def run_hook(
     finally:
         signal.signal(signal.SIGALRM, previous)
     if failure is not None:
-        with contextlib.suppress(OSError):  # a closed stderr must not turn into exit code 1
-            print(f"shmstore hook: not reported ({failure}); the agent carries on", file=sys.stderr, flush=True)
+        say(f"shmstore hook: not reported ({failure}); the agent carries on")
         note_failure(event, session, failure)
     return 0
+
+
+def say(line: str) -> None:
+    """One line on stderr, for whoever reads the agent's hook output. A stderr nobody reads
+    any more (a closed pipe) is pointed at the null device instead, so that neither this
+    write nor the interpreter's flush at exit fails the hook (exit code 1, or 120)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
+            os.close(devnull)
 
 
 def _report_payload(payload: Mapping[str, Any], address: str | None, pid: int | None, deadline: float) -> None:
@@ -217,7 +229,7 @@ def _report_payload(payload: Mapping[str, Any], address: str | None, pid: int | 
     event, session = payload["hook_event_name"], payload["session_id"]
     if status is None:
         if event not in QUIET_EVENTS:
-            print(f"shmstore hook: ignored unknown event {event!r}", file=sys.stderr)
+            say(f"shmstore hook: ignored unknown event {event!r}")
         return
     report(
         addr.resolve(address),

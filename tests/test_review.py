@@ -62,7 +62,7 @@ def test_the_hook_exits_zero_when_its_stderr_is_a_closed_pipe(sock_dir: Path, tm
     os.close(reader)
     try:
         result = subprocess.run(
-            [PYTHON, "-m", "shmstore", "hook", "--address", str(sock_dir / "none.sock")],
+            [PYTHON, "-m", "shmstore", "hook", "--address", str(sock_dir / "none.sock"), "--timeout", "30"],
             input=json.dumps(payload("Stop")).encode(),
             stdout=subprocess.PIPE,
             stderr=writer,
