@@ -303,7 +303,7 @@ def test_a_failed_report_leaves_one_line_in_the_failure_log(sock_dir: Path, stat
 
     assert Path(hooks.failure_log_path()) == state_home / "shmstore" / "hook.log"
     assert hooks.recent_failures() == []
-    result = hook(sock_dir / "nobody.sock", payload("Stop"))
+    result = hook(sock_dir / "nobody.sock", payload("Stop"), *SLOW_OK)
     assert b"not reported" in result.stderr
     [line] = hooks.recent_failures()
     stamp, event, session, why = line.split(" ", 3)
