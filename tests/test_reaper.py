@@ -283,7 +283,7 @@ def test_a_hook_from_another_pid_namespace_is_never_reaped(
         "import subprocess, sys\n"
         f"agent = subprocess.Popen({SLEEPER!r})\n"
         f"hook = subprocess.run([{PYTHON!r}, '-m', 'shmstore', 'hook', '--address', {address!r}, "
-        f"'--pid', str(agent.pid)], input={body!r}.encode(), capture_output=True)\n"
+        f"'--pid', str(agent.pid), '--timeout', '30'], input={body!r}.encode(), capture_output=True)\n"
         "print(agent.pid, hook.returncode, hook.stderr.decode().strip() or '-', flush=True)\n"
         "agent.kill(); agent.wait()\n"
     )
@@ -303,7 +303,14 @@ def test_a_hook_from_another_pid_namespace_is_never_reaped(
         assert store.reap() == 0
         assert store.get(SID).status is Status.WORKING  # type: ignore[union-attr]
         # The same manager still identifies an agent of its own namespace.
-        hook(namespace_aware.address, payload("UserPromptSubmit", session_id="local"), "--pid", str(child.pid))
+        hook(
+            namespace_aware.address,
+            payload("UserPromptSubmit", session_id="local"),
+            "--pid",
+            str(child.pid),
+            "--timeout",
+            "30",
+        )
         local = store.get("local")
         assert local is not None
         assert local.pid_start == procs.process_start(child.pid)
