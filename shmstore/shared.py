@@ -14,7 +14,9 @@ where :func:`~shmstore.segment.supported` is False, a manager that shares none),
 manager gone, a slot busy for all its tries, a record too big for its slot, an id not
 live (recently closed sessions are not in the segment), or no scan of one instant in
 :data:`SCANS` tries. The caller then asks over the socket, which raises
-StoreUnavailableError when the manager is gone. A segment that moved (the manager grew
+StoreUnavailableError when the manager is gone. Attaching that gets no answer within the
+client's timeout raises StoreUnavailableError itself, so that a read of an unresponsive
+manager gives up within twice the timeout, as a call over the socket does. A segment that moved (the manager grew
 it) is left for the new one at once.
 
 The manager writes each change into the segment before it replies, so a client reads its
@@ -34,7 +36,7 @@ from collections.abc import Callable
 from multiprocess import managers
 
 from . import wire
-from .errors import ShmstoreError
+from .errors import ShmstoreError, StoreUnavailableError
 from .feed import Snapshot
 from .model import Session
 from .segment import TOO_BIG, Reader, Scan, SegmentBusyError, SegmentMovedError, receive_segment
@@ -188,10 +190,17 @@ class SharedReads:
         if self._conn is None:
             if time.monotonic() < self._retry_at:
                 return None
+            deadline = time.monotonic() + self._timeout
             try:
-                self._attach(time.monotonic() + self._timeout)
-            except (ShmstoreError, OSError, EOFError, managers.RemoteError):
+                self._attach(deadline)
+            except (ShmstoreError, OSError, EOFError, managers.RemoteError) as exc:
                 self._retry_at = time.monotonic() + RETRY_AFTER
+                if time.monotonic() >= deadline:
+                    # No answer in the client's timeout: the socket would say so too, after
+                    # waiting up to twice as long again (a read took 3x its timeout).
+                    if isinstance(exc, StoreUnavailableError):
+                        raise
+                    raise StoreUnavailableError(f"no answer from the manager in {self._timeout:g} s") from None
                 return None
         return self._reader
 

@@ -144,6 +144,29 @@ def test_a_manager_killed_after_its_process_forked_is_never_read_as_alive(sock_d
                 os.kill(worker, signal.SIGKILL)
 
 
+def test_a_read_from_a_stopped_manager_gives_up_within_twice_the_clients_timeout(start_server: StartServer) -> None:
+    # Attaching waited the whole timeout, then the socket call twice more (its connection,
+    # then a fresh one): 3x, where a call's documented bound is 2x.
+    server = start_server()
+    clients = [shmstore.Client(server.address, server.authkey, timeout=1).connect() for _ in range(3)]
+    try:
+        clients[0].report("s1", "working", "/p")
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            wait_until_stopped(server.pid)
+            reads = (lambda: clients[0].get("s1"), clients[1].list_all, clients[2].snapshot)
+            for read in reads:  # each client connected but not attached: the read attaches
+                started = time.monotonic()
+                with pytest.raises(shmstore.StoreUnavailableError):
+                    read()
+                assert time.monotonic() - started < 2 * 1 + 0.5
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_a_client_attached_to_a_stopped_manager_reads_its_unchanged_sessions(start_server: StartServer) -> None:
     server = start_server()
     with shmstore.Client(server.address, server.authkey, timeout=1) as client:
