@@ -187,6 +187,8 @@ class SharedReads:
         """The segment, attaching if need be; None when there is none to read."""
         if self._conn is not None and self._reader is None:
             self._alive()  # the manager that shares none may have been replaced by one that does
+            if self._conn is not None and time.monotonic() >= self._retry_at:
+                self._detach()  # or may share one now: it could not (e.g. out of fds), so ask again
         if self._conn is None:
             if time.monotonic() < self._retry_at:
                 return None
@@ -229,6 +231,8 @@ class SharedReads:
             conn.close()
             raise
         self._conn, self._reader = conn, reader
+        if reader is None:
+            self._retry_at = time.monotonic() + RETRY_AFTER
         self._poller = select.poll()
         self._poller.register(conn.fileno(), _HANG_UP)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON, StartServer, make_session, wait_until_stopped
+from helpers import PYTHON, StartServer, make_session, serving, wait_until_stopped
 from multiprocess import managers
 
 import shmstore
@@ -416,3 +417,27 @@ def test_reads_from_shared_memory_equal_the_socket_after_writes_that_touch_close
         sock.prune(0)
         same_views(store, sock, ids)
         assert store.snapshot().revision == sock.revision()
+
+
+def test_a_manager_out_of_fds_at_the_first_segment_request_shares_one_once_it_has_fds_again(
+    sock_dir: Path,
+) -> None:
+    # segment.supported() kept the False of a failed memfd_create (EMFILE) for the process's
+    # lifetime, and a client the manager once told "no segment" never asked again.
+    address = sock_dir / "fds.sock"
+    with serving(address) as manager, shmstore.Client(address, shared_memory=False) as writer:
+        writer.report("s1", "working", "/p")
+        open_fds = {int(fd) for fd in os.listdir(f"/proc/{manager.pid}/fd")}
+        free = [fd for fd in range(max(open_fds) + 2) if fd not in open_fds]
+        limits = resource.prlimit(manager.pid, resource.RLIMIT_NOFILE)
+        # One fd free below the limit: the segment connection takes it, memfd_create fails.
+        resource.prlimit(manager.pid, resource.RLIMIT_NOFILE, (free[1], limits[1]))
+        with shmstore.Client(address) as reader:
+            assert reader._shared is not None
+            assert reader._shared.list_all() is None  # attached, but the manager had no fd for a segment
+            assert reader._shared._conn is not None
+            assert not mapped()
+            resource.prlimit(manager.pid, resource.RLIMIT_NOFILE, limits)
+            time.sleep(shmstore.shared.RETRY_AFTER)
+            assert reader.get("s1") is not None
+            assert mapped()
