@@ -31,6 +31,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from multiprocess import managers
@@ -58,7 +59,7 @@ class SharedReads:
     reference cycle. Safe to share
     between threads: ``_lock`` guards every field (attaching, a read, closing), since a
     map closed under a reading thread would fail it. A process forked from one that used
-    it drops its copies of the parent's map and connection, and attaches afresh."""
+    it drops its copies of the parent's map and connection at the fork, and attaches afresh."""
 
     def __init__(
         self,
@@ -71,6 +72,7 @@ class SharedReads:
         self._timeout = timeout
         self._check_sequence = True  # False only to show that the stress test catches torn reads
         self._own()
+        _EVERY.add(self)
 
     def _own(self) -> None:
         self._pid = os.getpid()
@@ -265,3 +267,19 @@ class SharedReads:
             reader.close()
         if conn is not None:
             conn.close()
+
+
+#: Every SharedReads of this process, weakly. A forked child closes its copies of their
+#: maps and connections at once, not at its first read: a child that never reads (a worker
+#: forked for other work) held its parent's connection open, and with it a manager's slot
+#: and thread, after the parent closed its client, until the child exited.
+_EVERY: weakref.WeakSet[SharedReads] = weakref.WeakSet()
+
+
+def _forget_parents_in_child() -> None:
+    for shared in list(_EVERY):
+        if shared._pid != os.getpid():
+            shared._forget_parent()
+
+
+os.register_at_fork(after_in_child=_forget_parents_in_child)

@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import multiprocess
 import pytest
 from helpers import PYTHON, StartServer, make_session, serving, wait_until_stopped
 from multiprocess import managers
@@ -93,8 +94,8 @@ def settled_fds(server: shmstore.ServerProcess, writer: shmstore.Client) -> int:
     """The manager's open fds once ``writer`` is its only client (a client's close reaches
     the manager's thread a moment later)."""
     deadline = time.monotonic() + 5
-    while writer.info()["clients"] != 1:
-        assert time.monotonic() < deadline
+    while (clients := writer.info()["clients"]) != 1:
+        assert time.monotonic() < deadline, f"the manager still serves {clients} clients, not 1"
         time.sleep(0.02)
     return fds(server.pid)
 
@@ -441,3 +442,31 @@ def test_a_manager_out_of_fds_at_the_first_segment_request_shares_one_once_it_ha
             time.sleep(shmstore.shared.RETRY_AFTER)
             assert reader.get("s1") is not None
             assert mapped()
+
+
+def _idle_child(ready: object, done: object) -> None:
+    ready.set()  # type: ignore[attr-defined]
+    done.wait(30)  # type: ignore[attr-defined]
+
+
+def test_a_forked_child_that_never_reads_does_not_keep_its_parents_connection_open(
+    server: shmstore.ServerProcess,
+) -> None:
+    with shmstore.Client(server.address, server.authkey, shared_memory=False) as writer:
+        writer.report("s1", "working", "/p")
+        client = shmstore.Client(server.address, server.authkey)
+        assert client.get("s1") is not None
+        assert writer.info()["clients"] == 2
+        ctx = multiprocess.get_context("fork")
+        ready, done = ctx.Event(), ctx.Event()
+        child = ctx.Process(target=_idle_child, args=(ready, done))
+        child.start()
+        try:
+            assert ready.wait(30)
+            client.close()
+            settled_fds(server, writer)  # the manager serves only the writer: the reader's slot is free
+            assert child.is_alive()
+        finally:
+            done.set()
+            child.join(10)
+        assert child.exitcode == 0
