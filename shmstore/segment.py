@@ -417,7 +417,10 @@ class Reader(_Map):
     def _find(self, id: str) -> _Found | None:
         """``id``'s slot, found through the index; the slot's own id decides."""
         self._check_state()
-        key = id.encode()
+        try:
+            key = id.encode()
+        except UnicodeEncodeError:  # e.g. a lone surrogate: no id put can be this one
+            return None
         h = _hash(key)
         mask, words = self.index_size - 1, self._words
         position = h & mask

@@ -470,3 +470,19 @@ def test_a_forked_child_that_never_reads_does_not_keep_its_parents_connection_op
             done.set()
             child.join(10)
         assert child.exitcode == 0
+
+
+@pytest.mark.parametrize("id", ["\ud800", "a\udcff", "", "x" * 300, "a\x00"])
+def test_a_bad_id_gets_the_same_validation_error_from_shared_memory_as_over_the_socket(
+    store: shmstore.Client, id: str
+) -> None:
+    store.report("s1", "working", "/p")
+    assert store.get("s1") is not None  # mapped
+    with (
+        shmstore.Client(store.address, store._authkey, shared_memory=False) as sock,
+        pytest.raises(shmstore.ValidationError) as over_socket,
+    ):
+        sock.get(id)
+    with pytest.raises(shmstore.ValidationError) as from_shared:
+        store.get(id)
+    assert str(from_shared.value) == str(over_socket.value)
