@@ -204,7 +204,9 @@ class SharedReads:
                     # waiting up to twice as long again (a read took 3x its timeout).
                     if isinstance(exc, StoreUnavailableError):
                         raise
-                    raise StoreUnavailableError(f"no answer from the manager in {self._timeout:g} s") from None
+                    raise StoreUnavailableError(
+                        f"attaching to the manager: no reply within {self._timeout:g} s"
+                    ) from None
                 return None
         return self._reader
 

@@ -13,6 +13,7 @@ import resource
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -90,13 +91,18 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def settled_fds(server: shmstore.ServerProcess, writer: shmstore.Client) -> int:
-    """The manager's open fds once ``writer`` is its only client (a client's close reaches
-    the manager's thread a moment later)."""
+def serving_clients(client: shmstore.Client, count: int) -> None:
+    """Wait until the manager serves ``count`` connections (a client's close reaches the
+    manager's thread a moment later)."""
     deadline = time.monotonic() + 5
-    while (clients := writer.info()["clients"]) != 1:
-        assert time.monotonic() < deadline, f"the manager still serves {clients} clients, not 1"
+    while (clients := client.info()["clients"]) != count:
+        assert time.monotonic() < deadline, f"the manager serves {clients} connections, not {count}"
         time.sleep(0.02)
+
+
+def settled_fds(server: shmstore.ServerProcess, writer: shmstore.Client) -> int:
+    """The manager's open fds once ``writer`` is its only client."""
+    serving_clients(writer, 1)
     return fds(server.pid)
 
 
@@ -359,7 +365,7 @@ def test_many_clients_coming_and_going_leave_no_fd_map_or_connection_in_either_p
             with shmstore.Client(server.address, server.authkey) as client:
                 assert client.get("s1") is not None
                 assert client.list_all()
-                assert writer.info()["clients"] == 2  # a client that only reads holds one connection
+                serving_clients(writer, 2)  # a client that only reads holds one connection
         assert not mapped()
         assert fds(os.getpid()) == mine
         assert settled_fds(server, writer) == theirs
@@ -486,3 +492,37 @@ def test_a_bad_id_gets_the_same_validation_error_from_shared_memory_as_over_the_
     with pytest.raises(shmstore.ValidationError) as from_shared:
         store.get(id)
     assert str(from_shared.value) == str(over_socket.value)
+
+
+def test_threads_reading_while_another_thread_closes_the_client_always_get_the_right_answers(
+    store: shmstore.Client,
+) -> None:
+    written = store.report("s1", "working", "/p")
+    failures: list[str] = []
+    reads = [0]
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                assert store.get("s1") == written
+                assert store.list_all() == [written]
+                assert store.snapshot().revision == written.revision
+            except Exception as exc:  # collected, and asserted on below
+                failures.append(repr(exc))
+                return
+            reads[0] += 1
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for _ in range(100):
+        store.close()
+        time.sleep(0.002)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert failures == []
+    assert reads[0] > 100
+    store.close()
+    assert not mapped()
