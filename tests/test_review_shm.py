@@ -435,7 +435,7 @@ def test_a_manager_out_of_fds_at_the_first_segment_request_shares_one_once_it_ha
     with serving(address) as manager, shmstore.Client(address, shared_memory=False) as writer:
         writer.report("s1", "working", "/p")
         open_fds = {int(fd) for fd in os.listdir(f"/proc/{manager.pid}/fd")}
-        free = [fd for fd in range(max(open_fds) + 2) if fd not in open_fds]
+        free = [fd for fd in range(max(open_fds) + 3) if fd not in open_fds]
         limits = resource.prlimit(manager.pid, resource.RLIMIT_NOFILE)
         # One fd free below the limit: the segment connection takes it, memfd_create fails.
         resource.prlimit(manager.pid, resource.RLIMIT_NOFILE, (free[1], limits[1]))
