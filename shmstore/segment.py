@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import fcntl
 import functools
 import heapq
@@ -136,15 +137,31 @@ class Scan(NamedTuple):
     sequences: list[int]  # every slot's seq before the copies: the next scan's ``known``
 
 
-@functools.cache
 def supported() -> bool:
     """Whether this machine can read records from a segment: x86-64 (see the module
-    docstring on memory ordering) and a kernel with memfd sealing (Linux >= 5.1)."""
+    docstring on memory ordering) and a kernel with memfd sealing (Linux >= 5.1). A process
+    out of fds or memory is told False for now, and asks again next time."""
+    try:
+        return _supported()
+    except OSError:
+        return False
+
+
+#: What makes memfd_create or a map fail for now, not for good: not an answer to keep (the
+#: first segment request of a manager out of fds turned its sharing off for its lifetime).
+_PASSING = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN)
+
+
+@functools.cache
+def _supported() -> bool:
+    """:func:`supported`, kept; raises OSError instead of keeping an answer of the moment."""
     if platform.machine() not in ("x86_64", "AMD64") or not hasattr(os, "memfd_create"):
         return False
     try:
         Segment(1, 64, b"\0" * 8).close()
-    except OSError:
+    except OSError as exc:
+        if exc.errno in _PASSING:
+            raise
         return False
     return True
 
@@ -400,7 +417,10 @@ class Reader(_Map):
     def _find(self, id: str) -> _Found | None:
         """``id``'s slot, found through the index; the slot's own id decides."""
         self._check_state()
-        key = id.encode()
+        try:
+            key = id.encode()
+        except UnicodeEncodeError:  # e.g. a lone surrogate: no id put can be this one
+            return None
         h = _hash(key)
         mask, words = self.index_size - 1, self._words
         position = h & mask

@@ -127,6 +127,17 @@ class _Dispatcher(managers.Server):
         """Reply whether a segment follows, send it (its fd, SCM_RIGHTS: only on a unix
         socket, never TCP), then keep the connection open, idle, until the client closes it:
         the client polls it to know that this manager is alive before it trusts the segment."""
+        _LIVENESS.add(conn)  # before the client can have the segment, so before any fork it makes
+        try:
+            self._send_segment(conn)
+            conn.deadline = None
+            with contextlib.suppress(EOFError):  # the client closed it; anything it sends ends it too
+                conn.recv()
+        finally:
+            _LIVENESS.discard(conn)
+
+    def _send_segment(self, conn: wire.Connection) -> None:
+        """Reply whether a segment follows, and send it if so (the store lock is not held)."""
         with contextlib.ExitStack() as closing:
             shared = None
             if _is_unix(conn) and segment.supported():
@@ -143,13 +154,28 @@ class _Dispatcher(managers.Server):
                     segment.send_segment(sock, shared[1], fd=shared[0])
                 finally:
                     sock.detach()
-        conn.deadline = None
-        with contextlib.suppress(EOFError):  # the client closed it; anything it sends ends it too
-            conn.recv()
 
     def accept_connection(self, conn: wire.Connection, name: str) -> None:
         conn.deadline = None  # authenticated: a client may stay idle as long as it likes
         super().accept_connection(conn, name)
+
+
+#: The manager's ends of the connections its segment's readers poll for its liveness. A
+#: process forked from the manager's (an application that embeds one, then forks a worker)
+#: closes its copies at once: else, the manager killed, each reader would find its
+#: connection still open, held by the fork, and read the dead manager's last sessions as
+#: current. A set, as the child runs one thread and takes no lock a parent's thread held.
+_LIVENESS: set[wire.Connection] = set()
+
+
+def _close_liveness_in_child() -> None:
+    for conn in list(_LIVENESS):
+        with contextlib.suppress(OSError):
+            conn.close()  # this process's copy; the handle is then None, never closed twice
+    _LIVENESS.clear()
+
+
+os.register_at_fork(after_in_child=_close_liveness_in_child)
 
 
 def _why(exc: BaseException) -> str:

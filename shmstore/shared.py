@@ -14,7 +14,9 @@ where :func:`~shmstore.segment.supported` is False, a manager that shares none),
 manager gone, a slot busy for all its tries, a record too big for its slot, an id not
 live (recently closed sessions are not in the segment), or no scan of one instant in
 :data:`SCANS` tries. The caller then asks over the socket, which raises
-StoreUnavailableError when the manager is gone. A segment that moved (the manager grew
+StoreUnavailableError when the manager is gone. Attaching that gets no answer within the
+client's timeout raises StoreUnavailableError itself, so that a read of an unresponsive
+manager gives up within twice the timeout, as a call over the socket does. A segment that moved (the manager grew
 it) is left for the new one at once.
 
 The manager writes each change into the segment before it replies, so a client reads its
@@ -29,12 +31,13 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from multiprocess import managers
 
 from . import wire
-from .errors import ShmstoreError
+from .errors import ShmstoreError, StoreUnavailableError
 from .feed import Snapshot
 from .model import Session
 from .segment import TOO_BIG, Reader, Scan, SegmentBusyError, SegmentMovedError, receive_segment
@@ -56,7 +59,7 @@ class SharedReads:
     reference cycle. Safe to share
     between threads: ``_lock`` guards every field (attaching, a read, closing), since a
     map closed under a reading thread would fail it. A process forked from one that used
-    it drops its copies of the parent's map and connection, and attaches afresh."""
+    it drops its copies of the parent's map and connection at the fork, and attaches afresh."""
 
     def __init__(
         self,
@@ -69,6 +72,7 @@ class SharedReads:
         self._timeout = timeout
         self._check_sequence = True  # False only to show that the stress test catches torn reads
         self._own()
+        _EVERY.add(self)
 
     def _own(self) -> None:
         self._pid = os.getpid()
@@ -185,13 +189,24 @@ class SharedReads:
         """The segment, attaching if need be; None when there is none to read."""
         if self._conn is not None and self._reader is None:
             self._alive()  # the manager that shares none may have been replaced by one that does
+            if self._conn is not None and time.monotonic() >= self._retry_at:
+                self._detach()  # or may share one now: it could not (e.g. out of fds), so ask again
         if self._conn is None:
             if time.monotonic() < self._retry_at:
                 return None
+            deadline = time.monotonic() + self._timeout
             try:
-                self._attach(time.monotonic() + self._timeout)
-            except (ShmstoreError, OSError, EOFError, managers.RemoteError):
+                self._attach(deadline)
+            except (ShmstoreError, OSError, EOFError, managers.RemoteError) as exc:
                 self._retry_at = time.monotonic() + RETRY_AFTER
+                if time.monotonic() >= deadline:
+                    # No answer in the client's timeout: the socket would say so too, after
+                    # waiting up to twice as long again (a read took 3x its timeout).
+                    if isinstance(exc, StoreUnavailableError):
+                        raise
+                    raise StoreUnavailableError(
+                        f"attaching to the manager: no reply within {self._timeout:g} s"
+                    ) from None
                 return None
         return self._reader
 
@@ -220,6 +235,8 @@ class SharedReads:
             conn.close()
             raise
         self._conn, self._reader = conn, reader
+        if reader is None:
+            self._retry_at = time.monotonic() + RETRY_AFTER
         self._poller = select.poll()
         self._poller.register(conn.fileno(), _HANG_UP)
 
@@ -252,3 +269,19 @@ class SharedReads:
             reader.close()
         if conn is not None:
             conn.close()
+
+
+#: Every SharedReads of this process, weakly. A forked child closes its copies of their
+#: maps and connections at once, not at its first read: a child that never reads (a worker
+#: forked for other work) held its parent's connection open, and with it a manager's slot
+#: and thread, after the parent closed its client, until the child exited.
+_EVERY: weakref.WeakSet[SharedReads] = weakref.WeakSet()
+
+
+def _forget_parents_in_child() -> None:
+    for shared in list(_EVERY):
+        if shared._pid != os.getpid():
+            shared._forget_parent()
+
+
+os.register_at_fork(after_in_child=_forget_parents_in_child)

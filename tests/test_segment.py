@@ -213,7 +213,7 @@ def test_a_bad_shape_is_refused(writer: Segment) -> None:
 def test_supported_only_on_x86_64(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seg.supported() is (platform.machine() == "x86_64")
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    assert seg.supported.__wrapped__() is False
+    assert seg._supported.__wrapped__() is False
 
 
 def test_no_name_appears_in_dev_shm() -> None:
