@@ -133,3 +133,17 @@ class RawStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def same_views(shm: shmstore.Client, sock: shmstore.Client, ids: list[str]) -> None:
+    """A client reading shared memory sees what one reading the socket sees: each session,
+    the live list (in no set order), and the snapshot with its epoch and revision."""
+    for id in ids:
+        assert shm.get(id) == sock.get(id), id
+    assert sorted(shm.list_all(), key=lambda s: s.id) == sorted(sock.list_all(), key=lambda s: s.id)
+    a, b = shm.snapshot(), sock.snapshot()
+    assert (a.epoch, a.revision, sorted(a.sessions, key=lambda s: s.id)) == (
+        b.epoch,
+        b.revision,
+        sorted(b.sessions, key=lambda s: s.id),
+    )

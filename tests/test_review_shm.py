@@ -19,7 +19,7 @@ from pathlib import Path
 
 import multiprocess
 import pytest
-from helpers import PYTHON, StartServer, make_session, serving, wait_until_stopped
+from helpers import PYTHON, StartServer, make_session, same_views, serving, wait_until_stopped
 from multiprocess import managers
 
 import shmstore
@@ -104,18 +104,6 @@ def settled_fds(server: shmstore.ServerProcess, writer: shmstore.Client) -> int:
     """The manager's open fds once ``writer`` is its only client."""
     serving_clients(writer, 1)
     return fds(server.pid)
-
-
-def same_views(shm: shmstore.Client, sock: shmstore.Client, ids: list[str]) -> None:
-    for id in ids:
-        assert shm.get(id) == sock.get(id), id
-    assert sorted(shm.list_all(), key=lambda s: s.id) == sorted(sock.list_all(), key=lambda s: s.id)
-    a, b = shm.snapshot(), sock.snapshot()
-    assert (a.epoch, a.revision, sorted(a.sessions, key=lambda s: s.id)) == (
-        b.epoch,
-        b.revision,
-        sorted(b.sessions, key=lambda s: s.id),
-    )
 
 
 # -- staleness ----------------------------------------------------------------------------------

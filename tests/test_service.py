@@ -126,6 +126,17 @@ def test_a_relative_python_is_refused() -> None:
         service.systemd_unit("python3")
 
 
+def verify(unit: Path, runtime: Path) -> subprocess.CompletedProcess[str]:
+    """``systemd-analyze --user verify UNIT`` (which needs a runtime directory of its own)."""
+    return subprocess.run(
+        ["systemd-analyze", "--user", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+    )
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_analyze_verifies_the_unit_even_for_a_python_under_an_awkward_path(tmp_path: Path) -> None:
     awkward = tmp_path / "my env 100% $HOME"
@@ -137,23 +148,11 @@ def test_systemd_analyze_verifies_the_unit_even_for_a_python_under_an_awkward_pa
         unit = tmp_path / "units" / "shmstore.service"
         unit.parent.mkdir(exist_ok=True)
         unit.write_text(service.systemd_unit(python, "/tmp/a b/%d $x.sock"))
-        result = subprocess.run(
-            ["systemd-analyze", "--user", "verify", str(unit)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
-        )
+        result = verify(unit, runtime)
         assert (result.returncode, result.stderr) == (0, ""), python
     # ...and it would say so if the program path were read differently (a `$$` kept).
     unit.write_text(service.systemd_unit(str(awkward / "python")).replace("$HOME", "$$HOME"))
-    result = subprocess.run(
-        ["systemd-analyze", "--user", "verify", str(unit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
-    )
+    result = verify(unit, runtime)
     assert result.returncode != 0
     assert "is not executable" in result.stderr
 

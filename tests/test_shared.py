@@ -15,7 +15,7 @@ from typing import Any
 
 import multiprocess
 import pytest
-from helpers import PYTHON, StartServer, make_session
+from helpers import PYTHON, StartServer, make_session, same_views
 from multiprocess import managers
 
 import shmstore
@@ -30,18 +30,6 @@ WORKER = str(Path(__file__).with_name("shared_worker.py"))
 def mapped() -> bool:
     """Whether this process maps a shmstore segment."""
     return "/memfd:shmstore" in Path("/proc/self/maps").read_text()
-
-
-def same_views(shm: shmstore.Client, sock: shmstore.Client, ids: list[str]) -> None:
-    for id in ids:
-        assert shm.get(id) == sock.get(id), id
-    assert sorted(shm.list_all(), key=lambda s: s.id) == sorted(sock.list_all(), key=lambda s: s.id)
-    a, b = shm.snapshot(), sock.snapshot()
-    assert (a.epoch, a.revision, sorted(a.sessions, key=lambda s: s.id)) == (
-        b.epoch,
-        b.revision,
-        sorted(b.sessions, key=lambda s: s.id),
-    )
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
