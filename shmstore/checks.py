@@ -150,6 +150,17 @@ def check_positive(value: object, field: str) -> int:
     return value
 
 
+#: The longest ``closed_reason``: a reason and the agent's own word for it.
+MAX_REASON_LENGTH = 64
+
+
+def check_closed_reason(value: object, field: str = "closed_reason") -> str:
+    """A short printable reason (at most MAX_REASON_LENGTH characters)."""
+    if not isinstance(value, str) or not value or len(value) > MAX_REASON_LENGTH or not value.isprintable():
+        raise ValidationError(field, f"must be 1 to {MAX_REASON_LENGTH} printable characters, not {value!r:.80}")
+    return value
+
+
 def check_count(value: object, field: str) -> int:
     """A non-negative int that fits the wire's 64 bits."""
     if isinstance(value, bool) or not isinstance(value, int):

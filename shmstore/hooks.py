@@ -23,7 +23,7 @@ import sys
 import time
 
 from . import address as addr
-from .checks import check_dir, check_id
+from .checks import check_closed_reason, check_dir, check_id
 from .errors import ValidationError
 from .procs import process_stat
 from .reporter import report
@@ -244,18 +244,19 @@ def _report_payload(payload: Mapping[str, Any], address: str | None, pid: int | 
     )
 
 
-#: The longest SessionEnd reason passed on ("session_end:" + it fits the store's 64).
-MAX_END_REASON = 48
-
-
 def end_reason(payload: Mapping[str, Any]) -> str | None:
-    """Claude Code's word for why a session ended (``logout``, ``clear``, ...), when it is
-    one the store takes: anything else is dropped rather than fail the report, so that the
-    session is closed whatever the reason looks like."""
+    """Claude Code's word for why a session ended (``logout``, ``clear``, ...), when the
+    store takes it as ``session_end:REASON`` (its own check, :func:`check_closed_reason`):
+    anything else is dropped rather than fail the report, so that the session is closed
+    whatever the reason looks like."""
     reason = payload.get("reason")
-    if isinstance(reason, str) and 0 < len(reason) <= MAX_END_REASON and reason.isprintable():
-        return reason
-    return None
+    if not isinstance(reason, str) or not reason:
+        return None
+    try:
+        check_closed_reason(f"session_end:{reason}", "reason")  # what Store.report makes of it
+    except ValidationError:
+        return None
+    return reason
 
 
 def _expire(signum: int, frame: Any) -> None:

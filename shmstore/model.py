@@ -21,6 +21,7 @@ from .checks import (
     MAX_DURATION,
     MAX_ID_LENGTH,
     _check_enum,
+    check_closed_reason,
     check_count,
     check_dir,
     check_duration,
@@ -279,17 +280,6 @@ class ClosedReason(enum.StrEnum):
     SESSION_END = "session_end"
     AGENT_GONE = "agent_gone"
     TRANSITION = "transition"
-
-
-#: The longest ``closed_reason``: a reason and the agent's own word for it.
-MAX_REASON_LENGTH = 64
-
-
-def check_closed_reason(value: object, field: str = "closed_reason") -> str:
-    """A short printable reason (at most MAX_REASON_LENGTH characters)."""
-    if not isinstance(value, str) or not value or len(value) > MAX_REASON_LENGTH or not value.isprintable():
-        raise ValidationError(field, f"must be 1 to {MAX_REASON_LENGTH} printable characters, not {value!r:.80}")
-    return value
 
 
 def _check_history(history: object) -> tuple[StateTransition, ...]:

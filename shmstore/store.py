@@ -31,7 +31,17 @@ from typing import Any, NamedTuple, overload
 import orjson
 
 from . import procs
-from .checks import MAX_WAIT, check_count, check_dir, check_duration, check_id, check_pid, check_positive, now
+from .checks import (
+    MAX_WAIT,
+    check_closed_reason,
+    check_count,
+    check_dir,
+    check_duration,
+    check_id,
+    check_pid,
+    check_positive,
+    now,
+)
 from .config import RECORD_RESERVE, Limits, changed
 from .errors import ConflictError, NotFoundError, ResyncRequiredError, StoreFullError, ValidationError
 from .feed import EventKind, encode_event
@@ -41,7 +51,6 @@ from .model import (
     Session,
     Status,
     check_agent_type,
-    check_closed_reason,
     check_status,
     session_record,
 )
