@@ -114,9 +114,9 @@ class SharedReads:
                     return None
                 if record is None or record.data is TOO_BIG or not self._alive():
                     return None
-                cached = self._slots.get(record.slot)
-                if cached is not None and cached[0] == record.seq and cached[1] is not None:
-                    return cached[1]
+                session = _current(self._slots.get(record.slot), record.seq)
+                if session is not None:
+                    return session
                 session = self._decoded(record.data)
                 self._slots[record.slot] = (record.seq, session)
                 self._where[id] = record.slot
@@ -163,12 +163,12 @@ class SharedReads:
             old = {slot: self._slots.pop(slot) for slot in scan.changed if slot in self._slots}
             self._big.difference_update(scan.changed)
             for record in scan.records:
-                cached = old.get(record.slot)
+                cached = _current(old.get(record.slot), record.seq)
                 if record.data is TOO_BIG:
                     self._slots[record.slot] = (record.seq, None)
                     self._big.add(record.slot)
-                elif cached is not None and cached[0] == record.seq and cached[1] is not None:
-                    self._slots[record.slot] = cached
+                elif cached is not None:
+                    self._slots[record.slot] = (record.seq, cached)
                 else:
                     self._slots[record.slot] = (record.seq, self._decoded(record.data))
                     self._where[record.id] = record.slot
@@ -269,6 +269,13 @@ class SharedReads:
             reader.close()
         if conn is not None:
             conn.close()
+
+
+def _current(decoded: tuple[int, Session | None] | None, seq: int) -> Session | None:
+    """The session a slot's cache entry holds, if it was decoded at sequence ``seq``."""
+    if decoded is None or decoded[0] != seq:
+        return None
+    return decoded[1]
 
 
 #: Every SharedReads of this process, weakly. A forked child closes its copies of their
