@@ -36,7 +36,7 @@ from . import segment, wire
 from .checks import MAX_WAIT
 from .errors import ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
 from .feed import Changes, Event, EventKind, Snapshot
-from .model import AgentType, Session, Status, check_status, restamped, session_from_store
+from .model import AgentType, Session, Status, check_status, pack, restamped, session_from_store
 from .shared import SharedReads
 from .store import WRITES
 
@@ -370,7 +370,7 @@ class Client:
         """
         if not isinstance(session, Session):
             raise ValidationError("session", f"must be a Session, not {type(session).__name__}")
-        revision, pid_start = self._call("set", session.to_json(), expected_revision)
+        revision, pid_start = self._call("set", pack(session), expected_revision)
         return restamped(session, revision, pid_start)  # checked when it was made: not again
 
     def remove(self, id: str) -> Session | None:

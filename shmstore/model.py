@@ -321,33 +321,270 @@ def loads(data: bytes | str, what: str) -> Any:
         raise ValidationError(what, f"is not valid JSON: {exc}") from None
 
 
-# -- checking a session's JSON without building it -------------------------------------------
+# -- the stored form -------------------------------------------------------------------------
 #
-# The manager stores what ``set`` is sent. Building a Session to check it cost ~48 us for a
+# The manager keeps each session as the orjson bytes of a positional array (a "record"),
+# not of the public object: no keys, the status and agent type as their index in
+# STATUSES and AGENT_TYPES, the resume id as SAME_AS_ID when it equals the id (the hook
+# uses one value for both), and the history flat, three values an entry (ENTRY):
+#
+#   when      an int: the entry's time in milliseconds *before the next entry's* (the
+#             last entry's: before ``since``), so a transition appends (0, code, ms) and
+#             rewrites one number, and cutting the oldest entries changes none. A float:
+#             the time in epoch seconds, for a history with any time that is not a whole
+#             millisecond (only ``set`` can write one): every ``when`` of a history is of
+#             one kind, so the first tells which.
+#   code      from * 4 + to, each a status code.
+#   duration  an int: milliseconds; a float: seconds (one that is not whole milliseconds).
+#
+# Nothing is rounded on the way in: a time is written as an int only when dividing it
+# back gives the same float. bench/bench.py's session with 10 history entries takes
+# 1,196 bytes as public JSON and 267 as a record; a manager holding 10,000 of them
+# shrank from 1,380 to ~480 bytes a session (bench's bytes_per_session_10k). The form is
+# internal: the manager stores it, sends it and shares it, the client decodes it into a
+# Session, and everything a user sees (--json, the state file, README) is the public
+# JSON of Session.to_json().
+
+#: Positions in a record.
+ID, AGENT, STATUS, DIR, SINCE, ACTIVITY, HISTORY, USAGE, STALE, RESUME, PID, PID_START, REVISION, REASON = range(14)
+RECORD_LENGTH = 14
+#: A status's code in a record is its index here, and an agent type's in AGENT_TYPES.
+STATUSES: tuple[Status, ...] = tuple(Status)
+AGENT_TYPES: tuple[AgentType, ...] = tuple(AgentType)
+STATUS_CODE: dict[str, int] = {status: code for code, status in enumerate(STATUSES)}  # a member or its string value
+AGENT_CODE: dict[str, int] = {agent: code for code, agent in enumerate(AGENT_TYPES)}
+WORKING, CLOSED = STATUS_CODE[Status.WORKING], STATUS_CODE[Status.CLOSED]
+#: A record's resume id when it is the session's id.
+SAME_AS_ID = 1
+#: Values a history entry takes in a record: when, from * 4 + to, duration.
+ENTRY = 3
+_CODES = len(STATUSES)
+
+Record = list[Any]
+#: A history entry decoded: timestamp, from code, to code, duration (seconds).
+Entry = tuple[float, int, int, float]
+
+
+def _ms(seconds: float) -> int | None:
+    """``seconds`` as whole milliseconds, if that is exactly what it is, else None."""
+    ms = round(seconds * 1000)
+    return ms if ms / 1000 == seconds else None
+
+
+def _duration(seconds: float) -> float | int:
+    ms = _ms(seconds)
+    return seconds if ms is None else ms
+
+
+def flat_history(entries: list[Entry], since: float, floats: bool = False) -> list[Any]:
+    """Decoded history entries, oldest first, as a record's history (see above): times in
+    milliseconds when every one is whole milliseconds, unless ``floats``."""
+    flat: list[Any] = []
+    stamps = [_ms(entry[0]) for entry in entries]
+    if floats or None in stamps:
+        for at, was, to, duration in entries:
+            flat += (at, was * _CODES + to, _duration(duration))
+        return flat
+    following = round(since * 1000)
+    whens = []
+    for ms in reversed(stamps):
+        whens.append(following - ms)  # type: ignore[operator]
+        following = ms  # type: ignore[assignment]
+    whens.reverse()
+    for when, (_, was, to, duration) in zip(whens, entries, strict=True):
+        flat += (when, was * _CODES + to, _duration(duration))
+    return flat
+
+
+def history_entries(flat: list[Any], since: float) -> list[Entry]:
+    """A record's history decoded, oldest first (trusted: the store wrote it)."""
+    entries: list[Entry] = []
+    if not flat:
+        return entries
+    if type(flat[0]) is int:
+        following = round(since * 1000)
+        for at in range(len(flat) - ENTRY, -1, -ENTRY):
+            ms = following - flat[at]
+            was, to = divmod(flat[at + 1], _CODES)
+            duration = flat[at + 2]
+            entries.append((ms / 1000, was, to, duration / 1000 if type(duration) is int else duration))
+            following = ms
+        entries.reverse()
+        return entries
+    for at in range(0, len(flat), ENTRY):
+        was, to = divmod(flat[at + 1], _CODES)
+        duration = flat[at + 2]
+        entries.append((flat[at], was, to, duration / 1000 if type(duration) is int else duration))
+    return entries
+
+
+def append_entry(record: Record, at: float, to: int) -> None:
+    """Add the entry for a move from the record's status to ``to`` at ``at`` (no earlier
+    than its ``since``, which the caller then sets to ``at``)."""
+    flat, since = record[HISTORY], record[SINCE]
+    code, duration = record[STATUS] * _CODES + to, _duration(round(at - since, 3))
+    at_ms = _ms(at)
+    if not flat or type(flat[0]) is int:
+        if at_ms is not None:
+            if flat:  # the last entry's time was counted back from since; now from this one
+                flat[-ENTRY] = at_ms - (round(since * 1000) - flat[-ENTRY])
+            flat += (0, code, duration)
+            return
+        if flat:  # a time that is not whole milliseconds: the history takes the float form
+            flat[:] = flat_history(history_entries(flat, since), since, floats=True)
+    flat += (at, code, duration)
+
+
+def to_record(session: Session) -> Record:
+    """``session`` in the stored form (it was checked when it was made)."""
+    code = STATUS_CODE
+    entries = [(entry.timestamp, code[entry.from_], code[entry.to], entry.duration) for entry in session.history]
+    history = flat_history(entries, session.since)
+    usage = session.api_usage
+    resume = session.session_id
+    return [
+        session.id,
+        AGENT_CODE[session.agent_type],
+        code[session.status],
+        session.working_dir,
+        session.since,
+        session.last_activity,
+        history,
+        None if usage is None else [usage.input_tokens, usage.output_tokens],
+        session.stale,
+        SAME_AS_ID if resume is not None and resume == session.id else resume,
+        session.pid,
+        session.pid_start,
+        session.revision,
+        session.closed_reason,
+    ]
+
+
+def pack(session: Session) -> bytes:
+    """``session``'s record as the bytes a client sends ``set``."""
+    return orjson.dumps(to_record(session))
+
+
+def new_record(id: str, agent: AgentType, status: Status, working_dir: str, at: float, reason: str | None) -> Record:
+    """The record of a session first reported at ``at``, from values already checked."""
+    agent_code, status_code = AGENT_CODE[agent], STATUS_CODE[status]
+    return [id, agent_code, status_code, working_dir, at, at, [], None, False, None, None, None, 0, reason]
+
+
+# -- checking what a client sends, without building a Session ------------------------------
+#
+# ``set`` stores what it is sent. Building a Session to check it cost ~48 us for a
 # 10-entry session (JSON parse included) on the development VM, most of a set's work in
-# the manager; checking each field of the decoded JSON in place costs ~17 us (measured
-# in-process, interleaved). Both apply the same check_* functions, in the same order, to the same fields: a
-# session the model refuses is refused here with the same error (tests/test_model.py
-# compares the two on generated input).
+# the manager; checking each field of the decoded JSON in place costs ~17 us for the
+# public JSON, less for a record (measured in-process, interleaved). Both paths apply the
+# same check_* functions as the model: whatever they accept is a valid Session
+# (tests/test_model.py checks both against the model on generated input).
 
 
-def session_record(data: bytes | str, max_id_length: int = MAX_ID_LENGTH) -> dict[str, Any]:
-    """Session JSON checked field by field, in one pass, as the record the store keeps:
-    every field in :meth:`Session.to_dict`'s order, enums as members, times as floats,
-    ``last_activity`` filled in. Raises :class:`ValidationError` wherever
-    :meth:`Session.from_json` would (``id`` is also held to ``max_id_length``)."""
-    fields = _fields(loads(data, "session"), "session", _SESSION_KEYS, optional=_SESSION_OPTIONAL)
+def stored_record(data: bytes | str, max_id_length: int = MAX_ID_LENGTH) -> Record:
+    """What a client sent ``set`` (a record, or a session's public JSON), checked field by
+    field in one pass, as the record the store keeps. Raises :class:`ValidationError`
+    naming the first bad field (``id`` is also held to ``max_id_length``)."""
+    parsed = loads(data, "session")
+    if type(parsed) is list:
+        return _checked_record(parsed, max_id_length)
+    return session_record(parsed, max_id_length)
+
+
+def _checked_record(record: list[Any], max_id_length: int) -> Record:
+    """A record as :func:`pack` makes them, every field checked in Session.__post_init__'s order."""
+    if len(record) != RECORD_LENGTH:
+        raise ValidationError("session", f"a record has {RECORD_LENGTH} fields, not {len(record)}")
+    id = record[ID] = check_id(record[ID], max_length=max_id_length)
+    check_dir(record[DIR])
+    _check_code(record[AGENT], len(AGENT_TYPES), "agent_type")
+    status = _check_code(record[STATUS], _CODES, "status")
+    since = record[SINCE] = check_time(record[SINCE], "since")
+    record[ACTIVITY] = check_time(record[ACTIVITY], "last_activity")
+    history = record[HISTORY]
+    if type(history) is not list or len(history) % ENTRY:
+        raise ValidationError("history", f"must be a flat list of {ENTRY} values an entry")
+    _check_flat_history(history, since)
+    if type(record[STALE]) is not bool:
+        raise ValidationError("stale", f"must be true or false, not {type(record[STALE]).__name__}")
+    pid, pid_start = record[PID], record[PID_START]
+    if pid is not None:
+        check_pid(pid)
+    if pid_start is not None:
+        check_count(pid_start, "pid_start")
+        if pid is None:
+            raise ValidationError("pid_start", "is the start time of the process pid, so it needs a pid")
+    usage = record[USAGE]
+    if usage is not None:
+        if type(usage) is not list or len(usage) != 2:
+            raise ValidationError("api_usage", "must be [input_tokens, output_tokens] or null")
+        check_count(usage[0], "api_usage.input_tokens")
+        check_count(usage[1], "api_usage.output_tokens")
+    resume = record[RESUME]
+    if type(resume) is str:
+        record[RESUME] = SAME_AS_ID if check_id(resume, "session_id") == id else resume
+    elif resume is not None and (type(resume) is not int or resume != SAME_AS_ID):
+        raise ValidationError("session_id", f"must be a string, {SAME_AS_ID} (the id) or null, not {resume!r:.80}")
+    check_count(record[REVISION], "revision")
+    reason = record[REASON]
+    if reason is not None:
+        check_closed_reason(reason)
+        if status != CLOSED:
+            raise ValidationError("closed_reason", f"is only for a closed session, not one that is {STATUSES[status]}")
+    return record
+
+
+def _check_code(value: object, count: int, field: str) -> int:
+    if type(value) is not int or not 0 <= value < count:
+        raise ValidationError(field, f"must be a code from 0 to {count - 1}, not {value!r:.80}")
+    return value
+
+
+def _check_flat_history(history: list[Any], since: float) -> None:
+    """A record's history, entry by entry, as :meth:`StateTransition.from_dict` checks one."""
+    if not history:
+        return
+    kind = type(history[0])
+    if kind is not int and kind is not float:
+        raise ValidationError("history.timestamp", f"must be a number, not {kind.__name__}")
+    for at in range(0, len(history), ENTRY):
+        when, code, duration = history[at : at + ENTRY]
+        if type(when) is not kind:
+            raise ValidationError("history.timestamp", f"must all be {kind.__name__}s in one history")
+        if kind is int and abs(when) > _MAX_MS:
+            raise ValidationError("history.timestamp", f"is {when!r:.40} ms from the next; the most is {_MAX_MS}")
+        _check_code(code, _CODES * _CODES, "history.code")
+        if type(duration) is int:
+            if not 0 <= duration <= MAX_DURATION * 1000:
+                raise ValidationError("history.duration", f"must be 0 to {MAX_DURATION * 1000:.0f} ms; got {duration}")
+        else:
+            check_duration(duration, "history.duration")
+    for entry in history_entries(history, since):
+        check_time(entry[0], "history.timestamp")
+
+
+#: The most milliseconds between two times the checks allow (both within 0..horizon).
+_MAX_MS = 2**53
+
+
+def session_record(data: object, max_id_length: int = MAX_ID_LENGTH) -> Record:
+    """A session's public JSON (parsed, or bytes) checked field by field in one pass, as
+    the record the store keeps, ``last_activity`` filled in. Raises
+    :class:`ValidationError` wherever :meth:`Session.from_json` would (``id`` is also held
+    to ``max_id_length``)."""
+    parsed = loads(data, "session") if isinstance(data, bytes | str) else data
+    fields = _fields(parsed, "session", _SESSION_KEYS, optional=_SESSION_OPTIONAL)
     history = fields.get("history", ())
     if not isinstance(history, list | tuple):
         raise ValidationError("history", f"must be a list, not {type(history).__name__}")
-    entries = _history_record(history)
+    entries = _history_entries(history)
     usage = fields.get("api_usage")
     if usage is not None:
         counts = _fields(usage, "api_usage", ("input_tokens", "output_tokens"))
-        usage = {
-            "input_tokens": check_count(counts["input_tokens"], "api_usage.input_tokens"),
-            "output_tokens": check_count(counts["output_tokens"], "api_usage.output_tokens"),
-        }
+        usage = [
+            check_count(counts["input_tokens"], "api_usage.input_tokens"),
+            check_count(counts["output_tokens"], "api_usage.output_tokens"),
+        ]
     # From here in Session.__post_init__'s order, so that the first bad field is the same one.
     id = check_id(fields["id"], max_length=max_id_length)
     working_dir = check_dir(fields["working_dir"])
@@ -378,33 +615,30 @@ def session_record(data: bytes | str, max_id_length: int = MAX_ID_LENGTH) -> dic
     closed = status is Status.CLOSED
     if "closed" in fields and fields["closed"] is not closed:
         raise ValidationError("closed", f"must be {closed} when status is {status}")
-    return {
-        "id": id,
-        "agent_type": agent,
-        "status": status,
-        "working_dir": working_dir,
-        "since": since,
-        "last_activity": last_activity,
-        "history": entries,
-        "api_usage": usage,
-        "closed": closed,
-        "stale": stale,
-        "session_id": session_id,
-        "pid": pid,
-        "pid_start": pid_start,
-        "revision": revision,
-        "closed_reason": reason,
-    }
+    return [
+        id,
+        AGENT_CODE[agent],
+        STATUS_CODE[status],
+        working_dir,
+        since,
+        last_activity,
+        flat_history(entries, since),
+        usage,
+        stale,
+        SAME_AS_ID if session_id == id else session_id,
+        pid,
+        pid_start,
+        revision,
+        reason,
+    ]
 
 
-def _history_record(history: list[Any] | tuple[Any, ...]) -> list[Any]:
-    """History entries' JSON, each checked as :meth:`StateTransition.from_dict` checks it.
-    Entries as the store writes them pass the same bounds inline, in this loop, and are
-    kept as they are (a session may carry hundreds of them): each value is already what
-    its check would return or, a status, encodes the same. Any other entry takes the
-    checks' own path (:func:`_entry_record`)."""
-    horizon, statuses, keys = checks._horizon, _STATUS, _ENTRY_KEYS
-    entries = []
+def _history_entries(history: list[Any] | tuple[Any, ...]) -> list[Entry]:
+    """History entries' public JSON, each checked as :meth:`StateTransition.from_dict`
+    checks it. Entries as Session.to_json writes them pass the same bounds inline, in this
+    loop; any other takes the checks' own path (:func:`_entry_record`)."""
+    horizon, code, keys = checks._horizon, STATUS_CODE, _ENTRY_KEYS
+    entries: list[Entry] = []
     for entry in history:
         if type(entry) is dict and tuple(entry) == keys:  # these keys, in this order
             at, was, to, duration = entry["timestamp"], entry["from"], entry["to"], entry["duration"]
@@ -415,24 +649,24 @@ def _history_record(history: list[Any] | tuple[Any, ...]) -> list[Any]:
                 and 0.0 <= duration <= MAX_DURATION
                 and type(was) is str
                 and type(to) is str
-                and was in statuses
-                and to in statuses
+                and was in code
+                and to in code
             ):
-                entries.append(entry)
+                entries.append((at, code[was], code[to], duration))
                 continue
         entries.append(_entry_record(entry))
     return entries
 
 
-def _entry_record(data: object) -> dict[str, Any]:
-    """One history entry's JSON, checked as :meth:`StateTransition.from_dict` checks it."""
+def _entry_record(data: object) -> Entry:
+    """One history entry's public JSON, checked as :meth:`StateTransition.from_dict` checks it."""
     fields = _fields(data, "history[]", _ENTRY_KEYS)
-    return {
-        "timestamp": check_time(fields["timestamp"], "history.timestamp"),
-        "from": check_status(fields["from"], "history.from"),
-        "to": check_status(fields["to"], "history.to"),
-        "duration": check_duration(fields["duration"], "history.duration"),
-    }
+    return (
+        check_time(fields["timestamp"], "history.timestamp"),
+        STATUS_CODE[check_status(fields["from"], "history.from")],
+        STATUS_CODE[check_status(fields["to"], "history.to")],
+        check_duration(fields["duration"], "history.duration"),
+    )
 
 
 _ENTRY_KEYS = ("timestamp", "from", "to", "duration")
@@ -440,14 +674,11 @@ _ENTRY_KEYS = ("timestamp", "from", "to", "duration")
 
 # -- decoding what the store sends ---------------------------------------------------------
 #
-# Everything in the store was validated on its way in, and the manager is trusted (its
+# Everything in the store was checked on its way in, and the manager is trusted (its
 # protocol is pickle), so a client rebuilds the values it is sent without checking every
 # field again: validating a session with ten history entries costs ~50 us, about a whole
-# round trip; this costs ~10. Anything that does not fit falls back to the validating
-# path, so a malformed reply is still a ValidationError, never a half-built value.
-
-_STATUS = {status.value: status for status in Status}
-_AGENT_TYPE = {agent.value: agent for agent in AgentType}
+# round trip; this costs a few. Anything that does not fit is a ValidationError, never a
+# half-built value.
 
 
 def _setters(cls: type, *names: str) -> tuple[Callable[[object, object], None], ...]:
@@ -462,7 +693,7 @@ _REVISION, _PID_START = _SESSION_FIELDS.index("revision"), _SESSION_FIELDS.index
 _ENTRY_SET = _setters(StateTransition, *(field.name for field in dataclasses.fields(StateTransition)))
 
 
-def _stored_session(data: Mapping[str, Any]) -> Session:
+def _stored_session(record: Record) -> Session:
     (
         set_id,
         set_dir,
@@ -480,41 +711,51 @@ def _stored_session(data: Mapping[str, Any]) -> Session:
         set_reason,
     ) = _SESSION_SET
     set_time, set_from, set_to, set_duration = _ENTRY_SET
-    status = _STATUS
+    (id, agent, status, working_dir, since, activity, flat, usage, stale, resume, pid, pid_start, revision, reason) = (
+        record
+    )
+    statuses = STATUSES
     history = []
-    for entry in data["history"]:
+    for at, was, to, duration in history_entries(flat, since):
         transition = _new(StateTransition)
-        set_time(transition, entry["timestamp"])
-        set_from(transition, status[entry["from"]])
-        set_to(transition, status[entry["to"]])
-        set_duration(transition, entry["duration"])
+        set_time(transition, at)
+        set_from(transition, statuses[was])
+        set_to(transition, statuses[to])
+        set_duration(transition, duration)
         history.append(transition)
     session = _new(Session)
-    set_id(session, data["id"])
-    set_dir(session, data["working_dir"])
-    set_agent(session, _AGENT_TYPE[data["agent_type"]])
-    set_status(session, status[data["status"]])
-    set_since(session, data["since"])
-    set_activity(session, data["last_activity"])
+    set_id(session, id)
+    set_dir(session, working_dir)
+    set_agent(session, AGENT_TYPES[agent])
+    set_status(session, statuses[status])
+    set_since(session, since)
+    set_activity(session, activity)
     set_history(session, tuple(history))
-    usage = data["api_usage"]
-    set_usage(session, None if usage is None else ApiUsage(usage["input_tokens"], usage["output_tokens"]))
-    set_stale(session, data["stale"])
-    set_resume(session, data["session_id"])
-    set_pid(session, data["pid"])
-    set_pid_start(session, data["pid_start"])
-    set_rev(session, data["revision"])
-    set_reason(session, data["closed_reason"])  # absent in JSON from before it: the validating path
+    set_usage(session, None if usage is None else ApiUsage(usage[0], usage[1]))
+    set_stale(session, stale)
+    set_resume(session, id if resume == SAME_AS_ID and type(resume) is int else resume)
+    set_pid(session, pid)
+    set_pid_start(session, pid_start)
+    set_rev(session, revision)
+    set_reason(session, reason)
     return session
 
 
 def session_from_store(data: Any) -> Session:
-    """A session as the store encoded it (bytes, or already parsed)."""
+    """A session as the store sent it: a record (bytes, or already parsed), or the public
+    JSON of a manager from before records (which is validated)."""
     parsed = loads(data, "session") if isinstance(data, bytes | str) else data
+    if type(parsed) is not list:
+        return Session.from_dict(parsed)
     try:
         return _stored_session(parsed)
-    except (KeyError, TypeError, AttributeError):
-        return Session.from_dict(parsed)
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise ValidationError("session", f"is not a record the store writes: {exc}") from None
+
+
+def public_json(data: bytes) -> bytes:
+    """A stored record's bytes as the session's public JSON (:meth:`Session.to_json`)."""
+    return session_from_store(data).to_json()
 
 
 def restamped(session: Session, revision: int, pid_start: int | None) -> Session:

@@ -208,10 +208,11 @@ def _is_unix(conn: wire.Connection) -> bool:
 
 
 #: The slot of one session in the shared segment. A session with the default 20-entry
-#: history, a 36-character id and resume id and a short working dir is 1,962 bytes of JSON
-#: (measured); a slot also holds its id and 24 bytes of header. 2,560 leaves ~500 bytes for
-#: a longer dir; a larger session is marked too big and read over the socket.
-SLOT_SIZE = 2560
+#: history (two minutes between changes), a 36-character id and resume id, token counts,
+#: pid and a 21-character working dir is a 473-byte record (2,045 bytes of public JSON;
+#: measured); a slot also holds its id and 24 bytes of header. 768 leaves ~235 bytes for a
+#: longer dir; a larger session is marked too big and read over the socket.
+SLOT_SIZE = 768
 #: Slots a new segment has at least; it doubles when full. Sized for max_sessions from the
 #: start, the index alone (16 bytes a slot, touched all over by the hash) took 256 KiB of the
 #: manager's memory with 100 sessions (measured); a doubling at 10,000 sessions copies them

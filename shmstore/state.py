@@ -6,9 +6,9 @@ The file is one small, versioned JSON document::
     {"format": "shmstore-state", "version": 1, "saved": 1764123456.7, "epoch": "9f...",
      "revision": 1234, "live": [SESSION, ...], "closed": [SESSION, ...]}
 
-where each SESSION is the store's own JSON for it (``Session.to_json``; ``closed`` is
-oldest first, as the store keeps it). Sessions are stored as they are, so that writing
-10,000 of them is a join of bytes the store already holds, not a re-encoding.
+where each SESSION is its public JSON (``Session.to_json``; ``closed`` is oldest first, as
+the store keeps it), not the store's internal record of it: the file is the user's, and
+outlives any one version's internal form.
 
 Writing is atomic: the document goes to a temporary file in the same directory (mode 0600),
 which is fsynced and renamed over the old file, and then the directory is fsynced, so after
@@ -33,7 +33,7 @@ import orjson
 
 from .atomic import replace_file
 from .errors import ShmstoreError
-from .model import Session, Status
+from .model import Session, Status, public_json
 
 #: What the ``format`` key says in every state file of ours.
 FORMAT = "shmstore-state"
@@ -66,11 +66,13 @@ class Saved:
 
 
 def encode(epoch: str, revision: int, live: Sequence[bytes], closed: Sequence[bytes]) -> bytes:
-    """The state document for a store at ``revision`` holding these sessions' JSON."""
+    """The state document for a store at ``revision`` holding these sessions' records
+    (as :meth:`Store.dump` gives them), each written as its public JSON."""
     head = orjson.dumps(
         {"format": FORMAT, "version": VERSION, "saved": time.time(), "epoch": epoch, "revision": revision}
     )
-    return b'%s,"live":[%s],"closed":[%s]}' % (head[:-1], b",".join(live), b",".join(closed))
+    live_json, closed_json = b",".join(map(public_json, live)), b",".join(map(public_json, closed))
+    return b'%s,"live":[%s],"closed":[%s]}' % (head[:-1], live_json, closed_json)
 
 
 def decode(data: bytes, path: Path) -> Saved:

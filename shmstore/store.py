@@ -46,13 +46,33 @@ from .config import RECORD_RESERVE, Limits, changed
 from .errors import ConflictError, NotFoundError, ResyncRequiredError, StoreFullError, ValidationError
 from .feed import EventKind, encode_event
 from .model import (
+    ACTIVITY,
+    CLOSED,
+    ENTRY,
+    HISTORY,
+    ID,
+    PID,
+    PID_START,
+    REASON,
+    RESUME,
+    REVISION,
+    SAME_AS_ID,
+    SINCE,
+    STALE,
+    STATUS,
+    STATUS_CODE,
+    USAGE,
+    WORKING,
     AgentType,
     ClosedReason,
+    Record,
     Session,
-    Status,
+    append_entry,
     check_agent_type,
     check_status,
-    session_record,
+    new_record,
+    stored_record,
+    to_record,
 )
 from .segment import Segment, SegmentFullError
 
@@ -103,11 +123,14 @@ class _ListingCache(NamedTuple):
 
 
 class Store:
-    """Every session, keyed by id, as orjson bytes, guarded by one re-entrant lock.
+    """Every session, keyed by id, as the orjson bytes of its record, guarded by one
+    re-entrant lock.
 
-    Sessions are kept encoded: that is what clients are sent, and bytes are the most
-    compact form CPython holds. Each change decodes one session, applies the model's pure
-    function to it, re-encodes it and bumps the store-wide revision.
+    Sessions are kept encoded, in the model's stored form (a positional array, see
+    :func:`shmstore.model.to_record`): that is what clients are sent, and bytes are the
+    most compact form CPython holds. Each change decodes one record, applies one of the
+    pure functions at the end of this module to it, re-encodes it and bumps the store-wide
+    revision.
 
     Live sessions and closed ones are kept apart: a session that closes leaves the live
     sessions (``list_all``, ``snapshot``) for a bounded list of recently closed ones, where
@@ -275,7 +298,8 @@ class Store:
     # -- writes -----------------------------------------------------------------------------
 
     def set(self, data: bytes, expected_revision: int | None = None) -> tuple[int, int | None]:
-        """Create or replace a session from its JSON; returns the revision it is stored at
+        """Create or replace a session from its record (:func:`shmstore.model.pack`) or its
+        public JSON; returns the revision it is stored at
         and its ``pid_start`` (the caller has the rest: sending it back would only cost a
         decode).
 
@@ -286,31 +310,30 @@ class Store:
         """
         if not isinstance(data, bytes):
             raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
-        # Every field checked in place, in one pass over the decoded JSON (model.session_record):
-        # the bounds Session's own checks apply, at about a third of the cost of building one.
-        record = session_record(data, self.limits.max_id_length)
-        id, history = record["id"], record["history"]
-        if len(history) > self.limits.max_history:
-            raise ValidationError(
-                "history", f"has {len(history)} entries; this store keeps at most {self.limits.max_history}"
-            )
+        # Every field checked in place, in one pass over the decoded JSON (model.stored_record):
+        # the bounds Session's own checks apply, at a fraction of the cost of building one.
+        record = stored_record(data, self.limits.max_id_length)
+        id, entries = record[ID], len(record[HISTORY]) // ENTRY
+        if entries > self.limits.max_history:
+            most = self.limits.max_history
+            raise ValidationError("history", f"has {entries} entries; this store keeps at most {most}")
         if expected_revision is not None:
             check_count(expected_revision, "expected_revision")
-        pid, given_start = record["pid"], record["pid_start"]
+        pid, given_start = record[PID], record[PID_START]
         same_namespace, fresh = _see_pid(pid, given_start)
         with self._lock:
             current = self._sessions.get(id) or self._closed.get(id)
             if expected_revision is not None:
-                current_revision = 0 if current is None else orjson.loads(current)["revision"]
+                current_revision = 0 if current is None else orjson.loads(current)[REVISION]
                 if current_revision != expected_revision:
                     raise ConflictError(id, expected_revision, current_revision)
             if pid is not None:
                 if not same_namespace:
-                    record["pid_start"] = None
+                    record[PID_START] = None
                 elif given_start is None:
-                    record["pid_start"] = _pid_start(pid, fresh, current)
+                    record[PID_START] = _pid_start(pid, fresh, current)
             self._commit(record, EventKind.SET, outside=True)
-            return self._revision, record["pid_start"]
+            return self._revision, record[PID_START]
 
     def remove(self, id: str) -> bytes | None:
         self._check_id(id)
@@ -327,7 +350,7 @@ class Store:
     def transition(self, id: str, status: str) -> bytes:
         """Move a session to ``status``: one more history entry, ``since`` reset."""
         self._check_id(id)
-        to = check_status(status)
+        to = STATUS_CODE[check_status(status)]
         with self._lock:
             record = self._load(id)
             record = transition_record(record, to, now(), self.limits.max_history, ClosedReason.TRANSITION)
@@ -371,6 +394,7 @@ class Store:
         """
         self._check_id(id)
         to = check_status(status)
+        code = STATUS_CODE[to]
         check_dir(working_dir)
         agent = check_agent_type(agent_type)
         if pid is not None:
@@ -386,20 +410,16 @@ class Store:
             current = self._sessions.get(id) or self._closed.get(id)
             if current is not None:
                 record = orjson.loads(current)
-                if record["status"] != to:
-                    transition_record(record, to, at, self.limits.max_history, why)
+                if record[STATUS] != code:
+                    transition_record(record, code, at, self.limits.max_history, why)
                 touch_record(record, at)
             else:
-                reason_now = why if to is Status.CLOSED else None
-                new = Session(
-                    id=id, working_dir=working_dir, agent_type=agent, status=to, since=at, closed_reason=reason_now
-                )
-                record = new.to_dict()
+                record = new_record(id, agent, to, working_dir, at, why if code == CLOSED else None)
             if pid is not None:
-                record["pid"] = pid
-                record["pid_start"] = _pid_start(pid, fresh, current) if same_namespace else None
+                record[PID] = pid
+                record[PID_START] = _pid_start(pid, fresh, current) if same_namespace else None
             if session_id is not None:
-                record["session_id"] = session_id
+                record[RESUME] = SAME_AS_ID if session_id == id else session_id
             return self._commit(record, EventKind.REPORT, outside=current is None)
 
     def once(self, client: bytes, number: int, method: str, *args: Any) -> Any:
@@ -450,28 +470,24 @@ class Store:
         dead, silent = [], []
         for id, data in sessions:
             record = orjson.loads(data)
-            pid, start = record["pid"], record["pid_start"]
+            pid, start = record[PID], record[PID_START]
             if pid is not None and start is not None and not procs.agent_alive(pid, start):
                 dead.append((id, data))
-            elif (
-                record["status"] == Status.WORKING
-                and not record["stale"]
-                and at - record["last_activity"] >= self.limits.stale_after
-            ):
+            elif record[STATUS] == WORKING and not record[STALE] and at - record[ACTIVITY] >= self.limits.stale_after:
                 silent.append((id, data))
         changed = 0
         with self._lock:
             for id, data in dead:
                 if self._sessions.get(id) is data:  # unchanged since examined
                     record = orjson.loads(data)
-                    transition_record(record, Status.CLOSED, now(), self.limits.max_history, ClosedReason.AGENT_GONE)
+                    transition_record(record, CLOSED, now(), self.limits.max_history, ClosedReason.AGENT_GONE)
                     self._commit(record, EventKind.CLOSE)
-                    log.info("closed session %r: agent_gone (pid %d is no longer its agent)", id, record["pid"])
+                    log.info("closed session %r: agent_gone (pid %d is no longer its agent)", id, record[PID])
                     changed += 1
             for id, data in silent:
                 if self._sessions.get(id) is data:
                     record = orjson.loads(data)
-                    record["stale"] = True
+                    record[STALE] = True
                     self._commit(record, EventKind.STALE)
                     log.info("session %r is stale: no report for %.0f s", id, self.limits.stale_after)
                     changed += 1
@@ -483,7 +499,7 @@ class Store:
         age = check_duration(older_than, "older_than")
         with self._lock:
             cutoff = now() - age
-            old = [id for id, data in self._closed.items() if orjson.loads(data)["since"] <= cutoff]
+            old = [id for id, data in self._closed.items() if orjson.loads(data)[SINCE] <= cutoff]
             for id in old:
                 del self._closed[id]
                 self._publish(EventKind.REMOVE, id, None)
@@ -549,10 +565,10 @@ class Store:
     # -- keeping sessions across a restart (the manager's, not exposed) ---------------------
 
     def dump(self) -> tuple[str, int, list[bytes], list[bytes]]:
-        """The epoch, the revision, the live sessions' JSON and the recently closed ones'
-        (oldest first), taken at one instant under the lock. Copying the two lists takes
-        only references to the stored bytes (~0.1 ms for 10,000 sessions), so the caller
-        encodes and writes them with the lock released."""
+        """The epoch, the revision, the live sessions' records and the recently closed
+        ones' (oldest first), taken at one instant under the lock. Copying the two lists
+        takes only references to the stored bytes (~0.1 ms for 10,000 sessions), so the
+        caller encodes and writes them with the lock released."""
         with self._lock:
             return self.epoch, self._revision, list(self._sessions.values()), list(self._closed.values())
 
@@ -607,9 +623,9 @@ class Store:
             return left_out
 
     def _fitted(self, session: Session) -> bytes:
-        """``session``'s JSON within this store's history and record size limits."""
-        record = session.to_dict()
-        del record["history"][: -self.limits.max_history]
+        """``session``'s record within this store's history and record size limits."""
+        record = to_record(session)
+        del record[HISTORY][: -ENTRY * self.limits.max_history]
         data = memoryview(orjson.dumps(record)).tobytes()
         return self._shed_history(record, data) if len(data) > self.limits.max_record_bytes else data
 
@@ -626,7 +642,7 @@ class Store:
         ids, revisions = list(self._sessions), []
         for id, data in self._sessions.items():
             known = before.get(id)
-            revisions.append(known[1] if known is not None and known[0] is data else orjson.loads(data)["revision"])
+            revisions.append(known[1] if known is not None and known[0] is data else orjson.loads(data)[REVISION])
         index = orjson.dumps([ids, revisions])
         reply = (self.epoch, self._revision, index, list(self._sessions.values()))
         self._listing = _ListingCache(self._revision, reply, ids, revisions)
@@ -652,8 +668,8 @@ class Store:
         (``outside``) leaves less than RECORD_RESERVE of ``max_record_bytes`` free. A record
         the store changed that outgrows ``max_record_bytes`` loses its oldest history entries.
         """
-        id = record["id"]
-        closing = record["status"] == Status.CLOSED
+        id = record[ID]
+        closing = record[STATUS] == CLOSED
         live = self._sessions.get(id)
         if not closing and live is None and len(self._sessions) >= self.limits.max_sessions:
             raise StoreFullError(
@@ -661,7 +677,7 @@ class Store:
                 limit="max_sessions",
                 id=id,
             )
-        record["revision"] = self._revision + 1
+        record[REVISION] = self._revision + 1
         # orjson builds its result in a 4 KiB buffer and shrinks it in place, which leaves
         # a hole that later buffers do not fit: kept for long, a 1 KiB session pinned about
         # 3.7 KiB of heap (measured). An exact-size copy costs 0.15 us and packs tightly.
@@ -707,11 +723,11 @@ class Store:
         """``record`` without as many of its oldest history entries as it takes to fit in
         ``max_record_bytes``. Only records the store itself grew come here, and RECORD_RESERVE
         leaves them room for everything but history, so this always succeeds."""
-        history = record["history"]
+        history = record[HISTORY]
         excess, drop = len(data) - self.limits.max_record_bytes, 0
         while excess > 0 and drop < len(history):
-            excess -= len(orjson.dumps(history[drop])) + 1  # the entry and its comma
-            drop += 1
+            excess -= len(orjson.dumps(history[drop : drop + ENTRY])) - 1  # its values and their commas
+            drop += ENTRY
         del history[:drop]
         data = memoryview(orjson.dumps(record)).tobytes()
         if len(data) > self.limits.max_record_bytes:  # not reachable while RECORD_RESERVE holds
@@ -765,52 +781,46 @@ def _pid_start(pid: int, fresh: int | None, current: bytes | None) -> int | None
     if fresh is not None or current is None:
         return fresh
     stored = orjson.loads(current)
-    return stored["pid_start"] if stored["pid"] == pid else None
+    return stored[PID_START] if stored[PID] == pid else None
 
 
 # -- the changes the store makes -------------------------------------------------------------
 #
-# The manager keeps sessions encoded and changes them in their decoded-JSON form (a
-# "record"), which costs a few microseconds where building and validating a Session with
-# a long history costs hundreds. Records only ever come from Session.to_json(), so they
-# are valid; these functions keep them so.
-
-Record = dict[str, Any]
+# The manager keeps sessions encoded and changes them in their decoded form (a record,
+# a list: see shmstore.model), which costs a few microseconds where building and
+# validating a Session with a long history costs tens. Records only ever come from
+# model.to_record, model.new_record or a check of what a client sent, so they are valid;
+# these functions keep them so. Statuses are codes (model.STATUS_CODE).
 
 
 def transition_record(
-    record: Record, to: Status, at: float, max_history: int, reason: str = ClosedReason.TRANSITION
+    record: Record, to: int, at: float, max_history: int, reason: str = ClosedReason.TRANSITION
 ) -> Record:
-    """Move ``record`` to status ``to`` at time ``at``: one more history entry, ``since``
-    reset, only the newest ``max_history`` entries kept; ``reason`` is its ``closed_reason``
-    if ``to`` is closed (an open session has none). A clock that stepped back never makes a
-    duration negative."""
-    since = record["since"]
-    at = max(at, since)
-    history = record["history"]
-    history.append({"timestamp": at, "from": record["status"], "to": to, "duration": round(at - since, 3)})
-    del history[:-max_history]
-    record["status"] = to
-    record["since"] = at
-    record["closed"] = to is Status.CLOSED
-    record["closed_reason"] = reason if to is Status.CLOSED else None
+    """Move ``record`` to status code ``to`` at time ``at``: one more history entry,
+    ``since`` reset, only the newest ``max_history`` entries kept; ``reason`` is its
+    ``closed_reason`` if ``to`` is closed (an open session has none). A clock that stepped
+    back never makes a duration negative."""
+    at = max(at, record[SINCE])
+    append_entry(record, at, to)
+    del record[HISTORY][: -ENTRY * max_history]
+    record[STATUS] = to
+    record[SINCE] = at
+    record[REASON] = reason if to == CLOSED else None
     return touch_record(record, at)
 
 
 def touch_record(record: Record, at: float) -> Record:
     """The session reported something at ``at``: it is active, so no longer stale."""
-    record["last_activity"] = max(at, record["last_activity"])
-    record["stale"] = False
+    record[ACTIVITY] = max(at, record[ACTIVITY])
+    record[STALE] = False
     return record
 
 
 def add_usage_record(record: Record, input_tokens: int, output_tokens: int) -> Record:
     """Add token counts to ``record``; refuses totals the wire cannot carry."""
-    usage = record["api_usage"] or {"input_tokens": 0, "output_tokens": 0}
-    total_in = usage["input_tokens"] + check_count(input_tokens, "input_tokens")
-    total_out = usage["output_tokens"] + check_count(output_tokens, "output_tokens")
-    record["api_usage"] = {
-        "input_tokens": check_count(total_in, "api_usage.input_tokens"),
-        "output_tokens": check_count(total_out, "api_usage.output_tokens"),
-    }
+    usage = record[USAGE] or (0, 0)
+    record[USAGE] = [
+        check_count(usage[0] + check_count(input_tokens, "input_tokens"), "api_usage.input_tokens"),
+        check_count(usage[1] + check_count(output_tokens, "output_tokens"), "api_usage.output_tokens"),
+    ]
     return record

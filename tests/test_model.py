@@ -15,7 +15,17 @@ from hypothesis import strategies as st
 
 from shmstore import AgentType, ApiUsage, Session, StateTransition, Status, ValidationError
 from shmstore.checks import MAX_ID_LENGTH, MAX_TOKENS
-from shmstore.model import restamped, session_from_store, session_record
+from shmstore.model import (
+    ID,
+    STATUS_CODE,
+    pack,
+    public_json,
+    restamped,
+    session_from_store,
+    session_record,
+    stored_record,
+    to_record,
+)
 from shmstore.store import add_usage_record, transition_record
 
 
@@ -167,12 +177,17 @@ def test_malformed_json_raises_validation_error(data: bytes) -> None:
         Session.from_json(data)
 
 
+def checked(record: list[object]) -> Session:
+    """A record as the model's own validating path reads it (its public JSON)."""
+    return Session.from_json(public_json(orjson.dumps(record)))
+
+
 def test_transition_record_appends_and_bounds_history() -> None:
-    record = orjson.loads(Session(id="a", working_dir="/", since=10.0).to_json())
-    transition_record(record, Status.ATTENTION, 12.5, max_history=2)
-    transition_record(record, Status.WORKING, 13.0, max_history=2)
-    transition_record(record, Status.CLOSED, 20.0, max_history=2)
-    session = Session.from_dict(record)
+    record = to_record(Session(id="a", working_dir="/", since=10.0))
+    transition_record(record, STATUS_CODE[Status.ATTENTION], 12.5, max_history=2)
+    transition_record(record, STATUS_CODE[Status.WORKING], 13.0, max_history=2)
+    transition_record(record, STATUS_CODE[Status.CLOSED], 20.0, max_history=2)
+    session = checked(record)
     assert session.status is Status.CLOSED
     assert session.closed
     assert session.since == 20.0
@@ -183,18 +198,18 @@ def test_transition_record_appends_and_bounds_history() -> None:
 
 
 def test_transition_record_never_goes_back_in_time() -> None:
-    record = orjson.loads(Session(id="a", working_dir="/", since=50.0).to_json())
-    transition_record(record, Status.ATTENTION, 40.0, max_history=10)  # the wall clock stepped back
-    entry = Session.from_dict(record).history[0]
+    record = to_record(Session(id="a", working_dir="/", since=50.0))
+    transition_record(record, STATUS_CODE[Status.ATTENTION], 40.0, max_history=10)  # the wall clock stepped back
+    entry = checked(record).history[0]
     assert entry.duration == 0.0
     assert entry.timestamp == 50.0
 
 
 def test_add_usage_record_adds_and_refuses_overflow() -> None:
-    record = orjson.loads(Session(id="a", working_dir="/").to_json())
+    record = to_record(Session(id="a", working_dir="/"))
     add_usage_record(record, 5, 7)
     add_usage_record(record, 1, 1)
-    assert Session.from_dict(record).api_usage == ApiUsage(6, 8)
+    assert checked(record).api_usage == ApiUsage(6, 8)
     with pytest.raises(ValidationError, match=r"api_usage\.input_tokens"):
         add_usage_record(record, MAX_TOKENS, 0)
     with pytest.raises(ValidationError, match="output_tokens"):
@@ -272,7 +287,7 @@ _session_json = st.fixed_dictionaries(
 )
 
 
-def _outcome(decode: Callable[[bytes], dict[str, object]], data: bytes) -> tuple[str, object]:
+def _outcome(decode: Callable[[bytes], object], data: bytes) -> tuple[str, object]:
     try:
         return "ok", orjson.dumps(decode(data))
     except ValidationError as exc:  # the clock's bound, read at each call, may have moved on
@@ -285,20 +300,100 @@ def test_the_managers_one_pass_check_accepts_and_refuses_exactly_what_the_model_
     fields: dict[str, object],
 ) -> None:
     data = json.dumps(fields).encode()
-    assert _outcome(session_record, data) == _outcome(lambda d: Session.from_json(d).to_dict(), data)
+    assert _outcome(session_record, data) == _outcome(lambda d: to_record(Session.from_json(d)), data)
 
 
 def test_the_one_pass_check_holds_the_id_to_the_stores_limit() -> None:
     data = make_json(id="x" * 20)
-    assert session_record(data, max_id_length=20)["id"] == "x" * 20
+    assert session_record(data, max_id_length=20)[ID] == "x" * 20
     with pytest.raises(ValidationError) as refused:
         session_record(make_json(id="x" * 21), max_id_length=20)
     assert refused.value.field == "id"
 
 
 def test_the_one_pass_check_gives_what_the_model_encodes() -> None:
-    data = full_session().to_json()
-    assert orjson.dumps(session_record(data)) == data
+    session = full_session()
+    assert orjson.dumps(session_record(session.to_json())) == pack(session)
+    assert orjson.dumps(stored_record(pack(session))) == pack(session)
+
+
+# -- the stored form ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resume", [None, "resume-1", "sess-ü-日本"])
+def test_a_record_keeps_every_field_and_the_resume_id_only_once_when_it_is_the_id(resume: str | None) -> None:
+    session = dataclasses.replace(full_session(), session_id=resume, pid=7, pid_start=99, stale=True)
+    data = pack(session)
+    assert session_from_store(data) == session
+    assert orjson.loads(public_json(data)) == orjson.loads(session.to_json())
+    assert data.count("sess-ü-日本".encode()) == 1  # the id, and the resume id only when it differs
+    assert (b'"resume-1"' in data) is (resume == "resume-1")
+
+
+def test_history_times_are_whole_milliseconds_counted_back_from_the_next_entry_unless_they_cannot_be() -> None:
+    exact = dataclasses.replace(full_session(), since=120.5)  # entries at 100.0 and 110.25
+    assert orjson.loads(pack(exact))[6] == [10250, 1, 5500, 10250, 6, 10250]
+    assert session_from_store(pack(exact)) == exact
+    odd = dataclasses.replace(full_session(), history=(StateTransition(1.0001, "working", "question", 0.0005),))
+    assert orjson.loads(pack(odd))[6] == [1.0001, 2, 0.0005]  # kept as they were: nothing is rounded
+    assert session_from_store(pack(odd)) == odd
+
+
+def test_a_transition_appends_to_either_form_and_keeps_every_time() -> None:
+    for session in [full_session(), dataclasses.replace(full_session(), since=110.2501)]:
+        record = to_record(session)
+        transition_record(record, STATUS_CODE[Status.WORKING], 200.125, max_history=10)
+        transition_record(record, STATUS_CODE[Status.CLOSED], 230.0000001, max_history=10)  # not whole ms
+        times = [(h.timestamp, h.duration) for h in checked(record).history]
+        assert times == [(100.0, 5.5), (110.25, 10.25), (200.125, 89.875), (230.0000001, 29.875)]
+        del record[6][:3]  # the oldest entry cut: the others keep their times
+        assert [h.timestamp for h in checked(record).history] == [110.25, 200.125, 230.0000001]
+
+
+def test_a_record_is_less_than_half_the_public_json() -> None:
+    history = tuple(StateTransition(1.795e9 + i, Status.WORKING, Status.ATTENTION, 12.345) for i in range(10))
+    session = Session(
+        id="0f8e3c1a-5b7d-4e2f-9a6c-1d2e3f4a5b6c",
+        working_dir="/home/dev/src/project",
+        session_id="0f8e3c1a-5b7d-4e2f-9a6c-1d2e3f4a5b6c",
+        since=1.795e9 + 10,
+        history=history,
+        pid=12345,
+    )
+    assert len(pack(session)) * 2 < len(session.to_json())
+
+
+# Two good records: times in whole milliseconds (the history's int form), and not (float form).
+_good_records = [
+    orjson.loads(pack(dataclasses.replace(full_session(), pid=7, pid_start=99))),
+    orjson.loads(
+        pack(dataclasses.replace(full_session(), history=(StateTransition(1.0001, "working", "question", 0.5),)))
+    ),
+]
+assert [type(record[6][0]) for record in _good_records] == [int, float]
+
+
+@settings(max_examples=800, deadline=None)
+@given(which=st.integers(0, 1), position=st.integers(0, 13), entry=st.integers(0, 5), value=_junk)
+def test_whatever_the_record_check_accepts_is_a_session_the_model_accepts(
+    which: int, position: int, entry: int, value: object
+) -> None:
+    """One field of a good record (or one value of its history) replaced by junk: the check
+    refuses it with our error, or what it keeps is a session the validating path accepts."""
+    record = orjson.loads(orjson.dumps(_good_records[which]))
+    if position == 6:
+        record[6][entry % len(record[6])] = value
+    else:
+        record[position] = value
+    try:
+        data = orjson.dumps(record)
+    except TypeError:  # junk orjson cannot encode (an integer past 64 bits) never reaches the store
+        return
+    try:
+        kept = stored_record(data)
+    except ValidationError:
+        return
+    assert checked(kept) == session_from_store(kept)
 
 
 def test_restamped_changes_only_revision_and_pid_start() -> None:

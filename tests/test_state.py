@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import shmstore
 from shmstore import Session, Status, state
+from shmstore.model import session_from_store
 from shmstore.store import Store
 
 SLEEPER = [PYTHON, "-c", "import time; time.sleep(60)"]
@@ -225,10 +226,10 @@ def test_restore_continues_the_revision_and_fits_sessions_to_the_stores_limits()
     assert "past max_sessions (3)" in left_out[0]
     assert target.revision() == revision
     assert target.epoch != epoch
-    sessions = [orjson.loads(data) for data in target.list_all()]
+    sessions = [session_from_store(data) for data in target.list_all()]
     assert len(sessions) == 3
-    assert all(len(s["history"]) == 2 for s in sessions)
-    assert [orjson.loads(data)["id"] for data in target.recently_closed()] == ["s4"]
+    assert all(len(s.history) == 2 for s in sessions)
+    assert [session_from_store(data).id for data in target.recently_closed()] == ["s4"]
 
 
 def test_restore_refuses_a_store_that_is_not_empty() -> None:

@@ -14,6 +14,7 @@ from helpers import RawStore, StartServer, make_session, snapshot
 import shmstore
 from shmstore import ApiUsage, ConflictError, NotFoundError, Session, Status, ValidationError
 from shmstore.checks import MAX_TOKENS
+from shmstore.model import pack, session_from_store
 
 
 def test_create_read_update_delete(store: shmstore.Client) -> None:
@@ -208,13 +209,13 @@ def test_list_all_given_the_callers_current_revision_answers_unchanged(store: sh
     epoch, revision, index, datas = raw.call("list_all", None, 0)
     assert (epoch, revision) == (store.info()["epoch"], 1)
     assert orjson.loads(index) == [["s1"], [1]]
-    assert [Session.from_json(d).id for d in datas] == ["s1"]
+    assert [session_from_store(d).id for d in datas] == ["s1"]
     assert raw.call("list_all", epoch, revision) is None  # unchanged: nothing sent but None
     assert raw.call("list_all", "another-epoch", revision)[1] == revision  # another store: all of it
     store.transition("s1", Status.ATTENTION)
     _, after, index, _ = raw.call("list_all", epoch, revision)
     assert (after, orjson.loads(index)) == (2, [["s1"], [2]])
-    assert raw.call("list_all") == [store.get("s1").to_json()]  # called bare, as before: the JSON
+    assert raw.call("list_all") == [pack(store.get("s1"))]  # called bare, as before: the records
 
 
 def test_list_all_refuses_a_bad_revision_or_epoch(raw: RawStore) -> None:

@@ -17,12 +17,15 @@ from shmstore import (
     StoreFullError,
     ValidationError,
 )
+from shmstore.feed import Snapshot
+from shmstore.model import public_json
 from shmstore.store import Store
 
 
-def record(data: bytes | None) -> dict[str, object]:
+def public(data: bytes | None) -> dict[str, object]:
+    """A stored session as its public JSON, decoded."""
     assert data is not None
-    decoded: dict[str, object] = orjson.loads(data)
+    decoded: dict[str, object] = orjson.loads(public_json(data))
     return decoded
 
 
@@ -38,8 +41,8 @@ def test_set_get_remove_and_each_is_one_revision_and_one_event() -> None:
     store = Store()
     revision, _ = store.set(make_session("a").to_json())
     assert revision == 1
-    assert record(store.get("a"))["revision"] == 1
-    assert record(store.remove("a"))["id"] == "a"
+    assert public(store.get("a"))["revision"] == 1
+    assert public(store.remove("a"))["id"] == "a"
     assert store.get("a") is None
     assert store.remove("a") is None  # nothing to remove: no event either
     assert kinds(store) == ["set", "remove"]
@@ -48,7 +51,7 @@ def test_set_get_remove_and_each_is_one_revision_and_one_event() -> None:
 def test_a_transition_records_where_it_came_from_and_how_long_it_stayed() -> None:
     store = Store()
     store.set(make_session("a", since=1_795_000_000.0).to_json())
-    moved = record(store.transition("a", Status.ATTENTION))
+    moved = public(store.transition("a", Status.ATTENTION))
     (entry,) = moved["history"]  # type: ignore[misc]
     assert (entry["from"], entry["to"]) == ("working", "attention")
     assert entry["duration"] == pytest.approx(moved["since"] - 1_795_000_000.0, abs=0.002)
@@ -57,12 +60,12 @@ def test_a_transition_records_where_it_came_from_and_how_long_it_stayed() -> Non
 
 def test_a_report_creates_then_moves_and_a_repeat_only_counts_as_activity() -> None:
     store = Store()
-    created = record(store.report("a", "working", "/src/app"))
+    created = public(store.report("a", "working", "/src/app"))
     assert (created["status"], created["history"]) == ("working", [])
-    again = record(store.report("a", "working", "/src/app"))
+    again = public(store.report("a", "working", "/src/app"))
     assert again["history"] == []
     assert again["last_activity"] >= created["last_activity"]  # type: ignore[operator]
-    moved = record(store.report("a", "question", "/src/app"))
+    moved = public(store.report("a", "question", "/src/app"))
     assert [h["to"] for h in moved["history"]] == ["question"]  # type: ignore[union-attr]
     assert kinds(store) == ["report", "report", "report"]
 
@@ -72,10 +75,10 @@ def test_closing_moves_a_session_to_the_recently_closed_and_a_report_resumes_it(
     store.report("a", "working", "/src/app", session_id="resume-a")
     store.transition("a", Status.CLOSED)
     assert store.list_all() == []
-    assert [record(d)["id"] for d in store.recently_closed()] == ["a"]
-    assert record(store.get("a"))["closed"] is True  # get finds it still
+    assert [public(d)["id"] for d in store.recently_closed()] == ["a"]
+    assert public(store.get("a"))["closed"] is True  # get finds it still
     store.report("a", "attention", "/src/app")
-    assert [record(d)["id"] for d in store.list_all()] == ["a"]
+    assert [public(d)["id"] for d in store.list_all()] == ["a"]
     assert store.recently_closed() == []
     assert kinds(store) == ["report", "close", "report"]
 
@@ -85,11 +88,11 @@ def test_a_session_silent_past_stale_after_is_marked_once_and_waiting_ones_never
     store.report("busy", "working", "/a")
     store.report("asking", "question", "/b")
     assert store.reap() == 1
-    assert record(store.get("busy"))["stale"] is True
-    assert record(store.get("asking"))["stale"] is False
+    assert public(store.get("busy"))["stale"] is True
+    assert public(store.get("asking"))["stale"] is False
     assert store.reap() == 0  # already marked
     store.report("busy", "working", "/a")
-    assert record(store.get("busy"))["stale"] is False  # activity clears it
+    assert public(store.get("busy"))["stale"] is False  # activity clears it
 
 
 def test_changes_follow_revisions_and_refuse_what_they_cannot_answer() -> None:
@@ -111,9 +114,9 @@ def test_a_snapshot_holds_the_live_sessions_at_one_revision() -> None:
     store.set(make_session("a").to_json())
     store.set(make_session("b").to_json())
     store.transition("b", Status.CLOSED)
-    snapshot = orjson.loads(store.snapshot())
-    assert (snapshot["revision"], [s["id"] for s in snapshot["sessions"]]) == (3, ["a"])
-    assert snapshot["epoch"] == store.epoch
+    snapshot = Snapshot.from_json(store.snapshot())
+    assert (snapshot.revision, [s.id for s in snapshot.sessions]) == (3, ["a"])
+    assert snapshot.epoch == store.epoch
 
 
 def test_prune_forgets_only_the_closed_sessions_old_enough() -> None:
@@ -171,7 +174,7 @@ def test_every_change_carries_the_session_as_it_is_after_it(kind: EventKind) -> 
         store.add_usage("a", 5, 1)
     last = orjson.loads(store.changes(store.revision() - 1))["events"][-1]
     assert last["kind"] == kind.value
-    assert last["session"] == record(store.get("a"))
+    assert last["session"] == orjson.loads(store.get("a") or b"")
 
 
 def listed(store: Store) -> tuple[list[str], list[int], list[bytes]]:
@@ -191,7 +194,7 @@ def test_the_cached_listing_follows_every_change() -> None:
     store.set(make_session("d").to_json())
     ids, revisions, datas = listed(store)
     assert (ids, revisions) == (["a", "b", "d"], [1, 4, 6])
-    assert [record(data)["revision"] for data in datas] == revisions
+    assert [public(data)["revision"] for data in datas] == revisions
     assert datas == store.list_all()
     assert store.list_all(store.epoch, store.revision()) is None
 
