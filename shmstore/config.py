@@ -17,23 +17,24 @@ from .checks import MAX_ID_LENGTH, check_duration, check_positive
 from .errors import ValidationError
 from .wire import MAX_MESSAGE
 
-#: The most bytes one stored session (its JSON) may take, by default. Measured: a typical
-#: session is ~1.2 KB (bench/bench.py's record, with a 10-entry history: 1,175 bytes); the
-#: largest the field limits allow with 20 history entries, a 4,096-byte working dir,
-#: 256-byte ids and every number at its widest is 6,838 bytes, and 11,445 bytes when every
-#: character of the dir and the ids needs a two-byte escape (" or \). 16 KiB holds all of
-#: these and RECORD_RESERVE; only a dir made mostly of control characters, each a six-byte
-#: \u escape (up to 27,825 bytes), is refused.
+#: The most bytes one stored session (its record, see shmstore.model) may take, by default.
+#: Measured: a typical session's record is ~270 bytes (bench/bench.py's session, with a
+#: 10-entry history: 264; its public JSON 1,196); the largest the field limits allow with 20
+#: history entries, a 4,096-byte working dir, 256-byte ids and every number at its widest
+#: is 5,381 bytes (6,780 of public JSON), and 9,732 when every character of the dir and the
+#: id needs a two-byte escape (" or \). 16 KiB holds all of these and RECORD_RESERVE; only
+#: a dir made mostly of control characters, each a six-byte \u escape, is refused.
 DEFAULT_MAX_RECORD_BYTES = 16 * 2**10
 #: The least ``max_record_bytes``: the largest session of characters that need no escape,
-#: with 20 history entries (6,838 bytes, as above), plus RECORD_RESERVE, fits.
+#: with 20 history entries (5,381 bytes, as above), plus RECORD_RESERVE, fits.
 MIN_RECORD_BYTES = 8 * 2**10
 #: Of ``max_record_bytes``, what a session written from outside (``set``, or created by
 #: ``report``) must leave free for the store's own later changes to it, so that those never
 #: fail for size. Measured from the smallest form of a session to the largest the store can
-#: make of it without history: a resume id set by a report (514 bytes of JSON for 256
-#: escaped characters, where there was null), token counts, pid, pid_start, revision, times
-#: and flags at their widest add 644 bytes. The history entries the store adds are not
+#: make of it without history, on the public JSON, which takes more bytes than the record
+#: for every field: a resume id set by a report (514 bytes of JSON for 256 escaped
+#: characters, where there was null), token counts, pid, pid_start, revision, times and
+#: flags at their widest add 644 bytes. The history entries the store adds are not
 #: covered: when one would not fit, the oldest entries go, as they do past ``max_history``.
 RECORD_RESERVE = 2**10
 #: The most bytes the live sessions may take together, by default, which is also the most
@@ -81,7 +82,7 @@ class Limits:
     max_closed: int = _setting(100, "recently closed sessions kept with their resume ids")
     stale_after: float = _setting(600.0, "seconds a working session may stay silent before it is stale", "SECONDS")
     reap_interval: float = _setting(5.0, "seconds between passes for dead agents and stale sessions", "SECONDS")
-    max_record_bytes: int = _setting(DEFAULT_MAX_RECORD_BYTES, "most bytes of JSON one session may take")
+    max_record_bytes: int = _setting(DEFAULT_MAX_RECORD_BYTES, "most bytes one session's stored record may take")
     max_store_bytes: int = _setting(DEFAULT_MAX_STORE_BYTES, "most bytes the live sessions may take together")
 
     def __post_init__(self) -> None:

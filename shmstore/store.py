@@ -686,7 +686,7 @@ class Store:
         if outside and len(data) > limit - RECORD_RESERVE:
             raise ValidationError(
                 "session",
-                f"is {len(data)} bytes of JSON; a session may be at most {limit - RECORD_RESERVE} "
+                f"is {len(data)} bytes as a stored record; a session's record may be at most {limit - RECORD_RESERVE} "
                 f"(max_record_bytes {limit}, less {RECORD_RESERVE} kept for the store's own changes)",
             )
         if len(data) > limit:
@@ -732,7 +732,7 @@ class Store:
         data = memoryview(orjson.dumps(record)).tobytes()
         if len(data) > self.limits.max_record_bytes:  # not reachable while RECORD_RESERVE holds
             limit = self.limits.max_record_bytes
-            raise ValidationError("session", f"is {len(data)} bytes of JSON; the limit is {limit}")
+            raise ValidationError("session", f"is {len(data)} bytes as a stored record; the limit is {limit}")
         return data
 
     def _publish(self, kind: EventKind, id: str, data: bytes | None) -> None:
