@@ -405,3 +405,18 @@ def test_restamped_changes_only_revision_and_pid_start() -> None:
 
 def make_json(**fields: object) -> bytes:
     return orjson.dumps({"working_dir": "/home/dev", "since": 100.0, **fields})
+
+
+def test_decoding_reuses_entries_already_built_but_never_one_of_another_value() -> None:
+    session = full_session()
+    first, again = session_from_store(pack(session)), session_from_store(pack(session))
+    assert first == again == session
+    assert all(a is b for a, b in zip(first.history, again.history, strict=True))  # built once
+    # A record sent by a client may hold a duration as float seconds where the store would
+    # write int milliseconds: 5.0 s must not be read as the 5 ms entry built before it.
+    record = orjson.loads(pack(session))
+    record[6][2] = 5  # the first entry: 5 ms
+    short = session_from_store(orjson.dumps(record)).history[0]
+    record[6][2] = 5.0  # 5 s
+    long = session_from_store(orjson.dumps(stored_record(orjson.dumps(record)))).history[0]
+    assert (short.duration, long.duration) == (0.005, 5.0)
