@@ -22,8 +22,16 @@ import stat
 from .errors import AddressInUseError, StoreUnavailableError, ValidationError
 from .protocol import Address
 
+# The type checker's view only: at run time a Redis address comes from its own module,
+# imported when one is used (dataclasses and urllib would double the hook's start-up).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .redis_address import RedisAddress
+
 #: Environment variable that overrides the default address.
 ENV_ADDRESS = "SHMSTORE_ADDRESS"
+#: URL schemes that name a Redis (or Valkey) server instead of a manager.
+REDIS_SCHEMES = ("redis", "rediss", "redis+unix", "valkey", "valkeys", "valkey+unix")
 #: Environment variable that holds the authkey, overriding the key file.
 ENV_AUTHKEY = "SHMSTORE_AUTHKEY"
 
@@ -70,7 +78,30 @@ def default_address() -> Address:
 
 
 def resolve(address: Address | os.PathLike[str] | None) -> Address:
-    """The address to use: as given (a path, ``host:port`` or a tuple), else the default."""
+    """The address of a manager to use: as given (a path, ``host:port`` or a tuple), else
+    the default. A Redis URL is refused here: it names no manager (see :func:`resolve_any`)."""
+    found = resolve_any(address)
+    if not isinstance(found, str | tuple):
+        raise ValidationError("address", f"{found} is a Redis store, not a manager this command can use")
+    return found
+
+
+def is_redis(text: str) -> bool:
+    """Whether ``text`` is a Redis URL (``redis://``, ``valkey+unix://`` and the rest)."""
+    return text.partition("://")[0].lower() in REDIS_SCHEMES
+
+
+def resolve_any(address: Address | RedisAddress | os.PathLike[str] | None) -> Address | RedisAddress:
+    """The store to use: a manager's address as :func:`resolve` gives it, or for a Redis
+    URL (given, or in ``$SHMSTORE_ADDRESS``) a :class:`~shmstore.redis_address.RedisAddress`."""
+    if address is None:
+        address = os.environ.get(ENV_ADDRESS) or None
+    if isinstance(address, str) and is_redis(address):
+        from .redis_address import parse_redis
+
+        return parse_redis(address)
+    if address is not None and not isinstance(address, str | tuple | os.PathLike):
+        return address  # a RedisAddress already
     if address is None:
         return default_address()
     if isinstance(address, os.PathLike):
@@ -94,8 +125,13 @@ def parse_address(text: str) -> Address:
     return text
 
 
-def format_address(address: Address) -> str:
-    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+def format_address(address: Address | RedisAddress) -> str:
+    """An address to show: a path, ``host:port``, or a Redis URL without its password."""
+    if isinstance(address, str):
+        return address
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address)
 
 
 def key_path(address: Address) -> str:

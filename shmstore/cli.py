@@ -331,7 +331,7 @@ def _log_to_stderr(level: str) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    where = addr.format_address(addr.resolve(args.address))
+    where = addr.format_address(addr.resolve_any(args.address))
     try:
         with _client(args) as store:
             info = store.info()

@@ -37,6 +37,7 @@ from .checks import MAX_WAIT
 from .errors import ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
 from .feed import Changes, Event, EventKind, Snapshot
 from .model import AgentType, Session, Status, check_status, pack, restamped, session_from_store
+from .redis_address import RedisAddress
 from .shared import SharedReads
 from .store import WRITES
 
@@ -192,7 +193,7 @@ class Client:
 
     def __init__(
         self,
-        address: wire.Address | os.PathLike[str] | None = None,
+        address: wire.Address | RedisAddress | os.PathLike[str] | None = None,
         authkey: bytes | str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
@@ -202,7 +203,7 @@ class Client:
             raise ValidationError("timeout", f"must be a positive number of seconds; got {timeout!r}")
         if not isinstance(shared_memory, bool):
             raise ValidationError("shared_memory", f"must be true or false, not {type(shared_memory).__name__}")
-        self.address = addr.resolve(address)
+        self.address = addr.resolve_any(address)
         self.timeout = float(timeout)
         self._authkey = None if authkey is None else addr.as_key(authkey)
         self._pid = os.getpid()
@@ -211,7 +212,7 @@ class Client:
         self._decoded: dict[bytes, Session] = {}
         self._listing: _Listing | None = None  # the last list_all reply, decoded
         self._requests = threading.local()  # this thread's request token and number
-        unix = isinstance(self.address, str)
+        unix = isinstance(self.address, str)  # a manager's unix socket (not TCP, not Redis)
         self._shared = None
         if shared_memory and unix and segment.supported():
             # Weakly: a client dropped without close() is then freed (its connections closed)
@@ -271,6 +272,11 @@ class Client:
             return self._proxy
 
     def _new_proxy(self, deadline: float) -> StoreProxy:
+        if isinstance(self.address, RedisAddress):
+            from .redis_store import RedisProxy  # only a Redis address needs the redis package
+
+            return RedisProxy(self.address, self.timeout)  # type: ignore[return-value]
+        assert not isinstance(self.address, RedisAddress)
         key = self._authkey if self._authkey is not None else addr.read_key(self.address)
         where = addr.format_address(self.address)
         try:
@@ -291,6 +297,7 @@ class Client:
 
     def _connect(self, deadline: float) -> wire.Connection:
         """A connection of its own to this client's manager, authenticated (SharedReads')."""
+        assert not isinstance(self.address, RedisAddress)  # never shared: see __init__
         proxy = self._get_proxy(deadline)
         return wire.Client(self.address, authkey=bytes(proxy._authkey), timeout=_left(deadline))
 

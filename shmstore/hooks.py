@@ -231,15 +231,23 @@ def _report_payload(payload: Mapping[str, Any], address: str | None, pid: int | 
         if event not in QUIET_EVENTS:
             say(f"shmstore hook: ignored unknown event {event!r}")
         return
+    where = addr.resolve_any(address)
+    reason = end_reason(payload) if status == "closed" else None
+    if not isinstance(where, str | tuple):  # a Redis URL: the full client and the redis package
+        from .client import Client
+
+        with Client(where, timeout=max(0.001, deadline - time.monotonic())) as client:
+            client.report(session, status, payload["cwd"], pid=pid or agent_pid(), session_id=session, reason=reason)
+        return
     report(
-        addr.resolve(address),
+        where,
         None,
         session,
         status,
         payload["cwd"],
         pid=pid or agent_pid(),
         session_id=session,
-        reason=end_reason(payload) if status == "closed" else None,
+        reason=reason,
         deadline=deadline,
     )
 

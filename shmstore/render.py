@@ -203,6 +203,15 @@ def format_status(info: dict[str, Any], at: float | None = None) -> str:
     """The manager's ``info()`` as aligned lines for people."""
     at = time.time() if at is None else at
     uss = info.get("uss")
+    if info.get("backend") == "redis":
+        rows = [
+            ("store", f"Redis at {info.get('address', '?')}"),
+            ("epoch", info["epoch"]),
+            ("revision", str(info["revision"])),
+            ("sessions", f"{info['live']} live, {info['closed']} recently closed"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name + ':':<{width + 1}} {printable(str(value))}" for name, value in rows)
     rows = [
         ("manager", f"up at {info.get('address', '?')}"),
         ("pid", str(info["pid"])),

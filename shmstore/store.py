@@ -67,6 +67,7 @@ from .model import (
     ClosedReason,
     Record,
     Session,
+    Status,
     append_entry,
     check_agent_type,
     check_status,
@@ -394,7 +395,6 @@ class Store:
         """
         self._check_id(id)
         to = check_status(status)
-        code = STATUS_CODE[to]
         check_dir(working_dir)
         agent = check_agent_type(agent_type)
         if pid is not None:
@@ -408,13 +408,7 @@ class Store:
         with self._lock:
             at = now()
             current = self._sessions.get(id) or self._closed.get(id)
-            if current is not None:
-                record = orjson.loads(current)
-                if record[STATUS] != code:
-                    transition_record(record, code, at, self.limits.max_history, why)
-                touch_record(record, at)
-            else:
-                record = new_record(id, agent, to, working_dir, at, why if code == CLOSED else None)
+            record = report_record(current, id, to, working_dir, agent, why, at, self.limits.max_history)
             if pid is not None:
                 record[PID] = pid
                 record[PID_START] = _pid_start(pid, fresh, current) if same_namespace else None
@@ -626,8 +620,7 @@ class Store:
         """``session``'s record within this store's history and record size limits."""
         record = to_record(session)
         del record[HISTORY][: -ENTRY * self.limits.max_history]
-        data = memoryview(orjson.dumps(record)).tobytes()
-        return self._shed_history(record, data) if len(data) > self.limits.max_record_bytes else data
+        return encoded(record, self.limits.max_record_bytes, outside=False)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -678,19 +671,7 @@ class Store:
                 id=id,
             )
         record[REVISION] = self._revision + 1
-        # orjson builds its result in a 4 KiB buffer and shrinks it in place, which leaves
-        # a hole that later buffers do not fit: kept for long, a 1 KiB session pinned about
-        # 3.7 KiB of heap (measured). An exact-size copy costs 0.15 us and packs tightly.
-        data = memoryview(orjson.dumps(record)).tobytes()
-        limit = self.limits.max_record_bytes
-        if outside and len(data) > limit - RECORD_RESERVE:
-            raise ValidationError(
-                "session",
-                f"is {len(data)} bytes as a stored record; a session's record may be at most {limit - RECORD_RESERVE} "
-                f"(max_record_bytes {limit}, less {RECORD_RESERVE} kept for the store's own changes)",
-            )
-        if len(data) > limit:
-            data = self._shed_history(record, data)
+        data = encoded(record, self.limits.max_record_bytes, outside)
         if closing:
             if live is not None:
                 del self._sessions[id]
@@ -717,22 +698,6 @@ class Store:
             self._sessions[id] = data
             self._live_bytes = total
         self._publish(kind, id, data)
-        return data
-
-    def _shed_history(self, record: Record, data: bytes) -> bytes:
-        """``record`` without as many of its oldest history entries as it takes to fit in
-        ``max_record_bytes``. Only records the store itself grew come here, and RECORD_RESERVE
-        leaves them room for everything but history, so this always succeeds."""
-        history = record[HISTORY]
-        excess, drop = len(data) - self.limits.max_record_bytes, 0
-        while excess > 0 and drop < len(history):
-            excess -= len(orjson.dumps(history[drop : drop + ENTRY])) - 1  # its values and their commas
-            drop += ENTRY
-        del history[:drop]
-        data = memoryview(orjson.dumps(record)).tobytes()
-        if len(data) > self.limits.max_record_bytes:  # not reachable while RECORD_RESERVE holds
-            limit = self.limits.max_record_bytes
-            raise ValidationError("session", f"is {len(data)} bytes as a stored record; the limit is {limit}")
         return data
 
     def _publish(self, kind: EventKind, id: str, data: bytes | None) -> None:
@@ -784,7 +749,7 @@ def _pid_start(pid: int, fresh: int | None, current: bytes | None) -> int | None
     return stored[PID_START] if stored[PID] == pid else None
 
 
-# -- the changes the store makes -------------------------------------------------------------
+# -- the changes the store makes (the Redis backend makes the same ones) ---------------------
 #
 # The manager keeps sessions encoded and changes them in their decoded form (a record,
 # a list: see shmstore.model), which costs a few microseconds where building and
@@ -807,6 +772,62 @@ def transition_record(
     record[SINCE] = at
     record[REASON] = reason if to == CLOSED else None
     return touch_record(record, at)
+
+
+def report_record(
+    current: bytes | None,
+    id: str,
+    to: Status,
+    working_dir: str,
+    agent: AgentType,
+    why: str,
+    at: float,
+    max_history: int,
+) -> Record:
+    """What a report of status ``to`` at ``at`` makes of the stored session ``current`` (a
+    new session if None): a transition only if the status changes, activity either way;
+    ``why`` is the closed reason if it closes. Pid and resume id are the caller's."""
+    code = STATUS_CODE[to]
+    if current is None:
+        return new_record(id, agent, to, working_dir, at, why if code == CLOSED else None)
+    record: Record = orjson.loads(current)
+    if record[STATUS] != code:
+        transition_record(record, code, at, max_history, why)
+    return touch_record(record, at)
+
+
+def encoded(record: Record, limit: int, outside: bool) -> bytes:
+    """``record``'s bytes, within ``limit`` (max_record_bytes). A record written from
+    ``outside`` (``set``, or created by ``report``) must leave RECORD_RESERVE of it free,
+    else ValidationError; a record the store changed that outgrew it loses its oldest
+    history entries."""
+    # orjson builds its result in a 4 KiB buffer and shrinks it in place, which leaves
+    # a hole that later buffers do not fit: kept for long, a 1 KiB session pinned about
+    # 3.7 KiB of heap (measured). An exact-size copy costs 0.15 us and packs tightly.
+    data = memoryview(orjson.dumps(record)).tobytes()
+    if outside and len(data) > limit - RECORD_RESERVE:
+        raise ValidationError(
+            "session",
+            f"is {len(data)} bytes as a stored record; a session's record may be at most {limit - RECORD_RESERVE} "
+            f"(max_record_bytes {limit}, less {RECORD_RESERVE} kept for the store's own changes)",
+        )
+    return _shed_history(record, data, limit) if len(data) > limit else data
+
+
+def _shed_history(record: Record, data: bytes, limit: int) -> bytes:
+    """``record`` without as many of its oldest history entries as it takes to fit in
+    ``limit`` bytes. Only records the store itself grew come here, and RECORD_RESERVE
+    leaves them room for everything but history, so this always succeeds."""
+    history = record[HISTORY]
+    excess, drop = len(data) - limit, 0
+    while excess > 0 and drop < len(history):
+        excess -= len(orjson.dumps(history[drop : drop + ENTRY])) - 1  # its values and their commas
+        drop += ENTRY
+    del history[:drop]
+    data = memoryview(orjson.dumps(record)).tobytes()
+    if len(data) > limit:  # not reachable while RECORD_RESERVE holds
+        raise ValidationError("session", f"is {len(data)} bytes as a stored record; the limit is {limit}")
+    return data
 
 
 def touch_record(record: Record, at: float) -> Record:

@@ -8,8 +8,12 @@ that are not fixtures are in helpers.py.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import subprocess
 import tempfile
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,4 +66,49 @@ def store(server: shmstore.ServerProcess) -> Iterator[shmstore.Client]:
 def raw(server: shmstore.ServerProcess) -> Iterator[RawStore]:
     """The fixture server's store, called past the Client's own checks."""
     with RawStore(server.address, server.authkey) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def redis_socket() -> Iterator[str]:
+    """A redis-server of this xdist worker's own, on a unix socket, keeping nothing on
+    disk; each test uses a namespace of its own in it (:func:`redis_url`). Without the
+    binary the Redis tests skip, and fail where CI=true (.ci/run installs it)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed (.ci/run installs Debian's redis-server)")
+        pytest.skip("redis-server is not installed")
+    directory = tempfile.mkdtemp(prefix="rds-", dir="/tmp")
+    path = os.path.join(directory, "r.sock")
+    options = ["--port", "0", "--unixsocket", path, "--unixsocketperm", "700", "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen([binary, *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not start (exit {server.poll()})")
+            time.sleep(0.02)
+        yield path
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_url(redis_socket: str) -> str:
+    """The worker's Redis, in a namespace no other test uses."""
+    return f"redis+unix://{redis_socket}?namespace=t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["manager", "redis"])
+def any_store(request: pytest.FixtureRequest) -> Iterator[shmstore.Client]:
+    """A client of either backend: a manager of this test's own, or the worker's Redis."""
+    if request.param == "manager":
+        server = request.getfixturevalue("server")
+        address, authkey = server.address, server.authkey
+    else:
+        address, authkey = request.getfixturevalue("redis_url"), None
+    with shmstore.connect(address, authkey) as client:
         yield client

@@ -20,6 +20,7 @@ from multiprocess import managers
 
 import shmstore
 from shmstore import wire
+from shmstore.checks import MAX_TOKENS
 
 PYTHON = sys.executable
 #: A script that forks a manager from a lean process, as a daemon embeds one: its pid on
@@ -147,3 +148,24 @@ def same_views(shm: shmstore.Client, sock: shmstore.Client, ids: list[str]) -> N
         b.revision,
         sorted(b.sessions, key=lambda s: s.id),
     )
+
+
+#: Calls each backend must refuse with ValidationError, leaving the store as it was (made
+#: past the Client's own checks; the store holds "s1" with some token usage).
+BAD_CALLS: list[tuple[str, tuple[object, ...]]] = [
+    ("get", ("",)),
+    ("get", (42,)),
+    ("remove", ("bad\x07id",)),
+    ("transition", ("s1", "sleeping")),
+    ("transition", ("s1", None)),
+    ("transition", ("x" * 1000, "working")),
+    ("add_usage", ("s1", -1, 0)),
+    ("add_usage", ("s1", 0, 1.5)),
+    ("add_usage", ("s1", MAX_TOKENS, 0)),
+    ("add_usage", ("s1", "10", 0)),
+    ("set", (b"not json", None)),
+    ("set", (b'{"id": "s2", "working_dir": "relative"}', None)),
+    ("set", (b'{"id": "s1", "working_dir": "/", "status": "nope"}', None)),
+    ("set", ({"id": "s1"}, None)),
+    ("set", (make_session("s1").to_json(), -3)),
+]

@@ -37,7 +37,9 @@ def manager(address: str, key: bytes) -> dict[str, int]:
         while not stop.is_set():
             id = IDS[writes // 2 % len(IDS)]
             status = ("working", "attention", "question")[writes % 3]
-            store.report(id, status, "/home/dev/" + "x" * (writes * 131 % 1500), session_id=f"r{writes}")
+            # Dirs of 0-399 characters: records of every length that still fits a slot (768
+            # bytes; a record over it is read over the socket, where nothing can tear).
+            store.report(id, status, "/home/dev/" + "x" * (writes * 131 % 400), session_id=f"r{writes}")
             store.add_usage(id, writes % 7, 1)
             writes += 2
         counts["writes"] = writes

@@ -39,19 +39,19 @@ def test_our_authentication_error_is_not_named_like_multiprocess_s() -> None:
     assert shmstore.AuthKeyError.__name__ != multiprocess.AuthenticationError.__name__
 
 
-def test_errors_raised_in_the_manager_arrive_with_their_fields(store: shmstore.Client) -> None:
-    store.set(make_session("s1"))
+def test_errors_raised_in_the_manager_arrive_with_their_fields(any_store: shmstore.Client) -> None:
+    any_store.set(make_session("s1"))
     with pytest.raises(shmstore.ConflictError) as conflict:
-        store.set(make_session("s1"), expected_revision=0)
+        any_store.set(make_session("s1"), expected_revision=0)
     assert (conflict.value.id, conflict.value.expected, conflict.value.current) == ("s1", 0, 1)
     with pytest.raises(shmstore.NotFoundError) as missing:
-        store.transition("nobody", "attention")
+        any_store.transition("nobody", "attention")
     assert missing.value.id == "nobody"
     with pytest.raises(shmstore.ResyncRequiredError) as resync:
-        store.changes(99)
+        any_store.changes(99)
     assert (resync.value.reason, resync.value.after_revision) == ("ahead", 99)
     with pytest.raises(shmstore.ValidationError) as invalid:
-        store.add_usage("s1", -1)
+        any_store.add_usage("s1", -1)
     assert invalid.value.field == "input_tokens"
 
 

@@ -9,41 +9,40 @@ from pathlib import Path
 
 import orjson
 import pytest
-from helpers import RawStore, StartServer, make_session, snapshot
+from helpers import BAD_CALLS, RawStore, StartServer, make_session, snapshot
 
 import shmstore
 from shmstore import ApiUsage, ConflictError, NotFoundError, Session, Status, ValidationError
-from shmstore.checks import MAX_TOKENS
 from shmstore.model import pack, session_from_store
 
 
-def test_create_read_update_delete(store: shmstore.Client) -> None:
-    assert store.get("s1") is None
-    created = store.set(make_session("s1", session_id="r1"))
+def test_create_read_update_delete(any_store: shmstore.Client) -> None:
+    assert any_store.get("s1") is None
+    created = any_store.set(make_session("s1", session_id="r1"))
     assert created.revision == 1
-    assert store.get("s1") == created
-    replaced = store.set(make_session("s1", working_dir="/elsewhere"))
+    assert any_store.get("s1") == created
+    replaced = any_store.set(make_session("s1", working_dir="/elsewhere"))
     assert replaced.revision == 2
-    assert store.get("s1") == replaced
-    assert store.remove("s1") == replaced
-    assert store.get("s1") is None
-    assert store.remove("s1") is None
-    assert store.revision() == 3
+    assert any_store.get("s1") == replaced
+    assert any_store.remove("s1") == replaced
+    assert any_store.get("s1") is None
+    assert any_store.remove("s1") is None
+    assert any_store.revision() == 3
 
 
-def test_list_all_returns_every_session(store: shmstore.Client) -> None:
+def test_list_all_returns_every_session(any_store: shmstore.Client) -> None:
     ids = {f"s{i}" for i in range(25)}
     for id in ids:
-        store.set(make_session(id))
-    assert {s.id for s in store.list_all()} == ids
+        any_store.set(make_session(id))
+    assert {s.id for s in any_store.list_all()} == ids
 
 
-def test_transition_records_history_and_durations(store: shmstore.Client) -> None:
-    start = store.set(make_session("s1"))
+def test_transition_records_history_and_durations(any_store: shmstore.Client) -> None:
+    start = any_store.set(make_session("s1"))
     time.sleep(0.05)
-    first = store.transition("s1", Status.ATTENTION)
-    second = store.transition("s1", "question")
-    third = store.transition("s1", Status.CLOSED)
+    first = any_store.transition("s1", Status.ATTENTION)
+    second = any_store.transition("s1", "question")
+    third = any_store.transition("s1", Status.CLOSED)
     assert [(h.from_, h.to) for h in third.history] == [
         (Status.WORKING, Status.ATTENTION),
         (Status.ATTENTION, Status.QUESTION),
@@ -58,56 +57,37 @@ def test_transition_records_history_and_durations(store: shmstore.Client) -> Non
     assert third.revision == start.revision + 3
 
 
-def test_add_usage_increments(store: shmstore.Client) -> None:
-    store.set(make_session("s1"))
-    store.add_usage("s1", 100, 20)
-    assert store.add_usage("s1", input_tokens=1, output_tokens=2).api_usage == ApiUsage(101, 22)
+def test_add_usage_increments(any_store: shmstore.Client) -> None:
+    any_store.set(make_session("s1"))
+    any_store.add_usage("s1", 100, 20)
+    assert any_store.add_usage("s1", input_tokens=1, output_tokens=2).api_usage == ApiUsage(101, 22)
 
 
-def test_unknown_id_raises_not_found_and_changes_nothing(store: shmstore.Client) -> None:
-    store.set(make_session("s1"))
-    before = snapshot(store)
+def test_unknown_id_raises_not_found_and_changes_nothing(any_store: shmstore.Client) -> None:
+    any_store.set(make_session("s1"))
+    before = snapshot(any_store)
     with pytest.raises(NotFoundError, match="nope"):
-        store.transition("nope", Status.WORKING)
+        any_store.transition("nope", Status.WORKING)
     with pytest.raises(NotFoundError):
-        store.add_usage("nope", 1, 1)
-    assert snapshot(store) == before
+        any_store.add_usage("nope", 1, 1)
+    assert snapshot(any_store) == before
 
 
-def test_expected_revision_refuses_a_stale_write(store: shmstore.Client) -> None:
-    seen = store.set(make_session("s1"))
-    store.transition("s1", Status.ATTENTION)
+def test_expected_revision_refuses_a_stale_write(any_store: shmstore.Client) -> None:
+    seen = any_store.set(make_session("s1"))
+    any_store.transition("s1", Status.ATTENTION)
     with pytest.raises(ConflictError, match="revision 2"):
-        store.set(make_session("s1", working_dir="/stale"), expected_revision=seen.revision)
+        any_store.set(make_session("s1", working_dir="/stale"), expected_revision=seen.revision)
     with pytest.raises(ConflictError):
-        store.set(make_session("s1"), expected_revision=0)
-    current = store.get("s1")
+        any_store.set(make_session("s1"), expected_revision=0)
+    current = any_store.get("s1")
     assert current is not None
     assert current.status is Status.ATTENTION
-    assert store.set(make_session("s1"), expected_revision=current.revision).revision == 3
-    assert store.set(make_session("new"), expected_revision=0).revision == 4
+    assert any_store.set(make_session("s1"), expected_revision=current.revision).revision == 3
+    assert any_store.set(make_session("new"), expected_revision=0).revision == 4
 
 
-@pytest.mark.parametrize(
-    ("method", "args"),
-    [
-        ("get", ("",)),
-        ("get", (42,)),
-        ("remove", ("bad\x07id",)),
-        ("transition", ("s1", "sleeping")),
-        ("transition", ("s1", None)),
-        ("transition", ("x" * 1000, "working")),
-        ("add_usage", ("s1", -1, 0)),
-        ("add_usage", ("s1", 0, 1.5)),
-        ("add_usage", ("s1", MAX_TOKENS, 0)),
-        ("add_usage", ("s1", "10", 0)),
-        ("set", (b"not json", None)),
-        ("set", (b'{"id": "s2", "working_dir": "relative"}', None)),
-        ("set", (b'{"id": "s1", "working_dir": "/", "status": "nope"}', None)),
-        ("set", ({"id": "s1"}, None)),
-        ("set", (make_session("s1").to_json(), -3)),
-    ],
-)
+@pytest.mark.parametrize(("method", "args"), BAD_CALLS)
 def test_invalid_input_is_refused_and_leaves_the_store_as_it_was(
     store: shmstore.Client, raw: RawStore, method: str, args: tuple[object, ...]
 ) -> None:
@@ -120,12 +100,12 @@ def test_invalid_input_is_refused_and_leaves_the_store_as_it_was(
     assert snapshot(store) == before
 
 
-def test_client_refuses_non_sessions_and_bad_statuses(store: shmstore.Client) -> None:
+def test_client_refuses_non_sessions_and_bad_statuses(any_store: shmstore.Client) -> None:
     with pytest.raises(ValidationError, match="session"):
-        store.set({"id": "x"})  # type: ignore[arg-type]
+        any_store.set({"id": "x"})  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="status"):
-        store.transition("s1", "bogus")
-    assert store.revision() == 0
+        any_store.transition("s1", "bogus")
+    assert any_store.revision() == 0
 
 
 def test_every_field_round_trips_through_the_manager(sock_dir: object) -> None:
@@ -153,33 +133,33 @@ def test_every_field_round_trips_through_the_manager(sock_dir: object) -> None:
         assert store.snapshot().sessions == (stored,)
 
 
-def test_unchanged_sessions_are_decoded_once(store: shmstore.Client) -> None:
-    store.set(make_session("s1"))
-    first, again = store.get("s1"), store.get("s1")
+def test_unchanged_sessions_are_decoded_once(any_store: shmstore.Client) -> None:
+    any_store.set(make_session("s1"))
+    first, again = any_store.get("s1"), any_store.get("s1")
     assert first is again  # the same frozen value, handed out twice
-    assert store.list_all()[0] is first
-    changed = store.transition("s1", Status.ATTENTION)
-    assert store.get("s1") is changed
+    assert any_store.list_all()[0] is first
+    changed = any_store.transition("s1", Status.ATTENTION)
+    assert any_store.get("s1") is changed
     assert changed is not first
 
 
-def test_client_returns_copies_the_manager_does_not_share(store: shmstore.Client) -> None:
-    session = store.set(make_session("s1"))
-    mine = store.get("s1")
+def test_client_returns_copies_the_manager_does_not_share(any_store: shmstore.Client) -> None:
+    session = any_store.set(make_session("s1"))
+    mine = any_store.get("s1")
     assert mine == session
     assert mine is not session
-    store.transition("s1", Status.ATTENTION)
+    any_store.transition("s1", Status.ATTENTION)
     assert mine.status is Status.WORKING  # our copy is a value; it did not move
 
 
-def test_one_client_shared_by_threads(store: shmstore.Client) -> None:
-    store.set(make_session("s1"))
+def test_one_client_shared_by_threads(any_store: shmstore.Client) -> None:
+    any_store.set(make_session("s1"))
     errors: list[BaseException] = []
 
     def hammer() -> None:
         try:
             for _ in range(50):
-                store.add_usage("s1", 1, 2)
+                any_store.add_usage("s1", 1, 2)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -189,7 +169,7 @@ def test_one_client_shared_by_threads(store: shmstore.Client) -> None:
     for t in threads:
         t.join(60)
     assert errors == []
-    assert store.get("s1").api_usage == ApiUsage(300, 600)  # type: ignore[union-attr]
+    assert any_store.get("s1").api_usage == ApiUsage(300, 600)  # type: ignore[union-attr]
 
 
 def test_history_is_bounded_by_max_history(start_server: StartServer) -> None:
@@ -225,28 +205,28 @@ def test_list_all_refuses_a_bad_revision_or_epoch(raw: RawStore) -> None:
         assert info.value.field == field
 
 
-def test_list_all_returns_the_new_session_after_an_update_of_the_same_size(store: shmstore.Client) -> None:
-    store.set(make_session("s1", working_dir="/src/one", since=100.0))  # a fixed time: a fixed size
-    other = store.set(make_session("s2"))
-    first, kept = sorted(store.list_all(), key=lambda s: s.id)  # listed in no set order
-    updated = store.set(make_session("s1", working_dir="/src/two", since=100.0))
+def test_list_all_returns_the_new_session_after_an_update_of_the_same_size(any_store: shmstore.Client) -> None:
+    any_store.set(make_session("s1", working_dir="/src/one", since=100.0))  # a fixed time: a fixed size
+    other = any_store.set(make_session("s2"))
+    first, kept = sorted(any_store.list_all(), key=lambda s: s.id)  # listed in no set order
+    updated = any_store.set(make_session("s1", working_dir="/src/two", since=100.0))
     assert len(updated.to_json()) == len(first.to_json())
-    now, still = sorted(store.list_all(), key=lambda s: s.id)
+    now, still = sorted(any_store.list_all(), key=lambda s: s.id)
     assert now == updated
     assert now.working_dir == "/src/two"
     assert still is kept  # unchanged (id, revision): the value decoded before
     assert kept == other
 
 
-def test_list_all_unchanged_hands_out_the_same_sessions_in_a_new_list(store: shmstore.Client) -> None:
-    store.set(make_session("s1"))
-    first = store.list_all()
-    again = store.list_all()
+def test_list_all_unchanged_hands_out_the_same_sessions_in_a_new_list(any_store: shmstore.Client) -> None:
+    any_store.set(make_session("s1"))
+    first = any_store.list_all()
+    again = any_store.list_all()
     assert again == first
     assert again is not first  # the caller may change its list
     assert again[0] is first[0]
     again.clear()
-    assert store.list_all() == first
+    assert any_store.list_all() == first
 
 
 def test_list_all_after_a_manager_restart_lists_the_new_managers_sessions(start_server: StartServer) -> None:

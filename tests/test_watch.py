@@ -24,16 +24,16 @@ from shmstore.client import Backoff, Follower, Link, Notice
 from shmstore.render import format_event
 
 
-def test_snapshot_and_changes(store: shmstore.Client) -> None:
-    assert store.snapshot().revision == 0
-    assert store.snapshot().sessions == ()
-    store.set(make_session("a"))
-    snap = store.snapshot()
-    store.transition("a", Status.ATTENTION)
-    store.add_usage("a", 1, 2)
-    store.set(make_session("b"))
-    store.remove("b")
-    changes = store.changes(snap.revision)
+def test_snapshot_and_changes(any_store: shmstore.Client) -> None:
+    assert any_store.snapshot().revision == 0
+    assert any_store.snapshot().sessions == ()
+    any_store.set(make_session("a"))
+    snap = any_store.snapshot()
+    any_store.transition("a", Status.ATTENTION)
+    any_store.add_usage("a", 1, 2)
+    any_store.set(make_session("b"))
+    any_store.remove("b")
+    changes = any_store.changes(snap.revision)
     assert changes.epoch == snap.epoch
     assert [(e.revision, e.kind, e.id) for e in changes.events] == [
         (2, EventKind.TRANSITION, "a"),
@@ -46,7 +46,7 @@ def test_snapshot_and_changes(store: shmstore.Client) -> None:
     assert changes.events[1].session is not None
     assert changes.events[1].session.revision == 3
     assert changes.events[3].session is None
-    assert store.changes(5).events == ()
+    assert any_store.changes(5).events == ()
 
 
 def test_changes_waits_for_a_write_and_wakes_promptly(store: shmstore.Client, server: Any) -> None:

@@ -1,0 +1,97 @@
+"""Redis (and Valkey) addresses: the URLs that select the Redis backend instead of a
+manager (:mod:`shmstore.redis_store`), parsed, checked, and shown without their password.
+Standard library only; imported when such a URL is used."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import urllib.parse
+
+from .errors import ValidationError
+
+#: URL schemes that select the Redis backend: scheme -> (TLS, unix socket).
+SCHEMES = {
+    "redis": (False, False),
+    "rediss": (True, False),
+    "redis+unix": (False, True),
+    "valkey": (False, False),
+    "valkeys": (True, False),
+    "valkey+unix": (False, True),
+}
+#: Environment variable that holds the Redis password when the URL has none.
+ENV_REDIS_PASSWORD = "SHMSTORE_REDIS_PASSWORD"
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """A Redis or Valkey server that holds the store, from a URL such as
+    ``redis://[user:pass@]host[:port][/db][?namespace=NAME]``, ``rediss://`` (TLS) or
+    ``redis+unix:///path.sock[?db=N&namespace=NAME]``. Shown (``str``) without its password."""
+
+    scheme: str
+    host: str | None  # None: a unix socket at ``path``
+    port: int
+    path: str | None
+    db: int
+    namespace: str
+    username: str | None
+    password: str | None = dataclasses.field(repr=False)
+    tls: bool
+    allow_insecure: bool
+
+    def __str__(self) -> str:
+        who = "" if self.username is None and self.password is None else f"{self.username or ''}:***@"
+        where = f"{self.path}" if self.host is None else f"{who}{self.host}:{self.port}/{self.db}"
+        if self.host is None:
+            return f"{self.scheme}://{who}{where}?db={self.db}&namespace={self.namespace}"
+        return f"{self.scheme}://{where}?namespace={self.namespace}"
+
+
+def parse_redis(text: str) -> RedisAddress:
+    """A Redis URL as a :class:`RedisAddress`. The password comes from the URL, else from
+    ``$SHMSTORE_REDIS_PASSWORD``. A plain (not TLS) connection to a host off the loopback
+    is refused unless the URL says ``allow_insecure=true``: it would send the password and
+    every session in the clear."""
+    try:
+        url = urllib.parse.urlsplit(text)
+        port = url.port
+    except ValueError as exc:
+        raise ValidationError("address", f"is not a Redis URL: {exc}") from None
+    scheme = url.scheme.lower()
+    tls, unix = SCHEMES[scheme]
+    query = dict(urllib.parse.parse_qsl(url.query))
+    unknown = sorted(set(query) - {"db", "namespace", "allow_insecure"})
+    if unknown:
+        raise ValidationError("address", f"unknown Redis URL option(s) {', '.join(unknown)}")
+    namespace = query.get("namespace", "shmstore")
+    if not _NAMESPACE.fullmatch(namespace):
+        raise ValidationError("address", f"namespace must be 1 to 64 of A-Z a-z 0-9 _ . -; got {namespace!r:.80}")
+    path, host = None, url.hostname
+    db_text = query.get("db", "0")
+    if unix:
+        path, host = urllib.parse.unquote(url.path), None
+        if not path.startswith("/"):
+            raise ValidationError("address", f"{scheme}:// needs an absolute socket path; got {path!r:.80}")
+    else:
+        if not host:
+            raise ValidationError("address", f"a {scheme}:// URL needs a host")
+        if url.path.strip("/"):
+            db_text = url.path.strip("/")
+    if not db_text.isdigit() or int(db_text) > 1_000_000:
+        raise ValidationError("address", f"db must be a number; got {db_text!r:.80}")
+    insecure = query.get("allow_insecure", "false").lower() in ("1", "true", "yes")
+    if host is not None and not tls and host not in _LOOPBACK and not insecure:
+        raise ValidationError(
+            "address",
+            f"{scheme}://{host} is off this host without TLS: use {'valkeys' if 'valkey' in scheme else 'rediss'}://, "
+            "or add ?allow_insecure=true to send sessions and the password in the clear",
+        )
+    password = urllib.parse.unquote(url.password) if url.password is not None else os.environ.get(ENV_REDIS_PASSWORD)
+    username = urllib.parse.unquote(url.username) if url.username else None
+    return RedisAddress(
+        scheme, host, port or 6379, path, int(db_text), namespace, username, password or None, tls, insecure
+    )

@@ -1,0 +1,696 @@
+"""The store in Redis (or Valkey): the same operations as :class:`~shmstore.store.Store`,
+with the same arguments, results and errors, for sessions that several machines share.
+
+A :class:`~shmstore.client.Client` given a ``redis://`` address (:mod:`shmstore.address`)
+calls this instead of a manager, so ``Client``, ``Watch`` and ``Follower`` work unchanged.
+It needs the ``redis`` package (``pip install 'shmstore[redis]'``), imported only here.
+
+Keys, all under one hash tag so that a cluster keeps them in one slot::
+
+    {NS}:meta          hash: epoch, revision, bytes (of the live records)
+    {NS}:live          hash: id -> record (shmstore.model's stored form)
+    {NS}:closed        hash: id -> record, the recently closed
+    {NS}:closed_order  sorted set: id -> the revision it closed at (oldest first)
+    {NS}:revs          hash: id -> the revision of its stored record
+    {NS}:feed          stream: one entry per change, id "<revision>-0": kind, id, data
+    {NS}:done:TOKEN    hash: a client's newest write (number, revision, data), for one hour
+
+How a write is atomic without decoding JSON in Lua (Redis 7.0's cjson turns ``[]`` into
+``{}`` and prints 15-digit numbers in exponent form): the client reads the record and
+Redis's clock (``TIME``) in one round trip, makes the change in Python with the same
+functions the manager uses (``store.transition_record`` and the rest), and hands the
+result to one Lua script (:data:`_COMMIT`), which stores it only if the session's
+revision is still the one read, and else changes nothing and says so (the write is
+tried again, within the call's deadline). The script checks the limits, counts the
+revision, writes the record with it (the record's bytes around the revision, joined in
+Lua), moves it between the live and the closed, and appends the feed entry, all or
+nothing: every check comes before the first change. Two round trips a write; a race on
+one session costs a third.
+
+Not yet here (issue #13): the reaper for dead agents across hosts (host ids, leases);
+``reap`` only marks silent sessions stale, and a pid is kept as given, never checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+try:
+    import redis
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "a redis:// address needs the redis package: pip install 'shmstore[redis]'", name="redis"
+    ) from exc
+
+from .checks import (
+    MAX_WAIT,
+    check_closed_reason,
+    check_count,
+    check_dir,
+    check_duration,
+    check_id,
+    check_pid,
+    check_positive,
+)
+from .config import Limits
+from .errors import ConflictError, NotFoundError, ResyncRequiredError, StoreFullError, ValidationError
+from .feed import EventKind, encode_event
+from .model import (
+    ACTIVITY,
+    CLOSED,
+    ENTRY,
+    HISTORY,
+    ID,
+    PID,
+    PID_START,
+    RESUME,
+    REVISION,
+    SAME_AS_ID,
+    SINCE,
+    STALE,
+    STATUS,
+    STATUS_CODE,
+    WORKING,
+    AgentType,
+    ClosedReason,
+    Record,
+    check_agent_type,
+    check_status,
+    stored_record,
+)
+from .redis_address import RedisAddress
+from .store import (
+    DEFAULT_CHANGES_LIMIT,
+    EXPOSED,
+    WRITES,
+    Listing,
+    add_usage_record,
+    encoded,
+    report_record,
+    touch_record,
+    transition_record,
+)
+
+#: How long Redis keeps a client's newest write for a retry (the manager keeps the newest
+#: 4,096 clients'; a key per client with a lifetime bounds them here).
+DONE_SECONDS = 3600
+#: The widest revision: records are sized with it before Redis counts the real one.
+_WIDEST_REVISION = 2**63 - 1
+#: What _commit returns for a client's request older than its newest (nothing was run).
+_OLD = ("old",)
+
+# KEYS: meta, live, closed, closed_order, revs, feed, done (a key no one uses when the
+# write is not a client's once()).
+# ARGV: id, expected revision ("" = any; "0" = none), record before the revision, record
+# after it, closing (1/0), kind, max_sessions, max_store_bytes, max_closed, log_size,
+# request number ("" = not once), keep its place among the closed (1/0), a new epoch.
+# Returns {"ok", revision, record, kind}, {"done", revision, record} (the client's retry of
+# a write already made), {"old"} (older than its newest), {"conflict", revision},
+# {"sessions", count} or {"bytes", total}: past a limit, nothing changed.
+_COMMIT = """
+local meta, live, closed, order, revs, feed, done = unpack(KEYS)
+local id = ARGV[1]
+redis.call('HSETNX', meta, 'epoch', ARGV[13])
+if ARGV[11] ~= '' then
+  local number = redis.call('HGET', done, 'number')
+  if number then
+    if tonumber(number) == tonumber(ARGV[11]) then
+      return {'done', redis.call('HGET', done, 'revision'), redis.call('HGET', done, 'data')}
+    elseif tonumber(number) > tonumber(ARGV[11]) then
+      return {'old'}
+    end
+  end
+end
+local have = tonumber(redis.call('HGET', revs, id) or '0')
+if ARGV[2] ~= '' and have ~= tonumber(ARGV[2]) then
+  return {'conflict', string.format('%d', have)}
+end
+local revision = string.format('%d', tonumber(redis.call('HGET', meta, 'revision') or '0') + 1)
+local data = ARGV[3] .. revision .. ARGV[4]
+local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
+local current = redis.call('HGET', live, id)
+local kind = ARGV[6]
+if ARGV[5] == '1' then
+  if current then
+    redis.call('HDEL', live, id)
+    bytes = bytes - #current
+  end
+  if ARGV[12] == '1' and redis.call('HEXISTS', closed, id) == 1 then
+    redis.call('HSET', closed, id, data)
+  else
+    redis.call('HSET', closed, id, data)
+    redis.call('ZADD', order, revision, id)
+    while redis.call('ZCARD', order) > tonumber(ARGV[9]) do
+      local oldest = redis.call('ZRANGE', order, 0, 0)[1]
+      redis.call('ZREM', order, oldest)
+      redis.call('HDEL', closed, oldest)
+      redis.call('HDEL', revs, oldest)
+    end
+    kind = 'close'
+  end
+else
+  if not current then
+    local count = redis.call('HLEN', live)
+    if count >= tonumber(ARGV[7]) then
+      return {'sessions', count}
+    end
+  end
+  local total = bytes + #data - (current and #current or 0)
+  if total > tonumber(ARGV[8]) then
+    return {'bytes', total}
+  end
+  bytes = total
+  redis.call('HDEL', closed, id)
+  redis.call('ZREM', order, id)
+  redis.call('HSET', live, id, data)
+end
+redis.call('HSET', revs, id, revision)
+redis.call('HSET', meta, 'revision', revision, 'bytes', bytes)
+redis.call('XADD', feed, 'MAXLEN', ARGV[10], revision .. '-0', 'kind', kind, 'id', id, 'data', data)
+if ARGV[11] ~= '' then
+  redis.call('HSET', done, 'number', ARGV[11], 'revision', revision, 'data', data)
+  redis.call('EXPIRE', done, DONE_SECONDS)
+end
+return {'ok', revision, data, kind}
+""".replace("DONE_SECONDS", str(DONE_SECONDS))
+
+# KEYS as for _COMMIT. ARGV: id, expected revision ("" = any), request number ("" = not
+# once), log_size, a new epoch. Returns {"ok", revision, record}, {"none"} (no such
+# session), {"done", revision, record} or {"old"} (as _COMMIT), {"conflict", revision}.
+_REMOVE = """
+local meta, live, closed, order, revs, feed, done = unpack(KEYS)
+local id = ARGV[1]
+redis.call('HSETNX', meta, 'epoch', ARGV[5])
+if ARGV[3] ~= '' then
+  local number = redis.call('HGET', done, 'number')
+  if number then
+    if tonumber(number) == tonumber(ARGV[3]) then
+      return {'done', redis.call('HGET', done, 'revision'), redis.call('HGET', done, 'data')}
+    elseif tonumber(number) > tonumber(ARGV[3]) then
+      return {'old'}
+    end
+  end
+end
+local have = tonumber(redis.call('HGET', revs, id) or '0')
+if ARGV[2] ~= '' and have ~= tonumber(ARGV[2]) then
+  return {'conflict', string.format('%d', have)}
+end
+local data = redis.call('HGET', live, id)
+if data then
+  redis.call('HDEL', live, id)
+  redis.call('HINCRBY', meta, 'bytes', -#data)
+else
+  data = redis.call('HGET', closed, id)
+  if data then
+    redis.call('HDEL', closed, id)
+    redis.call('ZREM', order, id)
+  end
+end
+if not data then
+  if ARGV[3] ~= '' then
+    redis.call('HSET', done, 'number', ARGV[3], 'revision', '0', 'data', '')
+    redis.call('EXPIRE', done, DONE_SECONDS)
+  end
+  return {'none'}
+end
+redis.call('HDEL', revs, id)
+local revision = string.format('%d', tonumber(redis.call('HGET', meta, 'revision') or '0') + 1)
+redis.call('HSET', meta, 'revision', revision)
+redis.call('XADD', feed, 'MAXLEN', ARGV[4], revision .. '-0', 'kind', 'remove', 'id', id)
+if ARGV[3] ~= '' then
+  redis.call('HSET', done, 'number', ARGV[3], 'revision', revision, 'data', data)
+  redis.call('EXPIRE', done, DONE_SECONDS)
+end
+return {'ok', revision, data}
+""".replace("DONE_SECONDS", str(DONE_SECONDS))
+
+
+class RedisStore:
+    """The store's operations on one namespace of one Redis server. Safe to share between
+    threads (redis-py's connection pool gives each call a connection of its own)."""
+
+    def __init__(self, address: RedisAddress, timeout: float, limits: Limits | None = None) -> None:
+        self.address = address
+        self.limits = limits or Limits()
+        self.timeout = timeout
+        options: dict[str, Any] = {
+            "db": address.db,
+            "username": address.username,
+            "password": address.password,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+        }
+        if address.path is not None:
+            pool = redis.ConnectionPool(connection_class=redis.UnixDomainSocketConnection, path=address.path, **options)
+        else:
+            kind = redis.SSLConnection if address.tls else redis.Connection
+            pool = redis.ConnectionPool(connection_class=kind, host=address.host, port=address.port, **options)
+        self._redis: Any = redis.Redis(connection_pool=pool)
+        # A changes() call waits in Redis (XREAD BLOCK) for up to MAX_WAIT: its connection's
+        # deadline is that wait plus the call's timeout.
+        waiting = dict(options, socket_timeout=MAX_WAIT + timeout)
+        if address.path is not None:
+            wait_pool = redis.ConnectionPool(
+                connection_class=redis.UnixDomainSocketConnection, path=address.path, **waiting
+            )
+        else:
+            kind = redis.SSLConnection if address.tls else redis.Connection
+            wait_pool = redis.ConnectionPool(connection_class=kind, host=address.host, port=address.port, **waiting)
+        self._waiting: Any = redis.Redis(connection_pool=wait_pool)
+        tag = "{" + address.namespace + "}"
+        self._keys = [f"{tag}:{name}" for name in ("meta", "live", "closed", "closed_order", "revs", "feed")]
+        self._meta, self._live, self._closed, self._order, self._revs, self._feed = self._keys
+        self._no_client = f"{tag}:done:-"
+        self._commit_script = self._redis.register_script(_COMMIT)
+        self._remove_script = self._redis.register_script(_REMOVE)
+
+    def close(self) -> None:
+        self._redis.close()
+        self._waiting.close()
+        self._redis.connection_pool.disconnect()
+        self._waiting.connection_pool.disconnect()
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def get(self, id: str) -> bytes | None:
+        check_id(id, max_length=self.limits.max_id_length)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(self._live, id)
+        pipe.hget(self._closed, id)
+        live, closed = pipe.execute()
+        found: bytes | None = live if live is not None else closed
+        return found
+
+    def list_all(self, epoch: str | None = None, revision: int | None = None) -> list[bytes] | Listing | None:
+        if revision is None:
+            return list(self._redis.hvals(self._live))
+        check_count(revision, "revision")
+        if epoch is not None and not isinstance(epoch, str):
+            raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
+        now_epoch, now_revision, (live,) = self._at_one_instant(lambda pipe: pipe.hgetall(self._live))
+        if epoch == now_epoch and revision == now_revision:
+            return None
+        ids = [id.decode() for id in live]
+        datas = list(live.values())
+        revisions = [orjson.loads(data)[REVISION] for data in datas]
+        return (now_epoch, now_revision, orjson.dumps([ids, revisions]), datas)
+
+    def recently_closed(self) -> list[bytes]:
+        ids = self._redis.zrevrange(self._order, 0, -1)
+        if not ids:
+            return []
+        return [data for data in self._redis.hmget(self._closed, ids) if data is not None]
+
+    def revision(self) -> int:
+        return int(self._redis.hget(self._meta, "revision") or 0)
+
+    def info(self) -> dict[str, Any]:
+        epoch, revision, (live, closed) = self._at_one_instant(
+            lambda pipe: (pipe.hlen(self._live), pipe.hlen(self._closed))
+        )
+        return {
+            "backend": "redis",
+            "address": str(self.address),
+            "epoch": epoch,
+            "revision": revision,
+            "live": live,
+            "closed": closed,
+        }
+
+    def snapshot(self) -> bytes:
+        epoch, revision, (live,) = self._at_one_instant(lambda pipe: pipe.hvals(self._live))
+        return b'{"epoch":"%s","revision":%d,"sessions":[%s]}' % (epoch.encode(), revision, b",".join(live))
+
+    def changes(
+        self, after_revision: int, timeout: float = 0.0, epoch: str | None = None, limit: int = DEFAULT_CHANGES_LIMIT
+    ) -> bytes:
+        check_count(after_revision, "after_revision")
+        wait = check_duration(timeout, "timeout", MAX_WAIT)
+        if epoch is not None and not isinstance(epoch, str):
+            raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
+        limit = min(check_positive(limit, "limit"), self.limits.log_size)
+        start = f"{after_revision + 1}-0"
+        while True:
+            now_epoch, revision, (oldest, entries) = self._at_one_instant(
+                lambda pipe: (
+                    pipe.xrange(self._feed, "-", "+", count=1),
+                    pipe.xrange(self._feed, start, "+", count=limit),
+                )
+            )
+            _check_feed(now_epoch, revision, oldest, after_revision, epoch)
+            if entries or not wait:
+                break
+            # Nothing yet: wait in Redis for the next entry, then read it as above (the wait
+            # itself may end on an entry of a store that was emptied and began again).
+            if not self._waiting.xread({self._feed: f"{after_revision}-0"}, count=1, block=max(1, round(wait * 1000))):
+                break
+            wait = 0.0
+        budget = self.limits.max_store_bytes
+        events: list[bytes] = []
+        for entry_id, fields in entries:
+            data = fields.get(b"data")
+            event = encode_event(
+                int(entry_id.split(b"-")[0]), EventKind(fields[b"kind"].decode()), fields[b"id"].decode(), data
+            )
+            budget -= len(event) + 1
+            if budget < 0 and events:
+                break
+            events.append(event)
+        return b'{"epoch":"%s","events":[%s]}' % (now_epoch.encode(), b",".join(events))
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def once(self, client: bytes, number: int, method: str, *args: Any) -> Any:
+        """:meth:`Store.once`: the write, unless this client's request ``number`` already ran."""
+        if not isinstance(client, bytes) or not 8 <= len(client) <= 64:
+            raise ValidationError("client", f"must be 8 to 64 bytes, not {client!r:.80}")
+        check_count(number, "number")
+        if not isinstance(method, str) or method not in WRITES:
+            raise ValidationError("method", f"must be one of {', '.join(sorted(WRITES))}; got {method!r:.80}")
+        return getattr(self, "_" + method)((client, number), *args)
+
+    def set(self, data: bytes, expected_revision: int | None = None) -> tuple[int, int | None]:
+        return self._set(None, data, expected_revision)
+
+    def remove(self, id: str) -> bytes | None:
+        return self._remove(None, id)
+
+    def transition(self, id: str, status: str) -> bytes:
+        return self._transition(None, id, status)
+
+    def add_usage(self, id: str, input_tokens: int, output_tokens: int) -> bytes:
+        return self._add_usage(None, id, input_tokens, output_tokens)
+
+    def report(
+        self,
+        id: str,
+        status: str,
+        working_dir: str,
+        pid: int | None = None,
+        session_id: str | None = None,
+        agent_type: str = AgentType.CLAUDE_CODE,
+        reason: str | None = None,
+    ) -> bytes:
+        return self._report(None, id, status, working_dir, pid, session_id, agent_type, reason)
+
+    def prune(self, older_than: float) -> int:
+        return self._prune(None, older_than)
+
+    def reap(self) -> int:
+        """Mark stale the live sessions working with no report for ``stale_after`` seconds
+        (by Redis's clock). Dead agents are not looked for: a pid means something only on
+        its own host (issue #13's per-host reaper is not built yet)."""
+        at = self._time()
+        changed = 0
+        for data in self._redis.hvals(self._live):
+            record = orjson.loads(data)
+            if record[STATUS] == WORKING and not record[STALE] and at - record[ACTIVITY] >= self.limits.stale_after:
+                record[STALE] = True
+                result = self._commit(None, record, record[REVISION], EventKind.STALE, outside=False)
+                changed += result is not None
+        return changed
+
+    # -- the writes, each with the client's once() token and number, or None ---------------
+
+    def _set(
+        self, once: tuple[bytes, int] | None, data: bytes, expected_revision: int | None
+    ) -> tuple[int, int | None]:
+        if not isinstance(data, bytes):
+            raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
+        record = stored_record(data, self.limits.max_id_length)
+        entries = len(record[HISTORY]) // ENTRY
+        if entries > self.limits.max_history:
+            most = self.limits.max_history
+            raise ValidationError("history", f"has {entries} entries; this store keeps at most {most}")
+        if expected_revision is not None:
+            check_count(expected_revision, "expected_revision")
+        result = self._commit(once, record, expected_revision, EventKind.SET, outside=True, conflict=True)
+        if result is _OLD:
+            return None  # type: ignore[return-value]  # as Store.once answers an old request
+        assert result is not None  # a conflict raised
+        return int(result[0]), record[PID_START]
+
+    def _remove(self, once: tuple[bytes, int] | None, id: str, expected: int | None = None) -> bytes | None:
+        check_id(id, max_length=self.limits.max_id_length)
+        token, number = self._once_keys(once)
+        reply = self._remove_script(
+            keys=[*self._keys, token],
+            args=[id, "" if expected is None else expected, number, self.limits.log_size, _new_epoch()],
+        )
+        status = reply[0].decode()
+        if status in ("ok", "done"):
+            return reply[2] or None
+        if status == "conflict":
+            raise ConflictError(id, expected or 0, int(reply[1]))
+        return None
+
+    def _transition(self, once: tuple[bytes, int] | None, id: str, status: str) -> bytes:
+        check_id(id, max_length=self.limits.max_id_length)
+        to = STATUS_CODE[check_status(status)]
+        return self._change(
+            once,
+            id,
+            lambda record, at: transition_record(record, to, at, self.limits.max_history, ClosedReason.TRANSITION),
+            EventKind.TRANSITION,
+        )
+
+    def _add_usage(self, once: tuple[bytes, int] | None, id: str, input_tokens: int, output_tokens: int) -> bytes:
+        check_id(id, max_length=self.limits.max_id_length)
+        check_count(input_tokens, "input_tokens")
+        check_count(output_tokens, "output_tokens")
+        return self._change(
+            once,
+            id,
+            lambda record, at: touch_record(add_usage_record(record, input_tokens, output_tokens), at),
+            EventKind.ADD_USAGE,
+        )
+
+    def _report(
+        self,
+        once: tuple[bytes, int] | None,
+        id: str,
+        status: str,
+        working_dir: str,
+        pid: int | None = None,
+        session_id: str | None = None,
+        agent_type: str = AgentType.CLAUDE_CODE,
+        reason: str | None = None,
+    ) -> bytes:
+        check_id(id, max_length=self.limits.max_id_length)
+        to = check_status(status)
+        check_dir(working_dir)
+        agent = check_agent_type(agent_type)
+        if pid is not None:
+            check_pid(pid)
+        if session_id is not None:
+            check_id(session_id, "session_id")
+        why = ClosedReason.SESSION_END.value
+        if reason is not None:
+            why = check_closed_reason(f"{why}:{reason}" if isinstance(reason, str) else reason, "reason")
+        for _ in self._tries():
+            current, at = self._read(id)
+            record = report_record(current, id, to, working_dir, agent, why, at, self.limits.max_history)
+            if pid is not None:
+                record[PID], record[PID_START] = pid, None  # a pid is checked only on its own host
+            if session_id is not None:
+                record[RESUME] = SAME_AS_ID if session_id == id else session_id
+            expected = 0 if current is None else orjson.loads(current)[REVISION]
+            result = self._commit(once, record, expected, EventKind.REPORT, outside=current is None)
+            if result is _OLD:
+                return None  # type: ignore[return-value]
+            if result is not None:
+                data: bytes = result[1]
+                return data
+        raise AssertionError("unreachable")
+
+    def _prune(self, once: tuple[bytes, int] | None, older_than: float) -> int:
+        age = check_duration(older_than, "older_than")
+        cutoff = self._time() - age
+        gone = 0
+        for id, data in self._redis.hgetall(self._closed).items():
+            record = orjson.loads(data)
+            if record[SINCE] <= cutoff:
+                with contextlib.suppress(ConflictError):  # changed since: newer than the cutoff now
+                    gone += self._remove(None, id.decode(), record[REVISION]) is not None
+        return gone
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _change(
+        self, once: tuple[bytes, int] | None, id: str, change: Callable[[Record, float], Record], kind: EventKind
+    ) -> bytes:
+        """Read session ``id`` and Redis's clock, ``change`` the record, and commit it if the
+        session is still at the revision read; else read again."""
+        for _ in self._tries():
+            current, at = self._read(id)
+            if current is None:
+                raise NotFoundError(id, f"no live session with id {id!r}")
+            record = orjson.loads(current)
+            expected = record[REVISION]
+            was_closed = record[STATUS] == CLOSED
+            record = change(record, at)
+            keep_place = kind is EventKind.ADD_USAGE and was_closed
+            result = self._commit(once, record, expected, kind, outside=False, keep_place=keep_place)
+            if result is _OLD:
+                return None  # type: ignore[return-value]
+            if result is not None:
+                data: bytes = result[1]
+                return data
+        raise AssertionError("unreachable")
+
+    def _commit(
+        self,
+        once: tuple[bytes, int] | None,
+        record: Record,
+        expected: int | None,
+        kind: EventKind,
+        *,
+        outside: bool,
+        conflict: bool = False,
+        keep_place: bool = False,
+    ) -> Any:
+        """Store ``record`` if the session is still at revision ``expected`` (None: any);
+        returns (revision, record bytes), None when it was not (try again), or _OLD when
+        ``once`` names an older request than the client's newest (nothing is run). With
+        ``conflict``, a changed session raises ConflictError instead (set's
+        expected_revision)."""
+        record[REVISION] = _WIDEST_REVISION
+        encoded(record, self.limits.max_record_bytes, outside)  # the size checks, at the widest
+        head, tail = orjson.dumps(record[:REVISION]), orjson.dumps(record[REVISION + 1 :])
+        token, number = self._once_keys(once)
+        limits = self.limits
+        reply = self._commit_script(
+            keys=[*self._keys, token],
+            args=[
+                record[ID],
+                "" if expected is None else expected,
+                head[:-1] + b",",
+                b"," + tail[1:],
+                "1" if record[STATUS] == CLOSED else "0",
+                kind.value,
+                limits.max_sessions,
+                limits.max_store_bytes,
+                limits.max_closed,
+                limits.log_size,
+                number,
+                "1" if keep_place else "0",
+                _new_epoch(),
+            ],
+        )
+        status = reply[0].decode()
+        if status in ("ok", "done"):
+            return reply[1], reply[2]
+        if status == "old":
+            return _OLD
+        if status == "conflict":
+            if conflict and expected is not None:
+                raise ConflictError(record[ID], expected, int(reply[1]))
+            return None
+        if status == "sessions":
+            raise StoreFullError(
+                f"the store holds {int(reply[1])} live sessions, its limit; {record[ID]!r} was not added",
+                limit="max_sessions",
+                id=record[ID],
+            )
+        raise StoreFullError(
+            f"the live sessions would take {int(reply[1])} bytes, past max_store_bytes "
+            f"({limits.max_store_bytes}); {record[ID]!r} was not written",
+            limit="max_store_bytes",
+            id=record[ID],
+        )
+
+    def _tries(self) -> Any:
+        """Attempts at a read-change-commit, until the call's deadline: each loses only to
+        another write of the same session, which has then succeeded."""
+        deadline = time.monotonic() + self.timeout
+        yield 1
+        while time.monotonic() < deadline:
+            yield 1
+        raise ConnectionError(f"the session kept changing under this write for {self.timeout:g} s")
+
+    def _read(self, id: str) -> tuple[bytes | None, float]:
+        """Session ``id`` as stored (live, else closed, else None) and Redis's clock."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hget(self._live, id)
+        pipe.hget(self._closed, id)
+        pipe.time()
+        live, closed, (seconds, micros) = pipe.execute()
+        return (live if live is not None else closed), _clock(seconds, micros)
+
+    def _time(self) -> float:
+        seconds, micros = self._redis.time()
+        return _clock(seconds, micros)
+
+    def _once_keys(self, once: tuple[bytes, int] | None) -> tuple[str, str]:
+        if once is None:
+            return self._no_client, ""
+        token, number = once
+        return f"{{{self.address.namespace}}}:done:{token.hex()}", str(number)
+
+    def _at_one_instant(self, read: Callable[[Any], Any]) -> tuple[str, int, list[Any]]:
+        """The store's epoch (made on first use) and revision, and what ``read`` queues on
+        the same transaction (MULTI/EXEC: one instant of the store)."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hsetnx(self._meta, "epoch", _new_epoch())
+        pipe.hget(self._meta, "epoch")
+        pipe.hget(self._meta, "revision")
+        read(pipe)
+        _, epoch, revision, *rest = pipe.execute()
+        return epoch.decode(), int(revision or 0), rest
+
+
+def _check_feed(epoch: str, revision: int, oldest: list[Any], after: int, asked: str | None) -> None:
+    if asked is not None and asked != epoch:
+        raise ResyncRequiredError(
+            f"the store is a new one (epoch {epoch}, not {asked}): Redis lost or replaced its data",
+            reason="epoch",
+            after_revision=after,
+        )
+    if after > revision:
+        raise ResyncRequiredError(
+            f"revision {after} is ahead of the store's {revision}", reason="ahead", after_revision=after
+        )
+    first = int(oldest[0][0].split(b"-")[0]) if oldest else revision + 1
+    if after + 1 < first and after < revision:
+        raise ResyncRequiredError(
+            f"the events after revision {after} have left the feed, which holds {first}..{revision}",
+            reason="compacted",
+            after_revision=after,
+        )
+
+
+def _clock(seconds: int, micros: int) -> float:
+    """Redis's TIME as epoch seconds to the millisecond, as :func:`checks.now` gives them."""
+    return round(seconds + micros / 1e6, 3)
+
+
+def _new_epoch() -> str:
+    return os.urandom(8).hex()
+
+
+class RedisProxy:
+    """What a :class:`~shmstore.client.Client` calls instead of a manager's proxy."""
+
+    def __init__(self, address: RedisAddress, timeout: float) -> None:
+        self.store = RedisStore(address, timeout)
+
+    def call(self, method: str, args: tuple[Any, ...], deadline: float) -> Any:
+        if method not in EXPOSED:
+            raise ValidationError("method", f"{method!r} is not an operation of the store")
+        try:
+            return getattr(self.store, method)(*args)
+        except redis.exceptions.AuthenticationError as exc:
+            raise PermissionError(f"Redis refused the credentials: {exc}") from None
+        except redis.exceptions.ResponseError as exc:
+            raise ConnectionError(f"Redis answered with an error: {exc}") from None
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise ConnectionError(str(exc) or type(exc).__name__) from None
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,226 @@
+"""The Redis backend on its own: what only it has (addresses, its feed and epoch, exactly
+once, limits checked in Lua), against a real redis-server per xdist worker (conftest.py).
+What both backends share is tested on both (``any_store`` in test_store.py, test_watch.py,
+test_errors.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import multiprocess
+import orjson
+import pytest
+from helpers import BAD_CALLS, make_session
+
+import shmstore
+from shmstore import ConflictError, ResyncRequiredError, Status, StoreFullError, ValidationError
+from shmstore.address import resolve_any
+from shmstore.model import pack, session_from_store
+from shmstore.redis_address import RedisAddress, parse_redis
+
+redis_store = pytest.importorskip("shmstore.redis_store") if os.environ.get("CI") != "true" else None
+from shmstore.redis_store import RedisStore  # noqa: E402  (CI: the import must work)
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[RedisStore]:
+    """The Redis store called directly, past the Client's own checks."""
+    store = RedisStore(parse_redis(redis_url), timeout=5.0)
+    yield store
+    store.close()
+
+
+def limited(redis_url: str, **limits: object) -> RedisStore:
+    return RedisStore(parse_redis(redis_url), 5.0, shmstore.Limits(**limits))  # type: ignore[arg-type]
+
+
+# -- addresses -----------------------------------------------------------------------------
+
+
+def test_a_redis_url_selects_redis_and_is_shown_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    address = parse_redis("redis://me:s3cret@localhost:6380/2?namespace=team")
+    assert (address.host, address.port, address.db, address.namespace) == ("localhost", 6380, 2, "team")
+    assert (address.username, address.password) == ("me", "s3cret")
+    assert "s3cret" not in str(address)
+    assert "s3cret" not in repr(address)
+    assert str(address) == "redis://me:***@localhost:6380/2?namespace=team"
+    monkeypatch.setenv("SHMSTORE_ADDRESS", "valkey+unix:///run/valkey.sock?db=1")
+    found = resolve_any(None)
+    assert isinstance(found, RedisAddress)
+    assert (found.path, found.db, found.namespace) == ("/run/valkey.sock", 1, "shmstore")
+    monkeypatch.setenv("SHMSTORE_REDIS_PASSWORD", "from-env")
+    assert parse_redis("rediss://cache.example:6379").password == "from-env"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://10.0.0.5:6379",  # off this host in the clear
+        "valkey://cache.example",
+        "redis://localhost?namespace=no spaces",
+        "redis://localhost?colour=red",
+        "redis://localhost/notadb",
+        "redis+unix://relative.sock",
+        "redis://:99999999",
+    ],
+)
+def test_a_bad_or_unsafe_redis_url_is_refused_with_our_error(url: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        parse_redis(url)
+    assert refused.value.field == "address"
+
+
+def test_plain_redis_off_this_host_is_allowed_only_when_asked() -> None:
+    assert parse_redis("redis://10.0.0.5?allow_insecure=true").allow_insecure
+
+
+def test_a_manager_command_refuses_a_redis_address() -> None:
+    with pytest.raises(ValidationError, match="Redis"):
+        shmstore.address.resolve("redis://localhost")
+
+
+# -- the same errors, the store unchanged ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "args"), BAD_CALLS)
+def test_invalid_input_is_refused_by_redis_and_leaves_it_as_it_was(
+    raw: RedisStore, method: str, args: tuple[object, ...]
+) -> None:
+    raw.set(pack(make_session("s1")))
+    raw.add_usage("s1", 5, 5)
+    before = (raw.revision(), sorted(raw.list_all()), raw.snapshot())
+    with pytest.raises(ValidationError):
+        getattr(raw, method)(*args)
+    assert (raw.revision(), sorted(raw.list_all()), raw.snapshot()) == before
+
+
+def test_limits_are_checked_before_anything_changes(redis_url: str) -> None:
+    store = limited(redis_url, max_sessions=1, max_store_bytes=2**20, max_closed=2)
+    store.report("a", "working", "/a")
+    revision = store.revision()
+    with pytest.raises(StoreFullError) as full:
+        store.report("b", "working", "/b")
+    assert (full.value.limit, full.value.id) == ("max_sessions", "b")
+    assert (store.revision(), store.get("b")) == (revision, None)
+    for id in ["c", "d", "e"]:  # closed ones do not count, and only the newest two are kept
+        store.report(id, "closed", "/x")
+    assert [session_from_store(d).id for d in store.recently_closed()] == ["e", "d"]
+
+
+def test_a_history_that_outgrows_the_record_limit_loses_its_oldest_entries(redis_url: str) -> None:
+    store = limited(redis_url, max_history=10_000, max_record_bytes=8192, max_closed=2)
+    store.report("s", "working", "/w")
+    for k in range(1_500):
+        store.transition("s", ["attention", "working"][k % 2])
+    data = store.get("s")
+    assert data is not None
+    assert 8192 - 200 < len(data) <= 8192
+    assert session_from_store(data).history[-1].to is Status.WORKING
+
+
+# -- the feed, its epoch, exactly once -------------------------------------------------------
+
+
+def test_a_follower_past_the_trimmed_feed_is_told_to_resync(redis_url: str) -> None:
+    store = limited(redis_url, log_size=4)
+    for k in range(10):
+        store.report(f"s{k}", "working", "/w")
+    events = orjson.loads(store.changes(6))["events"]
+    assert [e["revision"] for e in events] == [7, 8, 9, 10]
+    with pytest.raises(ResyncRequiredError) as resync:
+        store.changes(2)
+    assert resync.value.reason == "compacted"
+    with pytest.raises(ResyncRequiredError) as ahead:
+        store.changes(11)
+    assert ahead.value.reason == "ahead"
+
+
+def test_a_redis_that_lost_its_data_is_a_new_store_with_a_new_epoch(redis_url: str, raw: RedisStore) -> None:
+    raw.report("s", "working", "/w")
+    epoch = orjson.loads(raw.changes(0))["epoch"]
+    raw._redis.delete(*raw._keys)  # as a restart without persistence leaves it
+    with pytest.raises(ResyncRequiredError) as resync:
+        raw.changes(1, epoch=epoch)
+    assert resync.value.reason == "epoch"
+    assert orjson.loads(raw.changes(0))["epoch"] != epoch
+
+
+def test_changes_waits_in_redis_for_the_next_write(raw: RedisStore, redis_url: str) -> None:
+    raw.report("s", "working", "/w")
+    with shmstore.connect(redis_url) as writer:
+        timer = threading.Timer(0.3, writer.transition, ("s", "attention"))
+        timer.start()
+        try:
+            events = orjson.loads(raw.changes(1, timeout=5.0))["events"]
+        finally:
+            timer.join()
+    assert [(e["revision"], e["kind"]) for e in events] == [(2, "transition")]
+    assert orjson.loads(raw.changes(2, timeout=0.05))["events"] == []  # waited, then nothing
+
+
+def test_a_retried_write_is_applied_once(raw: RedisStore) -> None:
+    raw.report("s", "working", "/w")
+    token = os.urandom(16)
+    first = raw.once(token, 1, "add_usage", "s", 5, 0)
+    assert raw.once(token, 1, "add_usage", "s", 5, 0) == first  # the reply was lost: asked again
+    assert raw.once(token, 0, "add_usage", "s", 5, 0) is None  # older than its newest: not run
+    assert session_from_store(raw.get("s")).api_usage == shmstore.ApiUsage(5, 0)
+
+
+def test_set_with_an_expected_revision_is_compare_and_set(raw: RedisStore) -> None:
+    revision, _ = raw.set(pack(make_session("s")), 0)
+    with pytest.raises(ConflictError) as conflict:
+        raw.set(pack(make_session("s")), 0)
+    assert (conflict.value.expected, conflict.value.current) == (0, revision)
+    assert raw.set(pack(make_session("s")), revision)[0] == revision + 1
+
+
+# -- racing writers in several processes ----------------------------------------------------
+
+
+def _add_tokens(url: str, count: int, start: multiprocess.synchronize.Event) -> None:
+    with shmstore.connect(url) as client:
+        start.wait(10)
+        for k in range(count):
+            client.add_usage("s", 1, 0)
+            client.transition("s", ["attention", "working"][k % 2])
+
+
+def test_writers_in_four_processes_racing_on_one_session_lose_nothing(redis_url: str) -> None:
+    """Each write reads the session and commits only if no other write came between (the
+    Lua script's revision check); without it, racing read-modify-writes lose updates."""
+    with shmstore.connect(redis_url) as client:
+        client.report("s", "working", "/w")
+        ctx = multiprocess.get_context("spawn")
+        start = ctx.Event()
+        workers = [ctx.Process(target=_add_tokens, args=(redis_url, 100, start)) for _ in range(4)]
+        with client.watch() as watch:
+            for worker in workers:
+                worker.start()
+            start.set()
+            for worker in workers:
+                worker.join(60)
+                assert worker.exitcode == 0
+            final = client.get("s")
+            assert final is not None
+            assert final.api_usage == shmstore.ApiUsage(400, 0)
+            assert final.revision == 1 + 4 * 100 * 2  # every write counted once
+            seen = None
+            for _ in watch:
+                seen = watch.sessions.get("s")
+                if seen is not None and seen.revision == final.revision:
+                    break
+            assert seen == final  # the change feed rebuilt exactly the stored session
+
+
+def test_a_session_from_redis_decodes_as_one_from_the_manager(any_store: shmstore.Client) -> None:
+    session = any_store.report("r", Status.QUESTION, "/src", pid=4242, session_id="resume-r")
+    any_store.add_usage("r", 7, 3)
+    moved = any_store.transition("r", Status.CLOSED)
+    assert (session.pid, session.session_id, session.status) == (4242, "resume-r", Status.QUESTION)
+    assert moved.closed_reason == "transition"
+    assert [(h.from_, h.to) for h in moved.history] == [(Status.QUESTION, Status.CLOSED)]
+    assert moved.api_usage == shmstore.ApiUsage(7, 3)
+    assert any_store.get("r") == moved
