@@ -377,7 +377,12 @@ class Client:
         """
         if not isinstance(session, Session):
             raise ValidationError("session", f"must be a Session, not {type(session).__name__}")
-        revision, pid_start = self._call("set", pack(session), expected_revision)
+        try:
+            revision, pid_start = self._call("set", pack(session), expected_revision)
+        except ValidationError as exc:  # a manager from before records (the package was upgraded)
+            if exc.field != "session" or not exc.problem.startswith("must be a JSON object"):
+                raise
+            revision, pid_start = self._call("set", session.to_json(), expected_revision)
         return restamped(session, revision, pid_start)  # checked when it was made: not again
 
     def remove(self, id: str) -> Session | None:

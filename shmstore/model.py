@@ -366,7 +366,8 @@ Entry = tuple[float, int, int, float]
 
 
 def _ms(seconds: float) -> int | None:
-    """``seconds`` as whole milliseconds, if that is exactly what it is, else None."""
+    """``seconds`` as whole milliseconds, if that is exactly what it is, else None (-0.0 is
+    0 milliseconds: it is read back as 0.0, which it equals)."""
     ms = round(seconds * 1000)
     return ms if ms / 1000 == seconds else None
 
@@ -490,12 +491,15 @@ def stored_record(data: bytes | str, max_id_length: int = MAX_ID_LENGTH) -> Reco
     naming the first bad field (``id`` is also held to ``max_id_length``)."""
     parsed = loads(data, "session")
     if type(parsed) is list:
-        return _checked_record(parsed, max_id_length)
+        return checked_record(parsed, max_id_length)
     return session_record(parsed, max_id_length)
 
 
-def _checked_record(record: list[Any], max_id_length: int) -> Record:
-    """A record as :func:`pack` makes them, every field checked in Session.__post_init__'s order."""
+def checked_record(record: list[Any], max_id_length: int = MAX_ID_LENGTH) -> Record:
+    """A decoded record (as :func:`pack` makes them) with every field checked, in
+    Session.__post_init__'s order; ValidationError names the first that is wrong."""
+    if type(record) is not list:
+        raise ValidationError("session", f"a record is a list, not {type(record).__name__}")
     if len(record) != RECORD_LENGTH:
         raise ValidationError("session", f"a record has {RECORD_LENGTH} fields, not {len(record)}")
     id = record[ID] = check_id(record[ID], max_length=max_id_length)
@@ -767,7 +771,8 @@ def _stored_history(flat: list[Any], since: float) -> tuple[StateTransition, ...
         at = k * ENTRY
         following -= flat[at]
         duration = flat[at + 2]
-        key = (following, flat[at + 1], duration / 1000 if type(duration) is int else duration)
+        # + 0.0: a -0.0 duration is read as 0.0, so that the key names one value (-0.0 == 0.0).
+        key = (following, flat[at + 1], duration / 1000 if type(duration) is int else duration + 0.0)
         entry = built.get(key)
         if entry is None:
             entry = _stored_entry(following / 1000, key[1], key[2])

@@ -7,7 +7,7 @@ It needs the ``redis`` package (``pip install 'shmstore[redis]'``), imported onl
 
 Keys, all under one hash tag so that a cluster keeps them in one slot::
 
-    {NS}:meta          hash: epoch, revision, bytes (of the live records)
+    {NS}:meta          hash: epoch, revision, bytes (of the live records), limits
     {NS}:live          hash: id -> record (shmstore.model's stored form)
     {NS}:closed        hash: id -> record, the recently closed
     {NS}:closed_order  sorted set: id -> the revision it closed at (oldest first)
@@ -34,6 +34,8 @@ Not yet here (issue #13): the reaper for dead agents across hosts (host ids, lea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -96,6 +98,8 @@ from .store import (
     touch_record,
     transition_record,
 )
+
+log = logging.getLogger(__name__)
 
 #: How long Redis keeps a client's newest write for a retry (the manager keeps the newest
 #: 4,096 clients'; a key per client with a lifetime bounds them here).
@@ -233,11 +237,14 @@ return {'ok', revision, data}
 
 class RedisStore:
     """The store's operations on one namespace of one Redis server. Safe to share between
-    threads (redis-py's connection pool gives each call a connection of its own)."""
+    threads (redis-py's connection pool gives each call a connection of its own).
+
+    A namespace's :class:`Limits` live in Redis with it, so that every client applies the
+    same ones: the first client to use a namespace writes its ``limits`` (the defaults when
+    None) and every later one reads them, whatever it was given."""
 
     def __init__(self, address: RedisAddress, timeout: float, limits: Limits | None = None) -> None:
         self.address = address
-        self.limits = limits or Limits()
         self.timeout = timeout
         options: dict[str, Any] = {
             "db": address.db,
@@ -269,6 +276,33 @@ class RedisStore:
         self._no_client = f"{tag}:done:-"
         self._commit_script = self._redis.register_script(_COMMIT)
         self._remove_script = self._redis.register_script(_REMOVE)
+        self.limits = self._namespace_limits(limits or Limits())
+
+    def _namespace_limits(self, limits: Limits) -> Limits:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hsetnx(self._meta, "limits", orjson.dumps(dataclasses.asdict(limits)))
+        pipe.hget(self._meta, "limits")
+        pipe.config_get("maxmemory-policy")
+        try:
+            _, stored, policy = pipe.execute()
+        except redis.exceptions.ResponseError:  # CONFIG refused (a restricted ACL user): no policy check
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hsetnx(self._meta, "limits", orjson.dumps(dataclasses.asdict(limits)))
+            pipe.hget(self._meta, "limits")
+            _, stored = pipe.execute()
+            policy = {}
+        evicts = policy.get("maxmemory-policy", "noeviction") if isinstance(policy, dict) else "noeviction"
+        if evicts not in ("noeviction", b"noeviction"):
+            log.warning(
+                "Redis at %s evicts keys (maxmemory-policy %s): an evicted key corrupts the store; "
+                "set maxmemory-policy noeviction",
+                self.address,
+                evicts.decode() if isinstance(evicts, bytes) else evicts,
+            )
+        try:
+            return Limits(**orjson.loads(stored))
+        except (orjson.JSONDecodeError, TypeError, ValidationError) as exc:
+            raise ValidationError("limits", f"the namespace's limits in Redis are not valid: {exc}") from None
 
     def close(self) -> None:
         self._redis.close()

@@ -6,9 +6,11 @@ The file is one small, versioned JSON document::
     {"format": "shmstore-state", "version": 1, "saved": 1764123456.7, "epoch": "9f...",
      "revision": 1234, "live": [SESSION, ...], "closed": [SESSION, ...]}
 
-where each SESSION is its public JSON (``Session.to_json``; ``closed`` is oldest first, as
-the store keeps it), not the store's internal record of it: the file is the user's, and
-outlives any one version's internal form.
+where each SESSION is the store's record of it (:mod:`shmstore.model`'s stored form;
+``closed`` is oldest first, as the store keeps it), written as the store holds it, so that
+saving is a join of bytes; reading checks every field. Version 1 files, whose sessions
+were their public JSON (``Session.to_json``), are read too. ``shmstore ls --json`` prints
+the public form.
 
 Writing is atomic: the document goes to a temporary file in the same directory (mode 0600),
 which is fsynced and renamed over the old file, and then the directory is fsynced, so after
@@ -33,12 +35,14 @@ import orjson
 
 from .atomic import replace_file
 from .errors import ShmstoreError
-from .model import Session, Status, public_json
+from .model import Session, Status, checked_record, session_from_store
 
 #: What the ``format`` key says in every state file of ours.
 FORMAT = "shmstore-state"
-#: The version of the document this module writes and reads.
-VERSION = 1
+#: The version of the document this module writes; it reads this one and version 1, whose
+#: sessions were their public JSON.
+VERSION = 2
+READS = (1, 2)
 #: The largest state file read: the live sessions are bounded by ``max_store_bytes`` (at
 #: most 32 MiB) and the closed ones by the same, so anything past this is not ours.
 MAX_STATE_BYTES = 256 * 2**20
@@ -66,13 +70,13 @@ class Saved:
 
 
 def encode(epoch: str, revision: int, live: Sequence[bytes], closed: Sequence[bytes]) -> bytes:
-    """The state document for a store at ``revision`` holding these sessions' records
-    (as :meth:`Store.dump` gives them), each written as its public JSON."""
+    """The state document for a store at ``revision`` holding these sessions' records (as
+    :meth:`Store.dump` gives them): a join of the bytes the store holds, so that saving
+    10,000 sessions copies them (~3 ms) rather than re-encodes them (~230 ms)."""
     head = orjson.dumps(
         {"format": FORMAT, "version": VERSION, "saved": time.time(), "epoch": epoch, "revision": revision}
     )
-    live_json, closed_json = b",".join(map(public_json, live)), b",".join(map(public_json, closed))
-    return b'%s,"live":[%s],"closed":[%s]}' % (head[:-1], live_json, closed_json)
+    return b'%s,"live":[%s],"closed":[%s]}' % (head[:-1], b",".join(live), b",".join(closed))
 
 
 def decode(data: bytes, path: Path) -> Saved:
@@ -86,14 +90,15 @@ def decode(data: bytes, path: Path) -> Saved:
         raise StateFileError(path, f"is not JSON (truncated?): {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise StateFileError(path, f'is not a shmstore state file (no "format": "{FORMAT}")')
-    if doc.get("version") != VERSION:
-        raise StateFileError(path, f"is version {doc.get('version')!r}; this shmstore reads version {VERSION}")
+    version = doc.get("version")
+    if version not in READS:
+        raise StateFileError(path, f"is version {version!r}; this shmstore reads versions 1 and {VERSION}")
     try:
         revision, epoch, saved = doc["revision"], doc["epoch"], doc["saved"]
         if not (type(revision) is int and revision >= 0 and isinstance(epoch, str) and type(saved) in (int, float)):
             raise StateFileError(path, "has a revision, epoch or saved time of the wrong type")
-        live = _sessions(doc["live"], closed=False)
-        closed = _sessions(doc["closed"], closed=True)
+        live = _sessions(doc["live"], closed=False, records=version == VERSION)
+        closed = _sessions(doc["closed"], closed=True, records=version == VERSION)
     except KeyError as exc:
         raise StateFileError(path, f"has no {exc}") from None
     except (ShmstoreError, TypeError, ValueError, AttributeError) as exc:
@@ -101,10 +106,13 @@ def decode(data: bytes, path: Path) -> Saved:
     return Saved(revision, epoch, saved, live, closed)
 
 
-def _sessions(items: Any, *, closed: bool) -> tuple[Session, ...]:
+def _sessions(items: Any, *, closed: bool, records: bool) -> tuple[Session, ...]:
     if not isinstance(items, list):
         raise TypeError(f"sessions must be a list, not {type(items).__name__}")
-    sessions = tuple(Session.from_dict(item) for item in items)
+    if records:
+        sessions = tuple(session_from_store(checked_record(item)) for item in items)
+    else:
+        sessions = tuple(Session.from_dict(item) for item in items)
     for session in sessions:
         if (session.status is Status.CLOSED) is not closed:
             raise TypeError(f"session {session.id!r} is {session.status} among the {'closed' if closed else 'live'}")

@@ -71,6 +71,8 @@ from .model import (
     append_entry,
     check_agent_type,
     check_status,
+    flat_history,
+    history_entries,
     new_record,
     stored_record,
     to_record,
@@ -620,7 +622,10 @@ class Store:
         """``session``'s record within this store's history and record size limits."""
         record = to_record(session)
         del record[HISTORY][: -ENTRY * self.limits.max_history]
-        return encoded(record, self.limits.max_record_bytes, outside=False)
+        # Within the record limit less RECORD_RESERVE, as set() keeps a session from outside,
+        # so that the store's own later changes to it still fit (a file saved by a store with
+        # a larger max_record_bytes sheds history here, or its session is left out).
+        return encoded(record, self.limits.max_record_bytes - RECORD_RESERVE, outside=False)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -767,7 +772,10 @@ def transition_record(
     back never makes a duration negative."""
     at = max(at, record[SINCE])
     append_entry(record, at, to)
-    del record[HISTORY][: -ENTRY * max_history]
+    history = record[HISTORY]
+    del history[: -ENTRY * max_history]
+    if type(history[0]) is float:  # its times in seconds: back to milliseconds once all are whole
+        history[:] = flat_history(history_entries(history, at), at)
     record[STATUS] = to
     record[SINCE] = at
     record[REASON] = reason if to == CLOSED else None

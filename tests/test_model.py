@@ -420,3 +420,31 @@ def test_decoding_reuses_entries_already_built_but_never_one_of_another_value() 
     record[6][2] = 5.0  # 5 s
     long = session_from_store(orjson.dumps(stored_record(orjson.dumps(record)))).history[0]
     assert (short.duration, long.duration) == (0.005, 5.0)
+
+
+def test_a_negative_zero_is_read_as_zero_whichever_session_was_decoded_first() -> None:
+    # The decode cache must not hand one session's -0.0 to another session's 0.0 (they
+    # compare equal): both are read back as 0.0.
+    negative = orjson.dumps(["a", 0, 1, "/", 10.0, 10.0, [0, 1, -0.0], None, False, None, None, None, 0, None])
+    zero = orjson.dumps(["b", 0, 1, "/", 10.0, 10.0, [0, 1, 0], None, False, None, None, None, 0, None])
+    for first, second in [(negative, zero), (zero, negative)]:
+        model_built_clear()
+        durations = [session_from_store(stored_record(data)).history[0].duration for data in (first, second)]
+        assert [math.copysign(1.0, d) for d in durations] == [1.0, 1.0]
+
+
+def model_built_clear() -> None:
+    from shmstore import model
+
+    model._BUILT.clear()
+
+
+def test_a_history_back_in_whole_milliseconds_returns_to_the_compact_form() -> None:
+    session = dataclasses.replace(
+        full_session(), history=(StateTransition(100.0001, "working", "question", 0.5),), since=110.0
+    )
+    record = to_record(session)
+    assert type(record[6][0]) is float
+    transition_record(record, STATUS_CODE[Status.WORKING], 120.5, max_history=1)  # the odd entry is cut
+    assert record[6] == [0, 8, 10500]
+    assert checked(record).history[0].timestamp == 120.5

@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmstore
-from shmstore import Session, Status, state
-from shmstore.model import session_from_store
+from shmstore import Session, StateTransition, Status, state
+from shmstore.model import pack, session_from_store
 from shmstore.store import Store
 
 SLEEPER = [PYTHON, "-c", "import time; time.sleep(60)"]
@@ -115,7 +115,7 @@ def test_an_unchanged_store_is_not_written_again(sock: Path, state_file: Path) -
     assert log.count("saved 3 live") == 1
 
 
-GOOD = state.encode("e0", 1, [Session(id="x", working_dir="/x", revision=1).to_json()], [])
+GOOD = state.encode("e0", 1, [pack(Session(id="x", working_dir="/x", revision=1))], [])
 
 
 @pytest.mark.parametrize(
@@ -240,10 +240,21 @@ def test_restore_refuses_a_store_that_is_not_empty() -> None:
     assert store.revision() == 1
 
 
+def test_a_version_1_state_file_of_public_json_is_still_restored(tmp_path: Path) -> None:
+    session = Session(id="old", working_dir="/x", session_id="r-old", revision=3)
+    doc = orjson.loads(GOOD)
+    doc.update(version=1, live=[orjson.loads(session.to_json())], revision=3)
+    path = tmp_path / "state.json"
+    path.write_bytes(orjson.dumps(doc))
+    saved = state.read(path)
+    assert saved is not None
+    assert (saved.revision, saved.live) == (3, (session,))
+
+
 def test_a_state_file_with_a_live_session_that_is_closed_is_refused(tmp_path: Path) -> None:
     closed = Session(id="c", working_dir="/x", status=Status.CLOSED, closed_reason="transition")
     path = tmp_path / "state.json"
-    path.write_bytes(state.encode("e", 1, [closed.to_json()], []))
+    path.write_bytes(state.encode("e", 1, [pack(closed)], []))
     with pytest.raises(state.StateFileError, match="'c' is closed among the live"):
         state.read(path)
 
@@ -261,14 +272,14 @@ _junk = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(key=st.sampled_from([*_GOOD_DOC, "live.0", "live.0.history", "live.0.since", "live.0.pid"]), value=_junk)
+@given(key=st.sampled_from([*_GOOD_DOC, "live.0", *(f"live.0.{n}" for n in range(14))]), value=_junk)
 def test_any_field_of_a_state_file_changed_to_junk_restores_or_is_a_state_file_error(key: str, value: object) -> None:
     doc = orjson.loads(GOOD)
     if key.startswith("live.0"):
         if key == "live.0":
             doc["live"][0] = value
         else:
-            doc["live"][0][key.split(".")[2]] = value
+            doc["live"][0][int(key.split(".")[2])] = value  # a field of the record
     else:
         doc[key] = value
     try:
@@ -281,3 +292,24 @@ def test_any_field_of_a_state_file_changed_to_junk_restores_or_is_a_state_file_e
         return  # the one error a bad file may raise (any other fails the test)
     store = Store()
     store.restore(saved.revision, saved.live, saved.closed)  # what decodes is always restorable
+
+
+def test_a_state_file_holds_the_stores_records_as_they_are(tmp_path: Path) -> None:
+    store = Store()
+    for n in range(3):
+        store.report(f"s{n}", "working", "/w", session_id=f"r{n}")
+    epoch, revision, live, closed = store.dump()
+    data = state.encode(epoch, revision, live, closed)
+    assert all(record in data for record in live)  # a join of bytes: no re-encoding to grow it
+    assert len(data) < sum(map(len, live)) + 200
+
+
+def test_a_session_restored_into_a_smaller_record_limit_can_still_grow(tmp_path: Path) -> None:
+    big = Store(max_record_bytes=16384)
+    history = tuple(StateTransition(float(k), "working", "question", 1.0) for k in range(1, 20))
+    big.set(pack(Session(id="x", working_dir="/" + '"' * 3900, since=30.0, history=history)))
+    saved = state.decode(state.encode(*big.dump()), Path("mem"))
+    small = Store(max_record_bytes=8192)
+    small.restore(saved.revision, saved.live, saved.closed)
+    grown = small.report("x", "attention", "/", session_id='"' * 256)  # a wide resume id: the reserve
+    assert len(grown) <= 8192

@@ -258,3 +258,25 @@ def test_list_all_works_with_a_manager_from_before_listings(sock_dir: Path) -> N
         store.set(make_session("s1"))
         assert [s.id for s in store.list_all()] == ["s1"]
         assert [s.id for s in store.list_all()] == ["s1"]
+
+
+class _StoreBeforeRecords(shmstore.Store):
+    """A manager from before the compact record: its set() takes only public JSON."""
+
+    def set(self, data: bytes, expected_revision: int | None = None) -> tuple[int, int | None]:
+        if isinstance(data, bytes) and data[:1] == b"[":
+            raise ValidationError("session", "must be a JSON object, not list")
+        return super().set(data, expected_revision)
+
+
+def test_a_client_sets_a_session_on_a_manager_from_before_records(sock_dir: Path) -> None:
+    server = shmstore.start_server(sock_dir / "old.sock", store=_StoreBeforeRecords())
+    with server, shmstore.connect(server.address, server.authkey) as client:
+        stored = client.set(make_session("s1", session_id="r1"))
+        assert client.get("s1") == stored
+        with pytest.raises(ValidationError, match="history"):
+            client.set(make_session("s2", history=tuple(make_history(30))))  # other refusals still raise
+
+
+def make_history(count: int) -> list[shmstore.StateTransition]:
+    return [shmstore.StateTransition(float(k), Status.WORKING, Status.QUESTION, 1.0) for k in range(count)]
