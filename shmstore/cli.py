@@ -331,14 +331,16 @@ def _log_to_stderr(level: str) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    where = addr.format_address(addr.resolve_any(args.address))
+    address = addr.resolve_any(args.address)
+    where = addr.format_address(address)  # a Redis URL without its password
     try:
         with _client(args) as store:
             info = store.info()
         print(format_status(info))
         code = EXIT_OK
     except StoreUnavailableError as exc:
-        print(f"manager: not running at {where} ({printable(str(exc))})")
+        down = "manager: not running" if isinstance(address, str | tuple) else "store: cannot use Redis"
+        print(f"{down} at {where} ({printable(str(exc))})")
         code = EXIT_UNAVAILABLE
     # Hooks that could not report say so here, up or down: how a user learns that the
     # store was down while their agents worked.

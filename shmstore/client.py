@@ -328,10 +328,11 @@ class Client:
                         self._proxy = None
                 if attempt == 2 or isinstance(exc, managers.RemoteError):
                     where = addr.format_address(self.address)
+                    who = "Redis" if isinstance(self.address, RedisAddress) else "manager"
                     name = args[2] if method == "once" else method
                     problem = _describe(exc, self.timeout)
                     raise StoreUnavailableError(
-                        f"manager at {where} failed during {name}(): {problem}", address=where
+                        f"{who} at {where} failed during {name}(): {problem}", address=where
                     ) from None
         raise AssertionError("unreachable")
 

@@ -23,6 +23,10 @@ SCHEMES = {
 #: Environment variable that holds the Redis password when the URL has none.
 ENV_REDIS_PASSWORD = "SHMSTORE_REDIS_PASSWORD"
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: URL options that name the files TLS needs (passed to redis-py's SSLConnection as they are):
+#: the CA that signed the server's certificate (a private CA is not in the system's store),
+#: and a certificate and key of the client's own for a server that asks for one.
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
@@ -30,7 +34,10 @@ _LOOPBACK = ("localhost", "127.0.0.1", "::1")
 class RedisAddress:
     """A Redis or Valkey server that holds the store, from a URL such as
     ``redis://[user:pass@]host[:port][/db][?namespace=NAME]``, ``rediss://`` (TLS) or
-    ``redis+unix:///path.sock[?db=N&namespace=NAME]``. Shown (``str``) without its password."""
+    ``redis+unix:///path.sock[?db=N&namespace=NAME]``. A TLS URL may name the CA that
+    signed the server's certificate and a client certificate:
+    ``rediss://...?ssl_ca_certs=/ca.pem[&ssl_certfile=/me.pem&ssl_keyfile=/me.key]``.
+    Shown (``str``) without its password."""
 
     scheme: str
     host: str | None  # None: a unix socket at ``path``
@@ -42,13 +49,23 @@ class RedisAddress:
     password: str | None = dataclasses.field(repr=False)
     tls: bool
     allow_insecure: bool
+    ssl_ca_certs: str | None = None  # TLS_FILES: absolute paths, or None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
 
     def __str__(self) -> str:
         who = "" if self.username is None and self.password is None else f"{self.username or ''}:***@"
         where = f"{self.path}" if self.host is None else f"{who}{self.host}:{self.port}/{self.db}"
+        # The TLS files are shown: where they are is no secret, and a wrong one is a likely mistake.
+        files = "".join(f"&{name}={value}" for name, value in self.tls_options().items())
         if self.host is None:
-            return f"{self.scheme}://{who}{where}?db={self.db}&namespace={self.namespace}"
-        return f"{self.scheme}://{where}?namespace={self.namespace}"
+            return f"{self.scheme}://{who}{where}?db={self.db}&namespace={self.namespace}{files}"
+        return f"{self.scheme}://{where}?namespace={self.namespace}{files}"
+
+    def tls_options(self) -> dict[str, str]:
+        """The TLS files the URL named, as redis-py's SSLConnection takes them."""
+        named = {name: getattr(self, name) for name in TLS_FILES}
+        return {name: value for name, value in named.items() if value is not None}
 
 
 def parse_redis(text: str) -> RedisAddress:
@@ -64,9 +81,10 @@ def parse_redis(text: str) -> RedisAddress:
     scheme = url.scheme.lower()
     tls, unix = SCHEMES[scheme]
     query = dict(urllib.parse.parse_qsl(url.query))
-    unknown = sorted(set(query) - {"db", "namespace", "allow_insecure"})
+    unknown = sorted(set(query) - {"db", "namespace", "allow_insecure", *TLS_FILES})
     if unknown:
         raise ValidationError("address", f"unknown Redis URL option(s) {', '.join(unknown)}")
+    files = _tls_files(query, scheme, tls)
     namespace = query.get("namespace", "shmstore")
     if not _NAMESPACE.fullmatch(namespace):
         raise ValidationError("address", f"namespace must be 1 to 64 of A-Z a-z 0-9 _ . -; got {namespace!r:.80}")
@@ -93,5 +111,22 @@ def parse_redis(text: str) -> RedisAddress:
     password = urllib.parse.unquote(url.password) if url.password is not None else os.environ.get(ENV_REDIS_PASSWORD)
     username = urllib.parse.unquote(url.username) if url.username else None
     return RedisAddress(
-        scheme, host, port or 6379, path, int(db_text), namespace, username, password or None, tls, insecure
+        scheme, host, port or 6379, path, int(db_text), namespace, username, password or None, tls, insecure, **files
     )
+
+
+def _tls_files(query: dict[str, str], scheme: str, tls: bool) -> dict[str, str]:
+    """The TLS files among the URL's options, checked: only on a TLS scheme (elsewhere they
+    would be ignored, and the user believe the server verified), absolute (a hook runs in
+    the agent's directory, where a relative path means another file), and a key only with
+    its certificate."""
+    files = {name: query[name] for name in TLS_FILES if name in query}
+    if files and not tls:
+        secure = "valkeys" if "valkey" in scheme else "rediss"
+        raise ValidationError("address", f"{', '.join(files)}: TLS files are for a {secure}:// address only")
+    for name, value in files.items():
+        if not os.path.isabs(value):
+            raise ValidationError("address", f"{name} must be an absolute path; got {value!r:.80}")
+    if "ssl_keyfile" in files and "ssl_certfile" not in files:
+        raise ValidationError("address", "ssl_keyfile needs ssl_certfile (the client certificate it goes with)")
+    return files

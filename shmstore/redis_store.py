@@ -27,6 +27,11 @@ Lua), moves it between the live and the closed, and appends the feed entry, all 
 nothing: every check comes before the first change. Two round trips a write; a race on
 one session costs a third.
 
+The commands sent are few, so that a least-privilege ACL user can run it: its ACL line is
+``COMMANDS`` in tests/test_redis_security.py, which checks that the user needs each one; a
+command added here, in Python or in the Lua scripts, goes there too. CONFIG GET (the
+maxmemory-policy check) is tried, and skipped when refused.
+
 Not yet here (issue #13): the reaper for dead agents across hosts (host ids, leases);
 ``reap`` only marks silent sessions stale, and a pid is kept as given, never checked.
 """
@@ -61,7 +66,14 @@ from .checks import (
     check_positive,
 )
 from .config import Limits
-from .errors import ConflictError, NotFoundError, ResyncRequiredError, StoreFullError, ValidationError
+from .errors import (
+    ConflictError,
+    NotFoundError,
+    ResyncRequiredError,
+    StoreFullError,
+    StoreUnavailableError,
+    ValidationError,
+)
 from .feed import EventKind, encode_event
 from .model import (
     ACTIVITY,
@@ -253,30 +265,22 @@ class RedisStore:
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
         }
-        if address.path is not None:
-            pool = redis.ConnectionPool(connection_class=redis.UnixDomainSocketConnection, path=address.path, **options)
-        else:
-            kind = redis.SSLConnection if address.tls else redis.Connection
-            pool = redis.ConnectionPool(connection_class=kind, host=address.host, port=address.port, **options)
-        self._redis: Any = redis.Redis(connection_pool=pool)
+        self._redis: Any = redis.Redis(connection_pool=_pool(address, options))
         # A changes() call waits in Redis (XREAD BLOCK) for up to MAX_WAIT: its connection's
         # deadline is that wait plus the call's timeout.
         waiting = dict(options, socket_timeout=MAX_WAIT + timeout)
-        if address.path is not None:
-            wait_pool = redis.ConnectionPool(
-                connection_class=redis.UnixDomainSocketConnection, path=address.path, **waiting
-            )
-        else:
-            kind = redis.SSLConnection if address.tls else redis.Connection
-            wait_pool = redis.ConnectionPool(connection_class=kind, host=address.host, port=address.port, **waiting)
-        self._waiting: Any = redis.Redis(connection_pool=wait_pool)
+        self._waiting: Any = redis.Redis(connection_pool=_pool(address, waiting))
         tag = "{" + address.namespace + "}"
         self._keys = [f"{tag}:{name}" for name in ("meta", "live", "closed", "closed_order", "revs", "feed")]
         self._meta, self._live, self._closed, self._order, self._revs, self._feed = self._keys
         self._no_client = f"{tag}:done:-"
         self._commit_script = self._redis.register_script(_COMMIT)
         self._remove_script = self._redis.register_script(_REMOVE)
-        self.limits = self._namespace_limits(limits or Limits())
+        try:
+            self.limits = self._namespace_limits(limits or Limits())
+        except BaseException:  # the first command: Redis refused us, or is not there
+            self.close()
+            raise
 
     def _namespace_limits(self, limits: Limits) -> Limits:
         pipe = self._redis.pipeline(transaction=True)
@@ -679,6 +683,19 @@ class RedisStore:
         return epoch.decode(), int(revision or 0), rest
 
 
+def _pool(address: RedisAddress, options: dict[str, Any]) -> Any:
+    """A connection pool to ``address``: its unix socket, or TCP, with TLS (and the URL's
+    TLS files; the server's certificate and host name are always checked) for rediss://."""
+    if address.path is not None:
+        return redis.ConnectionPool(connection_class=redis.UnixDomainSocketConnection, path=address.path, **options)
+    if address.tls:
+        secure: dict[str, Any] = dict(options, **address.tls_options())
+        return redis.ConnectionPool(
+            connection_class=redis.SSLConnection, host=address.host, port=address.port, **secure
+        )
+    return redis.ConnectionPool(connection_class=redis.Connection, host=address.host, port=address.port, **options)
+
+
 def _check_feed(epoch: str, revision: int, oldest: list[Any], after: int, asked: str | None) -> None:
     if asked is not None and asked != epoch:
         raise ResyncRequiredError(
@@ -709,22 +726,69 @@ def _new_epoch() -> str:
 
 
 class RedisProxy:
-    """What a :class:`~shmstore.client.Client` calls instead of a manager's proxy."""
+    """What a :class:`~shmstore.client.Client` calls instead of a manager's proxy. Redis's
+    errors become those of a manager's connection (OSError: the Client tries once more,
+    then raises StoreUnavailableError), never with the password in them."""
 
     def __init__(self, address: RedisAddress, timeout: float) -> None:
-        self.store = RedisStore(address, timeout)
+        self.address = address
+        # Making the store reads the namespace's limits: the first command, so the one that a
+        # wrong password, a TLS mistake or a key outside the user's ACL fails. It is raised as
+        # connect() promises, StoreUnavailableError at once (the Client's retry is for calls).
+        try:
+            self.store = RedisStore(address, timeout)
+        except _FAILURES as exc:
+            where = str(address)
+            raise StoreUnavailableError(
+                f"cannot use Redis at {where}: {_os_error(exc, address)}", address=where
+            ) from None
 
     def call(self, method: str, args: tuple[Any, ...], deadline: float) -> Any:
         if method not in EXPOSED:
             raise ValidationError("method", f"{method!r} is not an operation of the store")
         try:
             return getattr(self.store, method)(*args)
-        except redis.exceptions.AuthenticationError as exc:
-            raise PermissionError(f"Redis refused the credentials: {exc}") from None
-        except redis.exceptions.ResponseError as exc:
-            raise ConnectionError(f"Redis answered with an error: {exc}") from None
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise ConnectionError(str(exc) or type(exc).__name__) from None
+        except _FAILURES as exc:
+            raise _os_error(exc, self.address) from None
 
     def close(self) -> None:
         self.store.close()
+
+
+#: Redis's errors that say the store cannot be used (redis-py's AuthenticationError is a
+#: ConnectionError, its NoPermissionError a ResponseError).
+_FAILURES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.ResponseError)
+
+
+def _os_error(exc: Exception, address: RedisAddress) -> OSError:
+    """Redis's error ``exc`` as the OSError a manager's connection raises. Its text is
+    scrubbed of the password (redis-py puts server replies and command arguments in its
+    messages; none should hold it, and then none ever can), with a hint for the usual
+    mistakes."""
+    text = str(exc) or type(exc).__name__
+    if address.password:
+        text = text.replace(address.password, "***")
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return PermissionError(f"Redis refused the credentials: {text}")
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return PermissionError(f"Redis refused it (NOPERM: outside the user's ACL): {text}")
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return ConnectionError(f"Redis answered with an error: {text}")
+    if isinstance(exc, redis.exceptions.TimeoutError):
+        return TimeoutError(text)
+    return ConnectionError(text + _hint(text, address))
+
+
+def _hint(text: str, address: RedisAddress) -> str:
+    """What a connection error most likely means, when its text alone does not say."""
+    if address.tls and address.ssl_ca_certs is None and "CERTIFICATE_VERIFY_FAILED" in text:
+        return " (a server certificate from a private CA needs ?ssl_ca_certs=/path/to/ca.pem)"
+    if address.tls_options() and "No such file" in text:  # redis-py names no file
+        return " (a TLS file the URL names is missing)"
+    # A server that wants a client certificate ends the handshake without saying why (TLS 1.3).
+    if address.tls and address.ssl_certfile is None and ("EOF occurred" in text or "CERTIFICATE_REQUIRED" in text):
+        return " (if the server asks for a client certificate: &ssl_certfile=/path/me.pem&ssl_keyfile=/path/me.key)"
+    plain_tcp = not address.tls and address.path is None
+    if plain_tcp and ("reset by peer" in text or "closed by server" in text):
+        return " (a TLS port drops a plain connection: use rediss:// if the server wants TLS)"
+    return ""
