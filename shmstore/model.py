@@ -291,6 +291,9 @@ class ClosedReason(enum.StrEnum):
     SESSION_END = "session_end"
     AGENT_GONE = "agent_gone"
     TRANSITION = "transition"
+    #: Its host's reaper stopped renewing its lease (a store several hosts share) and the
+    #: session stayed silent for ``host_grace`` seconds more.
+    HOST_GONE = "host_gone"
 
 
 def _check_history(history: object) -> tuple[StateTransition, ...]:

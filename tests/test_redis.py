@@ -6,7 +6,10 @@ test_errors.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import multiprocess
@@ -224,3 +227,91 @@ def test_a_session_from_redis_decodes_as_one_from_the_manager(any_store: shmstor
     assert [(h.from_, h.to) for h in moved.history] == [(Status.QUESTION, Status.CLOSED)]
     assert moved.api_usage == shmstore.ApiUsage(7, 3)
     assert any_store.get("r") == moved
+
+
+# -- several hosts: each reaps its own, one looks after hosts that went away ----------------
+
+
+def on_host(redis_url: str, host: str, **limits: object) -> RedisStore:
+    """The store as a client on ``host`` sees it (several hosts simulated on this one)."""
+    store = limited(redis_url, **limits)
+    store.host = host
+    return store
+
+
+def test_a_hosts_reaper_closes_its_own_dead_agents_and_never_another_hosts(redis_url: str) -> None:
+    a, b = on_host(redis_url, "host-a"), on_host(redis_url, "host-b")
+    agent = subprocess.Popen(["sleep", "60"])
+    try:
+        a.report("on-a", "working", "/a", pid=agent.pid)
+        b.report("on-b", "working", "/b", pid=agent.pid)  # the same number names another process there
+        assert (a.reap(), b.reap()) == (0, 0)  # both hosts alive (their reports renewed their leases)
+    finally:
+        agent.kill()
+        agent.wait()
+    assert session_from_store(a.get("on-a")).host == "host-a"
+    assert a.reap() == 1  # its own agent died: closed; host-b's session is not host-a's to judge
+    assert [session_from_store(a.get(id)).closed for id in ("on-a", "on-b")] == [True, False]
+    assert b.reap() == 1  # host-b closes its own, and leaves host-a's as it is
+    closed = [session_from_store(b.get(id)) for id in ("on-a", "on-b")]
+    assert [(s.closed_reason, s.host) for s in closed] == [("agent_gone", "host-a"), ("agent_gone", "host-b")]
+    assert closed[0].revision < closed[1].revision  # host-b's pass did not touch host-a's
+
+
+def test_a_host_whose_reaper_stopped_has_its_sessions_stale_at_once_then_closed_after_the_grace(
+    redis_url: str,
+) -> None:
+    timing = {"reap_interval": 0.1, "host_grace": 1.0}  # a lease of 0.3 s
+    a, b = on_host(redis_url, "host-a", **timing), on_host(redis_url, "host-b", **timing)
+    b.report("on-b", "working", "/b")
+    b.reap()  # host-b's lease, for 0.3 s
+    a.reap()
+    assert session_from_store(a.get("on-b")).stale is False  # host-b is alive
+    time.sleep(0.5)  # host-b's reaper stopped: its lease ran out
+    assert a.reap() == 1
+    stale = session_from_store(a.get("on-b"))
+    assert (stale.stale, stale.closed) == (True, False)  # at once, but not closed yet: it may come back
+    time.sleep(1.1)
+    assert a.reap() == 1
+    closed = session_from_store(a.get("on-b"))
+    assert (closed.closed, closed.closed_reason) == (True, "host_gone")
+    back = session_from_store(b.report("on-b", "working", "/b"))  # host-b is back
+    assert (back.closed, back.stale, back.host) == (False, False, "host-b")
+
+
+def test_the_reaper_command_runs_a_pass_for_redis_and_refuses_a_manager(
+    redis_url: str, server: shmstore.ServerProcess
+) -> None:
+    ran = subprocess.run(
+        [sys.executable, "-m", "shmstore", "reaper", "--once", "--address", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "shmstore", "reaper", "--once", "--address", server.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "reaps its own" in refused.stderr
+
+
+def test_top_shows_the_sessions_of_two_hosts_in_one_table_with_their_hosts(redis_url: str) -> None:
+    on_host(redis_url, "gpu-box").report("train", "question", "/srv/train")
+    on_host(redis_url, "laptop").report("web", "working", "/home/dev/web")
+    shown = subprocess.run(
+        [sys.executable, "-m", "shmstore", "top", "--address", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split() for line in shown.stdout.splitlines() if "train" in line or "web" in line]
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        ("question", "gpu-box", "train"),
+        ("working", "laptop", "web"),
+    ]
