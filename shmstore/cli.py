@@ -267,7 +267,13 @@ def _parser() -> argparse.ArgumentParser:
         "feed and through manager restarts; q or Ctrl-C quits (without a terminal: prints the table once)",
     )
 
-    cmd = command("demo", _demo, "run a manager, agent workers and a live subscriber on a private socket", uses=[])
+    cmd = command(
+        "demo",
+        _demo,
+        "run a manager, agent workers and a live subscriber on a private socket (on Redis, in a namespace of "
+        "its own, when $SHMSTORE_ADDRESS is a Redis URL)",
+        uses=[],
+    )
     cmd.add_argument("--duration", type=float, default=10.0, help="seconds the agents run (default: %(default)s)")
     cmd.add_argument("--workers", type=int, default=4, help="agent worker processes (default: %(default)s)")
     cmd.add_argument("--agents", type=int, default=2, help="sessions each worker plays (default: %(default)s)")

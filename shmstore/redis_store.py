@@ -323,6 +323,11 @@ class RedisStore:
         except (orjson.JSONDecodeError, TypeError, ValidationError) as exc:
             raise ValidationError("limits", f"the namespace's limits in Redis are not valid: {exc}") from None
 
+    def delete_namespace(self) -> int:
+        """Delete every key of this namespace (the demo's, when it ends); returns how many."""
+        keys = list(self._redis.scan_iter(match=f"{self._tag}:*", count=1000))
+        return int(self._redis.delete(*keys)) if keys else 0
+
     def close(self) -> None:
         self._redis.close()
         self._waiting.close()

@@ -16,6 +16,8 @@ import multiprocess
 import orjson
 import pytest
 from helpers import BAD_CALLS, make_session
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import shmstore
 from shmstore import ConflictError, ResyncRequiredError, Status, StoreFullError, ValidationError
@@ -315,3 +317,72 @@ def test_top_shows_the_sessions_of_two_hosts_in_one_table_with_their_hosts(redis
         ("question", "gpu-box", "train"),
         ("working", "laptop", "web"),
     ]
+
+
+def test_the_demo_runs_on_redis_loses_nothing_and_leaves_no_keys(redis_url: str, raw: RedisStore) -> None:
+    environment = {**os.environ, "SHMSTORE_ADDRESS": redis_url}
+    ran = subprocess.run(
+        [sys.executable, "-m", "shmstore", "demo", "--duration", "1", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment,
+    )
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    assert "demo: Redis at redis+unix://" in ran.stdout
+    assert "demo: nothing lost" in ran.stdout
+    assert list(raw._redis.scan_iter(match="*-demo-*")) == []
+
+
+# -- the same operations, the same answers ---------------------------------------------------
+
+_ids = st.sampled_from(["a", "b", "c"])
+_statuses = st.sampled_from(["working", "attention", "question", "closed"])
+_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("report"), _ids, _statuses, st.sampled_from(["/w", "/x"])),
+        st.tuples(st.just("transition"), _ids, _statuses),
+        st.tuples(st.just("add_usage"), _ids, st.integers(0, 2**62), st.integers(0, 10)),
+        st.tuples(st.just("remove"), _ids),
+        st.tuples(st.just("set"), _ids, st.sampled_from([None, 0, 1, 2, 5])),
+        st.tuples(st.just("get"), _ids),
+    ),
+    max_size=14,
+)
+
+
+def _outcome(store: shmstore.Store | RedisStore, operation: tuple[object, ...]) -> object:
+    name, *args = operation
+    if name == "set":
+        args = [pack(make_session(str(args[0]), status=Status.QUESTION)), args[1]]
+    try:
+        result = getattr(store, str(name))(*args)
+    except shmstore.ShmstoreError as exc:
+        return type(exc).__name__
+    if isinstance(result, bytes):
+        session = session_from_store(result)
+        # What may differ: each backend's clock and host (and so a pid's start time).
+        public = orjson.loads(session.to_json())
+        for key in ("since", "last_activity", "host", "pid_start"):
+            del public[key]
+        public["history"] = [(h["from"], h["to"]) for h in public["history"]]
+        return public
+    return result
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(operations=_operations)
+def test_the_same_operations_on_both_backends_give_the_same_answers(
+    redis_socket: str, operations: list[tuple[object, ...]]
+) -> None:
+    manager = shmstore.Store()
+    redis = RedisStore(parse_redis(f"redis+unix://{redis_socket}?namespace=h-{os.urandom(6).hex()}"), 5.0)
+    try:
+        for operation in operations:
+            assert _outcome(manager, operation) == _outcome(redis, operation), operation
+        assert manager.revision() == redis.revision()
+        listed = [sorted(session_from_store(d).id for d in store.list_all()) for store in (manager, redis)]
+        assert listed[0] == listed[1]
+    finally:
+        redis.delete_namespace()
+        redis.close()
