@@ -70,7 +70,14 @@ from .checks import (
     check_positive,
 )
 from .config import Limits
-from .errors import ConflictError, NotFoundError, ResyncRequiredError, StoreFullError, ValidationError
+from .errors import (
+    ConflictError,
+    NotFoundError,
+    ResyncRequiredError,
+    ShmstoreError,
+    StoreFullError,
+    ValidationError,
+)
 from .feed import EventKind, encode_event
 from .model import (
     ACTIVITY,
@@ -149,6 +156,10 @@ if ARGV[2] ~= '' and have ~= tonumber(ARGV[2]) then
   return {'conflict', string.format('%d', have)}
 end
 local revision = string.format('%d', tonumber(redis.call('HGET', meta, 'revision') or '0') + 1)
+local top = redis.call('XREVRANGE', feed, '+', '-', 'COUNT', 1)[1]
+if top and tonumber((string.gsub(top[1], '-.*', ''))) >= tonumber(revision) then
+  return {'damaged', top[1]}
+end
 local data = ARGV[3] .. revision .. ARGV[4]
 local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
 local current = redis.call('HGET', live, id)
@@ -221,6 +232,11 @@ local have = tonumber(redis.call('HGET', revs, id) or '0')
 if ARGV[2] ~= '' and have ~= tonumber(ARGV[2]) then
   return {'conflict', string.format('%d', have)}
 end
+local revision = string.format('%d', tonumber(redis.call('HGET', meta, 'revision') or '0') + 1)
+local top = redis.call('XREVRANGE', feed, '+', '-', 'COUNT', 1)[1]
+if top and tonumber((string.gsub(top[1], '-.*', ''))) >= tonumber(revision) then
+  return {'damaged', top[1]}
+end
 local data = redis.call('HGET', live, id)
 if data then
   redis.call('HDEL', live, id)
@@ -240,7 +256,6 @@ if not data then
   return {'none'}
 end
 redis.call('HDEL', revs, id)
-local revision = string.format('%d', tonumber(redis.call('HGET', meta, 'revision') or '0') + 1)
 redis.call('HSET', meta, 'revision', revision)
 redis.call('XADD', feed, 'MAXLEN', ARGV[4], revision .. '-0', 'kind', 'remove', 'id', id)
 if ARGV[3] ~= '' then
@@ -541,6 +556,8 @@ class RedisStore:
         status = reply[0].decode()
         if status in ("ok", "done"):
             return reply[2] or None
+        if status == "damaged":
+            raise _damaged(self.address, reply[1])
         if status == "conflict":
             raise ConflictError(id, expected or 0, int(reply[1]))
         return None
@@ -686,6 +703,8 @@ class RedisStore:
             return reply[1], reply[2]
         if status == "old":
             return _OLD
+        if status == "damaged":
+            raise _damaged(self.address, reply[1])
         if status == "conflict":
             if conflict and expected is not None:
                 raise ConflictError(record[ID], expected, int(reply[1]))
@@ -761,6 +780,15 @@ def _check_feed(epoch: str, revision: int, oldest: list[Any], after: int, asked:
             reason="compacted",
             after_revision=after,
         )
+
+
+def _damaged(address: RedisAddress, top: bytes) -> ShmstoreError:
+    """A namespace whose feed is ahead of its revision (its meta key was deleted or
+    replaced by hand): no write could be appended to the feed, so none is made."""
+    return ShmstoreError(
+        f"the namespace {address.namespace!r} at {address} is damaged: its feed reaches {top.decode()}, past its "
+        "revision; delete the namespace's keys (a new store) or restore them together"
+    )
 
 
 def _clock(seconds: int, micros: int) -> float:

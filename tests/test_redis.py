@@ -386,3 +386,34 @@ def test_the_same_operations_on_both_backends_give_the_same_answers(
     finally:
         redis.delete_namespace()
         redis.close()
+
+
+def test_tls_off_this_host_still_needs_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHMSTORE_REDIS_PASSWORD", raising=False)
+    with pytest.raises(ValidationError, match="password"):
+        parse_redis("rediss://cache.example:6380")
+    assert parse_redis("rediss://:pw@cache.example:6380").password == "pw"
+    assert parse_redis("rediss://cache.example?allow_insecure=true").password is None
+
+
+def test_token_counts_are_exact_to_2_63_less_1_and_an_overflow_changes_nothing(raw: RedisStore) -> None:
+    raw.report("s", "working", "/w")
+    raw.add_usage("s", 2**63 - 2, 0)
+    at_most = session_from_store(raw.add_usage("s", 1, 0))
+    assert at_most.api_usage == shmstore.ApiUsage(2**63 - 1, 0)
+    before = (raw.revision(), raw.get("s"))
+    with pytest.raises(ValidationError, match="input_tokens"):
+        raw.add_usage("s", 1, 0)
+    assert (raw.revision(), raw.get("s")) == before
+
+
+def test_a_namespace_whose_revision_was_lost_refuses_writes_instead_of_forking_its_feed(raw: RedisStore) -> None:
+    for k in range(3):
+        raw.report(f"s{k}", "working", "/w")
+    raw._redis.hdel(raw._meta, "revision")  # by hand: the feed now reaches past the revision
+    live = sorted(raw.list_all())
+    with pytest.raises(shmstore.ShmstoreError, match="damaged"):
+        raw.report("s0", "question", "/w")
+    with pytest.raises(shmstore.ShmstoreError, match="damaged"):
+        raw.remove("s1")
+    assert sorted(raw.list_all()) == live  # nothing was changed
