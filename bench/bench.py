@@ -302,19 +302,21 @@ def sync_manager_ops(record: dict[str, Any]) -> Iterator[Ops]:
 
 
 @contextlib.contextmanager
-def redis_ops(tmp: Path, data: bytes, skipped: list[str]) -> Iterator[Ops]:
+def redis_server(tmp: Path, name: str, skipped: list[str]) -> Iterator[str | None]:
+    """A redis-server of the bench's own on a unix socket (its path), or None with why in
+    ``skipped``: Redis rows need the server and the redis package."""
     server_bin = shutil.which("redis-server")
     if server_bin is None:
         skipped.append("redis-server is not installed (Debian package redis-server): Redis rows skipped")
-        yield {}
+        yield None
         return
     try:
-        import redis
+        import redis  # noqa: F401
     except ImportError:
         skipped.append("the redis Python package is not installed (pip install redis hiredis): Redis rows skipped")
-        yield {}
+        yield None
         return
-    sock = tmp / "redis.sock"
+    sock = tmp / name
     proc = subprocess.Popen(
         [server_bin, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
@@ -325,18 +327,38 @@ def redis_ops(tmp: Path, data: bytes, skipped: list[str]) -> Iterator[Ops]:
         while not sock.exists():
             if time.monotonic() > deadline or proc.poll() is not None:
                 skipped.append("redis-server did not start: Redis rows skipped")
-                yield {}
+                yield None
                 return
             time.sleep(0.05)
-        client = redis.Redis(unix_socket_path=str(sock))
-        client.set(IDS[0], data)
-        yield {
-            "redis_get": lambda: orjson.loads(client.get(IDS[0])),
-            "redis_set": lambda: client.set(IDS[0], data),
-        }
+        yield str(sock)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@contextlib.contextmanager
+def redis_ops(tmp: Path, data: bytes, skipped: list[str]) -> Iterator[Ops]:
+    """Redis itself (a GET and a SET of the session's bytes), and shmstore's Redis backend
+    (issue #13) on the same server: a get, a transition and an add_usage."""
+    with redis_server(tmp, "redis.sock", skipped) as sock:
+        if sock is None:
+            yield {}
+            return
+        import redis
+
+        client = redis.Redis(unix_socket_path=sock)
+        client.set(IDS[0], data)
+        with shmstore.connect(f"redis+unix://{sock}?namespace=bench") as store:
+            for id in IDS:
+                store.set(make_session(id))
+            flip = itertools.cycle(STATUSES)
+            yield {
+                "redis_get": lambda: orjson.loads(client.get(IDS[0])),
+                "redis_set": lambda: client.set(IDS[0], data),
+                "shmstore_redis_get": lambda: store.get(IDS[1]),
+                "shmstore_redis_transition": lambda: store.transition(IDS[2], next(flip)),
+                "shmstore_redis_add_usage": lambda: store.add_usage(IDS[3], 5, 1),
+            }
 
 
 # -- the change feed ----------------------------------------------------------------------------
@@ -404,7 +426,7 @@ def writes_with_watchers(
 # -- scaling and memory -----------------------------------------------------------------------
 
 
-def _mixed(address: Any, authkey: bytes, seconds: float, start: Any, out: Any) -> None:
+def _mixed(address: Any, authkey: bytes | None, seconds: float, start: Any, out: Any) -> None:
     rng = random.Random(os.getpid())
     session = make_session(IDS[5])
     done = 0
@@ -429,17 +451,26 @@ def _mixed(address: Any, authkey: bytes, seconds: float, start: Any, out: Any) -
 def bench_scaling(tmp: Path, seconds: float) -> dict[str, float]:
     """Aggregate ops/s of 1, 2, 4 and 8 worker processes on a mixed load, and the CPU time
     (workers and manager together) per op at each."""
+    with shmstore.start_server(tmp / "scale.sock") as server:
+        return _scaling(server.address, server.authkey, seconds, (1, 2, 4, 8))
+
+
+def bench_scaling_redis(tmp: Path, seconds: float, skipped: list[str]) -> dict[str, float]:
+    """:func:`bench_scaling` on shmstore's Redis backend (1, 4 and 8 processes): the CPU per
+    op counts the workers and the redis-server, as the manager's does the manager."""
+    with redis_server(tmp, "scale-redis.sock", skipped) as sock:
+        return {} if sock is None else _scaling(f"redis+unix://{sock}?namespace=scale", None, seconds, (1, 4, 8))
+
+
+def _scaling(address: Any, authkey: bytes | None, seconds: float, counts: tuple[int, ...]) -> dict[str, float]:
     ctx = multiprocess.get_context("fork")
     results = {}
-    with shmstore.start_server(tmp / "scale.sock") as server, shmstore.connect(server.address, server.authkey) as store:
+    with shmstore.connect(address, authkey) as store:
         for id in IDS:
             store.set(make_session(id))
-        for workers in (1, 2, 4, 8):
+        for workers in counts:
             start, out = ctx.Event(), ctx.Queue()
-            procs = [
-                ctx.Process(target=_mixed, args=(server.address, server.authkey, seconds, start, out))
-                for _ in range(workers)
-            ]
+            procs = [ctx.Process(target=_mixed, args=(address, authkey, seconds, start, out)) for _ in range(workers)]
             for p in procs:
                 p.start()
             time.sleep(0.3)
@@ -589,6 +620,7 @@ def main() -> int:
             feed_cpu: dict[str, float] = {}
             feed.update(writes_with_watchers(server, store, n, repeat, feed_cpu))
         scaling = bench_scaling(tmp, seconds)
+        scaling_redis = bench_scaling_redis(tmp, seconds, skipped)
         memory = bench_memory(tmp)
         memory.update(bench_serve_pss(tmp))
         hook = hook_startup_ms(tmp, 20 if args.quick else 60)
@@ -642,6 +674,7 @@ def main() -> int:
         "change_feed_cpu_us": feed_cpu,
         "skipped": skipped,
         "scaling_ops_per_s": scaling,
+        "scaling_redis_ops_per_s": scaling_redis,
         "memory": memory,
         "hook_startup_ms": hook,
         "ratios": ratios,
@@ -667,6 +700,10 @@ def op_ratios(per_op: dict[str, float], redis_ran: bool) -> dict[str, float | No
         "transition_vs_pingpong": per_op["shmstore_transition"] / pingpong,
         "add_usage_vs_pingpong": per_op["shmstore_add_usage"] / pingpong,
         "get_vs_redis": per_op["redis_get"] / get if redis_ran else None,
+        "redis_backend_get_vs_get": per_op["shmstore_redis_get"] / get if redis_ran else None,
+        "redis_backend_transition_vs_transition": (
+            per_op["shmstore_redis_transition"] / per_op["shmstore_transition"] if redis_ran else None
+        ),
         "list_all_100_vs_get": per_op["shmstore_list_all_100"] / get,
         "list_all_100_unchanged_vs_get": per_op["shmstore_list_all_100_unchanged"] / get,
     }
@@ -713,6 +750,11 @@ def print_table(results: dict[str, Any]) -> None:
     scaling = results["scaling_ops_per_s"]
     for workers in ("1", "2", "4", "8"):
         print(f"{workers:<10}{scaling[workers]:>20.0f}{scaling[f'{workers}_cpu_us_per_op']:>12.1f}")
+    scaling_redis = results.get("scaling_redis_ops_per_s") or {}
+    if scaling_redis:
+        print(f"\n{'workers':<10}{'ops/s, Redis backend':>20}{'cpu us/op':>12}")
+        for workers in ("1", "4", "8"):
+            print(f"{workers:<10}{scaling_redis[workers]:>20.0f}{scaling_redis[f'{workers}_cpu_us_per_op']:>12.1f}")
     print()
     for name, value in results["memory"].items():
         print(f"{name:<42}{value:>10.2f}")

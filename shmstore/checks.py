@@ -161,6 +161,22 @@ def check_closed_reason(value: object, field: str = "closed_reason") -> str:
     return value
 
 
+#: The longest host id (:func:`shmstore.procs.host_id` makes 16 hex digits; a user may name one).
+MAX_HOST_LENGTH = 64
+
+
+def check_host(value: object, field: str = "host") -> str:
+    """A host id: 1 to MAX_HOST_LENGTH of A-Z a-z 0-9 . _ -."""
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_HOST_LENGTH
+        or not value.isascii()
+        or not value.replace(".", "").replace("_", "").replace("-", "").isalnum()
+    ):
+        raise ValidationError(field, f"must be 1 to {MAX_HOST_LENGTH} of A-Z a-z 0-9 . _ -, not {value!r:.80}")
+    return value
+
+
 def check_count(value: object, field: str) -> int:
     """A non-negative int that fits the wire's 64 bits."""
     if isinstance(value, bool) or not isinstance(value, int):

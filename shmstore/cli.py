@@ -19,6 +19,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -231,6 +232,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_service_flags(cmd)
 
+    cmd = command(
+        "reaper",
+        _reaper,
+        "for a Redis store that several hosts share (a manager reaps its own): every reap_interval of the "
+        "store's limits, close this host's sessions whose agent died and renew this host's lease; one reaper "
+        "also marks silent sessions stale and looks after the sessions of hosts whose reaper stopped; runs "
+        "until interrupted",
+    )
+    cmd.add_argument("--once", action="store_true", help="one pass, then exit")
+
     cmd = command("prune", _prune, "forget recently closed sessions that closed at least SECONDS ago")
     cmd.add_argument("--older-than", type=float, required=True, metavar="SECONDS")
 
@@ -256,7 +267,13 @@ def _parser() -> argparse.ArgumentParser:
         "feed and through manager restarts; q or Ctrl-C quits (without a terminal: prints the table once)",
     )
 
-    cmd = command("demo", _demo, "run a manager, agent workers and a live subscriber on a private socket", uses=[])
+    cmd = command(
+        "demo",
+        _demo,
+        "run a manager, agent workers and a live subscriber on a private socket (on Redis, in a namespace of "
+        "its own, when $SHMSTORE_ADDRESS is a Redis URL)",
+        uses=[],
+    )
     cmd.add_argument("--duration", type=float, default=10.0, help="seconds the agents run (default: %(default)s)")
     cmd.add_argument("--workers", type=int, default=4, help="agent worker processes (default: %(default)s)")
     cmd.add_argument("--agents", type=int, default=2, help="sessions each worker plays (default: %(default)s)")
@@ -477,6 +494,22 @@ def _uninstall_service(args: argparse.Namespace) -> int:
     else:
         print(f"removed {plan.path} (no {args.init} user manager is running, so none was told)")
     return 0
+
+
+def _reaper(args: argparse.Namespace) -> int:
+    if isinstance(addr.resolve_any(args.address), str | tuple):
+        raise ValidationError("address", "a manager reaps its own sessions; `shmstore reaper` is for a Redis store")
+    with _client(args) as store:
+        # The store's own interval: each pass renews this host's lease for three of them.
+        interval = float(store.info()["reap_interval"])
+        print(f"shmstore: reaper for this host at {addr.format_address(store.address)}", file=sys.stderr, flush=True)
+        while True:
+            changed = store.reap()
+            if changed:
+                print(f"reaped: {changed} sessions changed", flush=True)
+            if args.once:
+                return 0
+            time.sleep(interval)
 
 
 def _prune(args: argparse.Namespace) -> int:

@@ -82,6 +82,9 @@ class Limits:
     max_closed: int = _setting(100, "recently closed sessions kept with their resume ids")
     stale_after: float = _setting(600.0, "seconds a working session may stay silent before it is stale", "SECONDS")
     reap_interval: float = _setting(5.0, "seconds between passes for dead agents and stale sessions", "SECONDS")
+    # Several hosts (Redis): a host whose reaper stops is gone or cut off; its sessions are
+    # marked stale at once and closed only after this, since a network split heals.
+    host_grace: float = _setting(1800.0, "seconds a gone host's silent sessions wait before they close", "SECONDS")
     max_record_bytes: int = _setting(DEFAULT_MAX_RECORD_BYTES, "most bytes one session's stored record may take")
     max_store_bytes: int = _setting(DEFAULT_MAX_STORE_BYTES, "most bytes the live sessions may take together")
 
@@ -89,6 +92,7 @@ class Limits:
         for name in ("max_sessions", "max_history", "max_id_length", "log_size", "max_closed"):
             check_positive(getattr(self, name), name)
         check_duration(self.stale_after, "stale_after")
+        check_duration(self.host_grace, "host_grace")
         if not check_duration(self.reap_interval, "reap_interval"):
             raise ValidationError("reap_interval", "must be more than 0")
         if self.max_id_length > MAX_ID_LENGTH:

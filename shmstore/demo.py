@@ -9,6 +9,7 @@ redraws a live table only on a terminal that takes escape codes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -22,10 +23,12 @@ from typing import Any
 
 import multiprocess
 
+from . import address as addr
 from .client import Client
 from .config import DEFAULT_MAX_STORE_BYTES, MIN_RECORD_BYTES
 from .errors import StoreUnavailableError, ValidationError
 from .model import Session, Status
+from .redis_address import RedisAddress
 from .render import escapes_allowed, format_table
 from .server import start_server
 from .store import Store
@@ -50,14 +53,40 @@ def _store_for(sessions: int) -> Store:
 def run(duration: float = 10.0, workers: int = 4, agents: int = 2) -> int:
     """Run the demo; 0 when the store holds exactly what the workers sent. Its socket lives
     in a temporary directory that is removed however the demo ends (SIGTERM included:
-    it ends the demo as Ctrl-C does, with the processes it started)."""
+    it ends the demo as Ctrl-C does, with the processes it started).
+
+    With a Redis URL in ``$SHMSTORE_ADDRESS`` it runs on that Redis instead of a manager,
+    in a namespace of its own (the URL's namespace, then ``-demo-`` and a random suffix),
+    whose keys it deletes at the end."""
     if workers < 1 or agents < 1:
         raise ValidationError("workers", "--workers and --agents must be at least 1")
     if not 0 <= duration <= 3600:
         raise ValidationError("duration", "must be between 0 and 3600 seconds")
-    with _sigterm_exits(), tempfile.TemporaryDirectory(prefix="shmstore-demo-") as directory:
-        reports, sessions, revision = _play(os.path.join(directory, "store.sock"), duration, workers, agents)
+    found = addr.resolve_any(None)
+    with _sigterm_exits():
+        if isinstance(found, str | tuple):
+            with tempfile.TemporaryDirectory(prefix="shmstore-demo-") as directory:
+                reports, sessions, revision = _play(os.path.join(directory, "store.sock"), duration, workers, agents)
+        else:
+            reports, sessions, revision = _play_on_redis(found, duration, workers, agents)
     return _summary(reports, sessions, revision)
+
+
+def _play_on_redis(
+    address: RedisAddress, duration: float, workers: int, agents: int
+) -> tuple[list[dict[str, int]], list[Session], int]:
+    """:func:`_play` on Redis: the namespace is made with the demo store's limits (every
+    client reads a namespace's limits from Redis), and deleted at the end."""
+    from .redis_store import RedisStore  # the redis package: only for a Redis URL
+
+    demo = dataclasses.replace(address, namespace=f"{address.namespace}-demo-{os.urandom(4).hex()}")
+    store = RedisStore(demo, 10.0, _store_for(workers * agents).limits)
+    try:
+        print(f"demo: Redis at {demo}; {workers} workers x {agents} agents", flush=True)
+        return _run_players(demo, None, duration, workers, agents)
+    finally:
+        store.delete_namespace()
+        store.close()
 
 
 def _play(
@@ -66,32 +95,37 @@ def _play(
     """A manager at ``socket_path``, the workers and the subscriber, until the workers are
     done; returns their reports and what the store holds then. Every process it started
     has ended when it returns or raises."""
-    ctx = multiprocess.get_context("fork")
-    redraw = escapes_allowed(sys.stdout)
     with start_server(socket_path, store=_store_for(workers * agents)) as server:
         print(f"demo: manager pid {server.pid} at {socket_path}; {workers} workers x {agents} agents", flush=True)
-        deadline = time.time() + duration
-        results, stop = ctx.Queue(), ctx.Event()
-        players = [
-            ctx.Process(target=_worker, args=(server.address, server.authkey, n, agents, deadline, stop, results))
-            for n in range(workers)
-        ]
-        subscriber = ctx.Process(
-            target=_subscriber, args=(server.address, server.authkey, deadline + 0.5, stop, redraw)
-        )
-        everyone = [*players, subscriber]
-        try:
-            with _interrupts_held():
-                for process in everyone:
-                    process.start()
-            reports = [results.get(timeout=duration + 30) for _ in players]
+        return _run_players(server.address, server.authkey, duration, workers, agents)
+
+
+def _run_players(
+    address: Any, authkey: bytes | None, duration: float, workers: int, agents: int
+) -> tuple[list[dict[str, int]], list[Session], int]:
+    """The workers and the subscriber on the store at ``address``, until the workers are
+    done; their reports and what the store holds then."""
+    ctx = multiprocess.get_context("fork")
+    redraw = escapes_allowed(sys.stdout)
+    deadline = time.time() + duration
+    results, stop = ctx.Queue(), ctx.Event()
+    players = [
+        ctx.Process(target=_worker, args=(address, authkey, n, agents, deadline, stop, results)) for n in range(workers)
+    ]
+    subscriber = ctx.Process(target=_subscriber, args=(address, authkey, deadline + 0.5, stop, redraw))
+    everyone = [*players, subscriber]
+    try:
+        with _interrupts_held():
             for process in everyone:
-                process.join(30)
-        finally:
-            stop.set()  # an interrupted demo: the players stop at their next step
-            _end(everyone)
-        with Client(server.address, server.authkey) as store:
-            return reports, store.list_all() + store.recently_closed(), store.revision()
+                process.start()
+        reports = [results.get(timeout=duration + 30) for _ in players]
+        for process in everyone:
+            process.join(30)
+    finally:
+        stop.set()  # an interrupted demo: the players stop at their next step
+        _end(everyone)
+    with Client(address, authkey) as store:
+        return reports, store.list_all() + store.recently_closed(), store.revision()
 
 
 def _end(processes: list[Any]) -> None:

@@ -25,6 +25,7 @@ from .checks import (
     check_count,
     check_dir,
     check_duration,
+    check_host,
     check_id,
     check_pid,
     check_time,
@@ -149,6 +150,10 @@ class Session:
     found the agent's process dead), or ``transition`` (someone moved it to ``closed`` by
     hand). A session written whole with ``set`` may carry any short printable reason.
     JSON written before the field existed decodes with None.
+
+    ``host`` names the machine (and pid namespace) the agent runs on, when sessions of
+    several hosts share one store (the Redis backend: :func:`shmstore.procs.host_id`); a
+    pid is checked only by a reaper on that host. None for a manager's own sessions.
     """
 
     id: str
@@ -165,6 +170,7 @@ class Session:
     pid_start: int | None = None
     revision: int = 0
     closed_reason: str | None = None
+    host: str | None = None
 
     def __post_init__(self) -> None:
         check_id(self.id)
@@ -194,6 +200,8 @@ class Session:
             check_closed_reason(self.closed_reason)
             if self.status is not Status.CLOSED:
                 raise ValidationError("closed_reason", f"is only for a closed session, not one that is {self.status}")
+        if self.host is not None:
+            check_host(self.host)
 
     @property
     def closed(self) -> bool:
@@ -219,6 +227,7 @@ class Session:
             "pid_start": self.pid_start,
             "revision": self.revision,
             "closed_reason": self.closed_reason,
+            "host": self.host,
         }
 
     def to_json(self) -> bytes:
@@ -246,6 +255,7 @@ class Session:
             pid_start=fields.get("pid_start"),
             revision=fields.get("revision", 0),
             closed_reason=fields.get("closed_reason"),
+            host=fields.get("host"),
         )
         if "closed" in fields and fields["closed"] is not session.closed:
             raise ValidationError("closed", f"must be {session.closed} when status is {session.status}")
@@ -271,6 +281,7 @@ _SESSION_OPTIONAL = (
     "pid_start",
     "revision",
     "closed_reason",
+    "host",
 )
 
 
@@ -280,6 +291,9 @@ class ClosedReason(enum.StrEnum):
     SESSION_END = "session_end"
     AGENT_GONE = "agent_gone"
     TRANSITION = "transition"
+    #: Its host's reaper stopped renewing its lease (a store several hosts share) and the
+    #: session stayed silent for ``host_grace`` seconds more.
+    HOST_GONE = "host_gone"
 
 
 def _check_history(history: object) -> tuple[StateTransition, ...]:
@@ -346,8 +360,10 @@ def loads(data: bytes | str, what: str) -> Any:
 # JSON of Session.to_json().
 
 #: Positions in a record.
-ID, AGENT, STATUS, DIR, SINCE, ACTIVITY, HISTORY, USAGE, STALE, RESUME, PID, PID_START, REVISION, REASON = range(14)
-RECORD_LENGTH = 14
+ID, AGENT, STATUS, DIR, SINCE, ACTIVITY, HISTORY, USAGE, STALE, RESUME, PID, PID_START, REVISION, REASON, HOST = range(
+    15
+)
+RECORD_LENGTH = 15
 #: A status's code in a record is its index here, and an agent type's in AGENT_TYPES.
 STATUSES: tuple[Status, ...] = tuple(Status)
 AGENT_TYPES: tuple[AgentType, ...] = tuple(AgentType)
@@ -461,6 +477,7 @@ def to_record(session: Session) -> Record:
         session.pid_start,
         session.revision,
         session.closed_reason,
+        session.host,
     ]
 
 
@@ -472,7 +489,7 @@ def pack(session: Session) -> bytes:
 def new_record(id: str, agent: AgentType, status: Status, working_dir: str, at: float, reason: str | None) -> Record:
     """The record of a session first reported at ``at``, from values already checked."""
     agent_code, status_code = AGENT_CODE[agent], STATUS_CODE[status]
-    return [id, agent_code, status_code, working_dir, at, at, [], None, False, None, None, None, 0, reason]
+    return [id, agent_code, status_code, working_dir, at, at, [], None, False, None, None, None, 0, reason, None]
 
 
 # -- checking what a client sends, without building a Session ------------------------------
@@ -538,6 +555,8 @@ def checked_record(record: list[Any], max_id_length: int = MAX_ID_LENGTH) -> Rec
         check_closed_reason(reason)
         if status != CLOSED:
             raise ValidationError("closed_reason", f"is only for a closed session, not one that is {STATUSES[status]}")
+    if record[HOST] is not None:
+        check_host(record[HOST])
     return record
 
 
@@ -627,6 +646,9 @@ def session_record(data: object, max_id_length: int = MAX_ID_LENGTH) -> Record:
         check_closed_reason(reason)
         if status is not Status.CLOSED:
             raise ValidationError("closed_reason", f"is only for a closed session, not one that is {status}")
+    host = fields.get("host")
+    if host is not None:
+        check_host(host)
     closed = status is Status.CLOSED
     if "closed" in fields and fields["closed"] is not closed:
         raise ValidationError("closed", f"must be {closed} when status is {status}")
@@ -645,6 +667,7 @@ def session_record(data: object, max_id_length: int = MAX_ID_LENGTH) -> Record:
         pid_start,
         revision,
         reason,
+        host,
     ]
 
 
@@ -727,10 +750,25 @@ def _stored_session(record: Record) -> Session:
         set_pid_start,
         set_rev,
         set_reason,
+        set_host,
     ) = _SESSION_SET
-    (id, agent, status, working_dir, since, activity, flat, usage, stale, resume, pid, pid_start, revision, reason) = (
-        record
-    )
+    (
+        id,
+        agent,
+        status,
+        working_dir,
+        since,
+        activity,
+        flat,
+        usage,
+        stale,
+        resume,
+        pid,
+        pid_start,
+        revision,
+        reason,
+        host,
+    ) = record
     session = _new(Session)
     set_id(session, id)
     set_dir(session, working_dir)
@@ -752,6 +790,7 @@ def _stored_session(record: Record) -> Session:
     set_pid_start(session, pid_start)
     set_rev(session, revision)
     set_reason(session, reason)
+    set_host(session, host)
     return session
 
 

@@ -128,3 +128,33 @@ def peer_same_pid_namespace(sock_fd: int) -> bool | None:
     if peer is None or ours is None:
         return None
     return peer == ours
+
+
+#: Environment variable naming this host for a store that several hosts share; by default
+#: :func:`host_id` derives one. Tests simulate several hosts with it.
+ENV_HOST_ID = "SHMSTORE_HOST_ID"
+
+
+def host_id() -> str:
+    """This host as a store that several hosts share names it: 16 hex digits of a hash of the
+    machine id, the boot id and this process's pid namespace, so that two containers on one
+    machine, or one machine before and after a reboot, are different hosts (a pid means
+    something only within one of these). ``$SHMSTORE_HOST_ID`` overrides it."""
+    named = os.environ.get(ENV_HOST_ID)
+    if named:
+        return named
+    import hashlib  # here: the hook imports this module, and must not pay for hashlib
+
+    machine = _first_line("/etc/machine-id") or _first_line("/var/lib/dbus/machine-id")
+    parts = [machine, _first_line("/proc/sys/kernel/random/boot_id"), pid_namespace("self") or ""]
+    if not any(parts):  # nothing to tell this host by (not Linux): its name, at least
+        parts.append(os.uname().nodename)
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _first_line(path: str) -> str:
+    try:
+        with open(path, encoding="ascii", errors="replace") as file:
+            return file.readline().strip()
+    except OSError:
+        return ""

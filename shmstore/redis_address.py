@@ -110,6 +110,12 @@ def parse_redis(text: str) -> RedisAddress:
         )
     password = urllib.parse.unquote(url.password) if url.password is not None else os.environ.get(ENV_REDIS_PASSWORD)
     username = urllib.parse.unquote(url.username) if url.username else None
+    if host is not None and host not in _LOOPBACK and not password and not insecure:
+        raise ValidationError(
+            "address",
+            f"{scheme}://{host} is off this host: give a password (in the URL or ${ENV_REDIS_PASSWORD}), "
+            "or add ?allow_insecure=true for a server that asks none",
+        )
     return RedisAddress(
         scheme, host, port or 6379, path, int(db_text), namespace, username, password or None, tls, insecure, **files
     )

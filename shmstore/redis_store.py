@@ -27,13 +27,21 @@ Lua), moves it between the live and the closed, and appends the feed entry, all 
 nothing: every check comes before the first change. Two round trips a write; a race on
 one session costs a third.
 
+Several hosts: each session carries the host its agent runs on (``Session.host``,
+:func:`procs.host_id`), and a pid with the start time that host's /proc gave, so a pid is
+only ever checked on its own host. :meth:`RedisStore.reap`, run on every host
+(``shmstore reaper``), closes its own host's sessions whose agent died and renews the
+host's lease (``{NS}:lease:HOST``, three reap intervals; a report from the host renews
+it too, in its commit); one reaper at a time, elected
+with ``SET NX PX`` (``{NS}:reaper``), also marks silent sessions stale and, for hosts
+whose lease expired, marks their sessions stale at once and closes those silent for
+``host_grace`` more (a later report brings a session back). No clocks of two hosts are
+compared: times are Redis's (``TIME``).
+
 The commands sent are few, so that a least-privilege ACL user can run it: its ACL line is
 ``COMMANDS`` in tests/test_redis_security.py, which checks that the user needs each one; a
 command added here, in Python or in the Lua scripts, goes there too. CONFIG GET (the
 maxmemory-policy check) is tried, and skipped when refused.
-
-Not yet here (issue #13): the reaper for dead agents across hosts (host ids, leases);
-``reap`` only marks silent sessions stale, and a pid is kept as given, never checked.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "a redis:// address needs the redis package: pip install 'shmstore[redis]'", name="redis"
     ) from exc
 
+from . import procs
 from .checks import (
     MAX_WAIT,
     check_closed_reason,
@@ -70,6 +79,7 @@ from .errors import (
     ConflictError,
     NotFoundError,
     ResyncRequiredError,
+    ShmstoreError,
     StoreFullError,
     StoreUnavailableError,
     ValidationError,
@@ -80,6 +90,7 @@ from .model import (
     CLOSED,
     ENTRY,
     HISTORY,
+    HOST,
     ID,
     PID,
     PID_START,
@@ -106,6 +117,7 @@ from .store import (
     Listing,
     add_usage_record,
     encoded,
+    pid_start_for,
     report_record,
     touch_record,
     transition_record,
@@ -122,15 +134,17 @@ _WIDEST_REVISION = 2**63 - 1
 _OLD = ("old",)
 
 # KEYS: meta, live, closed, closed_order, revs, feed, done (a key no one uses when the
-# write is not a client's once()).
+# write is not a client's once()), and the writer's host lease (renewed by a report: the
+# host is alive; a key no one uses otherwise).
 # ARGV: id, expected revision ("" = any; "0" = none), record before the revision, record
 # after it, closing (1/0), kind, max_sessions, max_store_bytes, max_closed, log_size,
-# request number ("" = not once), keep its place among the closed (1/0), a new epoch.
+# request number ("" = not once), keep its place among the closed (1/0), a new epoch, the
+# lease's lifetime in ms ("" = no lease).
 # Returns {"ok", revision, record, kind}, {"done", revision, record} (the client's retry of
 # a write already made), {"old"} (older than its newest), {"conflict", revision},
 # {"sessions", count} or {"bytes", total}: past a limit, nothing changed.
 _COMMIT = """
-local meta, live, closed, order, revs, feed, done = unpack(KEYS)
+local meta, live, closed, order, revs, feed, done, lease = unpack(KEYS)
 local id = ARGV[1]
 redis.call('HSETNX', meta, 'epoch', ARGV[13])
 if ARGV[11] ~= '' then
@@ -148,6 +162,10 @@ if ARGV[2] ~= '' and have ~= tonumber(ARGV[2]) then
   return {'conflict', string.format('%d', have)}
 end
 local revision = string.format('%d', tonumber(redis.call('HGET', meta, 'revision') or '0') + 1)
+local top = redis.call('XREVRANGE', feed, '+', '-', 'COUNT', 1)[1]
+if top and tonumber((string.gsub(top[1], '-.*', ''))) >= tonumber(revision) then
+  return {'damaged', top[1]}
+end
 local data = ARGV[3] .. revision .. ARGV[4]
 local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
 local current = redis.call('HGET', live, id)
@@ -193,6 +211,9 @@ if ARGV[11] ~= '' then
   redis.call('HSET', done, 'number', ARGV[11], 'revision', revision, 'data', data)
   redis.call('EXPIRE', done, DONE_SECONDS)
 end
+if ARGV[14] ~= '' then
+  redis.call('SET', lease, '1', 'PX', ARGV[14])
+end
 return {'ok', revision, data, kind}
 """.replace("DONE_SECONDS", str(DONE_SECONDS))
 
@@ -217,6 +238,11 @@ local have = tonumber(redis.call('HGET', revs, id) or '0')
 if ARGV[2] ~= '' and have ~= tonumber(ARGV[2]) then
   return {'conflict', string.format('%d', have)}
 end
+local revision = string.format('%d', tonumber(redis.call('HGET', meta, 'revision') or '0') + 1)
+local top = redis.call('XREVRANGE', feed, '+', '-', 'COUNT', 1)[1]
+if top and tonumber((string.gsub(top[1], '-.*', ''))) >= tonumber(revision) then
+  return {'damaged', top[1]}
+end
 local data = redis.call('HGET', live, id)
 if data then
   redis.call('HDEL', live, id)
@@ -236,7 +262,6 @@ if not data then
   return {'none'}
 end
 redis.call('HDEL', revs, id)
-local revision = string.format('%d', tonumber(redis.call('HGET', meta, 'revision') or '0') + 1)
 redis.call('HSET', meta, 'revision', revision)
 redis.call('XADD', feed, 'MAXLEN', ARGV[4], revision .. '-0', 'kind', 'remove', 'id', id)
 if ARGV[3] ~= '' then
@@ -274,6 +299,9 @@ class RedisStore:
         self._keys = [f"{tag}:{name}" for name in ("meta", "live", "closed", "closed_order", "revs", "feed")]
         self._meta, self._live, self._closed, self._order, self._revs, self._feed = self._keys
         self._no_client = f"{tag}:done:-"
+        self._tag = tag
+        #: This host, as the sessions it reports name it.
+        self.host = procs.host_id()
         self._commit_script = self._redis.register_script(_COMMIT)
         self._remove_script = self._redis.register_script(_REMOVE)
         try:
@@ -307,6 +335,11 @@ class RedisStore:
             return Limits(**orjson.loads(stored))
         except (orjson.JSONDecodeError, TypeError, ValidationError) as exc:
             raise ValidationError("limits", f"the namespace's limits in Redis are not valid: {exc}") from None
+
+    def delete_namespace(self) -> int:
+        """Delete every key of this namespace (the demo's, when it ends); returns how many."""
+        keys = list(self._redis.scan_iter(match=f"{self._tag}:*", count=1000))
+        return int(self._redis.delete(*keys)) if keys else 0
 
     def close(self) -> None:
         self._redis.close()
@@ -359,6 +392,8 @@ class RedisStore:
             "revision": revision,
             "live": live,
             "closed": closed,
+            "host": self.host,
+            "reap_interval": self.limits.reap_interval,
         }
 
     def snapshot(self) -> bytes:
@@ -441,18 +476,49 @@ class RedisStore:
         return self._prune(None, older_than)
 
     def reap(self) -> int:
-        """Mark stale the live sessions working with no report for ``stale_after`` seconds
-        (by Redis's clock). Dead agents are not looked for: a pid means something only on
-        its own host (issue #13's per-host reaper is not built yet)."""
-        at = self._time()
+        """One reaper pass for this host (run it every ``reap_interval`` seconds on every
+        host whose agents report here: ``shmstore reaper``); returns how many sessions it
+        changed. See the module's docstring for what it does and who does what."""
+        at, me, tag = self._time(), self.host, self._tag
+        ttl = self._lease_ms()
+        self._redis.set(f"{tag}:lease:{me}", b"1", px=ttl)
+        elected = self._redis.set(f"{tag}:reaper", me, nx=True, px=ttl)
+        leader = bool(elected) or self._redis.get(f"{tag}:reaper") == me.encode()
+        if leader:  # the one reaper that also looks after other hosts' sessions: renewed
+            self._redis.pexpire(f"{tag}:reaper", ttl)
+        records = [orjson.loads(data) for data in self._redis.hvals(self._live)]
+        hosts = sorted({record[HOST] for record in records if record[HOST] not in (None, me)})
+        gone = {host for host, lease in zip(hosts, self._leases(hosts), strict=True) if not lease} if leader else set()
         changed = 0
-        for data in self._redis.hvals(self._live):
-            record = orjson.loads(data)
-            if record[STATUS] == WORKING and not record[STALE] and at - record[ACTIVITY] >= self.limits.stale_after:
+        for record in records:
+            host, silent = record[HOST], at - record[ACTIVITY]
+            pid, start = record[PID], record[PID_START]
+            if host == me and pid is not None and start is not None and not procs.agent_alive(pid, start):
+                changed += self._reaped(record, at, ClosedReason.AGENT_GONE)
+                continue
+            quiet = record[STATUS] == WORKING and silent >= self.limits.stale_after
+            if host in gone and record[STALE] and silent >= self.limits.host_grace:
+                changed += self._reaped(record, at, ClosedReason.HOST_GONE)
+            elif leader and not record[STALE] and (host in gone or quiet):
                 record[STALE] = True
-                result = self._commit(None, record, record[REVISION], EventKind.STALE, outside=False)
-                changed += result is not None
+                changed += self._commit(None, record, record[REVISION], EventKind.STALE, outside=False) is not None
         return changed
+
+    def _lease_ms(self) -> int:
+        """How long a host stays alive without a report or a reaper pass: three passes."""
+        return max(1, round(3 * self.limits.reap_interval * 1000))
+
+    def _leases(self, hosts: list[str]) -> list[bool]:
+        pipe = self._redis.pipeline(transaction=False)
+        for host in hosts:
+            pipe.exists(f"{self._tag}:lease:{host}")
+        return [bool(found) for found in pipe.execute()]
+
+    def _reaped(self, record: Record, at: float, why: str) -> bool:
+        """Close ``record``'s session for ``why``, unless it changed since it was read."""
+        expected = record[REVISION]
+        transition_record(record, CLOSED, at, self.limits.max_history, why)
+        return self._commit(None, record, expected, EventKind.CLOSE, outside=False) is not None
 
     # -- the writes, each with the client's once() token and number, or None ---------------
 
@@ -468,6 +534,10 @@ class RedisStore:
             raise ValidationError("history", f"has {entries} entries; this store keeps at most {most}")
         if expected_revision is not None:
             check_count(expected_revision, "expected_revision")
+        # Stored as given (a session without a host is never judged by its pid); a pid of
+        # this host's gets its start time from here, as a report's does.
+        if record[PID] is not None and record[PID_START] is None and record[HOST] == self.host:
+            record[PID_START] = procs.process_start(record[PID])
         result = self._commit(once, record, expected_revision, EventKind.SET, outside=True, conflict=True)
         if result is _OLD:
             return None  # type: ignore[return-value]  # as Store.once answers an old request
@@ -484,6 +554,8 @@ class RedisStore:
         status = reply[0].decode()
         if status in ("ok", "done"):
             return reply[2] or None
+        if status == "damaged":
+            raise _damaged(self.address, reply[1])
         if status == "conflict":
             raise ConflictError(id, expected or 0, int(reply[1]))
         return None
@@ -534,12 +606,13 @@ class RedisStore:
         for _ in self._tries():
             current, at = self._read(id)
             record = report_record(current, id, to, working_dir, agent, why, at, self.limits.max_history)
-            if pid is not None:
-                record[PID], record[PID_START] = pid, None  # a pid is checked only on its own host
+            record[HOST] = self.host
+            if pid is not None:  # its start time from this host's /proc: the reporter runs beside the agent
+                record[PID], record[PID_START] = pid, pid_start_for(pid, procs.process_start(pid), current)
             if session_id is not None:
                 record[RESUME] = SAME_AS_ID if session_id == id else session_id
             expected = 0 if current is None else orjson.loads(current)[REVISION]
-            result = self._commit(once, record, expected, EventKind.REPORT, outside=current is None)
+            result = self._commit(once, record, expected, EventKind.REPORT, outside=current is None, lease=True)
             if result is _OLD:
                 return None  # type: ignore[return-value]
             if result is not None:
@@ -592,6 +665,7 @@ class RedisStore:
         outside: bool,
         conflict: bool = False,
         keep_place: bool = False,
+        lease: bool = False,
     ) -> Any:
         """Store ``record`` if the session is still at revision ``expected`` (None: any);
         returns (revision, record bytes), None when it was not (try again), or _OLD when
@@ -604,7 +678,7 @@ class RedisStore:
         token, number = self._once_keys(once)
         limits = self.limits
         reply = self._commit_script(
-            keys=[*self._keys, token],
+            keys=[*self._keys, token, f"{self._tag}:lease:{self.host}" if lease else self._no_client],
             args=[
                 record[ID],
                 "" if expected is None else expected,
@@ -619,6 +693,7 @@ class RedisStore:
                 number,
                 "1" if keep_place else "0",
                 _new_epoch(),
+                self._lease_ms() if lease else "",
             ],
         )
         status = reply[0].decode()
@@ -626,6 +701,8 @@ class RedisStore:
             return reply[1], reply[2]
         if status == "old":
             return _OLD
+        if status == "damaged":
+            raise _damaged(self.address, reply[1])
         if status == "conflict":
             if conflict and expected is not None:
                 raise ConflictError(record[ID], expected, int(reply[1]))
@@ -714,6 +791,15 @@ def _check_feed(epoch: str, revision: int, oldest: list[Any], after: int, asked:
             reason="compacted",
             after_revision=after,
         )
+
+
+def _damaged(address: RedisAddress, top: bytes) -> ShmstoreError:
+    """A namespace whose feed is ahead of its revision (its meta key was deleted or
+    replaced by hand): no write could be appended to the feed, so none is made."""
+    return ShmstoreError(
+        f"the namespace {address.namespace!r} at {address} is damaged: its feed reaches {top.decode()}, past its "
+        "revision; delete the namespace's keys (a new store) or restore them together"
+    )
 
 
 def _clock(seconds: int, micros: int) -> float:

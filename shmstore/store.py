@@ -334,7 +334,7 @@ class Store:
                 if not same_namespace:
                     record[PID_START] = None
                 elif given_start is None:
-                    record[PID_START] = _pid_start(pid, fresh, current)
+                    record[PID_START] = pid_start_for(pid, fresh, current)
             self._commit(record, EventKind.SET, outside=True)
             return self._revision, record[PID_START]
 
@@ -413,7 +413,7 @@ class Store:
             record = report_record(current, id, to, working_dir, agent, why, at, self.limits.max_history)
             if pid is not None:
                 record[PID] = pid
-                record[PID_START] = _pid_start(pid, fresh, current) if same_namespace else None
+                record[PID_START] = pid_start_for(pid, fresh, current) if same_namespace else None
             if session_id is not None:
                 record[RESUME] = SAME_AS_ID if session_id == id else session_id
             return self._commit(record, EventKind.REPORT, outside=current is None)
@@ -743,7 +743,7 @@ def _see_pid(pid: int | None, given_start: int | None) -> tuple[bool, int | None
     return same, fresh
 
 
-def _pid_start(pid: int, fresh: int | None, current: bytes | None) -> int | None:
+def pid_start_for(pid: int, fresh: int | None, current: bytes | None) -> int | None:
     """The start time that identifies agent ``pid``, for a caller in our pid namespace:
     /proc's answer now (``fresh``), or, when the pid has no process any more, what the
     stored session (``current``) already had for the same pid: the agent it identified is

@@ -72,9 +72,12 @@ def ordered(sessions: Iterable[Session]) -> list[Session]:
 
 
 def columns(sessions: Sequence[Session], width: int) -> list[str]:
-    """The columns for ``sessions`` on a screen ``width`` wide: tokens only when some
+    """The columns for ``sessions`` on a screen ``width`` wide: the host only when the
+    sessions come from more than one (a store several hosts share), tokens only when some
     session has reported usage, pid and agent only when there is room."""
     names = ["STATUS", "PROJECT", "ID", "IN STATUS", "LAST ACTIVE"]
+    if len({s.host for s in sessions}) > 1:
+        names.insert(1, "HOST")
     if any(s.api_usage is not None for s in sessions):
         names.append("TOKENS IN/OUT")
     if width >= WIDE:
@@ -86,6 +89,7 @@ def cells(session: Session, names: Sequence[str], at: float) -> list[str]:
     """One row of text for ``session``, in the columns ``names``, at time ``at``."""
     every = {
         "STATUS": f"{session.status} (stale)" if session.stale else session.status.value,
+        "HOST": session.host or "-",
         "PROJECT": project(session),
         "ID": short_id(session.id),
         "IN STATUS": age(at - session.since),

@@ -70,6 +70,7 @@ def test_json_encoding_is_exact() -> None:
         "pid_start",
         "revision",
         "closed_reason",
+        "host",
     ]
     assert data["history"][0] == {"timestamp": 100.0, "from": "working", "to": "attention", "duration": 5.5}
     assert data["api_usage"] == {"input_tokens": 1200, "output_tokens": 340}
@@ -425,8 +426,8 @@ def test_decoding_reuses_entries_already_built_but_never_one_of_another_value() 
 def test_a_negative_zero_is_read_as_zero_whichever_session_was_decoded_first() -> None:
     # The decode cache must not hand one session's -0.0 to another session's 0.0 (they
     # compare equal): both are read back as 0.0.
-    negative = orjson.dumps(["a", 0, 1, "/", 10.0, 10.0, [0, 1, -0.0], None, False, None, None, None, 0, None])
-    zero = orjson.dumps(["b", 0, 1, "/", 10.0, 10.0, [0, 1, 0], None, False, None, None, None, 0, None])
+    negative = orjson.dumps(["a", 0, 1, "/", 10.0, 10.0, [0, 1, -0.0], None, False, None, None, None, 0, None, None])
+    zero = orjson.dumps(["b", 0, 1, "/", 10.0, 10.0, [0, 1, 0], None, False, None, None, None, 0, None, None])
     for first, second in [(negative, zero), (zero, negative)]:
         model_built_clear()
         durations = [session_from_store(stored_record(data)).history[0].duration for data in (first, second)]

@@ -6,13 +6,18 @@ test_errors.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import multiprocess
 import orjson
 import pytest
 from helpers import BAD_CALLS, make_session
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import shmstore
 from shmstore import ConflictError, ResyncRequiredError, Status, StoreFullError, ValidationError
@@ -224,3 +229,191 @@ def test_a_session_from_redis_decodes_as_one_from_the_manager(any_store: shmstor
     assert [(h.from_, h.to) for h in moved.history] == [(Status.QUESTION, Status.CLOSED)]
     assert moved.api_usage == shmstore.ApiUsage(7, 3)
     assert any_store.get("r") == moved
+
+
+# -- several hosts: each reaps its own, one looks after hosts that went away ----------------
+
+
+def on_host(redis_url: str, host: str, **limits: object) -> RedisStore:
+    """The store as a client on ``host`` sees it (several hosts simulated on this one)."""
+    store = limited(redis_url, **limits)
+    store.host = host
+    return store
+
+
+def test_a_hosts_reaper_closes_its_own_dead_agents_and_never_another_hosts(redis_url: str) -> None:
+    a, b = on_host(redis_url, "host-a"), on_host(redis_url, "host-b")
+    agent = subprocess.Popen(["sleep", "60"])
+    try:
+        a.report("on-a", "working", "/a", pid=agent.pid)
+        b.report("on-b", "working", "/b", pid=agent.pid)  # the same number names another process there
+        assert (a.reap(), b.reap()) == (0, 0)  # both hosts alive (their reports renewed their leases)
+    finally:
+        agent.kill()
+        agent.wait()
+    assert session_from_store(a.get("on-a")).host == "host-a"
+    assert a.reap() == 1  # its own agent died: closed; host-b's session is not host-a's to judge
+    assert [session_from_store(a.get(id)).closed for id in ("on-a", "on-b")] == [True, False]
+    assert b.reap() == 1  # host-b closes its own, and leaves host-a's as it is
+    closed = [session_from_store(b.get(id)) for id in ("on-a", "on-b")]
+    assert [(s.closed_reason, s.host) for s in closed] == [("agent_gone", "host-a"), ("agent_gone", "host-b")]
+    assert closed[0].revision < closed[1].revision  # host-b's pass did not touch host-a's
+
+
+def test_a_host_whose_reaper_stopped_has_its_sessions_stale_at_once_then_closed_after_the_grace(
+    redis_url: str,
+) -> None:
+    timing = {"reap_interval": 0.1, "host_grace": 1.0}  # a lease of 0.3 s
+    a, b = on_host(redis_url, "host-a", **timing), on_host(redis_url, "host-b", **timing)
+    b.report("on-b", "working", "/b")
+    b.reap()  # host-b's lease, for 0.3 s
+    a.reap()
+    assert session_from_store(a.get("on-b")).stale is False  # host-b is alive
+    time.sleep(0.5)  # host-b's reaper stopped: its lease ran out
+    assert a.reap() == 1
+    stale = session_from_store(a.get("on-b"))
+    assert (stale.stale, stale.closed) == (True, False)  # at once, but not closed yet: it may come back
+    time.sleep(1.1)
+    assert a.reap() == 1
+    closed = session_from_store(a.get("on-b"))
+    assert (closed.closed, closed.closed_reason) == (True, "host_gone")
+    back = session_from_store(b.report("on-b", "working", "/b"))  # host-b is back
+    assert (back.closed, back.stale, back.host) == (False, False, "host-b")
+
+
+def test_the_reaper_command_runs_a_pass_for_redis_and_refuses_a_manager(
+    redis_url: str, server: shmstore.ServerProcess
+) -> None:
+    ran = subprocess.run(
+        [sys.executable, "-m", "shmstore", "reaper", "--once", "--address", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    refused = subprocess.run(
+        [sys.executable, "-m", "shmstore", "reaper", "--once", "--address", server.address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "reaps its own" in refused.stderr
+
+
+def test_top_shows_the_sessions_of_two_hosts_in_one_table_with_their_hosts(redis_url: str) -> None:
+    on_host(redis_url, "gpu-box").report("train", "question", "/srv/train")
+    on_host(redis_url, "laptop").report("web", "working", "/home/dev/web")
+    shown = subprocess.run(
+        [sys.executable, "-m", "shmstore", "top", "--address", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split() for line in shown.stdout.splitlines() if "train" in line or "web" in line]
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        ("question", "gpu-box", "train"),
+        ("working", "laptop", "web"),
+    ]
+
+
+def test_the_demo_runs_on_redis_loses_nothing_and_leaves_no_keys(redis_url: str, raw: RedisStore) -> None:
+    environment = {**os.environ, "SHMSTORE_ADDRESS": redis_url}
+    ran = subprocess.run(
+        [sys.executable, "-m", "shmstore", "demo", "--duration", "1", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment,
+    )
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    assert "demo: Redis at redis+unix://" in ran.stdout
+    assert "demo: nothing lost" in ran.stdout
+    assert list(raw._redis.scan_iter(match="*-demo-*")) == []
+
+
+# -- the same operations, the same answers ---------------------------------------------------
+
+_ids = st.sampled_from(["a", "b", "c"])
+_statuses = st.sampled_from(["working", "attention", "question", "closed"])
+_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("report"), _ids, _statuses, st.sampled_from(["/w", "/x"])),
+        st.tuples(st.just("transition"), _ids, _statuses),
+        st.tuples(st.just("add_usage"), _ids, st.integers(0, 2**62), st.integers(0, 10)),
+        st.tuples(st.just("remove"), _ids),
+        st.tuples(st.just("set"), _ids, st.sampled_from([None, 0, 1, 2, 5])),
+        st.tuples(st.just("get"), _ids),
+    ),
+    max_size=14,
+)
+
+
+def _outcome(store: shmstore.Store | RedisStore, operation: tuple[object, ...]) -> object:
+    name, *args = operation
+    if name == "set":
+        args = [pack(make_session(str(args[0]), status=Status.QUESTION)), args[1]]
+    try:
+        result = getattr(store, str(name))(*args)
+    except shmstore.ShmstoreError as exc:
+        return type(exc).__name__
+    if isinstance(result, bytes):
+        session = session_from_store(result)
+        # What may differ: each backend's clock and host (and so a pid's start time).
+        public = orjson.loads(session.to_json())
+        for key in ("since", "last_activity", "host", "pid_start"):
+            del public[key]
+        public["history"] = [(h["from"], h["to"]) for h in public["history"]]
+        return public
+    return result
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(operations=_operations)
+def test_the_same_operations_on_both_backends_give_the_same_answers(
+    redis_socket: str, operations: list[tuple[object, ...]]
+) -> None:
+    manager = shmstore.Store()
+    redis = RedisStore(parse_redis(f"redis+unix://{redis_socket}?namespace=h-{os.urandom(6).hex()}"), 5.0)
+    try:
+        for operation in operations:
+            assert _outcome(manager, operation) == _outcome(redis, operation), operation
+        assert manager.revision() == redis.revision()
+        listed = [sorted(session_from_store(d).id for d in store.list_all()) for store in (manager, redis)]
+        assert listed[0] == listed[1]
+    finally:
+        redis.delete_namespace()
+        redis.close()
+
+
+def test_tls_off_this_host_still_needs_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHMSTORE_REDIS_PASSWORD", raising=False)
+    with pytest.raises(ValidationError, match="password"):
+        parse_redis("rediss://cache.example:6380")
+    assert parse_redis("rediss://:pw@cache.example:6380").password == "pw"
+    assert parse_redis("rediss://cache.example?allow_insecure=true").password is None
+
+
+def test_token_counts_are_exact_to_2_63_less_1_and_an_overflow_changes_nothing(raw: RedisStore) -> None:
+    raw.report("s", "working", "/w")
+    raw.add_usage("s", 2**63 - 2, 0)
+    at_most = session_from_store(raw.add_usage("s", 1, 0))
+    assert at_most.api_usage == shmstore.ApiUsage(2**63 - 1, 0)
+    before = (raw.revision(), raw.get("s"))
+    with pytest.raises(ValidationError, match="input_tokens"):
+        raw.add_usage("s", 1, 0)
+    assert (raw.revision(), raw.get("s")) == before
+
+
+def test_a_namespace_whose_revision_was_lost_refuses_writes_instead_of_forking_its_feed(raw: RedisStore) -> None:
+    for k in range(3):
+        raw.report(f"s{k}", "working", "/w")
+    raw._redis.hdel(raw._meta, "revision")  # by hand: the feed now reaches past the revision
+    live = sorted(raw.list_all())
+    with pytest.raises(shmstore.ShmstoreError, match="damaged"):
+        raw.report("s0", "question", "/w")
+    with pytest.raises(shmstore.ShmstoreError, match="damaged"):
+        raw.remove("s1")
+    assert sorted(raw.list_all()) == live  # nothing was changed
