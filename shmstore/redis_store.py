@@ -856,7 +856,8 @@ def _os_error(exc: Exception, address: RedisAddress) -> OSError:
         text = text.replace(address.password, "***")
     if isinstance(exc, redis.exceptions.AuthenticationError):
         return PermissionError(f"Redis refused the credentials: {text}")
-    if isinstance(exc, redis.exceptions.NoPermissionError):
+    # Refused inside a Lua script, it is a plain error ("The user executing the script can't ...").
+    if isinstance(exc, redis.exceptions.NoPermissionError) or "user executing the script can't" in text:
         return PermissionError(f"Redis refused it (NOPERM: outside the user's ACL): {text}")
     if isinstance(exc, redis.exceptions.ResponseError):
         return ConnectionError(f"Redis answered with an error: {text}")

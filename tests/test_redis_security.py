@@ -46,10 +46,12 @@ NAMESPACE = "team"
 #: maxmemory-policy; refused, the backend skips it: CONFIG GET would also show
 #: requirepass and the rest of the configuration). Commands inside the Lua scripts are
 #: checked against the ACL too (HEXISTS, HINCRBY, EXPIRE, ZCARD... are only sent there).
+#: GET, SET, EXISTS and PEXPIRE are the reaper's (host leases and its election); SCAN and
+#: DEL only the demo's (RedisStore.delete_namespace, in a namespace of its own).
 COMMANDS = (
     *("hget", "hset", "hsetnx", "hdel", "hlen", "hvals", "hgetall", "hmget", "hexists", "hincrby"),
-    *("zadd", "zrem", "zcard", "zrange", "zrevrange", "xadd", "xrange", "xread", "expire", "time"),
-    *("evalsha", "script|load", "multi", "exec"),
+    *("zadd", "zrem", "zcard", "zrange", "zrevrange", "xadd", "xrange", "xrevrange", "xread"),
+    *("get", "set", "exists", "expire", "pexpire", "time", "evalsha", "script|load", "multi", "exec"),
 )
 #: redis-py sends CLIENT SETINFO on connect (and ignores a refusal); Redis 7.2 and Valkey
 #: have it, and 7.0 has not, where ACL SETUSER refuses the name: granted where known.
@@ -257,7 +259,9 @@ def round_trip(url: str, timeout: float = 5.0) -> None:
     """Every operation of the store, each path that sends a command of its own included:
     limits written first, exactly-once writes, closing past max_closed (ZRANGE in Lua), a
     closed session's usage keeping its place (HEXISTS), a wait for the next change (XREAD
-    BLOCK), a Watch, removals of a live and a closed session (HINCRBY), prune and reap."""
+    BLOCK), a Watch, removals of a live and a closed session (HINCRBY), prune, and reaper
+    passes: elected (SET NX PX, PEXPIRE), then still the reaper (GET), with a session of
+    another host whose lease (EXISTS) is gone."""
     RedisStore(parse_redis(url), timeout, shmstore.Limits(max_closed=2)).close()
     with shmstore.connect(url, timeout=timeout) as client:
         assert client.info()["backend"] == "redis"
@@ -267,6 +271,7 @@ def round_trip(url: str, timeout: float = 5.0) -> None:
         assert [s.id for s in client.list_all()] == ["a"]
         assert [s.id for s in client.list_all()] == ["a"]  # unchanged: the short answer
         assert client.set(make_session("s"), expected_revision=0).revision > 0
+        assert client.set(make_session("far", host="far-host")).host == "far-host"
         for id in ["c0", "c1", "c2"]:
             client.report(id, Status.CLOSED, "/w")
         client.add_usage("c1", 1, 1)
@@ -290,8 +295,9 @@ def round_trip(url: str, timeout: float = 5.0) -> None:
         assert client.remove("c2") is not None
         assert client.remove("nothing") is None
         assert client.prune(0) == 1  # c1
-        assert client.reap() == 0
-        assert [s.id for s in client.list_all()] == ["s"]
+        assert client.reap() == 1  # elected; far-host has no lease: its session is stale
+        assert client.reap() == 0  # still the reaper, with nothing more to do
+        assert sorted(s.id for s in client.list_all()) == ["far", "s"]
 
 
 # -- what the user may do ----------------------------------------------------------------------
@@ -483,7 +489,7 @@ def test_a_server_that_asks_for_a_client_certificate_gets_the_one_the_url_names(
 def test_the_tls_files_of_an_address_are_taken_from_its_url() -> None:
     address = parse_redis("rediss://u:p@cache.example?ssl_ca_certs=/etc/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/c.key")
     assert address.tls_options() == {"ssl_ca_certs": "/etc/ca.pem", "ssl_certfile": "/c.pem", "ssl_keyfile": "/c.key"}
-    assert parse_redis("rediss://cache.example").tls_options() == {}
+    assert parse_redis("rediss://u:p@cache.example").tls_options() == {}
 
 
 @pytest.mark.parametrize(
@@ -491,12 +497,13 @@ def test_the_tls_files_of_an_address_are_taken_from_its_url() -> None:
     [
         "redis://localhost?ssl_ca_certs=/etc/ca.pem",  # not TLS: the file would be ignored
         "redis+unix:///run/r.sock?ssl_ca_certs=/etc/ca.pem",
-        "rediss://cache.example?ssl_ca_certs=ca.pem",  # relative: to whichever directory
-        "rediss://cache.example?ssl_keyfile=/c.key",  # a key without its certificate
-        "rediss://cache.example?ssl_cert_reqs=none",  # verification is never turned off
+        "rediss://u:p@cache.example?ssl_ca_certs=ca.pem",  # relative: to whichever directory
+        "rediss://u:p@cache.example?ssl_keyfile=/c.key",  # a key without its certificate
+        "rediss://u:p@cache.example?ssl_cert_reqs=none",  # verification is never turned off
     ],
 )
 def test_bad_tls_options_are_refused_with_our_error(url: str) -> None:
     with pytest.raises(ValidationError) as refused:
         parse_redis(url)
     assert refused.value.field == "address"
+    assert "ssl_" in refused.value.problem  # refused for that option, not for something else
