@@ -437,6 +437,16 @@ def _add_settings_file(cmd: argparse.ArgumentParser) -> None:
 
 
 def _install_hooks(args: argparse.Namespace) -> int:
+    if args.address and addr.is_redis(args.address):
+        from .redis_address import parse_redis, password_in_url
+
+        parse_redis(args.address)  # a bad URL is refused now, not at the agent's first event
+        if password_in_url(args.address):
+            raise ValidationError(
+                "address",
+                "holds a password, which would be written into Claude Code's settings: put it in a file "
+                "(?password_file=PATH, mode 0600) or in $SHMSTORE_REDIS_PASSWORD instead",
+            )
     command = args.hook_command or claude_settings.hook_command(args.address)
     path = args.settings or claude_settings.default_settings()
     change = claude_settings.install(path, command, dry_run=args.dry_run)

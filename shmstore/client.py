@@ -273,8 +273,10 @@ class Client:
 
     def _new_proxy(self, deadline: float) -> StoreProxy:
         if isinstance(self.address, RedisAddress):
-            from .redis_store import RedisProxy  # only a Redis address needs the redis package
-
+            try:
+                from .redis_store import RedisProxy  # only a Redis address needs the redis package
+            except ImportError as exc:
+                raise StoreUnavailableError(str(exc), address=str(self.address)) from None
             return RedisProxy(self.address, self.timeout)  # type: ignore[return-value]
         assert not isinstance(self.address, RedisAddress)
         key = self._authkey if self._authkey is not None else addr.read_key(self.address)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import urllib.parse
 
 from .errors import ValidationError
@@ -70,6 +71,7 @@ class RedisAddress:
 
 def parse_redis(text: str) -> RedisAddress:
     """A Redis URL as a :class:`RedisAddress`. The password comes from the URL, else from
+    the file its ``password_file`` option names (this user's, mode 0600), else from
     ``$SHMSTORE_REDIS_PASSWORD``. A plain (not TLS) connection to a host off the loopback
     is refused unless the URL says ``allow_insecure=true``: it would send the password and
     every session in the clear."""
@@ -81,7 +83,7 @@ def parse_redis(text: str) -> RedisAddress:
     scheme = url.scheme.lower()
     tls, unix = SCHEMES[scheme]
     query = dict(urllib.parse.parse_qsl(url.query))
-    unknown = sorted(set(query) - {"db", "namespace", "allow_insecure", *TLS_FILES})
+    unknown = sorted(set(query) - {"db", "namespace", "allow_insecure", "password_file", *TLS_FILES})
     if unknown:
         raise ValidationError("address", f"unknown Redis URL option(s) {', '.join(unknown)}")
     files = _tls_files(query, scheme, tls)
@@ -108,7 +110,12 @@ def parse_redis(text: str) -> RedisAddress:
             f"{scheme}://{host} is off this host without TLS: use {'valkeys' if 'valkey' in scheme else 'rediss'}://, "
             "or add ?allow_insecure=true to send sessions and the password in the clear",
         )
-    password = urllib.parse.unquote(url.password) if url.password is not None else os.environ.get(ENV_REDIS_PASSWORD)
+    if url.password is not None:
+        password: str | None = urllib.parse.unquote(url.password)
+    elif "password_file" in query:
+        password = _read_password(query["password_file"])
+    else:
+        password = os.environ.get(ENV_REDIS_PASSWORD)
     username = urllib.parse.unquote(url.username) if url.username else None
     if host is not None and host not in _LOOPBACK and not password and not insecure:
         raise ValidationError(
@@ -136,3 +143,30 @@ def _tls_files(query: dict[str, str], scheme: str, tls: bool) -> dict[str, str]:
     if "ssl_keyfile" in files and "ssl_certfile" not in files:
         raise ValidationError("address", "ssl_keyfile needs ssl_certfile (the client certificate it goes with)")
     return files
+
+
+def _read_password(path: str) -> str:
+    """The first line of ``path``: a regular file of this user's that no one else may read
+    (as ssh asks of a key), so that a password in it is not everyone's."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValidationError("address", f"password_file {path!r}: {exc.strerror or exc}") from None
+    with open(fd, encoding="utf-8", errors="replace") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ValidationError(
+                "address", f"password_file {path!r} must be a regular file of yours with mode 0600 (chmod 600)"
+            )
+        password = file.readline(4096).rstrip("\r\n")
+    if not password:
+        raise ValidationError("address", f"password_file {path!r} is empty")
+    return password
+
+
+def password_in_url(text: str) -> bool:
+    """Whether the URL ``text`` itself holds a password (not a file or the environment)."""
+    try:
+        return urllib.parse.urlsplit(text).password is not None
+    except ValueError:
+        return False

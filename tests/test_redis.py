@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import multiprocess
 import orjson
@@ -417,3 +418,41 @@ def test_a_namespace_whose_revision_was_lost_refuses_writes_instead_of_forking_i
     with pytest.raises(shmstore.ShmstoreError, match="damaged"):
         raw.remove("s1")
     assert sorted(raw.list_all()) == live  # nothing was changed
+
+
+def test_a_password_file_must_be_private_and_is_never_shown(tmp_path: Path) -> None:
+    secret = tmp_path / "redis.pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    address = parse_redis(f"rediss://cache.example?password_file={secret}")
+    assert address.password == "s3cret"
+    assert "s3cret" not in str(address) + repr(address)
+    secret.chmod(0o644)
+    with pytest.raises(ValidationError, match="0600"):
+        parse_redis(f"rediss://cache.example?password_file={secret}")
+
+
+def test_a_redis_url_without_the_redis_package_is_one_clear_error(redis_url: str) -> None:
+    script = (
+        "import sys; sys.modules['redis'] = None\n"  # as if it were not installed
+        "import shmstore\n"
+        f"try:\n    shmstore.connect({redis_url!r})\n"
+        "except shmstore.StoreUnavailableError as exc:\n    print(exc)\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "pip install 'shmstore[redis]'" in ran.stdout, ran.stderr
+
+
+def test_install_hooks_refuses_to_write_a_redis_password_into_claudes_settings(tmp_path: Path) -> None:
+    settings = tmp_path / "settings.json"
+    url = "redis://me:s3cret@127.0.0.1:6379?namespace=team"
+    ran = subprocess.run(
+        [sys.executable, "-m", "shmstore", "install-hooks", "--settings", str(settings), "--dry-run", "--address", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 2
+    assert "password_file" in ran.stderr
+    assert "s3cret" not in ran.stdout + ran.stderr
+    assert not settings.exists()
