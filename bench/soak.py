@@ -2,19 +2,21 @@
 """Soak: worker processes and a watching subscriber run a mixed load, then the invariants
 are checked.
 
-    python bench/soak.py [--seconds 60] [--workers 8] [--out bench/soak.json]
+    python bench/soak.py [--seconds 60] [--workers 8] [--out bench/soak.json] [--address URL]
 
 Workers transition, add usage to, and read 32 shared sessions. Afterwards: every write got
 a revision of its own and the revisions have no hole (no write was lost to a race), every
 session's tokens equal what the workers added, every history chain is consistent, the feed
 the subscriber followed had no gap (and, if it never had to resync, showed every transition
 once), and the state the subscriber rebuilt equals the final snapshot. It reports ops/s and
-the manager's USS, sampled every second. Exits 1 if an invariant fails.
+the manager's USS, sampled every second. Exits 1 if an invariant fails. With ``--address``
+(a Redis URL) it runs against that store instead of a manager of its own (no USS then).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 import tempfile
@@ -81,35 +83,37 @@ def _subscriber(address: Any, authkey: bytes, ready: Any, stop_at: Any, out: Any
         out.put((dict(transitions), gaps, watch.snapshots, state))
 
 
-def run(seconds: float = 60.0, workers: int = 8, sock_dir: Path | None = None) -> dict[str, Any]:
+def run(
+    seconds: float = 60.0, workers: int = 8, sock_dir: Path | None = None, address: str | None = None
+) -> dict[str, Any]:
     """Run the soak; returns the report (its ``ok`` says whether every invariant held)."""
     ctx = multiprocess.get_context("fork")
     folder = sock_dir or Path(tempfile.mkdtemp(prefix="shmsoak-", dir="/tmp"))
-    with (
-        shmstore.start_server(folder / "soak.sock") as server,
-        shmstore.connect(server.address, server.authkey) as store,
-    ):
+    with contextlib.ExitStack() as stack:
+        where: Any = address
+        authkey, manager = None, None
+        if where is None:
+            server = stack.enter_context(shmstore.start_server(folder / "soak.sock"))
+            where, authkey, manager = server.address, server.authkey, psutil.Process(server.pid)
+        store = stack.enter_context(shmstore.connect(where, authkey))
         for id in IDS:
             store.set(Session(id=id, working_dir=f"/soak/{id}"))
-        manager = psutil.Process(server.pid)
         ready, start, stop_at, results, feed = ctx.Event(), ctx.Event(), ctx.Value("q", 0), ctx.Queue(), ctx.Queue()
-        subscriber = ctx.Process(target=_subscriber, args=(server.address, server.authkey, ready, stop_at, feed))
+        subscriber = ctx.Process(target=_subscriber, args=(where, authkey, ready, stop_at, feed))
         subscriber.start()
         ready.wait(30)
-        procs = [
-            ctx.Process(target=_worker, args=(server.address, server.authkey, seconds, n, start, results))
-            for n in range(workers)
-        ]
+        procs = [ctx.Process(target=_worker, args=(where, authkey, seconds, n, start, results)) for n in range(workers)]
         for p in procs:
             p.start()
         time.sleep(0.5)
         initial_revision = store.revision()
-        uss = [manager.memory_full_info().uss / 2**20]
+        uss = [] if manager is None else [manager.memory_full_info().uss / 2**20]
         began = time.monotonic()
         start.set()
         while time.monotonic() - began < seconds:
             time.sleep(min(1.0, max(0.0, seconds - (time.monotonic() - began))))
-            uss.append(manager.memory_full_info().uss / 2**20)
+            if manager is not None:
+                uss.append(manager.memory_full_info().uss / 2**20)
         reports = [results.get(timeout=60) for _ in procs]
         elapsed = time.monotonic() - began
         for p in procs:
@@ -158,10 +162,10 @@ def run(seconds: float = 60.0, workers: int = 8, sock_dir: Path | None = None) -
         "usage_additions": sum(added.values()),
         "final_revision": final.revision,
         "subscriber_snapshots": snapshots,
-        "manager_uss_start_mib": round(uss[0], 2),
-        "manager_uss_after_first_second_mib": round(uss[min(1, len(uss) - 1)], 2),
-        "manager_uss_end_mib": round(uss[-1], 2),
-        "manager_uss_max_mib": round(max(uss), 2),
+        "manager_uss_start_mib": round(uss[0], 2) if uss else None,
+        "manager_uss_after_first_second_mib": round(uss[min(1, len(uss) - 1)], 2) if uss else None,
+        "manager_uss_end_mib": round(uss[-1], 2) if uss else None,
+        "manager_uss_max_mib": round(max(uss), 2) if uss else None,
         "checks": checks,
         "ok": all(checks.values()),
     }
@@ -172,8 +176,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the load runs (%(default)s)")
     parser.add_argument("--workers", type=int, default=8, help="worker processes (%(default)s)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("soak.json")), help="where to write JSON")
+    parser.add_argument("--address", help="a Redis URL to soak instead of a manager of its own")
     args = parser.parse_args()
-    report = run(args.seconds, args.workers)
+    report = run(args.seconds, args.workers, address=args.address)
     for key, value in report.items():
         if key != "checks":
             print(f"{key:<24}{value}")

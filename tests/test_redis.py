@@ -16,7 +16,7 @@ from pathlib import Path
 import multiprocess
 import orjson
 import pytest
-from helpers import BAD_CALLS, make_session
+from helpers import BAD_CALLS, SOAK, make_session
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -456,3 +456,16 @@ def test_install_hooks_refuses_to_write_a_redis_password_into_claudes_settings(t
     assert "password_file" in ran.stderr
     assert "s3cret" not in ran.stdout + ran.stderr
     assert not settings.exists()
+
+
+def test_a_short_soak_on_redis_holds_every_invariant(redis_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    soak = subprocess.run(
+        [sys.executable, str(SOAK), "--seconds", "3", "--workers", "4", "--out", str(out), "--address", redis_url],
+        capture_output=True,
+        timeout=180,
+    )
+    report = orjson.loads(out.read_bytes())
+    assert soak.returncode == 0, soak.stdout
+    assert report["checks"] == dict.fromkeys(report["checks"], True)
+    assert report["ops"] > 300
