@@ -142,7 +142,9 @@ def host_id() -> str:
     something only within one of these). ``$SHMSTORE_HOST_ID`` overrides it."""
     named = os.environ.get(ENV_HOST_ID)
     if named:
-        return named
+        from .checks import check_host  # here: the hook imports this module, not this path
+
+        return check_host(named, ENV_HOST_ID)
     import hashlib  # here: the hook imports this module, and must not pay for hashlib
 
     machine = _first_line("/etc/machine-id") or _first_line("/var/lib/dbus/machine-id")

@@ -78,14 +78,20 @@ def parse_redis(text: str) -> RedisAddress:
     try:
         url = urllib.parse.urlsplit(text)
         port = url.port
-    except ValueError as exc:
-        raise ValidationError("address", f"is not a Redis URL: {exc}") from None
+    except ValueError:
+        # Not urllib's words: they quote the piece they could not read, which may be part
+        # of a password with an unescaped / # ? or @ in it.
+        raise ValidationError(
+            "address", "is not a Redis URL (a password's / # ? @ : must be %-encoded, e.g. %2F for /)"
+        ) from None
     scheme = url.scheme.lower()
     tls, unix = SCHEMES[scheme]
     query = dict(urllib.parse.parse_qsl(url.query))
     unknown = sorted(set(query) - {"db", "namespace", "allow_insecure", "password_file", *TLS_FILES})
     if unknown:
-        raise ValidationError("address", f"unknown Redis URL option(s) {', '.join(unknown)}")
+        # Named only when they look like names: a password with an unescaped ? puts its tail here.
+        shown = ", ".join(name if name.isidentifier() else "(not a name)" for name in unknown)
+        raise ValidationError("address", f"unknown Redis URL option(s) {shown}")
     files = _tls_files(query, scheme, tls)
     namespace = query.get("namespace", "shmstore")
     if not _NAMESPACE.fullmatch(namespace):

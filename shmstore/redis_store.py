@@ -126,8 +126,10 @@ from .store import (
 log = logging.getLogger(__name__)
 
 #: How long Redis keeps a client's newest write for a retry (the manager keeps the newest
-#: 4,096 clients'; a key per client with a lifetime bounds them here).
-DONE_SECONDS = 3600
+#: 4,096 clients'; a key per client with a lifetime bounds them here). A client retries
+#: within twice its timeout; every hook run is a client, so this also bounds the keys that
+#: hooks leave (one record each).
+DONE_SECONDS = 300
 #: The widest revision: records are sized with it before Redis counts the real one.
 _WIDEST_REVISION = 2**63 - 1
 #: What _commit returns for a client's request older than its newest (nothing was run).
@@ -291,10 +293,6 @@ class RedisStore:
             "socket_connect_timeout": timeout,
         }
         self._redis: Any = redis.Redis(connection_pool=_pool(address, options))
-        # A changes() call waits in Redis (XREAD BLOCK) for up to MAX_WAIT: its connection's
-        # deadline is that wait plus the call's timeout.
-        waiting = dict(options, socket_timeout=MAX_WAIT + timeout)
-        self._waiting: Any = redis.Redis(connection_pool=_pool(address, waiting))
         tag = "{" + address.namespace + "}"
         self._keys = [f"{tag}:{name}" for name in ("meta", "live", "closed", "closed_order", "revs", "feed")]
         self._meta, self._live, self._closed, self._order, self._revs, self._feed = self._keys
@@ -343,9 +341,7 @@ class RedisStore:
 
     def close(self) -> None:
         self._redis.close()
-        self._waiting.close()
         self._redis.connection_pool.disconnect()
-        self._waiting.connection_pool.disconnect()
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -408,7 +404,7 @@ class RedisStore:
         if epoch is not None and not isinstance(epoch, str):
             raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
         limit = min(check_positive(limit, "limit"), self.limits.log_size)
-        start = f"{after_revision + 1}-0"
+        start, waited_until = f"{after_revision + 1}-0", time.monotonic() + wait
         while True:
             now_epoch, revision, (oldest, entries) = self._at_one_instant(
                 lambda pipe: (
@@ -417,13 +413,13 @@ class RedisStore:
                 )
             )
             _check_feed(now_epoch, revision, oldest, after_revision, epoch)
-            if entries or not wait:
+            left = waited_until - time.monotonic()
+            if entries or left <= 0:
                 break
-            # Nothing yet: wait in Redis for the next entry, then read it as above (the wait
-            # itself may end on an entry of a store that was emptied and began again).
-            if not self._waiting.xread({self._feed: f"{after_revision}-0"}, count=1, block=max(1, round(wait * 1000))):
-                break
-            wait = 0.0
+            # Nothing yet: wait in Redis for the next entry (in slices shorter than the
+            # socket's timeout, so a stopped Redis fails the call within it), then read it as
+            # above: the wait may end on an entry of a store that was emptied and began again.
+            self._redis.xread({self._feed: f"{after_revision}-0"}, count=1, block=_slice_ms(left, self.timeout))
         budget = self.limits.max_store_bytes
         events: list[bytes] = []
         for entry_id, fields in entries:
@@ -488,7 +484,7 @@ class RedisStore:
             self._redis.pexpire(f"{tag}:reaper", ttl)
         records = [orjson.loads(data) for data in self._redis.hvals(self._live)]
         hosts = sorted({record[HOST] for record in records if record[HOST] not in (None, me)})
-        gone = {host for host, lease in zip(hosts, self._leases(hosts), strict=True) if not lease} if leader else set()
+        gone = self._gone_since(hosts, at) if leader else {}
         changed = 0
         for record in records:
             host, silent = record[HOST], at - record[ACTIVITY]
@@ -497,7 +493,7 @@ class RedisStore:
                 changed += self._reaped(record, at, ClosedReason.AGENT_GONE)
                 continue
             quiet = record[STATUS] == WORKING and silent >= self.limits.stale_after
-            if host in gone and record[STALE] and silent >= self.limits.host_grace:
+            if host in gone and record[STALE] and silent > 0 and at - gone[host] >= self.limits.host_grace:
                 changed += self._reaped(record, at, ClosedReason.HOST_GONE)
             elif leader and not record[STALE] and (host in gone or quiet):
                 record[STALE] = True
@@ -508,11 +504,32 @@ class RedisStore:
         """How long a host stays alive without a report or a reaper pass: three passes."""
         return max(1, round(3 * self.limits.reap_interval * 1000))
 
-    def _leases(self, hosts: list[str]) -> list[bool]:
+    def _gone_since(self, hosts: list[str], at: float) -> dict[str, float]:
+        """Of ``hosts``, those whose lease expired, each with when a reaper first found it so
+        (``{NS}:gone:HOST``, by Redis's clock): the grace counts from then, not from the
+        session's last activity (an idle session of a host cut off for a moment must not
+        close at once). A host whose lease is back has its mark cleared."""
         pipe = self._redis.pipeline(transaction=False)
         for host in hosts:
             pipe.exists(f"{self._tag}:lease:{host}")
-        return [bool(found) for found in pipe.execute()]
+        alive = [bool(found) for found in pipe.execute()]
+        keep = round((self.limits.host_grace + self.limits.reap_interval * 10) * 1000)
+        pipe = self._redis.pipeline(transaction=False)
+        for host, lease in zip(hosts, alive, strict=True):
+            mark = f"{self._tag}:gone:{host}"
+            if lease:  # back: forget when it went (SET XX PX 1, as DEL is not ours to use)
+                pipe.set(mark, b"", xx=True, px=1)
+            else:
+                pipe.set(mark, repr(at), nx=True, px=keep)
+                pipe.get(mark)
+        marks = iter(pipe.execute())
+        since: dict[str, float] = {}
+        for host, lease in zip(hosts, alive, strict=True):
+            next(marks)
+            if not lease:
+                when = next(marks)
+                since[host] = float(when) if when else at
+        return since
 
     def _reaped(self, record: Record, at: float, why: str) -> bool:
         """Close ``record``'s session for ``why``, unless it changed since it was read."""
@@ -604,7 +621,9 @@ class RedisStore:
         if reason is not None:
             why = check_closed_reason(f"{why}:{reason}" if isinstance(reason, str) else reason, "reason")
         for _ in self._tries():
-            current, at = self._read(id)
+            current, at, done = self._read(id, once)
+            if done is not None:  # a retry of a write already made, or older than the newest
+                return None if done is _OLD else done  # type: ignore[return-value]
             record = report_record(current, id, to, working_dir, agent, why, at, self.limits.max_history)
             record[HOST] = self.host
             if pid is not None:  # its start time from this host's /proc: the reporter runs beside the agent
@@ -622,6 +641,17 @@ class RedisStore:
 
     def _prune(self, once: tuple[bytes, int] | None, older_than: float) -> int:
         age = check_duration(older_than, "older_than")
+        if once is not None:
+            done = _done(once, self._redis.hmget(self._once_keys(once)[0], "number", "data"))
+            if done is not None:
+                return None if done is _OLD else int(done)  # type: ignore[return-value]
+            gone = self._prune(None, age)
+            key, number = self._once_keys(once)
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(key, mapping={"number": number, "revision": "0", "data": str(gone)})
+            pipe.expire(key, DONE_SECONDS)
+            pipe.execute()
+            return gone
         cutoff = self._time() - age
         gone = 0
         for id, data in self._redis.hgetall(self._closed).items():
@@ -639,7 +669,9 @@ class RedisStore:
         """Read session ``id`` and Redis's clock, ``change`` the record, and commit it if the
         session is still at the revision read; else read again."""
         for _ in self._tries():
-            current, at = self._read(id)
+            current, at, done = self._read(id, once)
+            if done is not None:  # a retry of a write already made (the session may be gone since)
+                return None if done is _OLD else done  # type: ignore[return-value]
             if current is None:
                 raise NotFoundError(id, f"no live session with id {id!r}")
             record = orjson.loads(current)
@@ -729,14 +761,19 @@ class RedisStore:
             yield 1
         raise ConnectionError(f"the session kept changing under this write for {self.timeout:g} s")
 
-    def _read(self, id: str) -> tuple[bytes | None, float]:
-        """Session ``id`` as stored (live, else closed, else None) and Redis's clock."""
+    def _read(self, id: str, once: tuple[bytes, int] | None = None) -> tuple[bytes | None, float, Any]:
+        """Session ``id`` as stored (live, else closed, else None), Redis's clock, and what a
+        client's ``once`` request already got: None (not run yet), its record, or _OLD (older
+        than the client's newest). The commit checks the last again: this only spares a
+        retry the change, which may no longer apply (its session removed since)."""
         pipe = self._redis.pipeline(transaction=True)
         pipe.hget(self._live, id)
         pipe.hget(self._closed, id)
         pipe.time()
-        live, closed, (seconds, micros) = pipe.execute()
-        return (live if live is not None else closed), _clock(seconds, micros)
+        if once is not None:
+            pipe.hmget(self._once_keys(once)[0], "number", "data")
+        live, closed, (seconds, micros), *done = pipe.execute()
+        return (live if live is not None else closed), _clock(seconds, micros), _done(once, *done)
 
     def _time(self) -> float:
         seconds, micros = self._redis.time()
@@ -800,6 +837,23 @@ def _damaged(address: RedisAddress, top: bytes) -> ShmstoreError:
         f"the namespace {address.namespace!r} at {address} is damaged: its feed reaches {top.decode()}, past its "
         "revision; delete the namespace's keys (a new store) or restore them together"
     )
+
+
+def _done(once: tuple[bytes, int] | None, stored: list[bytes | None] | None = None) -> Any:
+    """What Redis kept of a client's newest write (``[number, data]``) says of request
+    ``once``: None (not run yet), its result's data, or _OLD (older than the newest)."""
+    if once is None or not stored or stored[0] is None:
+        return None
+    number = int(stored[0])
+    if number < once[1]:
+        return None
+    return stored[1] if number == once[1] else _OLD
+
+
+def _slice_ms(left: float, timeout: float) -> int:
+    """One XREAD BLOCK of a wait with ``left`` seconds to go, on a connection whose reads
+    time out after ``timeout``: at most half of that (Redis's 0 means for ever)."""
+    return max(1, round(min(left, timeout / 2) * 1000))
 
 
 def _clock(seconds: int, micros: int) -> float:

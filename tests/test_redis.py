@@ -6,6 +6,7 @@ test_errors.py)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -266,14 +267,18 @@ def test_a_host_whose_reaper_stopped_has_its_sessions_stale_at_once_then_closed_
 ) -> None:
     timing = {"reap_interval": 0.1, "host_grace": 1.0}  # a lease of 0.3 s
     a, b = on_host(redis_url, "host-a", **timing), on_host(redis_url, "host-b", **timing)
-    b.report("on-b", "working", "/b")
-    b.reap()  # host-b's lease, for 0.3 s
+    b.report("on-b", "attention", "/b")  # waits for its user: silent, never stale on its own
     a.reap()
+    for _ in range(12):  # host-b's reaper runs for longer than the grace: its session stays
+        b.reap()
+        time.sleep(0.1)
+    assert a.reap() == 0
     assert session_from_store(a.get("on-b")).stale is False  # host-b is alive
     time.sleep(0.5)  # host-b's reaper stopped: its lease ran out
     assert a.reap() == 1
     stale = session_from_store(a.get("on-b"))
     assert (stale.stale, stale.closed) == (True, False)  # at once, but not closed yet: it may come back
+    assert a.reap() == 0  # the grace counts from when host-b went, not from its last report
     time.sleep(1.1)
     assert a.reap() == 1
     closed = session_from_store(a.get("on-b"))
@@ -469,3 +474,63 @@ def test_a_short_soak_on_redis_holds_every_invariant(redis_url: str, tmp_path: P
     assert soak.returncode == 0, soak.stdout
     assert report["checks"] == dict.fromkeys(report["checks"], True)
     assert report["ops"] > 300
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [("redis://user:qz#jx@10.1.2.3", "qz"), ("redis://:kq/wv@localhost", "kq"), ("redis://u:jq?zx@host", "zx")],
+)
+def test_a_misparsed_password_never_shows_in_the_error(url: str, secret: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        parse_redis(url)
+    assert secret not in str(refused.value)
+
+
+def test_a_host_id_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHMSTORE_HOST_ID", "ci runner #7")
+    with pytest.raises(ValidationError, match="SHMSTORE_HOST_ID"):
+        shmstore.procs.host_id()
+    monkeypatch.setenv("SHMSTORE_HOST_ID", "ci-runner-7")
+    assert shmstore.procs.host_id() == "ci-runner-7"
+
+
+def test_a_retried_write_gets_its_first_answer_even_after_its_session_was_removed(raw: RedisStore) -> None:
+    raw.report("s", "working", "/w")
+    token = os.urandom(16)
+    first = raw.once(token, 1, "transition", "s", "question")
+    raw.remove("s")  # another client, between the lost reply and the retry
+    assert raw.once(token, 1, "transition", "s", "question") == first
+
+
+def test_prune_is_applied_once_however_often_it_is_retried(raw: RedisStore) -> None:
+    for id in ["a", "b"]:
+        raw.report(id, "closed", "/w")
+    token = os.urandom(16)
+    assert raw.once(token, 1, "prune", 0.0) == 2
+    assert raw.once(token, 1, "prune", 0.0) == 2  # the first answer, not a second prune's 0
+    assert raw.once(token, 0, "prune", 0.0) is None  # older than its newest: not run
+
+
+def test_a_wait_for_changes_on_a_stopped_redis_ends_within_its_deadlines(tmp_path: Path) -> None:
+    """A redis-server of this test's own, stopped (SIGSTOP) while a client waits in it:
+    the wait ends within twice (timeout + wait), as over the manager's socket."""
+    sock = tmp_path / "r.sock"
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with shmstore.Client(f"redis+unix://{sock}", timeout=1.0) as client:
+            client.report("s", "working", "/w")
+            threading.Timer(0.3, os.kill, (server.pid, signal.SIGSTOP)).start()
+            began = time.monotonic()
+            with pytest.raises(shmstore.StoreUnavailableError):
+                client.changes(1, timeout=5.0)
+            assert time.monotonic() - began < 2 * (1.0 + 5.0)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        server.terminate()
+        server.wait(10)
