@@ -185,12 +185,7 @@ class Session:
         _set(self, "history", _check_history(self.history))
         if not isinstance(self.stale, bool):
             raise ValidationError("stale", f"must be true or false, not {type(self.stale).__name__}")
-        if self.pid is not None:
-            check_pid(self.pid)
-        if self.pid_start is not None:
-            check_count(self.pid_start, "pid_start")
-            if self.pid is None:
-                raise ValidationError("pid_start", "is the start time of the process pid, so it needs a pid")
+        _check_agent_pid(self.pid, self.pid_start)
         if self.api_usage is not None and not isinstance(self.api_usage, ApiUsage):
             raise ValidationError("api_usage", f"must be an ApiUsage or None, not {type(self.api_usage).__name__}")
         if self.session_id is not None:
@@ -531,13 +526,7 @@ def checked_record(record: list[Any], max_id_length: int = MAX_ID_LENGTH) -> Rec
     _check_flat_history(history, since)
     if type(record[STALE]) is not bool:
         raise ValidationError("stale", f"must be true or false, not {type(record[STALE]).__name__}")
-    pid, pid_start = record[PID], record[PID_START]
-    if pid is not None:
-        check_pid(pid)
-    if pid_start is not None:
-        check_count(pid_start, "pid_start")
-        if pid is None:
-            raise ValidationError("pid_start", "is the start time of the process pid, so it needs a pid")
+    _check_agent_pid(record[PID], record[PID_START])
     usage = record[USAGE]
     if usage is not None:
         if type(usage) is not list or len(usage) != 2:
@@ -558,6 +547,16 @@ def checked_record(record: list[Any], max_id_length: int = MAX_ID_LENGTH) -> Rec
     if record[HOST] is not None:
         check_host(record[HOST])
     return record
+
+
+def _check_agent_pid(pid: object, pid_start: object) -> None:
+    """The agent's pid and its start time, each optional, but no start time without a pid."""
+    if pid is not None:
+        check_pid(pid)
+    if pid_start is not None:
+        check_count(pid_start, "pid_start")
+        if pid is None:
+            raise ValidationError("pid_start", "is the start time of the process pid, so it needs a pid")
 
 
 def _check_code(value: object, count: int, field: str) -> int:
@@ -631,12 +630,7 @@ def session_record(data: object, max_id_length: int = MAX_ID_LENGTH) -> Record:
     if not isinstance(stale, bool):
         raise ValidationError("stale", f"must be true or false, not {type(stale).__name__}")
     pid, pid_start = fields.get("pid"), fields.get("pid_start")
-    if pid is not None:
-        check_pid(pid)
-    if pid_start is not None:
-        check_count(pid_start, "pid_start")
-        if pid is None:
-            raise ValidationError("pid_start", "is the start time of the process pid, so it needs a pid")
+    _check_agent_pid(pid, pid_start)
     session_id = fields.get("session_id")
     if session_id is not None:
         check_id(session_id, "session_id")

@@ -66,12 +66,9 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from . import procs
 from .checks import (
     MAX_WAIT,
-    check_closed_reason,
     check_count,
-    check_dir,
     check_duration,
     check_id,
-    check_pid,
     check_positive,
 )
 from .config import Limits
@@ -105,7 +102,6 @@ from .model import (
     AgentType,
     ClosedReason,
     Record,
-    check_agent_type,
     check_status,
     stored_record,
 )
@@ -116,6 +112,7 @@ from .store import (
     WRITES,
     Listing,
     add_usage_record,
+    checked_report,
     encoded,
     pid_start_for,
     report_record,
@@ -135,26 +132,22 @@ _WIDEST_REVISION = 2**63 - 1
 #: What _commit returns for a client's request older than its newest (nothing was run).
 _OLD = ("old",)
 
-# KEYS: meta, live, closed, closed_order, revs, feed, done (a key no one uses when the
-# write is not a client's once()), and the writer's host lease (renewed by a report: the
-# host is alive; a key no one uses otherwise).
-# ARGV: id, expected revision ("" = any; "0" = none), record before the revision, record
-# after it, closing (1/0), kind, max_sessions, max_store_bytes, max_closed, log_size,
-# request number ("" = not once), keep its place among the closed (1/0), a new epoch, the
-# lease's lifetime in ms ("" = no lease).
-# Returns {"ok", revision, record, kind}, {"done", revision, record} (the client's retry of
-# a write already made), {"old"} (older than its newest), {"conflict", revision},
-# {"sessions", count} or {"bytes", total}: past a limit, nothing changed.
-_COMMIT = """
-local meta, live, closed, order, revs, feed, done, lease = unpack(KEYS)
+
+def _preamble(number: int, epoch: int) -> str:
+    """The checks both scripts make, in Lua, before any change: the store's epoch (made on
+    first use, from ARGV[epoch]); a client's retry (ARGV[number]: its request number, or
+    "") answered from what the first try stored, or refused as older than its newest; the
+    session still at the revision the caller read (ARGV[2], "" for any); and the feed not
+    past the store's revision (a damaged namespace, whose feed the write would fork)."""
+    return """
 local id = ARGV[1]
-redis.call('HSETNX', meta, 'epoch', ARGV[13])
-if ARGV[11] ~= '' then
+redis.call('HSETNX', meta, 'epoch', ARGV[EPOCH])
+if ARGV[NUMBER] ~= '' then
   local number = redis.call('HGET', done, 'number')
   if number then
-    if tonumber(number) == tonumber(ARGV[11]) then
+    if tonumber(number) == tonumber(ARGV[NUMBER]) then
       return {'done', redis.call('HGET', done, 'revision'), redis.call('HGET', done, 'data')}
-    elseif tonumber(number) > tonumber(ARGV[11]) then
+    elseif tonumber(number) > tonumber(ARGV[NUMBER]) then
       return {'old'}
     end
   end
@@ -168,6 +161,22 @@ local top = redis.call('XREVRANGE', feed, '+', '-', 'COUNT', 1)[1]
 if top and tonumber((string.gsub(top[1], '-.*', ''))) >= tonumber(revision) then
   return {'damaged', top[1]}
 end
+""".replace("EPOCH", str(epoch)).replace("NUMBER", str(number))
+
+
+# KEYS: meta, live, closed, closed_order, revs, feed, done (a key no one uses when the
+# write is not a client's once()), and the writer's host lease (renewed by a report: the
+# host is alive; a key no one uses otherwise).
+# ARGV: id, expected revision ("" = any; "0" = none), record before the revision, record
+# after it, closing (1/0), kind, max_sessions, max_store_bytes, max_closed, log_size,
+# request number ("" = not once), keep its place among the closed (1/0), a new epoch, the
+# lease's lifetime in ms ("" = no lease).
+# Returns {"ok", revision, record, kind}, {"done", revision, record} (the client's retry of
+# a write already made), {"old"} (older than its newest), {"conflict", revision},
+# {"sessions", count} or {"bytes", total}: past a limit, nothing changed.
+_COMMIT = """
+local meta, live, closed, order, revs, feed, done, lease = unpack(KEYS)
+PREAMBLE
 local data = ARGV[3] .. revision .. ARGV[4]
 local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
 local current = redis.call('HGET', live, id)
@@ -217,34 +226,14 @@ if ARGV[14] ~= '' then
   redis.call('SET', lease, '1', 'PX', ARGV[14])
 end
 return {'ok', revision, data, kind}
-""".replace("DONE_SECONDS", str(DONE_SECONDS))
+""".replace("DONE_SECONDS", str(DONE_SECONDS)).replace("PREAMBLE", _preamble(11, 13))
 
 # KEYS as for _COMMIT. ARGV: id, expected revision ("" = any), request number ("" = not
 # once), log_size, a new epoch. Returns {"ok", revision, record}, {"none"} (no such
 # session), {"done", revision, record} or {"old"} (as _COMMIT), {"conflict", revision}.
 _REMOVE = """
 local meta, live, closed, order, revs, feed, done = unpack(KEYS)
-local id = ARGV[1]
-redis.call('HSETNX', meta, 'epoch', ARGV[5])
-if ARGV[3] ~= '' then
-  local number = redis.call('HGET', done, 'number')
-  if number then
-    if tonumber(number) == tonumber(ARGV[3]) then
-      return {'done', redis.call('HGET', done, 'revision'), redis.call('HGET', done, 'data')}
-    elseif tonumber(number) > tonumber(ARGV[3]) then
-      return {'old'}
-    end
-  end
-end
-local have = tonumber(redis.call('HGET', revs, id) or '0')
-if ARGV[2] ~= '' and have ~= tonumber(ARGV[2]) then
-  return {'conflict', string.format('%d', have)}
-end
-local revision = string.format('%d', tonumber(redis.call('HGET', meta, 'revision') or '0') + 1)
-local top = redis.call('XREVRANGE', feed, '+', '-', 'COUNT', 1)[1]
-if top and tonumber((string.gsub(top[1], '-.*', ''))) >= tonumber(revision) then
-  return {'damaged', top[1]}
-end
+PREAMBLE
 local data = redis.call('HGET', live, id)
 if data then
   redis.call('HDEL', live, id)
@@ -271,7 +260,7 @@ if ARGV[3] ~= '' then
   redis.call('EXPIRE', done, DONE_SECONDS)
 end
 return {'ok', revision, data}
-""".replace("DONE_SECONDS", str(DONE_SECONDS))
+""".replace("DONE_SECONDS", str(DONE_SECONDS)).replace("PREAMBLE", _preamble(3, 5))
 
 
 class RedisStore:
@@ -442,34 +431,7 @@ class RedisStore:
         check_count(number, "number")
         if not isinstance(method, str) or method not in WRITES:
             raise ValidationError("method", f"must be one of {', '.join(sorted(WRITES))}; got {method!r:.80}")
-        return getattr(self, "_" + method)((client, number), *args)
-
-    def set(self, data: bytes, expected_revision: int | None = None) -> tuple[int, int | None]:
-        return self._set(None, data, expected_revision)
-
-    def remove(self, id: str) -> bytes | None:
-        return self._remove(None, id)
-
-    def transition(self, id: str, status: str) -> bytes:
-        return self._transition(None, id, status)
-
-    def add_usage(self, id: str, input_tokens: int, output_tokens: int) -> bytes:
-        return self._add_usage(None, id, input_tokens, output_tokens)
-
-    def report(
-        self,
-        id: str,
-        status: str,
-        working_dir: str,
-        pid: int | None = None,
-        session_id: str | None = None,
-        agent_type: str = AgentType.CLAUDE_CODE,
-        reason: str | None = None,
-    ) -> bytes:
-        return self._report(None, id, status, working_dir, pid, session_id, agent_type, reason)
-
-    def prune(self, older_than: float) -> int:
-        return self._prune(None, older_than)
+        return getattr(self, method)(*args, once=(client, number))
 
     def reap(self) -> int:
         """One reaper pass for this host (run it every ``reap_interval`` seconds on every
@@ -537,10 +499,10 @@ class RedisStore:
         transition_record(record, CLOSED, at, self.limits.max_history, why)
         return self._commit(None, record, expected, EventKind.CLOSE, outside=False) is not None
 
-    # -- the writes, each with the client's once() token and number, or None ---------------
+    # -- the writes: :class:`Store`'s, each also taking the client's once() token and number --
 
-    def _set(
-        self, once: tuple[bytes, int] | None, data: bytes, expected_revision: int | None
+    def set(
+        self, data: bytes, expected_revision: int | None = None, *, once: tuple[bytes, int] | None = None
     ) -> tuple[int, int | None]:
         if not isinstance(data, bytes):
             raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
@@ -561,7 +523,7 @@ class RedisStore:
         assert result is not None  # a conflict raised
         return int(result[0]), record[PID_START]
 
-    def _remove(self, once: tuple[bytes, int] | None, id: str, expected: int | None = None) -> bytes | None:
+    def remove(self, id: str, *, once: tuple[bytes, int] | None = None, expected: int | None = None) -> bytes | None:
         check_id(id, max_length=self.limits.max_id_length)
         token, number = self._once_keys(once)
         reply = self._remove_script(
@@ -577,7 +539,7 @@ class RedisStore:
             raise ConflictError(id, expected or 0, int(reply[1]))
         return None
 
-    def _transition(self, once: tuple[bytes, int] | None, id: str, status: str) -> bytes:
+    def transition(self, id: str, status: str, *, once: tuple[bytes, int] | None = None) -> bytes:
         check_id(id, max_length=self.limits.max_id_length)
         to = STATUS_CODE[check_status(status)]
         return self._change(
@@ -587,7 +549,9 @@ class RedisStore:
             EventKind.TRANSITION,
         )
 
-    def _add_usage(self, once: tuple[bytes, int] | None, id: str, input_tokens: int, output_tokens: int) -> bytes:
+    def add_usage(
+        self, id: str, input_tokens: int, output_tokens: int, *, once: tuple[bytes, int] | None = None
+    ) -> bytes:
         check_id(id, max_length=self.limits.max_id_length)
         check_count(input_tokens, "input_tokens")
         check_count(output_tokens, "output_tokens")
@@ -598,9 +562,8 @@ class RedisStore:
             EventKind.ADD_USAGE,
         )
 
-    def _report(
+    def report(
         self,
-        once: tuple[bytes, int] | None,
         id: str,
         status: str,
         working_dir: str,
@@ -608,18 +571,12 @@ class RedisStore:
         session_id: str | None = None,
         agent_type: str = AgentType.CLAUDE_CODE,
         reason: str | None = None,
+        *,
+        once: tuple[bytes, int] | None = None,
     ) -> bytes:
-        check_id(id, max_length=self.limits.max_id_length)
-        to = check_status(status)
-        check_dir(working_dir)
-        agent = check_agent_type(agent_type)
-        if pid is not None:
-            check_pid(pid)
-        if session_id is not None:
-            check_id(session_id, "session_id")
-        why = ClosedReason.SESSION_END.value
-        if reason is not None:
-            why = check_closed_reason(f"{why}:{reason}" if isinstance(reason, str) else reason, "reason")
+        to, agent, why = checked_report(
+            id, status, working_dir, pid, session_id, agent_type, reason, self.limits.max_id_length
+        )
         for _ in self._tries():
             current, at, done = self._read(id, once)
             if done is not None:  # a retry of a write already made, or older than the newest
@@ -632,20 +589,17 @@ class RedisStore:
                 record[RESUME] = SAME_AS_ID if session_id == id else session_id
             expected = 0 if current is None else orjson.loads(current)[REVISION]
             result = self._commit(once, record, expected, EventKind.REPORT, outside=current is None, lease=True)
-            if result is _OLD:
-                return None  # type: ignore[return-value]
             if result is not None:
-                data: bytes = result[1]
-                return data
+                return _answer(result)
         raise AssertionError("unreachable")
 
-    def _prune(self, once: tuple[bytes, int] | None, older_than: float) -> int:
+    def prune(self, older_than: float, *, once: tuple[bytes, int] | None = None) -> int:
         age = check_duration(older_than, "older_than")
         if once is not None:
             done = _done(once, self._redis.hmget(self._once_keys(once)[0], "number", "data"))
             if done is not None:
                 return None if done is _OLD else int(done)  # type: ignore[return-value]
-            gone = self._prune(None, age)
+            gone = self.prune(age)
             key, number = self._once_keys(once)
             pipe = self._redis.pipeline(transaction=True)
             pipe.hset(key, mapping={"number": number, "revision": "0", "data": str(gone)})
@@ -658,7 +612,7 @@ class RedisStore:
             record = orjson.loads(data)
             if record[SINCE] <= cutoff:
                 with contextlib.suppress(ConflictError):  # changed since: newer than the cutoff now
-                    gone += self._remove(None, id.decode(), record[REVISION]) is not None
+                    gone += self.remove(id.decode(), expected=record[REVISION]) is not None
         return gone
 
     # -- internals ---------------------------------------------------------------------------
@@ -680,11 +634,8 @@ class RedisStore:
             record = change(record, at)
             keep_place = kind is EventKind.ADD_USAGE and was_closed
             result = self._commit(once, record, expected, kind, outside=False, keep_place=keep_place)
-            if result is _OLD:
-                return None  # type: ignore[return-value]
             if result is not None:
-                data: bytes = result[1]
-                return data
+                return _answer(result)
         raise AssertionError("unreachable")
 
     def _commit(
@@ -837,6 +788,13 @@ def _damaged(address: RedisAddress, top: bytes) -> ShmstoreError:
         f"the namespace {address.namespace!r} at {address} is damaged: its feed reaches {top.decode()}, past its "
         "revision; delete the namespace's keys (a new store) or restore them together"
     )
+
+
+def _answer(result: Any) -> bytes:
+    """A committed write's answer: its record, or None for a request older than the
+    client's newest (Store.once answers one so)."""
+    answer: bytes = None if result is _OLD else result[1]  # type: ignore[assignment]
+    return answer
 
 
 def _done(once: tuple[bytes, int] | None, stored: list[bytes | None] | None = None) -> Any:

@@ -395,17 +395,9 @@ class Store:
         here: it is recorded as given, with no ``pid_start``, and never used to close the
         session.
         """
-        self._check_id(id)
-        to = check_status(status)
-        check_dir(working_dir)
-        agent = check_agent_type(agent_type)
-        if pid is not None:
-            check_pid(pid)
-        if session_id is not None:
-            check_id(session_id, "session_id")
-        why = ClosedReason.SESSION_END.value
-        if reason is not None:
-            why = check_closed_reason(f"{why}:{reason}" if isinstance(reason, str) else reason, "reason")
+        to, agent, why = checked_report(
+            id, status, working_dir, pid, session_id, agent_type, reason, self.limits.max_id_length
+        )
         same_namespace, fresh = _see_pid(pid, None)
         with self._lock:
             at = now()
@@ -780,6 +772,33 @@ def transition_record(
     record[SINCE] = at
     record[REASON] = reason if to == CLOSED else None
     return touch_record(record, at)
+
+
+def checked_report(
+    id: object,
+    status: object,
+    working_dir: object,
+    pid: object,
+    session_id: object,
+    agent_type: object,
+    reason: object,
+    max_id_length: int,
+) -> tuple[Status, AgentType, str]:
+    """A report's arguments checked (ValidationError names the first that is wrong): its
+    status, agent type, and the closed reason it gives if it closes the session
+    (``session_end``, then ``:reason`` when the agent said why)."""
+    check_id(id, max_length=max_id_length)
+    to = check_status(status)
+    check_dir(working_dir)
+    agent = check_agent_type(agent_type)
+    if pid is not None:
+        check_pid(pid)
+    if session_id is not None:
+        check_id(session_id, "session_id")
+    why = ClosedReason.SESSION_END.value
+    if reason is not None:
+        why = check_closed_reason(f"{why}:{reason}" if isinstance(reason, str) else reason, "reason")
+    return to, agent, why
 
 
 def report_record(
