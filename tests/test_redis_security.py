@@ -137,7 +137,7 @@ def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is not installed (.ci/run installs redis-server; openssl comes with it)")
+            pytest.fail(f"{name} is not installed (.ci/run installs redis-server and openssl)")
         pytest.skip(f"{name} is not installed")
     return path
 
