@@ -884,8 +884,10 @@ def _hint(text: str, address: RedisAddress) -> str:
         return " (a server certificate from a private CA needs ?ssl_ca_certs=/path/to/ca.pem)"
     if address.tls_options() and "No such file" in text:  # redis-py names no file
         return " (a TLS file the URL names is missing)"
-    # A server that wants a client certificate ends the handshake without saying why (TLS 1.3).
-    if address.tls and address.ssl_certfile is None and ("EOF occurred" in text or "CERTIFICATE_REQUIRED" in text):
+    # A server that wants a client certificate ends the handshake without saying why (TLS 1.3):
+    # as an EOF, an alert, or (seen with Python 3.13's OpenSSL) a reset of the connection.
+    cut_off = ("EOF occurred", "CERTIFICATE_REQUIRED", "Connection reset by peer")
+    if address.tls and address.ssl_certfile is None and any(sign in text for sign in cut_off):
         return " (if the server asks for a client certificate: &ssl_certfile=/path/me.pem&ssl_keyfile=/path/me.key)"
     plain_tcp = not address.tls and address.path is None
     if plain_tcp and ("reset by peer" in text or "closed by server" in text):
