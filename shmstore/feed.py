@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -68,6 +69,25 @@ class Event:
             id=check_id(fields["id"]),
             session=None if session is None else session_from_store(session),
         )
+
+
+def encode_snapshot(epoch: str, revision: int, sessions: Iterable[bytes]) -> bytes:
+    """A ``snapshot()`` reply: the epoch, the revision and the sessions' stored bytes."""
+    return b'{"epoch":"%s","revision":%d,"sessions":[%s]}' % (epoch.encode(), revision, b",".join(sessions))
+
+
+def encode_changes(epoch: str, events: Iterable[tuple[int, EventKind, str, bytes | None]], max_bytes: int) -> bytes:
+    """A ``changes()`` reply: the epoch and ``events`` (revision, kind, id, session bytes),
+    in order, as many as fit ``max_bytes`` of JSON (at least one)."""
+    budget = max_bytes
+    encoded: list[bytes] = []
+    for event in events:
+        data = encode_event(*event)
+        budget -= len(data) + 1
+        if budget < 0 and encoded:
+            break
+        encoded.append(data)
+    return b'{"epoch":"%s","events":[%s]}' % (epoch.encode(), b",".join(encoded))
 
 
 def encode_event(revision: int, kind: EventKind, id: str, session: bytes | None) -> bytes:

@@ -81,19 +81,15 @@ from .errors import (
     StoreUnavailableError,
     ValidationError,
 )
-from .feed import EventKind, encode_event
+from .feed import EventKind, encode_changes, encode_snapshot
 from .model import (
     ACTIVITY,
     CLOSED,
-    ENTRY,
-    HISTORY,
     HOST,
     ID,
     PID,
     PID_START,
-    RESUME,
     REVISION,
-    SAME_AS_ID,
     SINCE,
     STALE,
     STATUS,
@@ -103,16 +99,17 @@ from .model import (
     ClosedReason,
     Record,
     check_status,
-    stored_record,
 )
 from .redis_address import RedisAddress
 from .store import (
     DEFAULT_CHANGES_LIMIT,
     EXPOSED,
-    WRITES,
     Listing,
     add_usage_record,
+    check_epoch,
+    check_once,
     checked_report,
+    checked_set,
     encoded,
     pid_start_for,
     report_record,
@@ -301,14 +298,10 @@ class RedisStore:
         pipe = self._redis.pipeline(transaction=True)
         pipe.hsetnx(self._meta, "limits", orjson.dumps(dataclasses.asdict(limits)))
         pipe.hget(self._meta, "limits")
-        pipe.config_get("maxmemory-policy")
+        _, stored = pipe.execute()
         try:
-            _, stored, policy = pipe.execute()
+            policy = self._redis.config_get("maxmemory-policy")
         except redis.exceptions.ResponseError:  # CONFIG refused (a restricted ACL user): no policy check
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hsetnx(self._meta, "limits", orjson.dumps(dataclasses.asdict(limits)))
-            pipe.hget(self._meta, "limits")
-            _, stored = pipe.execute()
             policy = {}
         evicts = policy.get("maxmemory-policy", "noeviction") if isinstance(policy, dict) else "noeviction"
         if evicts not in ("noeviction", b"noeviction"):
@@ -347,8 +340,7 @@ class RedisStore:
         if revision is None:
             return list(self._redis.hvals(self._live))
         check_count(revision, "revision")
-        if epoch is not None and not isinstance(epoch, str):
-            raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
+        check_epoch(epoch)
         now_epoch, now_revision, (live,) = self._at_one_instant(lambda pipe: pipe.hgetall(self._live))
         if epoch == now_epoch and revision == now_revision:
             return None
@@ -383,15 +375,14 @@ class RedisStore:
 
     def snapshot(self) -> bytes:
         epoch, revision, (live,) = self._at_one_instant(lambda pipe: pipe.hvals(self._live))
-        return b'{"epoch":"%s","revision":%d,"sessions":[%s]}' % (epoch.encode(), revision, b",".join(live))
+        return encode_snapshot(epoch, revision, live)
 
     def changes(
         self, after_revision: int, timeout: float = 0.0, epoch: str | None = None, limit: int = DEFAULT_CHANGES_LIMIT
     ) -> bytes:
         check_count(after_revision, "after_revision")
         wait = check_duration(timeout, "timeout", MAX_WAIT)
-        if epoch is not None and not isinstance(epoch, str):
-            raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
+        check_epoch(epoch)
         limit = min(check_positive(limit, "limit"), self.limits.log_size)
         start, waited_until = f"{after_revision + 1}-0", time.monotonic() + wait
         while True:
@@ -409,28 +400,22 @@ class RedisStore:
             # socket's timeout, so a stopped Redis fails the call within it), then read it as
             # above: the wait may end on an entry of a store that was emptied and began again.
             self._redis.xread({self._feed: f"{after_revision}-0"}, count=1, block=_slice_ms(left, self.timeout))
-        budget = self.limits.max_store_bytes
-        events: list[bytes] = []
-        for entry_id, fields in entries:
-            data = fields.get(b"data")
-            event = encode_event(
-                int(entry_id.split(b"-")[0]), EventKind(fields[b"kind"].decode()), fields[b"id"].decode(), data
+        events = (
+            (
+                int(entry_id.split(b"-")[0]),
+                EventKind(fields[b"kind"].decode()),
+                fields[b"id"].decode(),
+                fields.get(b"data"),
             )
-            budget -= len(event) + 1
-            if budget < 0 and events:
-                break
-            events.append(event)
-        return b'{"epoch":"%s","events":[%s]}' % (now_epoch.encode(), b",".join(events))
+            for entry_id, fields in entries
+        )
+        return encode_changes(now_epoch, events, self.limits.max_store_bytes)
 
     # -- writes -----------------------------------------------------------------------------
 
     def once(self, client: bytes, number: int, method: str, *args: Any) -> Any:
         """:meth:`Store.once`: the write, unless this client's request ``number`` already ran."""
-        if not isinstance(client, bytes) or not 8 <= len(client) <= 64:
-            raise ValidationError("client", f"must be 8 to 64 bytes, not {client!r:.80}")
-        check_count(number, "number")
-        if not isinstance(method, str) or method not in WRITES:
-            raise ValidationError("method", f"must be one of {', '.join(sorted(WRITES))}; got {method!r:.80}")
+        check_once(client, number, method)
         return getattr(self, method)(*args, once=(client, number))
 
     def reap(self) -> int:
@@ -504,15 +489,7 @@ class RedisStore:
     def set(
         self, data: bytes, expected_revision: int | None = None, *, once: tuple[bytes, int] | None = None
     ) -> tuple[int, int | None]:
-        if not isinstance(data, bytes):
-            raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
-        record = stored_record(data, self.limits.max_id_length)
-        entries = len(record[HISTORY]) // ENTRY
-        if entries > self.limits.max_history:
-            most = self.limits.max_history
-            raise ValidationError("history", f"has {entries} entries; this store keeps at most {most}")
-        if expected_revision is not None:
-            check_count(expected_revision, "expected_revision")
+        record = checked_set(data, expected_revision, self.limits)
         # Stored as given (a session without a host is never judged by its pid); a pid of
         # this host's gets its start time from here, as a report's does.
         if record[PID] is not None and record[PID_START] is None and record[HOST] == self.host:
@@ -581,12 +558,10 @@ class RedisStore:
             current, at, done = self._read(id, once)
             if done is not None:  # a retry of a write already made, or older than the newest
                 return None if done is _OLD else done  # type: ignore[return-value]
-            record = report_record(current, id, to, working_dir, agent, why, at, self.limits.max_history)
+            record = report_record(current, id, to, working_dir, agent, why, at, self.limits.max_history, session_id)
             record[HOST] = self.host
             if pid is not None:  # its start time from this host's /proc: the reporter runs beside the agent
                 record[PID], record[PID_START] = pid, pid_start_for(pid, procs.process_start(pid), current)
-            if session_id is not None:
-                record[RESUME] = SAME_AS_ID if session_id == id else session_id
             expected = 0 if current is None else orjson.loads(current)[REVISION]
             result = self._commit(once, record, expected, EventKind.REPORT, outside=current is None, lease=True)
             if result is not None:

@@ -44,7 +44,7 @@ from .checks import (
 )
 from .config import RECORD_RESERVE, Limits, changed
 from .errors import ConflictError, NotFoundError, ResyncRequiredError, StoreFullError, ValidationError
-from .feed import EventKind, encode_event
+from .feed import EventKind, encode_changes, encode_snapshot
 from .model import (
     ACTIVITY,
     CLOSED,
@@ -225,8 +225,7 @@ class Store:
             with self._lock:
                 return list(self._sessions.values())
         check_count(revision, "revision")
-        if epoch is not None and not isinstance(epoch, str):
-            raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
+        check_epoch(epoch)
         with self._lock:
             if epoch == self.epoch and revision == self._revision:
                 return None
@@ -259,11 +258,7 @@ class Store:
     def snapshot(self) -> bytes:
         """The epoch, the revision and every session, taken at one instant."""
         with self._lock:
-            return b'{"epoch":"%s","revision":%d,"sessions":[%s]}' % (
-                self.epoch.encode(),
-                self._revision,
-                b",".join(self._sessions.values()),
-            )
+            return encode_snapshot(self.epoch, self._revision, self._sessions.values())
 
     def changes(
         self, after_revision: int, timeout: float = 0.0, epoch: str | None = None, limit: int = DEFAULT_CHANGES_LIMIT
@@ -279,8 +274,7 @@ class Store:
         """
         check_count(after_revision, "after_revision")
         wait = check_duration(timeout, "timeout", MAX_WAIT)
-        if epoch is not None and not isinstance(epoch, str):
-            raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
+        check_epoch(epoch)
         limit = min(check_positive(limit, "limit"), self.limits.log_size)  # islice takes no more than sys.maxsize
         with self._changed:
             self._check_feed(after_revision, epoch)
@@ -288,15 +282,8 @@ class Store:
                 self._changed.wait_for(lambda: self._revision != after_revision, wait)
                 self._check_feed(after_revision, epoch)  # a burst while we waited may have outrun the log
             first = len(self._log) - (self._revision - after_revision)
-            budget = self.limits.max_store_bytes
-            events: list[bytes] = []
-            for event in islice(self._log, first, first + limit):
-                encoded = encode_event(*event)
-                budget -= len(encoded) + 1
-                if budget < 0 and events:
-                    break
-                events.append(encoded)
-            return b'{"epoch":"%s","events":[%s]}' % (self.epoch.encode(), b",".join(events))
+            events = islice(self._log, first, first + limit)
+            return encode_changes(self.epoch, events, self.limits.max_store_bytes)
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -311,18 +298,8 @@ class Store:
         longer than ``max_history`` is refused, not cut. The session's ``pid_start`` is
         kept when given; else the manager reads it (see :meth:`report`).
         """
-        if not isinstance(data, bytes):
-            raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
-        # Every field checked in place, in one pass over the decoded JSON (model.stored_record):
-        # the bounds Session's own checks apply, at a fraction of the cost of building one.
-        record = stored_record(data, self.limits.max_id_length)
-        id, entries = record[ID], len(record[HISTORY]) // ENTRY
-        if entries > self.limits.max_history:
-            most = self.limits.max_history
-            raise ValidationError("history", f"has {entries} entries; this store keeps at most {most}")
-        if expected_revision is not None:
-            check_count(expected_revision, "expected_revision")
-        pid, given_start = record[PID], record[PID_START]
+        record = checked_set(data, expected_revision, self.limits)
+        id, pid, given_start = record[ID], record[PID], record[PID_START]
         same_namespace, fresh = _see_pid(pid, given_start)
         with self._lock:
             current = self._sessions.get(id) or self._closed.get(id)
@@ -402,12 +379,10 @@ class Store:
         with self._lock:
             at = now()
             current = self._sessions.get(id) or self._closed.get(id)
-            record = report_record(current, id, to, working_dir, agent, why, at, self.limits.max_history)
+            record = report_record(current, id, to, working_dir, agent, why, at, self.limits.max_history, session_id)
             if pid is not None:
                 record[PID] = pid
                 record[PID_START] = pid_start_for(pid, fresh, current) if same_namespace else None
-            if session_id is not None:
-                record[RESUME] = SAME_AS_ID if session_id == id else session_id
             return self._commit(record, EventKind.REPORT, outside=current is None)
 
     def once(self, client: bytes, number: int, method: str, *args: Any) -> Any:
@@ -421,11 +396,7 @@ class Store:
         so one entry per client is enough; the newest :data:`MAX_REMEMBERED_CLIENTS`
         clients are remembered. A request older than the client's newest is not run.
         """
-        if not isinstance(client, bytes) or not 8 <= len(client) <= 64:
-            raise ValidationError("client", f"must be 8 to 64 bytes, not {client!r:.80}")
-        check_count(number, "number")
-        if not isinstance(method, str) or method not in WRITES:
-            raise ValidationError("method", f"must be one of {', '.join(sorted(WRITES))}; got {method!r:.80}")
+        check_once(client, number, method)
         with self._lock:
             done = self._done.get(client)
             if done is not None and number <= done[0]:
@@ -774,6 +745,37 @@ def transition_record(
     return touch_record(record, at)
 
 
+def check_epoch(epoch: object) -> None:
+    """The epoch a caller names: a store's, or None for "whichever"."""
+    if epoch is not None and not isinstance(epoch, str):
+        raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
+
+
+def check_once(client: object, number: object, method: object) -> None:
+    """A client's token, request number and write, as ``once`` takes them."""
+    if not isinstance(client, bytes) or not 8 <= len(client) <= 64:
+        raise ValidationError("client", f"must be 8 to 64 bytes, not {client!r:.80}")
+    check_count(number, "number")
+    if not isinstance(method, str) or method not in WRITES:
+        raise ValidationError("method", f"must be one of {', '.join(sorted(WRITES))}; got {method!r:.80}")
+
+
+def checked_set(data: object, expected_revision: object, limits: Limits) -> Record:
+    """What ``set`` is sent, checked: the record it stores (:func:`model.stored_record`:
+    every field in one pass over the decoded JSON, with the bounds Session's own checks
+    apply, at a fraction of the cost of building one), its history within
+    ``max_history``, and the expected revision a count or None."""
+    if not isinstance(data, bytes):
+        raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
+    record = stored_record(data, limits.max_id_length)
+    entries = len(record[HISTORY]) // ENTRY
+    if entries > limits.max_history:
+        raise ValidationError("history", f"has {entries} entries; this store keeps at most {limits.max_history}")
+    if expected_revision is not None:
+        check_count(expected_revision, "expected_revision")
+    return record
+
+
 def checked_report(
     id: object,
     status: object,
@@ -810,17 +812,23 @@ def report_record(
     why: str,
     at: float,
     max_history: int,
+    session_id: str | None,
 ) -> Record:
     """What a report of status ``to`` at ``at`` makes of the stored session ``current`` (a
     new session if None): a transition only if the status changes, activity either way;
-    ``why`` is the closed reason if it closes. Pid and resume id are the caller's."""
+    ``why`` is the closed reason if it closes; ``session_id``, when given, the resume id.
+    The pid and its start time are the caller's (each backend knows them its own way)."""
     code = STATUS_CODE[to]
     if current is None:
-        return new_record(id, agent, to, working_dir, at, why if code == CLOSED else None)
-    record: Record = orjson.loads(current)
-    if record[STATUS] != code:
-        transition_record(record, code, at, max_history, why)
-    return touch_record(record, at)
+        record = new_record(id, agent, to, working_dir, at, why if code == CLOSED else None)
+    else:
+        record = orjson.loads(current)
+        if record[STATUS] != code:
+            transition_record(record, code, at, max_history, why)
+        touch_record(record, at)
+    if session_id is not None:
+        record[RESUME] = SAME_AS_ID if session_id == id else session_id
+    return record
 
 
 def encoded(record: Record, limit: int, outside: bool) -> bytes:
