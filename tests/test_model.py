@@ -404,6 +404,65 @@ def test_restamped_changes_only_revision_and_pid_start() -> None:
     assert (session.revision, session.pid_start) == (7, None)  # the original is untouched
 
 
+def fresh_record(session: Session) -> list[object]:
+    """``session``'s record worked out from its public JSON: no cache of model's involved."""
+    return session_record(session.to_json())
+
+
+def test_a_packed_history_is_reused_only_for_the_same_tuple_and_the_same_since() -> None:
+    session = full_session()
+    assert orjson.loads(pack(session)) == fresh_record(session)
+    # The same history tuple counted back from another since is another flat form.
+    later = dataclasses.replace(session, since=120.5, status=Status.QUESTION)
+    assert later.history is session.history
+    assert orjson.loads(pack(later)) == fresh_record(later)
+    assert orjson.loads(pack(session)) == fresh_record(session)
+
+
+def test_a_session_decoded_then_changed_packs_to_what_it_holds() -> None:
+    decoded = session_from_store(pack(full_session()))
+    changed = dataclasses.replace(decoded, status=Status.WORKING, since=decoded.since + 1)
+    assert orjson.loads(pack(changed)) == fresh_record(changed)
+    assert orjson.loads(pack(decoded)) == fresh_record(decoded)
+
+
+def test_the_store_changing_a_record_in_place_changes_no_later_pack() -> None:
+    session = full_session()
+    pack(session)
+    record = to_record(session)
+    transition_record(record, STATUS_CODE[Status.WORKING], 130.0, max_history=10)  # appends to record[6]
+    assert orjson.loads(pack(session)) == fresh_record(session)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.sampled_from([110.25, 111.0, 111.0005, 200.0])),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_packing_whatever_sessions_in_whatever_order_gives_each_its_own_record(
+    picks: list[tuple[int, float]],
+) -> None:
+    # Histories made and dropped as we go, past the cache's limit: a tuple's id may be
+    # taken by a new one once the old is freed, which must never bring back its form.
+    from shmstore import model
+
+    model._FLAT_LIMIT, limit = 3, model._FLAT_LIMIT
+    try:
+        for length, since in picks:
+            history = tuple(
+                StateTransition(100.0 + k + (0.0005 if since == 111.0005 else 0.0), "working", "attention", 0.25)
+                for k in range(length)
+            )
+            session = dataclasses.replace(full_session(), history=history, since=since)
+            assert orjson.loads(pack(session)) == fresh_record(session)
+            del history, session
+    finally:
+        model._FLAT_LIMIT = limit
+
+
 def make_json(**fields: object) -> bytes:
     return orjson.dumps({"working_dir": "/home/dev", "since": 100.0, **fields})
 
