@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import contextlib
+import dataclasses
 import itertools
 import multiprocessing
 import multiprocessing.managers
@@ -232,9 +233,13 @@ def shmstore_server(tmp: Path) -> Iterator[tuple[shmstore.ServerProcess, shmstor
 def shmstore_ops(store: shmstore.Client) -> Ops:
     session = make_session(IDS[0])
     flip = itertools.cycle(STATUSES)
+    # The same values, each with a history tuple of its own: a set whose history the client
+    # has not packed or decoded before (model._FLAT keeps 256; these come round every 4,096).
+    fresh = itertools.cycle([dataclasses.replace(session, history=(*session.history,)) for _ in range(4096)])
     return {
         "shmstore_get": lambda: store.get(IDS[0]),
         "shmstore_set": lambda: store.set(session),
+        "shmstore_set_new_history": lambda: store.set(next(fresh)),
         "shmstore_transition": lambda: store.transition(IDS[1], next(flip)),
         "shmstore_add_usage": lambda: store.add_usage(IDS[2], 10, 2),
         "shmstore_list_all_100": lambda: _list_all_anew(store),
@@ -530,7 +535,12 @@ def bench_memory(tmp: Path) -> dict[str, float]:
 def bench_serve_pss(tmp: Path) -> dict[str, float]:
     """``shmstore serve`` as a user runs it, standalone: the PSS of all its processes
     together (from /proc/PID/smaps_rollup; shared pages are split among the processes that
-    map them, so the interpreter's own are not counted whole), empty and with 100 sessions."""
+    map them, so the interpreter's own are not counted whole), empty and with 100 sessions.
+
+    Then, in the same conditions (this process and the measured one alone), the floor of
+    any manager on the required stack: an idle interpreter that imported orjson and
+    ``multiprocess.managers`` (which imports dill), and one that did so without dill
+    (``multiprocess`` falls back to the standard pickle when it cannot import it)."""
     path = tmp / "serve.sock"
     with subprocess.Popen(
         [sys.executable, "-m", "shmstore", "serve", "--address", str(path), "--log-level", "warning"],
@@ -550,7 +560,31 @@ def bench_serve_pss(tmp: Path) -> dict[str, float]:
         finally:
             serve.terminate()
             serve.wait(10)
-    return {"serve_pss_empty_mib": empty, "serve_pss_total_mib": with_100, "serve_processes": processes}
+    figures = {
+        "serve_pss_empty_mib": empty,
+        "serve_pss_total_mib": with_100,
+        "serve_processes": processes,
+        "serve_pss_floor_mib": _idle_pss_mib("import orjson, multiprocess.managers"),
+        "serve_pss_floor_no_dill_mib": _idle_pss_mib(
+            "import sys; sys.modules['dill'] = None; import orjson, multiprocess.managers"
+        ),
+    }
+    figures["serve_pss_over_floor_mib"] = figures["serve_pss_total_mib"] - figures["serve_pss_floor_mib"]
+    return figures
+
+
+def _idle_pss_mib(imports: str) -> float:
+    """The PSS of an interpreter that ran ``imports`` and waits."""
+    code = f"{imports}; import sys; print('ready', flush=True); sys.stdin.read()"
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as idle:
+        assert idle.stdout is not None
+        assert idle.stdin is not None
+        try:
+            idle.stdout.readline()
+            return _pss_mib(idle.pid)
+        finally:
+            idle.stdin.close()
+            idle.wait(10)
 
 
 def _connect_when_up(path: Path, serve: subprocess.Popen[bytes]) -> shmstore.Client:
@@ -697,6 +731,7 @@ def op_ratios(per_op: dict[str, float], redis_ran: bool) -> dict[str, float | No
     return {
         "get_vs_pingpong": get / pingpong,
         "set_vs_pingpong": per_op["shmstore_set"] / pingpong,
+        "set_new_history_vs_pingpong": per_op["shmstore_set_new_history"] / pingpong,
         "transition_vs_pingpong": per_op["shmstore_transition"] / pingpong,
         "add_usage_vs_pingpong": per_op["shmstore_add_usage"] / pingpong,
         "get_vs_redis": per_op["redis_get"] / get if redis_ran else None,

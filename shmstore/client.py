@@ -354,7 +354,7 @@ class Client:
         costs about as much as the round trip itself."""
         session = self._decoded.get(data)
         if session is None:
-            session = session_from_store(data)
+            session = session_from_store(data, remember=True)
             if len(self._decoded) >= DECODE_CACHE_SIZE:
                 with contextlib.suppress(KeyError, RuntimeError, StopIteration):  # another thread got there first
                     del self._decoded[next(iter(self._decoded))]  # the oldest entry

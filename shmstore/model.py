@@ -865,9 +865,11 @@ def _stored_entry(at: float, code: int, duration: float) -> StateTransition:
     return entry
 
 
-def session_from_store(data: Any) -> Session:
+def session_from_store(data: Any, *, remember: bool = False) -> Session:
     """A session as the store sent it: a record (bytes, or already parsed), or the public
-    JSON of a manager from before records (which is validated)."""
+    JSON of a manager from before records (which is validated). With ``remember``, its
+    history's flat form is kept in :data:`_FLAT`, so that a ``set`` of it (or of a copy with
+    the same history) does not pack it again: a client's decodes do so, a manager's not."""
     parsed = loads(data, "session") if isinstance(data, bytes | str) else data
     if type(parsed) is not list:
         return Session.from_dict(parsed)
@@ -875,7 +877,7 @@ def session_from_store(data: Any) -> Session:
         session = _stored_session(parsed)
     except (ValueError, TypeError, IndexError, AttributeError) as exc:
         raise ValidationError("session", f"is not a record the store writes: {exc}") from None
-    if session.history:  # a set() of it, or of a copy with the same history, packs it from here
+    if remember and session.history:
         _remember_flat(session.history, session.since, tuple(parsed[HISTORY]))
     return session
 

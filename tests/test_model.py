@@ -420,10 +420,22 @@ def test_a_packed_history_is_reused_only_for_the_same_tuple_and_the_same_since()
 
 
 def test_a_session_decoded_then_changed_packs_to_what_it_holds() -> None:
-    decoded = session_from_store(pack(full_session()))
+    decoded = session_from_store(pack(full_session()), remember=True)
     changed = dataclasses.replace(decoded, status=Status.WORKING, since=decoded.since + 1)
     assert orjson.loads(pack(changed)) == fresh_record(changed)
     assert orjson.loads(pack(decoded)) == fresh_record(decoded)
+
+
+def test_only_a_decode_asked_to_remember_keeps_the_flat_history() -> None:
+    # A manager decodes sessions (restoring its state file) that no set will send back.
+    from shmstore import model
+
+    data = pack(full_session())
+    model._FLAT.clear()
+    session_from_store(data)
+    assert model._FLAT == {}
+    decoded = session_from_store(data, remember=True)
+    assert model._FLAT[id(decoded.history)][0] is decoded.history
 
 
 def test_the_store_changing_a_record_in_place_changes_no_later_pack() -> None:
