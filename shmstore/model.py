@@ -452,7 +452,7 @@ def append_entry(record: Record, at: float, to: int) -> None:
 
 def to_record(session: Session) -> Record:
     """``session`` in the stored form (it was checked when it was made)."""
-    return _record(session, list(_flat_of(session.history, session.since)))  # the store's to change in place
+    return _record(session, _flat(session.history, session.since))  # not kept: a manager makes these
 
 
 def _record(session: Session, history: list[Any] | tuple[Any, ...]) -> Record:
@@ -485,14 +485,20 @@ def _flat_of(history: tuple[StateTransition, ...], since: float) -> tuple[Any, .
     known = _FLAT.get(id(history))
     if known is not None and known[0] is history and known[1] == since:
         return known[2]
-    code = STATUS_CODE
-    entries = [(entry.timestamp, code[entry.from_], code[entry.to], entry.duration) for entry in history]
-    flat = tuple(flat_history(entries, since))
+    flat = tuple(_flat(history, since))
     _remember_flat(history, since, flat)
     return flat
 
 
+def _flat(history: tuple[StateTransition, ...], since: float) -> list[Any]:
+    code = STATUS_CODE
+    entries = [(entry.timestamp, code[entry.from_], code[entry.to], entry.duration) for entry in history]
+    return flat_history(entries, since)
+
+
 def _remember_flat(history: tuple[StateTransition, ...], since: float, flat: tuple[Any, ...]) -> None:
+    if len(history) > _FLAT_LONGEST:
+        return
     if len(_FLAT) >= _FLAT_LIMIT:
         _FLAT.clear()  # as for _BUILT: simpler than an LRU, and as good
     _FLAT[id(history)] = (history, since, flat)
@@ -500,9 +506,12 @@ def _remember_flat(history: tuple[StateTransition, ...], since: float, flat: tup
 
 #: History tuples this process packed or decoded lately, by id(), each with the ``since``
 #: its flat form counts back from, and that form (a tuple: nothing can change it). The
-#: history tuple itself is kept, so that its id names no other while the entry lasts.
+#: history tuple itself is kept, so that its id names no other while the entry lasts. At
+#: most _FLAT_LIMIT of them, of at most _FLAT_LONGEST entries (5x the default
+#: max_history): ~100 bytes an entry, so a few MiB at the very worst.
 _FLAT: dict[int, tuple[tuple[StateTransition, ...], float, tuple[Any, ...]]] = {}
 _FLAT_LIMIT = 256
+_FLAT_LONGEST = 100
 
 
 def pack(session: Session) -> bytes:

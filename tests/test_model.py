@@ -404,6 +404,21 @@ def test_restamped_changes_only_revision_and_pid_start() -> None:
     assert (session.revision, session.pid_start) == (7, None)  # the original is untouched
 
 
+def every_field_its_own_value() -> Session:
+    """A session where no two fields of one type hold the same value: a copy or a decode
+    that swapped two fields cannot come out equal to it."""
+    return dataclasses.replace(
+        full_session(), last_activity=111.5, pid=42, pid_start=43, revision=44, stale=True, host="h-1"
+    )
+
+
+def test_restamping_and_decoding_keep_every_field_in_its_place() -> None:
+    session = every_field_its_own_value()
+    for copy in (restamped(session, session.revision, session.pid_start), session_from_store(pack(session))):
+        for field in dataclasses.fields(Session):
+            assert getattr(copy, field.name) == getattr(session, field.name), field.name
+
+
 def fresh_record(session: Session) -> list[object]:
     """``session``'s record worked out from its public JSON: no cache of model's involved."""
     return session_record(session.to_json())
@@ -426,16 +441,31 @@ def test_a_session_decoded_then_changed_packs_to_what_it_holds() -> None:
     assert orjson.loads(pack(decoded)) == fresh_record(decoded)
 
 
-def test_only_a_decode_asked_to_remember_keeps_the_flat_history() -> None:
-    # A manager decodes sessions (restoring its state file) that no set will send back.
+def test_only_a_clients_pack_or_a_decode_asked_to_remember_keeps_the_flat_history() -> None:
+    # A manager decodes sessions and makes records (restoring its state file) that no set
+    # will send back: keeping them would hold up to 256 histories for its lifetime.
     from shmstore import model
 
-    data = pack(full_session())
+    session = full_session()
+    data = pack(session)
     model._FLAT.clear()
     session_from_store(data)
+    to_record(session)
     assert model._FLAT == {}
     decoded = session_from_store(data, remember=True)
     assert model._FLAT[id(decoded.history)][0] is decoded.history
+    pack(session)
+    assert model._FLAT[id(session.history)][0] is session.history
+
+
+def test_a_long_history_is_packed_but_not_kept() -> None:
+    from shmstore import model
+
+    history = tuple(StateTransition(100.0 + k, "working", "attention", 0.5) for k in range(model._FLAT_LONGEST + 1))
+    session = dataclasses.replace(full_session(), history=history, since=1000.0)
+    model._FLAT.clear()
+    assert orjson.loads(pack(session)) == fresh_record(session)
+    assert model._FLAT == {}
 
 
 def test_the_store_changing_a_record_in_place_changes_no_later_pack() -> None:
