@@ -254,3 +254,27 @@ def test_closed_shows_each_resume_id_and_how_to_resume(server: shmstore.ServerPr
     as_ls = run("ls", "--status", "closed", address=server.address).stdout.splitlines()
     assert (as_ls[0], as_ls[-1]) == (lines[0], lines[-1])
     assert "resume: cd /src/app && claude --resume r-1" in run("get", "abc", address=server.address).stdout
+
+
+def test_serve_never_imports_dill_and_still_serves_every_call(tmp_path: Path) -> None:
+    # dill costs a standalone manager ~1 MiB of PSS and nothing in it needs dill; calls,
+    # errors included, travel as plain values through the C pickler.
+    address = tmp_path / "s.sock"
+    argv = [PYTHON, "-X", "importtime", "-m", "shmstore", "serve", "--address", str(address)]
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stderr is not None
+            imported = []
+            while "serving at" not in (line := proc.stderr.readline()):
+                assert line, "".join(imported)  # it ended without serving
+                imported.append(line.rsplit("|", 1)[-1].strip())
+            with shmstore.connect(address, timeout=10) as store:
+                store.set(shmstore.Session(id="a", working_dir="/src"))
+                assert store.transition("a", "attention").status == "attention"
+                with pytest.raises(shmstore.NotFoundError):
+                    store.transition("missing", "working")
+        finally:
+            proc.terminate()
+    assert "multiprocess.managers" in imported
+    # The attempt is timed too ("dill", a few us); its modules are what loading it imports.
+    assert [name for name in imported if name.startswith("dill.")] == []
