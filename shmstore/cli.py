@@ -52,7 +52,8 @@ EXIT_NOT_FOUND = 4  # no such session: NotFoundError
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 any other error; 2 bad input (usage or an invalid value); "
     "3 the manager is not running or cannot be reached; 4 no such session; 130/143 interrupted "
-    "(SIGINT/SIGTERM); 141 the reader of the output went away (as if killed by SIGPIPE)."
+    "(SIGINT/SIGTERM; serve stops so, with 0); 141 the reader of the output went away (as if "
+    "killed by SIGPIPE)."
 )
 
 
