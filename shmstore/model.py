@@ -756,9 +756,22 @@ def _setters(cls: type, *names: str) -> tuple[Callable[[object, object], None], 
     return tuple(cls.__dict__[name].__set__ for name in names)
 
 
-# In field order, as _stored_session unpacks them.
-_SESSION_FIELDS = tuple(field.name for field in dataclasses.fields(Session))
-_SESSION_SET = _setters(Session, *_SESSION_FIELDS)
+# Each field's slot setter, named by the field it sets (Session's field order plays no part).
+_set_id = _setters(Session, "id")[0]
+_set_dir = _setters(Session, "working_dir")[0]
+_set_agent = _setters(Session, "agent_type")[0]
+_set_status = _setters(Session, "status")[0]
+_set_since = _setters(Session, "since")[0]
+_set_activity = _setters(Session, "last_activity")[0]
+_set_history = _setters(Session, "history")[0]
+_set_usage = _setters(Session, "api_usage")[0]
+_set_stale = _setters(Session, "stale")[0]
+_set_resume = _setters(Session, "session_id")[0]
+_set_pid = _setters(Session, "pid")[0]
+_set_pid_start = _setters(Session, "pid_start")[0]
+_set_rev = _setters(Session, "revision")[0]
+_set_reason = _setters(Session, "closed_reason")[0]
+_set_host = _setters(Session, "host")[0]
 _ENTRY_SET = _setters(StateTransition, *(field.name for field in dataclasses.fields(StateTransition)))
 _USAGE_SET = _setters(ApiUsage, "input_tokens", "output_tokens")
 #: A history entry's code -> its (from, to) statuses.
@@ -766,23 +779,6 @@ _PAIRS = tuple((was, to) for was in STATUSES for to in STATUSES)
 
 
 def _stored_session(record: Record) -> Session:
-    (
-        set_id,
-        set_dir,
-        set_agent,
-        set_status,
-        set_since,
-        set_activity,
-        set_history,
-        set_usage,
-        set_stale,
-        set_resume,
-        set_pid,
-        set_pid_start,
-        set_rev,
-        set_reason,
-        set_host,
-    ) = _SESSION_SET
     (
         id,
         agent,
@@ -801,27 +797,27 @@ def _stored_session(record: Record) -> Session:
         host,
     ) = record
     session = _new(Session)
-    set_id(session, id)
-    set_dir(session, working_dir)
-    set_agent(session, AGENT_TYPES[agent])
-    set_status(session, STATUSES[status])
-    set_since(session, since)
-    set_activity(session, activity)
-    set_history(session, _stored_history(flat, since) if flat else ())
+    _set_id(session, id)
+    _set_dir(session, working_dir)
+    _set_agent(session, AGENT_TYPES[agent])
+    _set_status(session, STATUSES[status])
+    _set_since(session, since)
+    _set_activity(session, activity)
+    _set_history(session, _stored_history(flat, since) if flat else ())
     tokens = None
     if usage is not None:
         set_in, set_out = _USAGE_SET
         tokens = _new(ApiUsage)
         set_in(tokens, usage[0])
         set_out(tokens, usage[1])
-    set_usage(session, tokens)
-    set_stale(session, stale)
-    set_resume(session, id if resume == SAME_AS_ID and type(resume) is int else resume)
-    set_pid(session, pid)
-    set_pid_start(session, pid_start)
-    set_rev(session, revision)
-    set_reason(session, reason)
-    set_host(session, host)
+    _set_usage(session, tokens)
+    _set_stale(session, stale)
+    _set_resume(session, id if resume == SAME_AS_ID and type(resume) is int else resume)
+    _set_pid(session, pid)
+    _set_pid_start(session, pid_start)
+    _set_rev(session, revision)
+    _set_reason(session, reason)
+    _set_host(session, host)
     return session
 
 
@@ -901,37 +897,20 @@ def restamped(session: Session, revision: int, pid_start: int | None) -> Session
     checking again what its construction checked (``dataclasses.replace`` would run every
     check of ``__post_init__``, ~14 us of a client's ``set``). The store is trusted for the
     two values, as it is for everything :func:`session_from_store` decodes."""
-    (
-        set_id,
-        set_dir,
-        set_agent,
-        set_status,
-        set_since,
-        set_activity,
-        set_history,
-        set_usage,
-        set_stale,
-        set_resume,
-        set_pid,
-        set_pid_start,
-        set_rev,
-        set_reason,
-        set_host,
-    ) = _SESSION_SET
     copy = _new(Session)  # field by field, not in a loop over them: 26k -> 12k instructions
-    set_id(copy, session.id)
-    set_dir(copy, session.working_dir)
-    set_agent(copy, session.agent_type)
-    set_status(copy, session.status)
-    set_since(copy, session.since)
-    set_activity(copy, session.last_activity)
-    set_history(copy, session.history)
-    set_usage(copy, session.api_usage)
-    set_stale(copy, session.stale)
-    set_resume(copy, session.session_id)
-    set_pid(copy, session.pid)
-    set_pid_start(copy, pid_start)
-    set_rev(copy, revision)
-    set_reason(copy, session.closed_reason)
-    set_host(copy, session.host)
+    _set_id(copy, session.id)
+    _set_dir(copy, session.working_dir)
+    _set_agent(copy, session.agent_type)
+    _set_status(copy, session.status)
+    _set_since(copy, session.since)
+    _set_activity(copy, session.last_activity)
+    _set_history(copy, session.history)
+    _set_usage(copy, session.api_usage)
+    _set_stale(copy, session.stale)
+    _set_resume(copy, session.session_id)
+    _set_pid(copy, session.pid)
+    _set_pid_start(copy, pid_start)
+    _set_rev(copy, revision)
+    _set_reason(copy, session.closed_reason)
+    _set_host(copy, session.host)
     return copy
