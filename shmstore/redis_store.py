@@ -75,7 +75,6 @@ from .config import Limits
 from .errors import (
     ConflictError,
     NotFoundError,
-    ResyncRequiredError,
     ShmstoreError,
     StoreFullError,
     StoreUnavailableError,
@@ -107,6 +106,7 @@ from .store import (
     Listing,
     add_usage_record,
     check_epoch,
+    check_feed,
     check_once,
     checked_report,
     checked_set,
@@ -392,7 +392,8 @@ class RedisStore:
                     pipe.xrange(self._feed, start, "+", count=limit),
                 )
             )
-            _check_feed(now_epoch, revision, oldest, after_revision, epoch)
+            first = int(oldest[0][0].split(b"-")[0]) if oldest else revision + 1
+            check_feed(now_epoch, revision, first, after_revision, epoch, "Redis lost or replaced its data")
             left = waited_until - time.monotonic()
             if entries or left <= 0:
                 break
@@ -734,26 +735,6 @@ def _pool(address: RedisAddress, options: dict[str, Any]) -> Any:
             connection_class=redis.SSLConnection, host=address.host, port=address.port, **secure
         )
     return redis.ConnectionPool(connection_class=redis.Connection, host=address.host, port=address.port, **options)
-
-
-def _check_feed(epoch: str, revision: int, oldest: list[Any], after: int, asked: str | None) -> None:
-    if asked is not None and asked != epoch:
-        raise ResyncRequiredError(
-            f"the store is a new one (epoch {epoch}, not {asked}): Redis lost or replaced its data",
-            reason="epoch",
-            after_revision=after,
-        )
-    if after > revision:
-        raise ResyncRequiredError(
-            f"revision {after} is ahead of the store's {revision}", reason="ahead", after_revision=after
-        )
-    first = int(oldest[0][0].split(b"-")[0]) if oldest else revision + 1
-    if after + 1 < first and after < revision:
-        raise ResyncRequiredError(
-            f"the events after revision {after} have left the feed, which holds {first}..{revision}",
-            reason="compacted",
-            after_revision=after,
-        )
 
 
 def _damaged(address: RedisAddress, top: bytes) -> ShmstoreError:

@@ -676,25 +676,8 @@ class Store:
         self._changed.notify_all()
 
     def _check_feed(self, after_revision: int, epoch: str | None) -> None:
-        if epoch is not None and epoch != self.epoch:
-            raise ResyncRequiredError(
-                f"the store is a new one (epoch {self.epoch}, not {epoch}): the manager restarted",
-                reason="epoch",
-                after_revision=after_revision,
-            )
-        if after_revision > self._revision:
-            raise ResyncRequiredError(
-                f"revision {after_revision} is ahead of the store's {self._revision}",
-                reason="ahead",
-                after_revision=after_revision,
-            )
         oldest = self._log[0][0] if self._log else self._revision + 1
-        if after_revision + 1 < oldest and after_revision < self._revision:
-            raise ResyncRequiredError(
-                f"the events after revision {after_revision} have left the log, which holds {oldest}..{self._revision}",
-                reason="compacted",
-                after_revision=after_revision,
-            )
+        check_feed(self.epoch, self._revision, oldest, after_revision, epoch, "the manager restarted")
 
 
 def _see_pid(pid: int | None, given_start: int | None) -> tuple[bool, int | None]:
@@ -743,6 +726,27 @@ def transition_record(
     record[SINCE] = at
     record[REASON] = reason if to == CLOSED else None
     return touch_record(record, at)
+
+
+def check_feed(epoch: str, revision: int, oldest: int, after: int, asked: str | None, new_store: str) -> None:
+    """Whether ``changes(after, epoch=asked)`` can be answered from the feed of store
+    ``epoch``, which holds the events ``oldest``..``revision`` (``oldest`` is
+    ``revision + 1`` when it holds none); if not, the ResyncRequiredError that says why.
+    ``new_store`` says what another epoch means for this backend."""
+    if asked is not None and asked != epoch:
+        raise ResyncRequiredError(
+            f"the store is a new one (epoch {epoch}, not {asked}): {new_store}", reason="epoch", after_revision=after
+        )
+    if after > revision:
+        raise ResyncRequiredError(
+            f"revision {after} is ahead of the store's {revision}", reason="ahead", after_revision=after
+        )
+    if after + 1 < oldest and after < revision:
+        raise ResyncRequiredError(
+            f"the events after revision {after} have left the log, which holds {oldest}..{revision}",
+            reason="compacted",
+            after_revision=after,
+        )
 
 
 def check_epoch(epoch: object) -> None:
