@@ -398,7 +398,7 @@ def flat_history(entries: list[Entry], since: float, floats: bool = False) -> li
             ms = round(at * 1000)
             if ms / 1000 != at:
                 break  # a time that is not whole milliseconds: every time as it is
-            whole = round(duration * 1000)
+            whole = round(duration * 1000)  # _duration(), inlined: this loop packs a client's set
             backwards.append((following - ms, was * _CODES + to, whole if whole / 1000 == duration else duration))
             following = ms
         else:
@@ -406,8 +406,7 @@ def flat_history(entries: list[Entry], since: float, floats: bool = False) -> li
                 flat += entry
             return flat
     for at, was, to, duration in entries:
-        whole = round(duration * 1000)
-        flat += (at, was * _CODES + to, whole if whole / 1000 == duration else duration)
+        flat += (at, was * _CODES + to, _duration(duration))
     return flat
 
 
@@ -421,15 +420,13 @@ def history_entries(flat: list[Any], since: float) -> list[Entry]:
         for at in range(len(flat) - ENTRY, -1, -ENTRY):
             ms = following - flat[at]
             was, to = divmod(flat[at + 1], _CODES)
-            duration = flat[at + 2]
-            entries.append((ms / 1000, was, to, duration / 1000 if type(duration) is int else duration))
+            entries.append((ms / 1000, was, to, _seconds(flat[at + 2])))
             following = ms
         entries.reverse()
         return entries
     for at in range(0, len(flat), ENTRY):
         was, to = divmod(flat[at + 1], _CODES)
-        duration = flat[at + 2]
-        entries.append((flat[at], was, to, duration / 1000 if type(duration) is int else duration))
+        entries.append((flat[at], was, to, _seconds(flat[at + 2])))
     return entries
 
 
