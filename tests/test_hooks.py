@@ -632,3 +632,25 @@ def test_anything_but_a_plain_hook_call_goes_to_the_full_command_line(sock_dir: 
     bad = run("hook", "--pid", "not-a-pid")
     assert bad.returncode == 2
     assert "invalid int value: 'not-a-pid'" in bad.stderr
+
+
+def test_a_writer_that_never_closes_stdin_does_not_hold_the_hook(server: shmstore.ServerProcess) -> None:
+    """stdin is read by the deadline too: an agent that left the pipe open costs the hook
+    its 0.9 s and no more."""
+    with subprocess.Popen(
+        [PYTHON, "-m", "shmstore", "hook", "--address", str(server.address)],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdin is not None
+        proc.stdin.write(b'{"session_id": "s1"')  # half a payload, and the pipe stays open
+        proc.stdin.flush()
+        started = time.monotonic()
+        try:
+            assert proc.wait(20) == 0
+        finally:
+            proc.kill()
+        elapsed = time.monotonic() - started
+        assert proc.stderr is not None
+        assert b"gave up" in proc.stderr.read()
+    assert elapsed < 5  # its 0.9 s from the process's start, on a loaded machine
