@@ -154,6 +154,12 @@ class Session:
     ``host`` names the machine (and pid namespace) the agent runs on, when sessions of
     several hosts share one store (the Redis backend: :func:`shmstore.procs.host_id`); a
     pid is checked only by a reaper on that host. None for a manager's own sessions.
+
+    ``last_event`` is when the agent fired the newest event whose report moved this session
+    (epoch seconds, by the clock of the agent's host): a report of an older event, arriving
+    late (kept in the hook's spool, or overtaken by a faster one), counts as activity but
+    never moves the status back. It is compared only with other events of the same agent,
+    so no two hosts' clocks are compared. None until a report carries an event time.
     """
 
     id: str
@@ -171,6 +177,7 @@ class Session:
     revision: int = 0
     closed_reason: str | None = None
     host: str | None = None
+    last_event: float | None = None
 
     def __post_init__(self) -> None:
         check_id(self.id)
@@ -197,6 +204,8 @@ class Session:
                 raise ValidationError("closed_reason", f"is only for a closed session, not one that is {self.status}")
         if self.host is not None:
             check_host(self.host)
+        if self.last_event is not None:
+            _set(self, "last_event", check_time(self.last_event, "last_event"))
 
     @property
     def closed(self) -> bool:
@@ -223,6 +232,7 @@ class Session:
             "revision": self.revision,
             "closed_reason": self.closed_reason,
             "host": self.host,
+            "last_event": self.last_event,
         }
 
     def to_json(self) -> bytes:
@@ -251,6 +261,7 @@ class Session:
             revision=fields.get("revision", 0),
             closed_reason=fields.get("closed_reason"),
             host=fields.get("host"),
+            last_event=fields.get("last_event"),
         )
         if "closed" in fields and fields["closed"] is not session.closed:
             raise ValidationError("closed", f"must be {session.closed} when status is {session.status}")
@@ -277,6 +288,7 @@ _SESSION_OPTIONAL = (
     "revision",
     "closed_reason",
     "host",
+    "last_event",
 )
 
 
@@ -355,10 +367,13 @@ def loads(data: bytes | str, what: str) -> Any:
 # JSON of Session.to_json().
 
 #: Positions in a record.
-ID, AGENT, STATUS, DIR, SINCE, ACTIVITY, HISTORY, USAGE, STALE, RESUME, PID, PID_START, REVISION, REASON, HOST = range(
-    15
-)
-RECORD_LENGTH = 15
+(ID, AGENT, STATUS, DIR, SINCE, ACTIVITY, HISTORY, USAGE, STALE, RESUME, PID, PID_START, REVISION, REASON, HOST,
+ LAST_EVENT) = range(16)  # fmt: skip
+RECORD_LENGTH = 16
+#: Records as shorter versions of this module wrote them (in a state file, a Redis
+#: namespace, or sent by an older client) are read with the later fields None: fields are
+#: only ever added at the end.
+OLDEST_RECORD_LENGTH = 15
 #: A status's code in a record is its index here, and an agent type's in AGENT_TYPES.
 STATUSES: tuple[Status, ...] = tuple(Status)
 AGENT_TYPES: tuple[AgentType, ...] = tuple(AgentType)
@@ -471,6 +486,7 @@ def _record(session: Session, history: list[Any] | tuple[Any, ...]) -> Record:
         session.revision,
         session.closed_reason,
         session.host,
+        session.last_event,
     ]
 
 
@@ -519,7 +535,16 @@ def pack(session: Session) -> bytes:
 def new_record(id: str, agent: AgentType, status: Status, working_dir: str, at: float, reason: str | None) -> Record:
     """The record of a session first reported at ``at``, from values already checked."""
     agent_code, status_code = AGENT_CODE[agent], STATUS_CODE[status]
-    return [id, agent_code, status_code, working_dir, at, at, [], None, False, None, None, None, 0, reason, None]
+    return [id, agent_code, status_code, working_dir, at, at, [], None, False, None, None, None, 0, reason, None, None]
+
+
+def load_record(data: bytes) -> Record:
+    """A stored record's bytes, decoded, at this version's length (a shorter record, from
+    an older version, gets None for the fields it lacks)."""
+    record: Record = orjson.loads(data)
+    if len(record) < RECORD_LENGTH:
+        record += [None] * (RECORD_LENGTH - len(record))
+    return record
 
 
 # -- checking what a client sends, without building a Session ------------------------------
@@ -547,8 +572,11 @@ def checked_record(record: list[Any], max_id_length: int = MAX_ID_LENGTH) -> Rec
     Session.__post_init__'s order; ValidationError names the first that is wrong."""
     if type(record) is not list:
         raise ValidationError("session", f"a record is a list, not {type(record).__name__}")
-    if len(record) != RECORD_LENGTH:
-        raise ValidationError("session", f"a record has {RECORD_LENGTH} fields, not {len(record)}")
+    if not OLDEST_RECORD_LENGTH <= len(record) <= RECORD_LENGTH:
+        raise ValidationError(
+            "session", f"a record has {OLDEST_RECORD_LENGTH} to {RECORD_LENGTH} fields, not {len(record)}"
+        )
+    record += [None] * (RECORD_LENGTH - len(record))
     id = record[ID] = check_id(record[ID], max_length=max_id_length)
     check_dir(record[DIR])
     _check_code(record[AGENT], len(AGENT_TYPES), "agent_type")
@@ -581,6 +609,8 @@ def checked_record(record: list[Any], max_id_length: int = MAX_ID_LENGTH) -> Rec
             raise ValidationError("closed_reason", f"is only for a closed session, not one that is {STATUSES[status]}")
     if record[HOST] is not None:
         check_host(record[HOST])
+    if record[LAST_EVENT] is not None:
+        record[LAST_EVENT] = check_time(record[LAST_EVENT], "last_event")
     return record
 
 
@@ -678,6 +708,9 @@ def session_record(data: object, max_id_length: int = MAX_ID_LENGTH) -> Record:
     host = fields.get("host")
     if host is not None:
         check_host(host)
+    last_event = fields.get("last_event")
+    if last_event is not None:
+        last_event = check_time(last_event, "last_event")
     closed = status is Status.CLOSED
     if "closed" in fields and fields["closed"] is not closed:
         raise ValidationError("closed", f"must be {closed} when status is {status}")
@@ -697,6 +730,7 @@ def session_record(data: object, max_id_length: int = MAX_ID_LENGTH) -> Record:
         revision,
         reason,
         host,
+        last_event,
     ]
 
 
@@ -769,6 +803,7 @@ _set_pid_start = _setters(Session, "pid_start")[0]
 _set_rev = _setters(Session, "revision")[0]
 _set_reason = _setters(Session, "closed_reason")[0]
 _set_host = _setters(Session, "host")[0]
+_set_last_event = _setters(Session, "last_event")[0]
 _ENTRY_SET = _setters(StateTransition, *(field.name for field in dataclasses.fields(StateTransition)))
 _USAGE_SET = _setters(ApiUsage, "input_tokens", "output_tokens")
 #: A history entry's code -> its (from, to) statuses.
@@ -776,6 +811,8 @@ _PAIRS = tuple((was, to) for was in STATUSES for to in STATUSES)
 
 
 def _stored_session(record: Record) -> Session:
+    if len(record) < RECORD_LENGTH:  # from an older version
+        record = record + [None] * (RECORD_LENGTH - len(record))
     (
         id,
         agent,
@@ -792,6 +829,7 @@ def _stored_session(record: Record) -> Session:
         revision,
         reason,
         host,
+        last_event,
     ) = record
     session = _new(Session)
     _set_id(session, id)
@@ -815,6 +853,7 @@ def _stored_session(record: Record) -> Session:
     _set_rev(session, revision)
     _set_reason(session, reason)
     _set_host(session, host)
+    _set_last_event(session, last_event)
     return session
 
 
@@ -910,4 +949,5 @@ def restamped(session: Session, revision: int, pid_start: int | None) -> Session
     _set_rev(copy, revision)
     _set_reason(copy, session.closed_reason)
     _set_host(copy, session.host)
+    _set_last_event(copy, session.last_event)
     return copy

@@ -44,6 +44,7 @@ def full_session() -> Session:
         api_usage=ApiUsage(1200, 340),
         session_id="resume-1",
         revision=7,
+        last_event=110.5,
     )
 
 
@@ -71,6 +72,7 @@ def test_json_encoding_is_exact() -> None:
         "revision",
         "closed_reason",
         "host",
+        "last_event",
     ]
     assert data["history"][0] == {"timestamp": 100.0, "from": "working", "to": "attention", "duration": 5.5}
     assert data["api_usage"] == {"input_tokens": 1200, "output_tokens": 340}
