@@ -549,19 +549,23 @@ class RedisStore:
         session_id: str | None = None,
         agent_type: str = AgentType.CLAUDE_CODE,
         reason: str | None = None,
+        at: float | None = None,
         *,
         once: tuple[bytes, int] | None = None,
     ) -> bytes:
-        to, agent, why = checked_report(
-            id, status, working_dir, pid, session_id, agent_type, reason, self.limits.max_id_length
+        to, agent, why, event = checked_report(
+            id, status, working_dir, pid, session_id, agent_type, reason, at, self.limits.max_id_length
         )
         for _ in self._tries():
-            current, at, done = self._read(id, once)
+            current, now, done = self._read(id, once)
             if done is not None:  # a retry of a write already made, or older than the newest
                 return None if done is _OLD else done  # type: ignore[return-value]
-            record = report_record(current, id, to, working_dir, agent, why, at, self.limits.max_history, session_id)
+            record, late = report_record(
+                current, id, to, working_dir, agent, why, now, self.limits.max_history, session_id, event
+            )
             record[HOST] = self.host
-            if pid is not None:  # its start time from this host's /proc: the reporter runs beside the agent
+            # its start time from this host's /proc: the reporter runs beside the agent
+            if pid is not None and not late:
                 record[PID], record[PID_START] = pid, pid_start_for(pid, procs.process_start(pid), current)
             expected = 0 if current is None else orjson.loads(current)[REVISION]
             result = self._commit(once, record, expected, EventKind.REPORT, outside=current is None, lease=True)
@@ -807,6 +811,12 @@ class RedisProxy:
 
     def close(self) -> None:
         self.store.close()
+
+    def retire(self) -> None:
+        """The Client made a new proxy after a failed call: close the idle connections now,
+        and leave those other threads' calls hold to finish (redis-py closes them as it
+        gives them back, since the pool was disconnected)."""
+        self.store._redis.connection_pool.disconnect(inuse_connections=False)
 
 
 #: Redis's errors that say the store cannot be used (redis-py's AuthenticationError is a

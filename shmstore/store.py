@@ -40,10 +40,18 @@ from .checks import (
     check_id,
     check_pid,
     check_positive,
+    check_time,
     now,
 )
 from .config import RECORD_RESERVE, Limits, changed
-from .errors import ConflictError, NotFoundError, ResyncRequiredError, StoreFullError, ValidationError
+from .errors import (
+    ConflictError,
+    NotFoundError,
+    ResyncRequiredError,
+    StoreFullError,
+    StoreUnavailableError,
+    ValidationError,
+)
 from .feed import EventKind, encode_changes, encode_snapshot
 from .model import (
     ACTIVITY,
@@ -51,6 +59,7 @@ from .model import (
     ENTRY,
     HISTORY,
     ID,
+    LAST_EVENT,
     PID,
     PID_START,
     REASON,
@@ -73,6 +82,7 @@ from .model import (
     check_status,
     flat_history,
     history_entries,
+    load_record,
     new_record,
     stored_record,
     to_record,
@@ -181,6 +191,8 @@ class Store:
         self._listing: _ListingCache | None = None
         # The live sessions again, for readers in other processes (share()); None: not shared.
         self._segment: Segment | None = None
+        # Set once by stop_writes(), as the manager stops: no write is applied after it.
+        self._stopping: str | bool = False
 
     # The lock and its condition are not data: a store sent to another process (start_server
     # with "forkserver" or "spawn") gets fresh ones. Pickled whole, dill's copy of an RLock
@@ -279,7 +291,7 @@ class Store:
         with self._changed:
             self._check_feed(after_revision, epoch)
             if after_revision == self._revision and wait:
-                self._changed.wait_for(lambda: self._revision != after_revision, wait)
+                self._changed.wait_for(lambda: self._revision != after_revision or self._stopping, wait)
                 self._check_feed(after_revision, epoch)  # a burst while we waited may have outrun the log
             first = len(self._log) - (self._revision - after_revision)
             events = islice(self._log, first, first + limit)
@@ -318,6 +330,7 @@ class Store:
     def remove(self, id: str) -> bytes | None:
         self._check_id(id)
         with self._lock:
+            self._check_writable(id)
             data = self._sessions.pop(id, None)
             if data is not None:
                 self._live_bytes -= len(data)
@@ -355,9 +368,16 @@ class Store:
         session_id: str | None = None,
         agent_type: str = AgentType.CLAUDE_CODE,
         reason: str | None = None,
+        at: float | None = None,
     ) -> bytes:
         """What an agent's hook says: create the session if it is new, else move it to
         ``status`` (a history entry only if the status changes), in one step.
+
+        ``at`` is when the agent fired the event (epoch seconds, its host's clock; None:
+        unknown). A report of an event older than the session's ``last_event`` arrived
+        late (it waited in a spool, or a faster report overtook it): it counts as activity
+        and changes nothing else, so events applied in any order leave the status of the
+        newest. A report without ``at`` is applied as it comes.
 
         Every report counts as activity (``last_activity``, and no longer stale). A report
         on a recently closed session brings it back: the agent resumed it. ``pid`` and
@@ -372,15 +392,16 @@ class Store:
         here: it is recorded as given, with no ``pid_start``, and never used to close the
         session.
         """
-        to, agent, why = checked_report(
-            id, status, working_dir, pid, session_id, agent_type, reason, self.limits.max_id_length
+        to, agent, why, event = checked_report(
+            id, status, working_dir, pid, session_id, agent_type, reason, at, self.limits.max_id_length
         )
         same_namespace, fresh = _see_pid(pid, None)
         with self._lock:
-            at = now()
             current = self._sessions.get(id) or self._closed.get(id)
-            record = report_record(current, id, to, working_dir, agent, why, at, self.limits.max_history, session_id)
-            if pid is not None:
+            record, late = report_record(
+                current, id, to, working_dir, agent, why, now(), self.limits.max_history, session_id, event
+            )
+            if pid is not None and not late:
                 record[PID] = pid
                 record[PID_START] = pid_start_for(pid, fresh, current) if same_namespace else None
             return self._commit(record, EventKind.REPORT, outside=current is None)
@@ -457,6 +478,7 @@ class Store:
         returns how many went. Each is a ``remove`` event."""
         age = check_duration(older_than, "older_than")
         with self._lock:
+            self._check_writable(None)
             cutoff = now() - age
             old = [id for id, data in self._closed.items() if orjson.loads(data)[SINCE] <= cutoff]
             for id in old:
@@ -617,8 +639,7 @@ class Store:
         data = self._sessions.get(id) or self._closed.get(id)
         if data is None:
             raise NotFoundError(id, f"no live session with id {id!r}")
-        record: Record = orjson.loads(data)
-        return record
+        return load_record(data)
 
     def _commit(self, record: Record, kind: EventKind, outside: bool = False) -> bytes:
         """Store ``record`` as the next revision: among the live sessions, or, once closed,
@@ -630,6 +651,7 @@ class Store:
         the store changed that outgrows ``max_record_bytes`` loses its oldest history entries.
         """
         id = record[ID]
+        self._check_writable(id)
         closing = record[STATUS] == CLOSED
         live = self._sessions.get(id)
         if not closing and live is None and len(self._sessions) >= self.limits.max_sessions:
@@ -667,6 +689,21 @@ class Store:
             self._live_bytes = total
         self._publish(kind, id, data)
         return data
+
+    def stop_writes(self, why: str = "the manager is stopping") -> None:
+        """Refuse every write from now on, with :class:`StoreUnavailableError` (``why``):
+        the manager's first step in stopping. Writes run under the lock, so once this
+        returns none is half done and none will be applied, and what :meth:`dump` gives
+        holds every write that was acknowledged. Wakes every ``changes`` call that waits."""
+        with self._lock:
+            self._stopping = why
+            self._changed.notify_all()
+
+    def _check_writable(self, id: str | None) -> None:
+        """Raise if :meth:`stop_writes` was called (lock held): before any change is made."""
+        if self._stopping:
+            what = "" if id is None else f" to {id!r}"
+            raise StoreUnavailableError(f"{self._stopping}: the write{what} was not applied; try again once it is back")
 
     def _publish(self, kind: EventKind, id: str, data: bytes | None) -> None:
         """Count a change, log its event, and wake every waiting ``changes`` call."""
@@ -788,11 +825,12 @@ def checked_report(
     session_id: object,
     agent_type: object,
     reason: object,
+    at: object,
     max_id_length: int,
-) -> tuple[Status, AgentType, str]:
+) -> tuple[Status, AgentType, str, float | None]:
     """A report's arguments checked (ValidationError names the first that is wrong): its
-    status, agent type, and the closed reason it gives if it closes the session
-    (``session_end``, then ``:reason`` when the agent said why)."""
+    status, agent type, the closed reason it gives if it closes the session
+    (``session_end``, then ``:reason`` when the agent said why), and the event's time."""
     check_id(id, max_length=max_id_length)
     to = check_status(status)
     check_dir(working_dir)
@@ -804,7 +842,7 @@ def checked_report(
     why = ClosedReason.SESSION_END.value
     if reason is not None:
         why = check_closed_reason(f"{why}:{reason}" if isinstance(reason, str) else reason, "reason")
-    return to, agent, why
+    return to, agent, why, None if at is None else check_time(at, "at")
 
 
 def report_record(
@@ -817,22 +855,31 @@ def report_record(
     at: float,
     max_history: int,
     session_id: str | None,
-) -> Record:
-    """What a report of status ``to`` at ``at`` makes of the stored session ``current`` (a
-    new session if None): a transition only if the status changes, activity either way;
-    ``why`` is the closed reason if it closes; ``session_id``, when given, the resume id.
-    The pid and its start time are the caller's (each backend knows them its own way)."""
+    event: float | None = None,
+) -> tuple[Record, bool]:
+    """What a report of status ``to`` at ``at`` (the store's clock) makes of the stored
+    session ``current`` (a new session if None), and whether the report was late: a
+    transition only if the status changes, activity either way; ``why`` is the closed
+    reason if it closes; ``session_id``, when given, the resume id. A report whose
+    ``event`` time (the agent's clock) is older than the session's last event is late: it
+    is activity and nothing more. The pid and its start time are the caller's (each
+    backend knows them its own way), and not to be applied to a late report."""
     code = STATUS_CODE[to]
     if current is None:
         record = new_record(id, agent, to, working_dir, at, why if code == CLOSED else None)
     else:
-        record = orjson.loads(current)
+        record = load_record(current)
+        last = record[LAST_EVENT]
+        if event is not None and last is not None and event < last:
+            return touch_record(record, at), True
         if record[STATUS] != code:
             transition_record(record, code, at, max_history, why)
         touch_record(record, at)
     if session_id is not None:
         record[RESUME] = SAME_AS_ID if session_id == id else session_id
-    return record
+    if event is not None:
+        record[LAST_EVENT] = event
+    return record, False
 
 
 def encoded(record: Record, limit: int, outside: bool) -> bytes:
