@@ -25,14 +25,23 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from . import __doc__ as package_doc
-from . import __version__, claude_settings, demo, hooks, notify, service
+from . import __version__, claude_settings, demo, hooks, notify, service, spool
 from . import address as addr
 from .client import DEFAULT_TIMEOUT, Client, Follower, Link, Notice
 from .config import Limits, ServeOptions
 from .errors import NotFoundError, ShmstoreError, StoreUnavailableError, ValidationError
 from .model import AgentType, Session, Status
-from .render import format_closed, format_event, format_session, format_status, format_table, printable
+from .render import (
+    format_closed,
+    format_event,
+    format_session,
+    format_spool,
+    format_status,
+    format_table,
+    printable,
+)
 from .server import serve
+from .state import StateNotSavedError
 from .store import Store
 
 STATUSES = [status.value for status in Status]
@@ -333,6 +342,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         serve(args.address, store=Store(_settings(args, Limits)), options=options, on_ready=ready)
+    except StateNotSavedError:
+        return EXIT_ERROR  # logged, with where the sessions went, before "stopped serving"
     finally:
         notify.stopping()
     return 0
@@ -360,6 +371,11 @@ def _status(args: argparse.Namespace) -> int:
         down = "manager: not running" if isinstance(address, str | tuple) else "store: cannot use Redis"
         print(f"{down} at {where} ({printable(str(exc))})")
         code = EXIT_UNAVAILABLE
+    # Reports that wait in the spool, or were dropped from a full one, up or down.
+    if isinstance(address, str | tuple):
+        waiting = spool.counts(spool.path_for(address))
+        if waiting["pending"] or waiting["dropped"]:
+            print(format_spool(waiting, spool.path_for(address)))
     # Hooks that could not report say so here, up or down: how a user learns that the
     # store was down while their agents worked.
     failures = hooks.recent_failures()

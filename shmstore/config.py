@@ -122,7 +122,9 @@ class ServeOptions:
     """How a manager serves its store, beyond where (the address) and with which key."""
 
     allow_remote: bool = _setting(False, "serve TCP beyond loopback (anyone with the key can run code in it)", "")
-    max_connections: int = _setting(256, "clients connected at once; more are told the manager is full")
+    max_connections: int = _setting(
+        256, "clients connected at once (a sixteenth kept for hook reports); more are told the manager is full"
+    )
     handshake_timeout: float = _setting(2.0, "seconds a new connection has to authenticate", "SECONDS")
     state: str = _setting("", "keep sessions across restarts in this file (default: none are kept)", "FILE")
     # A crash loses at most this much. Saving 10,000 sessions with 10-entry histories (an

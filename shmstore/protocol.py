@@ -245,14 +245,15 @@ class Channel:
             raise OSError(errno.EBADF, "the connection is closed")
         return int(handle)
 
-    def shutdown(self) -> None:
-        """Stop all traffic now: a call blocked on this connection in another thread sees
+    def shutdown(self, how: int = _socket.SHUT_RDWR) -> None:
+        """Stop all traffic now (``how``: ``SHUT_RD`` stops only what comes in, so that a
+        reply still goes out): a call blocked on this connection in another thread sees
         the connection end at once. The descriptor stays open until :meth:`close`, so it
         cannot be reused under that call's feet."""
         if self._handle is not None:
             sock = _socket.socket(fileno=self._handle)
             try:
-                sock.shutdown(_socket.SHUT_RDWR)
+                sock.shutdown(how)
             except OSError:
                 pass  # already disconnected
             finally:

@@ -227,6 +227,15 @@ def format_status(info: dict[str, Any], at: float | None = None) -> str:
     return "\n".join(f"{name + ':':<{width + 1}} {printable(str(value))}" for name, value in rows)
 
 
+def format_spool(counts: dict[str, int], path: str) -> str:
+    """The hook reports the manager has not taken yet (:mod:`shmstore.spool`), and those a
+    full spool dropped."""
+    line = f"spool: {counts['pending']} reports waiting, {counts['dropped']} dropped ({path})"
+    if counts["pending"]:
+        line += "; the manager delivers them when it answers"
+    return printable(line)
+
+
 def _format_state(saved: dict[str, Any] | None, at: float) -> str:
     if saved is None:
         return "none (sessions are not kept across a restart; serve --state FILE keeps them)"

@@ -29,6 +29,7 @@ import pickle
 import signal
 import socket
 import stat
+import sys
 import threading
 import time
 import warnings
@@ -40,7 +41,7 @@ import multiprocess
 from multiprocess import managers
 
 from . import address as addr
-from . import procs, segment, state, wire
+from . import procs, segment, spool, state, wire
 from .config import ServeOptions, changed
 from .errors import AddressInUseError, AuthKeyError, ShmstoreError, StoreUnavailableError, ValidationError
 from .store import EXPOSED, Store
@@ -50,7 +51,8 @@ log = logging.getLogger(__name__)
 
 class _Dispatcher(managers.Server):
     """The stock manager server (this process's dispatcher of calls), made safe to leave
-    running next to crashing processes and hostile neighbours.
+    running next to crashing processes and hostile neighbours, and to stop without losing
+    a write it acknowledged.
 
     The stock one starts a thread per accepted connection and waits for the peer's half of
     the authentication handshake for ever, answers a wrong key with a pickled traceback,
@@ -58,23 +60,35 @@ class _Dispatcher(managers.Server):
     nothing, or running out of file descriptors, could stop service. Here the whole
     handshake (both proofs of the key and the first request) must be done within
     ``handshake_timeout``; a peer that fails it is closed without a word (and logged); at
-    most ``max_connections`` are open at once (more are told the manager is full); and a
-    failing ``accept`` backs off instead of spinning.
+    most ``max_connections`` are open at once (more are told the manager is full), of which
+    :func:`report_slots` are kept for connections that make one call and go (a hook's
+    report, a client's ``create``), so that a process holding many connections cannot
+    turn the hooks away; and a failing ``accept`` backs off instead of spinning.
+
+    Calls are served by :meth:`serve_calls`, not the stock loop: the store is the only
+    object, and its :data:`EXPOSED` methods the only calls. :meth:`drain` ends every
+    connection once its call in flight has been answered, which is how a stop loses no
+    acknowledged write (see :func:`serve`).
     """
 
     def __init__(self, *args: Any, store: Store, options: ServeOptions) -> None:
         super().__init__(*args)
         self.store = store
         self.options = options
-        self._slots = threading.BoundedSemaphore(options.max_connections)
-        # Guards _open, the connections being served now (for info()).
-        self._open_lock = threading.Lock()
-        self._open = 0
+        self._long_lived_limit = options.max_connections - report_slots(options.max_connections)
+        # Guards _open (each open connection -> the thread serving it), _long_lived (how many
+        # of them are a client's lasting connection) and _stopping. A connection leaves _open
+        # before it is closed, and drain() shuts connections down only while holding the
+        # lock, so it never touches a descriptor that was closed (and maybe reused).
+        self._lock = threading.Lock()
+        self._open: dict[wire.Connection, threading.Thread] = {}
+        self._long_lived = 0
+        self._stopping = False
 
     def connections(self) -> int:
         """How many connections are open now, handshakes included."""
-        with self._open_lock:
-            return self._open
+        with self._lock:
+            return len(self._open)
 
     def accepter(self) -> None:
         while True:
@@ -85,43 +99,129 @@ class _Dispatcher(managers.Server):
                     return  # serve() is on its way out
                 time.sleep(0.05)  # e.g. EMFILE: give connections time to close
                 continue
-            if not self._slots.acquire(blocking=False):
+            conn.deadline = time.monotonic() + self.options.handshake_timeout
+            with self._lock:
+                stopping = self._stopping
+                admitted = not stopping and len(self._open) < self.options.max_connections
+                if admitted:
+                    thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+                    self._open[conn] = thread
+                    thread.start()
+            if stopping:
+                conn.close()  # accepted as the listener closed: its client sees the manager gone
+            elif not admitted:
                 log.warning("refused a connection: all %d slots are taken", self.options.max_connections)
                 wire.refuse_as_full(conn)
-                continue
-            conn.deadline = time.monotonic() + self.options.handshake_timeout
-            with self._open_lock:
-                self._open += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: wire.Connection) -> None:
+        lasting = False
         try:
             try:
                 wire.handshake_as_server(conn, self.authkey)
                 request = conn.recv()
                 _, name, args, kwds = request
-                if name not in ("create", "accept_connection", "segment"):
+                if name not in _FIRST_REQUESTS:
                     raise AuthKeyError(f"first request {name!r} is not one a client makes")
                 # This thread serves this one client: what the store needs to know of it.
                 procs.caller.same_pid_namespace = procs.peer_same_pid_namespace(conn.fileno())
             except (AuthKeyError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as exc:
-                log.warning("closed a connection that did not complete the handshake: %s", _why(exc))
+                self._handshake_failed(exc)
                 return
+            if name in _LASTING:
+                lasting = self._admit_lasting()
+                if not lasting:
+                    conn.send(("#ERROR", self._full()))
+                    return
             if name == "accept_connection":
-                self.accept_connection(conn, *args)  # replies, then serves this client's calls
+                conn.deadline = None  # authenticated: a client may stay idle as long as it likes
+                conn.send(("#RETURN", None))
+                self.serve_calls(conn)
             elif name == "segment":
                 self._share_segment(conn)
+            elif name == "once":  # one write on a connection of its own: a hook's report
+                _reply(conn, self._answer("once", args, kwds))
             else:
                 conn.send(("#RETURN", self.create(conn, *args, **kwds)))
-        except SystemExit:
-            pass  # serve_client() ends this way when its client hangs up
         except Exception as exc:  # an authenticated client's bad request, or its connection failing
             log.info("a connection ended: %s", _why(exc))
         finally:
+            with self._lock:
+                del self._open[conn]
+                if lasting:
+                    self._long_lived -= 1
             conn.close()
-            with self._open_lock:
-                self._open -= 1
-            self._slots.release()
+
+    def _handshake_failed(self, exc: BaseException) -> None:
+        with self._lock:
+            ours = self._stopping and isinstance(exc, EOFError)
+        if ours:  # drain() shut it down for reading: nothing the peer did (as far as can be told)
+            log.debug("closed a connection in its handshake at stop")
+        else:
+            log.warning("closed a connection that did not complete the handshake: %s", _why(exc))
+
+    def _admit_lasting(self) -> bool:
+        """Count one more lasting connection, unless that would leave fewer than
+        report_slots() for connections that make one call and go."""
+        with self._lock:
+            if self._long_lived >= self._long_lived_limit:
+                return False
+            self._long_lived += 1
+            return True
+
+    def _full(self) -> StoreUnavailableError:
+        where = addr.format_address(self.address)
+        limit, kept = self.options.max_connections, report_slots(self.options.max_connections)
+        return StoreUnavailableError(
+            f"the manager at {where} is serving as many clients as it may (max_connections {limit}, of which "
+            f"{kept} are kept for hook reports); close clients that are not needed, or try again later",
+            address=where,
+        )
+
+    def serve_calls(self, conn: wire.Connection) -> None:
+        """Answer one client's calls, one at a time, until it hangs up (or :meth:`drain`
+        ends the connection, after the call in flight is answered)."""
+        while True:
+            try:
+                request = conn.recv()
+            except EOFError:
+                return
+            try:
+                _, name, args, kwds = request
+            except (TypeError, ValueError):
+                conn.send(("#TRACEBACK", f"a request is (ident, method, args, kwds), not {request!r:.80}"))
+                continue
+            _reply(conn, self._answer(name, args, kwds))
+
+    def _answer(self, name: object, args: Any, kwds: Any) -> tuple[str, Any]:
+        """The reply to one call: ``#RETURN`` and the result, ``#ERROR`` and the exception
+        the store raised (the client raises it as it is), or ``#TRACEBACK`` and a text for
+        a call that is not one (the client raises a RemoteError)."""
+        if name not in _EXPOSED:
+            return "#TRACEBACK", f"{name!r:.80} is not a method the store exposes ({', '.join(EXPOSED)})"
+        try:
+            return "#RETURN", getattr(self.store, name)(*args, **kwds)
+        except Exception as exc:
+            return "#ERROR", exc
+
+    def drain(self, deadline: float) -> None:
+        """End every connection once it has nothing in flight: no more requests are read
+        from any (each is shut down for reading), the call a thread is serving is answered,
+        and the thread ends. Connections whose threads are still busy at ``deadline`` (a
+        client that does not take its reply) are then shut down whole. Returns once every
+        thread has ended, or a second past ``deadline``. The listener is closed first, by
+        the caller: no new connection comes."""
+        with self._lock:
+            self._stopping = True
+            threads = list(self._open.values())
+            for conn in self._open:
+                conn.shutdown(socket.SHUT_RD)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            for conn in self._open:
+                conn.shutdown()
+        for thread in threads:
+            thread.join(max(0.0, deadline + 1.0 - time.monotonic()))
 
     def _share_segment(self, conn: wire.Connection) -> None:
         """Reply whether a segment follows, send it (its fd, SCM_RIGHTS: only on a unix
@@ -155,10 +255,6 @@ class _Dispatcher(managers.Server):
                 finally:
                     sock.detach()
 
-    def accept_connection(self, conn: wire.Connection, name: str) -> None:
-        conn.deadline = None  # authenticated: a client may stay idle as long as it likes
-        super().accept_connection(conn, name)
-
 
 #: The manager's ends of the connections its segment's readers poll for its liveness. A
 #: process forked from the manager's (an application that embeds one, then forks a worker)
@@ -180,6 +276,31 @@ os.register_at_fork(after_in_child=_close_liveness_in_child)
 
 def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+#: What a new connection may ask first: a client's proxy (``create``, then a lasting
+#: connection with ``accept_connection``), the shared segment, or one write (``once``).
+_FIRST_REQUESTS = frozenset({"create", "accept_connection", "segment", "once"})
+#: First requests after which a connection stays open for as long as its client likes.
+_LASTING = frozenset({"accept_connection", "segment"})
+_EXPOSED = frozenset(EXPOSED)
+
+
+def _reply(conn: wire.Connection, answer: tuple[str, Any]) -> None:
+    """Send ``answer``; one that cannot be sent (it does not pickle, or is larger than a
+    message may be: nothing was sent) is answered with why, as a remote failure."""
+    try:
+        conn.send(answer)
+    except ValidationError as exc:
+        conn.send(("#UNSERIALIZABLE", f"ValidationError: {exc}"))
+
+
+def report_slots(max_connections: int) -> int:
+    """Of ``max_connections``, how many lasting connections may never take: a sixteenth
+    (16 of the default 256), kept for connections that make one call and go, so that a
+    process holding connections by the hundred (a thread each, say) cannot turn a hook
+    away. Fewer than 16 connections in all keep none."""
+    return max_connections // 16
 
 
 def _dispatcher(store: Store, address: wire.Address, authkey: bytes, options: ServeOptions) -> _Dispatcher:
@@ -340,6 +461,8 @@ def serve(
             raise StoreUnavailableError(f"cannot listen on {where}: {exc}", address=where) from None
         key_file = addr.key_path(address)
         written = None
+        serving = False
+        keeper = None
         try:
             if isinstance(address, str):
                 os.chmod(address, 0o600)
@@ -350,6 +473,7 @@ def serve(
             keeper = _StateKeeper(Path(options.state).expanduser(), store) if options.state else None
             if keeper is not None:
                 keeper.restore()
+            courier = _Courier(store, spool.path_for(address))
             started = time.time()
             store.manager_info = lambda: {
                 "started": started,
@@ -357,28 +481,63 @@ def serve(
                 "clients": dispatcher.connections(),
                 "uss": _uss(),
                 "state": None if keeper is None else keeper.info(),
+                "spool": courier.info(),
             }
-            threading.Thread(target=dispatcher.accepter, name="shmstore-accept", daemon=True).start()
+            accepter = threading.Thread(target=dispatcher.accepter, name="shmstore-accept", daemon=True)
+            accepter.start()
+            serving = True
             log.info("serving at %s (pid %d)", addr.format_address(dispatcher.address), os.getpid())
             if on_ready is not None:
                 on_ready(dispatcher.address)
-            _run(store, stop, keeper, options.save_interval)
+            _run(store, stop, keeper, options.save_interval, courier)
         finally:
-            dispatcher.listener.close()  # also unlinks the unix socket
-            store.unshare()
+            failed = _stop(dispatcher, store, keeper if serving else None, accepter if serving else None)
             if written is not None:
                 _remove_key(key_file, key, written)
         log.info("stopped serving at %s", addr.format_address(address))
+        if failed is not None:
+            raise failed
 
 
-def _run(store: Store, stop: threading.Event, keeper: _StateKeeper | None, save_interval: float) -> None:
-    """Reap every ``reap_interval`` and, with a state file, save every ``save_interval`` (in
-    a thread of its own: a slow disk must not delay the reaper) until ``stop``; then save
-    once more, after the saver has finished."""
-    saver = None
+def _stop(
+    dispatcher: _Dispatcher, store: Store, keeper: _StateKeeper | None, accepter: threading.Thread | None
+) -> state.StateNotSavedError | None:
+    """Stop as a drain, so that no write a client saw succeed is lost: stop accepting
+    (the listener closes, and a unix socket goes), refuse every write from now on (a
+    client sees an error, never a success that is then lost), let each connection's call
+    in flight be answered and its thread end (within :data:`DRAIN_TIMEOUT`), then save
+    (``keeper``: the final save, holding every write that was acknowledged). Returns the
+    error to raise if that save failed, once everything else is done."""
+    dispatcher.listener.close()  # also unlinks the unix socket
+    if accepter is not None:
+        accepter.join(DRAIN_TIMEOUT)  # a close wakes its accept() at once
+    store.stop_writes()
+    dispatcher.drain(time.monotonic() + DRAIN_TIMEOUT)
+    failed = None if keeper is None else keeper.final_save()
+    store.unshare()
+    return failed
+
+
+#: How long a stopping manager waits for its calls in flight to be answered. A call takes
+#: well under a millisecond; only a client that does not read its reply takes longer, and
+#: a stop does not wait for it (systemd allows 90 s for the whole stop).
+DRAIN_TIMEOUT = 5.0
+
+
+def _run(
+    store: Store, stop: threading.Event, keeper: _StateKeeper | None, save_interval: float, courier: _Courier
+) -> None:
+    """Reap every ``reap_interval``, deliver the spool every :data:`spool.DELIVER_INTERVAL`
+    and, with a state file, save every ``save_interval`` (each of the last two in a thread
+    of its own: a slow disk must not delay the reaper) until ``stop``; then wait for the
+    other two threads (the final save is :func:`_stop`'s)."""
+    workers = [threading.Thread(target=courier.run, args=(stop,), name="shmstore-spool", daemon=True)]
     if keeper is not None:
-        saver = threading.Thread(target=keeper.run, args=(stop, save_interval), name="shmstore-save", daemon=True)
-        saver.start()
+        workers.append(
+            threading.Thread(target=keeper.run, args=(stop, save_interval), name="shmstore-save", daemon=True)
+        )
+    for worker in workers:
+        worker.start()
     try:
         while not stop.wait(store.limits.reap_interval):
             try:
@@ -387,9 +546,73 @@ def _run(store: Store, stop: threading.Event, keeper: _StateKeeper | None, save_
                 log.exception("a reaper pass failed")
     finally:
         stop.set()
-        if keeper is not None and saver is not None:
-            saver.join(_SAVE_JOIN_TIMEOUT)
-            keeper.save(final=True)
+        for worker in workers:
+            worker.join(_SAVE_JOIN_TIMEOUT)
+
+
+class _Courier:
+    """Delivers the reports hooks kept in the manager's spool (:mod:`shmstore.spool`):
+    all of them at start, then whenever the spool changes (a stat of its directory every
+    :data:`spool.DELIVER_INTERVAL`). Each goes through ``once`` with its hook's token,
+    oldest event first, and is removed once applied; one the store refuses as invalid is
+    set aside (``NAME.bad``) and logged. Only its own thread runs :meth:`deliver`, apart
+    from tests; ``_lock`` guards the counts that :meth:`info` reads."""
+
+    def __init__(self, store: Store, directory: str) -> None:
+        self.store = store
+        self.directory = directory
+        self._seen: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._delivered = 0
+        self._dropped = 0
+
+    def run(self, stop: threading.Event) -> None:
+        while True:
+            try:
+                self.deliver()
+            except Exception:  # never take the manager down for its spool
+                log.exception("delivering the spool %s failed", self.directory)
+            if stop.wait(spool.DELIVER_INTERVAL):
+                return
+
+    def deliver(self) -> int:
+        """Deliver what is spooled now, if the spool changed; returns how many."""
+        seen = spool.changed_since(self.directory, self._seen)
+        if seen is None:
+            return 0
+        delivered, oldest = 0, None
+        for entry in spool.entries(self.directory):
+            if isinstance(entry, str):
+                log.warning("set aside %s in the spool %s: not a report this manager reads", entry, self.directory)
+                spool.set_aside(self.directory, entry)
+                continue
+            procs.caller.same_pid_namespace = entry.same_pid_namespace
+            try:
+                self.store.once(entry.token, 1, "report", *entry.report)
+            except StoreUnavailableError:
+                return delivered  # stopping: the next manager delivers the rest
+            except ShmstoreError as exc:
+                bad = spool.set_aside(self.directory, entry.name)
+                log.warning("a spooled report was refused (%s); kept as %s in %s", exc, bad, self.directory)
+                continue
+            spool.done(self.directory, entry.name)
+            delivered += 1
+            oldest = entry.at if oldest is None else min(oldest, entry.at)
+        self._seen = spool.changed_since(self.directory, None)
+        counts = spool.counts(self.directory)
+        with self._lock:
+            self._delivered += delivered
+            newly_dropped, self._dropped = counts["dropped"] - self._dropped, counts["dropped"]
+        if oldest is not None:
+            log.info("delivered %d spooled reports (the oldest fired %.1f s ago)", delivered, time.time() - oldest)
+        if newly_dropped > 0:
+            log.warning("%d reports were dropped: the spool %s was full", newly_dropped, self.directory)
+        return delivered
+
+    def info(self) -> dict[str, Any]:
+        counts = spool.counts(self.directory)
+        with self._lock:
+            return dict(counts, delivered=self._delivered, path=self.directory)
 
 
 #: How long the final save waits for a periodic save in progress (one of 10,000 sessions
@@ -400,44 +623,60 @@ _SAVE_JOIN_TIMEOUT = 10.0
 class _StateKeeper:
     """The state file of one manager (:mod:`shmstore.state`): restores the store from it
     once, saves the store to it when it changed, and remembers how the last save went.
+    When the final save fails (a full disk), it keeps the sessions in a rescue file in the
+    runtime directory instead (:func:`state.rescue_path`), which the next manager restores
+    from, and removes once it has saved them to the state file.
 
     The store's lock is held only to copy the sessions (:meth:`Store.dump`); encoding and
     writing happen outside it, under ``_writing``, which makes saves one at a time (a
-    periodic one and the final one never interleave) and guards ``_saved_revision``.
-    ``_lock`` guards ``_last`` and is only held for a moment, so ``info`` (what ``status``
-    shows) answers even while a slow disk holds a save.
+    periodic one and the final one never interleave) and guards ``_saved_revision`` and
+    ``_rescued``. ``_lock`` guards ``_last`` and is only held for a moment, so ``info``
+    (what ``status`` shows) answers even while a slow disk holds a save.
     """
 
     def __init__(self, path: Path, store: Store) -> None:
         self.path = path  # changed only by restore(), before the saver starts
         self.store = store
+        self.rescue = state.rescue_path(path, addr.runtime_dir())
         self._writing = threading.Lock()
         self._saved_revision = 0  # an empty store needs no file; restore() sets what it read
+        self._rescued = False  # restored from the rescue file, which goes once saved
         self._lock = threading.Lock()
         self._last: dict[str, Any] = {"saved": None, "sessions": 0, "ms": None, "error": None}
 
     def restore(self) -> None:
-        """Fill the (new) store from the state file; a file that cannot be restored is
-        renamed aside with a warning, and the store starts empty."""
+        """Fill the (new) store from the state file, or from the rescue file when a
+        manager whose final save failed left a newer one; a state file that cannot be
+        restored is renamed aside with a warning, and the store starts empty. Temporary
+        files that interrupted saves left are removed first."""
         began = time.perf_counter()
+        for leftover in state.remove_leftovers(self.path):
+            log.info("removed %s, left by an interrupted save", leftover)
         try:
             saved = state.read(self.path)
         except state.StateFileError as exc:
             self._keep_aside(exc)
-            return
+            saved = None
+        rescued = state.read_rescue(self.rescue)
+        source = self.path
+        if rescued is not None and (saved is None or rescued.revision >= saved.revision):
+            saved, source, self._rescued = rescued, self.rescue, True
+            log.warning(
+                "restoring from %s, which the last manager wrote when it could not save to %s", source, self.path
+            )
         if saved is None:
             log.info("no state file at %s yet: starting empty", self.path)
             return
         for line in self.store.restore(saved.revision, saved.live, saved.closed):
-            log.warning("not restored from %s: session %s", self.path, line)
+            log.warning("not restored from %s: session %s", source, line)
         _, revision, live, closed = self.store.dump()
         with self._writing:
-            self._saved_revision = revision
+            self._saved_revision = -1 if self._rescued else revision  # from a rescue: save at once
         log.info(
             "restored %d live and %d closed sessions from %s (revision %d) in %.1f ms",
             len(live),
             len(closed),
-            self.path,
+            source,
             revision,
             (time.perf_counter() - began) * 1000,
         )
@@ -458,27 +697,29 @@ class _StateKeeper:
         while not stop.wait(interval):
             self.save()
 
-    def save(self, final: bool = False) -> None:
-        """Write the store to the state file if it changed since the last save (a failure
-        is logged and remembered, never raised: the manager serves on). Waits at most
-        _SAVE_JOIN_TIMEOUT for a save in progress, so a hung disk cannot hang the stop."""
+    def save(self, final: bool = False) -> bool:
+        """Write the store to the state file if it changed since the last save; False if
+        that failed (logged and remembered, never raised: the manager serves on). Waits at
+        most _SAVE_JOIN_TIMEOUT for a save in progress, so a hung disk cannot hang the stop."""
         if not self._writing.acquire(timeout=_SAVE_JOIN_TIMEOUT):
-            log.error("did not save the sessions to %s: an earlier save is still writing", self.path)
-            return
+            self._failed("an earlier save is still writing")
+            return False
         try:
             began = time.perf_counter()
             epoch, revision, live, closed = self.store.dump()
             if revision == self._saved_revision:
-                return
+                return True
             try:
                 state.write(self.path, state.encode(epoch, revision, live, closed))
             except OSError as exc:
-                with self._lock:
-                    self._last["error"] = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {exc}"
-                log.error("could not save the sessions to %s: %s", self.path, exc)
-                return
+                self._failed(str(exc))
+                return False
             ms = (time.perf_counter() - began) * 1000
             self._saved_revision = revision
+            if self._rescued:
+                self.rescue.unlink(missing_ok=True)
+                self._rescued = False
+                log.info("saved the rescued sessions to %s; removed %s", self.path, self.rescue)
             with self._lock:
                 self._last.update(saved=time.time(), sessions=len(live) + len(closed), ms=round(ms, 1), error=None)
         finally:
@@ -491,6 +732,32 @@ class _StateKeeper:
             self.path,
             ms,
         )
+        return True
+
+    def _failed(self, problem: str) -> None:
+        with self._lock:
+            self._last["error"] = f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {problem}"
+        log.error("could not save the sessions to %s: %s", self.path, problem)
+
+    def final_save(self) -> state.StateNotSavedError | None:
+        """The last save, once nothing can change any more. If it fails, the sessions go
+        to the rescue file instead; returns the error that says where they are (or that
+        they are lost), for the manager to exit with, or None when they are saved."""
+        if self.save(final=True):
+            return None
+        with self._lock:
+            problem = str(self._last["error"]).partition(": ")[2]
+        epoch, revision, live, closed = self.store.dump()
+        rescue: Path | None = self.rescue
+        try:
+            addr.ensure_private_dir(str(self.rescue.parent))
+            state.write(self.rescue, state.encode(epoch, revision, live, closed))
+        except (OSError, ShmstoreError) as exc:
+            log.error("could not keep the sessions in %s either: %s", self.rescue, exc)
+            rescue = None
+        error = state.StateNotSavedError(self.path, problem, saved_revision=max(0, self._saved_revision), rescue=rescue)
+        log.error("%s", error)
+        return error
 
     def info(self) -> dict[str, Any]:
         with self._lock:
@@ -725,6 +992,8 @@ def _serve_child(
         with warnings.catch_warnings():
             warnings.simplefilter("default")  # the remote-exposure warning reaches stderr
             serve(address, key, store=store, options=options, on_ready=ready, stop_signals=(signal.SIGTERM,))
+    except state.StateNotSavedError:
+        sys.exit(1)  # logged, with where the sessions went: a failure for whoever waits on the process
     except ShmstoreError as exc:
         if writer.closed:
             raise

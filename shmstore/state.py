@@ -24,7 +24,9 @@ anything.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 import stat
 import time
 from collections.abc import Sequence
@@ -55,6 +57,22 @@ class StateFileError(ShmstoreError):
         super().__init__(f"state file {path}: {problem}")
         self.path = path
         self.problem = problem
+
+
+class StateNotSavedError(StateFileError):
+    """A stopping manager could not save its sessions to the state file at ``path``
+    (``problem`` says why), which still holds the last good save, at ``saved_revision``.
+    ``rescue`` is where the sessions went instead (None: nowhere; they are lost)."""
+
+    def __init__(self, path: Path, problem: str, *, saved_revision: int, rescue: Path | None) -> None:
+        if rescue is not None:
+            where = f"the sessions are in {rescue}, which the next `serve --state {path}` restores from"
+        else:
+            where = f"the sessions changed since revision {saved_revision} are lost"
+        kept = f"the file holds the last good save (revision {saved_revision})"
+        super().__init__(path, f"the final save failed ({problem}); {kept}; {where}")
+        self.saved_revision = saved_revision
+        self.rescue = rescue
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -167,3 +185,61 @@ def keep_aside(path: Path) -> Path:
         path.unlink()
         return target
     raise StateFileError(path, "could not be kept aside: every .corrupt name is taken")
+
+
+#: The temporary files :func:`shmstore.atomic.replace_file` writes a state file through
+#: (``tempfile.mkstemp``: the prefix, 8 characters, the suffix), which a save that was
+#: killed leaves behind.
+def _leftover_pattern(path: Path) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Remove what interrupted saves of the state file at ``path`` left beside it, and
+    return what went: only files that are ours by name (a temporary file of
+    :func:`write`), owner (this user) and mode (0600, as it makes them), never through a
+    symlink. A crash-looping service would otherwise fill its directory (55 SIGKILLs during
+    saves left 13 files, 7.5 MB)."""
+    directory = Path(os.path.realpath(path)).parent
+    pattern = _leftover_pattern(Path(os.path.realpath(path)))
+    removed: list[Path] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not pattern.fullmatch(name):
+            continue
+        leftover = directory / name
+        try:
+            info = leftover.lstat()
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o600:
+                leftover.unlink()
+                removed.append(leftover)
+        except OSError:
+            continue
+    return removed
+
+
+def rescue_path(path: Path, runtime_dir: str) -> Path:
+    """Where a manager keeps its sessions when its final save to the state file at
+    ``path`` fails (a full disk): in the user's private ``runtime_dir``, a memory
+    filesystem that a full disk does not touch, named after the state file's absolute
+    path, where the next manager with that state file looks."""
+    digest = hashlib.sha256(os.path.abspath(path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return Path(runtime_dir) / f"rescue-{digest}.json"
+
+
+def read_rescue(path: Path) -> Saved | None:
+    """The sessions kept at a rescue ``path``, if there is a file there that is ours
+    (a regular file of this user, mode 0600) and whole; else None."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) != 0o600:
+        return None
+    try:
+        return read(path)
+    except StateFileError:
+        return None

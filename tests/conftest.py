@@ -26,6 +26,24 @@ import shmstore
 _LIMITS = {field.name for field in dataclasses.fields(shmstore.Limits)}
 
 
+@pytest.fixture(autouse=True)
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A runtime directory of each test's own ($XDG_RUNTIME_DIR, which the processes it
+    starts inherit): where a TCP manager's key file and spool, and a manager's rescue
+    file, go, so that no test sees another's."""
+    path = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every hook of the test (and hooks.failure_log_path in it) logs under tmp_path."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path / "state"
+
+
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="shm-", dir="/tmp"))

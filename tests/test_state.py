@@ -8,6 +8,7 @@ The restarts are real ``shmstore serve`` processes stopped by SIGTERM or killed 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -50,11 +51,11 @@ def everything(address: Path) -> tuple[list[bytes], list[bytes]]:
     return live, closed
 
 
-def stop(proc: subprocess.Popen[str]) -> str:
-    """SIGTERM the manager and return what it logged from then on."""
+def stop(proc: subprocess.Popen[str], code: int = 0) -> str:
+    """SIGTERM the manager, check it exits with ``code``, and return what it logged from then on."""
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    assert proc.returncode == code, err
     return err
 
 
@@ -202,9 +203,23 @@ def test_a_failed_save_is_logged_shown_by_status_and_the_manager_serves_on(sock_
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             assert store.list_all()
-        log = stop(proc)
+        log = stop(proc, code=1)  # a failed final save is a failure for whoever runs serve
     assert "ERROR: could not save the sessions" in log
     assert blocker.read_bytes() == b"mine"
+    # It says where the sessions went, and that is where the next manager finds them.
+    [rescue] = re.findall(r"the sessions are in (\S+),", log)
+    assert log.rstrip().endswith(f"INFO: stopped serving at {sock}")
+    with serving(sock, "--state", str(blocker / "state.json"), "--save-interval", "0.1") as proc:
+        assert f"restoring from {rescue}" in proc.before
+        with connect(sock) as store:
+            assert [session.id for session in store.list_all()] == ["s0"]
+        blocker.rename(sock_dir / "moved-aside")  # the user makes room: the next save lands, the rescue goes
+        deadline = time.monotonic() + 10
+        while Path(rescue).exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        stop(proc)
+    assert [record[0] for record in orjson.loads((blocker / "state.json").read_bytes())["live"]] == ["s0"]
 
 
 # -- in-process: the store's side ----------------------------------------------------------
