@@ -16,16 +16,19 @@ the plain values of :class:`shmstore.model.Status`, a ``StrEnum`` they compare e
 
 from __future__ import annotations
 
+import _thread  # built in: a thread without `threading` (the failure log's deadline)
 import contextlib  # imported by `python -m` itself (runpy): free
 import json
 import os
 import select  # imported by .protocol anyway
+import stat  # imported by the interpreter at start-up: free
 import sys
 import time
 
 from . import address as addr
+from . import spool
 from .checks import check_closed_reason, check_dir, check_id
-from .errors import ValidationError
+from .errors import AuthKeyError, StoreUnavailableError, ValidationError
 from .procs import process_stat
 from .reporter import report
 
@@ -203,21 +206,32 @@ def run_hook(
     value; default: read from /proc), and say why on stderr and in the failure log
     (:func:`failure_log_path`): a status display must never block or fail the agent, nor
     fail without a trace. Every wait has the deadline: reading stdin (a writer that never
-    closes it), and each call to the store."""
+    closes it), each call to the store, and the failure log. A report the manager did not
+    take in time is kept in its spool (:mod:`shmstore.spool`), which it delivers later."""
     # A budget of inf or 1e300 once made the deadline a number no timer took: exit 1.
     budget = min(budget, MAX_BUDGET) if budget == budget else HOOK_DEADLINE  # nan: the default
-    deadline = process_started(time.monotonic() if started is None else started) + budget
+    began = process_started(time.monotonic() if started is None else started)
+    deadline = began + budget
+    at = time.time() - (time.monotonic() - began)  # when the agent fired the event, by the wall clock
     event, session, failure = "-", "-", None
     try:
         payload = read_payload(stream, deadline)
         event, session = payload["hook_event_name"], payload["session_id"]
-        _report_payload(payload, address, pid, deadline)
+        failure = _report_payload(payload, address, pid, deadline, at)
     except Exception as exc:
-        failure = str(exc)
+        failure = f"not reported ({exc})"
     if failure is not None:
-        say(f"shmstore hook: not reported ({failure}); the agent carries on")
-        note_failure(event, session, failure)
+        say(f"shmstore hook: {failure}; the agent carries on")
+        note_failure(event, session, failure, deadline + LOG_GRACE)
     return 0
+
+
+#: Of a hook's budget, what is kept back for writing its report to the spool when the
+#: manager does not answer in time (a write to the runtime directory, a tmpfs: ~0.2 ms).
+SPOOL_RESERVE = 0.05
+#: How long past its deadline a hook may still spend writing a line to its failure log,
+#: which may be on a slow (network) home; past it the line is skipped.
+LOG_GRACE = 0.05
 
 
 def say(line: str) -> None:
@@ -233,32 +247,52 @@ def say(line: str) -> None:
             os.close(devnull)
 
 
-def _report_payload(payload: Mapping[str, Any], address: str | None, pid: int | None, deadline: float) -> None:
+def _report_payload(
+    payload: Mapping[str, Any], address: str | None, pid: int | None, deadline: float, at: float
+) -> str | None:
+    """Report ``payload``; None when the store took it, else what happened to it (kept in
+    the spool, or not reported and why), for the failure log."""
     status = status_for(payload)
     event, session = payload["hook_event_name"], payload["session_id"]
     if status is None:
         if event not in QUIET_EVENTS:
             say(f"shmstore hook: ignored unknown event {event!r}")
-        return
+        return None
     where = addr.resolve_any(address)
     reason = end_reason(payload) if status == "closed" else None
+    pid = pid or agent_pid()
     if not isinstance(where, str | tuple):  # a Redis URL: the full client and the redis package
         from .client import Client
 
         with Client(where, timeout=max(0.001, deadline - time.monotonic())) as client:
-            client.report(session, status, payload["cwd"], pid=pid or agent_pid(), session_id=session, reason=reason)
-        return
-    report(
-        where,
-        None,
-        session,
-        status,
-        payload["cwd"],
-        pid=pid or agent_pid(),
-        session_id=session,
-        reason=reason,
-        deadline=deadline,
-    )
+            client.report(session, status, payload["cwd"], pid=pid, session_id=session, reason=reason, at=at)
+        return None
+    token = os.urandom(16)
+    try:
+        report(
+            where,
+            None,
+            session,
+            status,
+            payload["cwd"],
+            pid=pid,
+            session_id=session,
+            reason=reason,
+            at=at,
+            token=token,
+            deadline=deadline - SPOOL_RESERVE,
+        )
+        return None
+    except (StoreUnavailableError, AuthKeyError) as exc:  # the manager is down, busy, stopping, or new
+        why = str(exc)
+    args = (session, status, payload["cwd"], pid, session, "claude_code", reason, at)
+    directory = spool.path_for(where)
+    try:
+        if spool.keep(directory, token, args, at):
+            return f"kept in the spool {directory} for the manager to deliver ({why})"
+        return f"dropped: the spool {directory} is full ({spool.MAX_ENTRIES} reports) ({why})"
+    except (OSError, StoreUnavailableError) as exc:
+        return f"not reported ({why}); nor kept in the spool ({exc})"
 
 
 def end_reason(payload: Mapping[str, Any]) -> str | None:
@@ -316,26 +350,61 @@ def failure_log_path() -> str:
     return os.path.join(base, "shmstore", "hook.log")
 
 
-def note_failure(event: str, session: str, why: str) -> None:
+def note_failure(event: str, session: str, why: str, deadline: float | None = None) -> None:
     """Append one line (UTC time, event, session id, why) to the failure log, rotating it
-    at :data:`MAX_LOG_BYTES`. Best effort: a log that cannot be written is skipped."""
-    path = failure_log_path()
+    at :data:`MAX_LOG_BYTES`. Best effort, and never a wait: the log is opened without
+    following a symlink and without blocking (a FIFO there would wait for a reader), is
+    written only if it is a regular file, and with ``deadline`` (``time.monotonic()``) all
+    of it happens in a thread of its own that is left behind at the deadline (a hung
+    network home); a log that cannot be written is skipped."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     line = " ".join(_one_line(part) for part in (stamp, event, session, why)) + "\n"
+    if deadline is None:
+        _append_line(failure_log_path(), line)
+        return
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def write() -> None:
+        try:
+            _append_line(failure_log_path(), line)
+        finally:
+            done.release()
+
+    _thread.start_new_thread(write, ())
+    done.acquire(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _append_line(path: str, line: str) -> None:
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = _open_log(path)
+        if fd is None:
+            return
         try:
-            if os.stat(path).st_size >= MAX_LOG_BYTES:
+            if os.fstat(fd).st_size >= MAX_LOG_BYTES:
+                os.close(fd)
                 os.replace(path, path + ".1")
-        except FileNotFoundError:
-            pass
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
+                fd = _open_log(path)
+                if fd is None:
+                    return
             os.write(fd, line.encode("utf-8", "replace"))
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
     except OSError:
         pass  # never fail the agent for its log
+
+
+def _open_log(path: str) -> int | None:
+    """The failure log, opened to append, if it is a regular file (never through a symlink,
+    never waiting on a FIFO); else None."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    os.close(fd)
+    return None
 
 
 def _one_line(text: str) -> str:

@@ -3,15 +3,14 @@
 ``shmstore hook`` runs once per Claude Code event, several times per tool call, so its
 start-up is most of its cost: the full :class:`~shmstore.client.Client` imports
 ``multiprocess``, ``dill`` and ``orjson`` (~100 ms before anything happens, measured with
-``python -X importtime``). :func:`report` sends exactly what the Client sends for
-``report`` instead, over :mod:`shmstore.protocol`:
-
-1. a connection that asks the manager to ``create`` the ``store`` object and learns its
-   id (the manager counts one reference, as for every Client);
-2. a connection that says ``accept_connection``, then calls ``once(token, 1, "report",
-   ...)`` on the store: a write the manager applies at most once per token and number, so
-   the retry on a fresh connection, when the first try's connection failed, is never
-   applied twice.
+``python -X importtime``). :func:`report` sends what the Client sends for ``report``
+instead, over :mod:`shmstore.protocol`, on one connection: after the handshake its first
+and only request is ``once(token, 1, "report", ...)``, which the manager serves on that
+connection alone (a Client opens two: one to ``create`` its proxy, one to call it). The
+manager applies a write at most once per token and number, so a retry on a fresh
+connection, after a connection that failed at once (a manager restarting), is never
+applied twice; a hook that gives up keeps the same token in its spool entry
+(:mod:`shmstore.spool`), for the same reason.
 
 Replies are unpickled only from a manager that proved it holds the authkey; an error it
 raised arrives as one of :mod:`shmstore.errors`, a light module.
@@ -32,11 +31,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-#: What the manager's registry calls the store (server.py registers it under this name).
-STORE_TYPEID = "store"
-#: The name this client gives its connection in the manager (its thread's name there).
-CONNECTION_NAME = "shmstore-hook"
-
 
 def report(
     address: Address,
@@ -49,42 +43,45 @@ def report(
     session_id: str | None,
     agent_type: str = "claude_code",
     reason: str | None = None,
+    at: float | None = None,
+    token: bytes | None = None,
     deadline: float,
 ) -> bytes:
     """What :meth:`Client.report <shmstore.client.Client.report>` does, done by
     ``deadline`` (a ``time.monotonic()`` value); returns the session as the store keeps it
-    (orjson bytes). ``authkey`` None reads the key file (:func:`shmstore.address.read_key`).
+    (orjson bytes). ``authkey`` None reads the key file (:func:`shmstore.address.read_key`);
+    ``token`` is the request's (default: a new one).
 
-    The first try gets half the time left, so that a retry has the other half. Raises the
-    manager's own errors (:class:`~shmstore.errors.ValidationError`, ...) as they come, and
-    :class:`StoreUnavailableError` when the manager cannot be reached or fails.
+    One try may use all the time there is: a manager that answers slowly is busy, and a
+    second connection would only add to its queue. A connection that fails at once
+    (refused, or closed before the reply: a manager restarting) is tried again after
+    :data:`RETRY_PAUSE` while time is left, up to :data:`TRIES` in all. Raises the
+    manager's own errors (:class:`~shmstore.errors.ValidationError`, ...) as they come,
+    and :class:`StoreUnavailableError` when the manager cannot be reached or fails.
     """
     key = addr.read_key(address) if authkey is None else authkey
-    request: tuple[Any, ...] = (os.urandom(16), 1, "report", id, status, working_dir, pid, session_id, agent_type)
-    if reason is not None:
-        request += (reason,)  # only when given, as Client.report sends it
+    request = (token or os.urandom(16), 1, "report", id, status, working_dir, pid, session_id, agent_type, reason, at)
     where = addr.format_address(address)
-    for attempt in (1, 2):
-        now = time.monotonic()
-        try_by = now + (deadline - now) / 2 if attempt == 1 else deadline
+    for attempt in range(1, TRIES + 1):
         try:
-            return bytes(_once(address, key, request, try_by))
+            with _open(address, key, deadline) as conn:
+                return bytes(_dispatch(conn, None, "once", request, address))
         except ShmstoreError:
             raise
         except (EOFError, OSError) as exc:
-            if attempt == 2 or time.monotonic() >= deadline:
+            if isinstance(exc, TimeoutError) or attempt == TRIES or time.monotonic() + RETRY_PAUSE >= deadline:
                 raise StoreUnavailableError(
                     f"manager at {where} failed during report(): {_describe(exc)}", address=where
                 ) from None
+            time.sleep(RETRY_PAUSE)
     raise AssertionError("unreachable")
 
 
-def _once(address: Address, key: bytes, request: tuple[Any, ...], deadline: float) -> Any:
-    with _open(address, key, deadline) as setup:
-        ident, _exposed = _dispatch(setup, None, "create", (STORE_TYPEID,), address)
-    with _open(address, key, deadline) as conn:
-        _dispatch(conn, None, "accept_connection", (CONNECTION_NAME,), address)
-        return _dispatch(conn, ident, "once", request, address)
+#: Tries of a report whose connection fails at once, and the pause between them: a manager
+#: that restarts is back within ~0.1-0.3 s (``shmstore serve``'s start-up), inside a hook's
+#: budget; one that is down stays down, and the report goes to the spool.
+TRIES = 4
+RETRY_PAUSE = 0.05
 
 
 def _open(address: Address, key: bytes, deadline: float) -> Channel:

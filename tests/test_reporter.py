@@ -49,9 +49,15 @@ def test_a_light_report_lands_exactly_as_a_client_report(
 
 
 def test_a_repeated_light_request_is_applied_once(server: shmstore.ServerProcess, store: shmstore.Client) -> None:
-    request = (os.urandom(16), 1, "report", "s1", "working", "/src/app", None, None, "claude_code")
-    first = reporter._once(server.address, server.authkey, request, time.monotonic() + 10)
-    again = reporter._once(server.address, server.authkey, request, time.monotonic() + 10)
+    token = os.urandom(16)
+
+    def send() -> bytes:
+        return reporter.report(
+            server.address, server.authkey, "s1", "working", "/src/app", pid=None, session_id=None, token=token,
+            deadline=time.monotonic() + 10,
+        )  # fmt: skip
+
+    first, again = send(), send()
     assert again == first
     assert store.revision() == 1
     assert [e.kind.value for e in store.changes(0).events] == ["report"]
