@@ -46,33 +46,46 @@ DEFAULT_TIMEOUT = wire.DEFAULT_TIMEOUT
 DECODE_CACHE_SIZE = 1024
 
 
+#: The most connections one Client keeps to its manager, by default: calls of more threads
+#: than this at once wait for a connection (by their deadline). The manager serves one call
+#: at a time anyway (its lock, and the GIL), so more connections add no throughput; they
+#: only take its slots (max_connections, 256).
+DEFAULT_MAX_CONNECTIONS = 8
+
+
 class StoreProxy(managers.BaseProxy):
     """The manager's store, seen from a client process.
 
     ``BaseProxy`` supplies the token and the call envelope. Its connections, though, are
     kept per thread in a map shared by every proxy of the process, so one client's timeout
-    and failures leaked into another's; here each proxy owns its connections (one per
-    thread, all listed so that :meth:`close` reaches them). A connection is dropped on any
-    exception between sending a request and reading its whole reply, a
-    ``KeyboardInterrupt`` included, since the unread reply would otherwise answer the next
-    call; and a process forked from one that used the proxy connects afresh instead of
-    sharing its parent's sockets.
+    and failures leaked into another's, and a thread that ended kept its connection open
+    for good (300 short-lived threads took 300 of the manager's 256 slots). Here each proxy
+    owns a small pool: a call takes an idle connection (or opens one, up to
+    ``max_connections``; past that it waits for one, by its deadline), uses it alone, and
+    gives it back. A connection is dropped on any exception between sending a request and
+    reading its whole reply, a ``KeyboardInterrupt`` included, since the unread reply
+    would otherwise answer the next call; and a process forked from one that used the
+    proxy connects afresh instead of sharing its parent's sockets.
     """
 
-    def __init__(self, *args: Any, **kwds: Any) -> None:
+    def __init__(self, *args: Any, max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwds: Any) -> None:
         super().__init__(*args, **kwds)
+        self.max_connections = max_connections
         self._own()
 
     def _own(self) -> None:
         """Start with no connections, in this process."""
         self._pid = os.getpid()
-        self._tls = threading.local()
-        # Every connection this proxy opened, whichever thread holds it. The lock guards the
-        # set, and is held wherever a listed connection is closed or shut down, so that
-        # close() never shuts down a descriptor another thread has just closed (and the
-        # kernel may have handed to someone else). Each connection is used by one thread.
-        self._conns: set[wire.Connection] = set()
-        self._conns_lock = threading.Lock()
+        # Guards _idle and _busy, the pool: every connection this proxy opened is in one of
+        # them, or counted in _opening while a thread opens it. It is held wherever a listed
+        # connection is closed or shut down, so that close() never shuts down a descriptor
+        # another thread has just closed (and the kernel may have handed to someone else).
+        # A connection in _busy is used by the one thread that took it.
+        self._pool = threading.Condition(threading.Lock())
+        self._idle: list[wire.Connection] = []  # the most recently used last
+        self._busy: set[wire.Connection] = set()
+        self._opening = 0
+        self._shut = False  # set by close(): connections given back are closed, not kept
 
     def _after_fork(self) -> None:
         """``multiprocess`` children: nothing to do (the pid check handles every fork)."""
@@ -86,33 +99,65 @@ class StoreProxy(managers.BaseProxy):
         if self._pid != os.getpid():
             # The sockets are the parent's: close our copies of the descriptors (which
             # leaves the parent's open) and never shut them down (which would not).
-            for inherited in list(self._conns):
+            for inherited in [*self._idle, *self._busy]:
                 inherited.close()
             self._own()
 
-    def _connection(self, deadline: float) -> wire.Connection:
+    def _take(self, deadline: float) -> wire.Connection:
+        """A connection for one call: an idle one, else a new one if the pool has room,
+        else the first one given back before ``deadline``."""
         self._forget_if_forked()
-        conn: wire.Connection | None = getattr(self._tls, "connection", None)
-        if conn is None or conn.closed:
+        with self._pool:
+            while True:
+                if self._idle:
+                    idle = self._idle.pop()
+                    self._busy.add(idle)
+                    return idle
+                if len(self._busy) + self._opening < self.max_connections:
+                    self._opening += 1
+                    break
+                if not self._pool.wait(_left(deadline)) and time.monotonic() >= deadline:
+                    where = addr.format_address(self._token.address)
+                    raise StoreUnavailableError(
+                        f"all {self.max_connections} connections of this client to {where} stayed in use by other "
+                        "threads (Client's max_connections)",
+                        address=where,
+                    )
+        conn = None
+        try:
             conn = wire.Client(self._token.address, authkey=bytes(self._authkey), timeout=_left(deadline))
-            with self._conns_lock:
-                self._conns.add(conn)
-            try:
-                managers.dispatch(conn, None, "accept_connection", (_thread_name(),))
-            except BaseException:
-                self._drop(conn)
-                raise
-            self._tls.connection = conn
+            managers.dispatch(conn, None, "accept_connection", (_thread_name(),))
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        finally:
+            with self._pool:
+                self._opening -= 1
+                if conn is not None and not conn.closed:
+                    self._busy.add(conn)
+                self._pool.notify()
         return conn
+
+    def _give_back(self, conn: wire.Connection) -> None:
+        with self._pool:
+            if conn in self._busy:
+                self._busy.discard(conn)
+                if self._shut or conn.closed:
+                    conn.close()
+                else:
+                    self._idle.append(conn)
+            self._pool.notify()
 
     def call(self, method: str, args: tuple[Any, ...], deadline: float) -> Any:
         """Call ``method`` in the manager; connecting and the reply must all be done by
         ``deadline`` (``time.monotonic()``)."""
-        conn = self._connection(deadline)
+        conn = self._take(deadline)
         conn.deadline = deadline
         try:
             conn.send((self._id, method, args, {}))
         except ValidationError:
+            self._give_back(conn)
             raise  # nothing was sent: the connection is still in step
         except BaseException:
             self._drop(conn)
@@ -122,6 +167,7 @@ class StoreProxy(managers.BaseProxy):
         except BaseException:
             self._drop(conn)
             raise
+        self._give_back(conn)
         if kind == "#RETURN":
             return result
         if kind == "#ERROR":
@@ -129,30 +175,42 @@ class StoreProxy(managers.BaseProxy):
         raise managers.convert_to_error(kind, result)
 
     def _drop(self, conn: wire.Connection) -> None:
-        if getattr(self._tls, "connection", None) is conn:
-            del self._tls.connection
-        with self._conns_lock:
-            self._conns.discard(conn)
+        with self._pool:
+            self._busy.discard(conn)
             conn.close()
+            self._pool.notify()
+
+    def connections(self) -> int:
+        """How many connections this proxy holds now (idle, in use, and being opened)."""
+        with self._pool:
+            return len(self._idle) + len(self._busy) + self._opening
+
+    def retire(self) -> None:
+        """Keep no connection from now on: idle ones are closed now, those in use when
+        their calls end (a client whose call failed makes a new proxy, and leaves other
+        threads' calls on this one to finish)."""
+        with self._pool:
+            self._shut = True
+            idle, self._idle = self._idle, []
+            for conn in idle:
+                conn.close()
 
     def close(self) -> None:
-        """End every connection: this thread's is closed; another thread's is shut down
-        (a call of its in flight fails at once) and closed when that thread lets go of it,
-        so its descriptor is never reused under it. In a forked child, only the child's
-        copies of its parent's descriptors are closed."""
+        """End every connection: idle ones are closed; one in use by a thread is shut down
+        (its call in flight fails at once) and closed when the thread gives it back, so its
+        descriptor is never reused under it. In a forked child, only the child's copies of
+        its parent's descriptors are closed."""
         if self._pid != os.getpid():
             self._forget_if_forked()
             return
-        mine = getattr(self._tls, "connection", None)
-        if mine is not None:
-            del self._tls.connection
-        with self._conns_lock:
-            conns, self._conns = self._conns, set()
-            for conn in conns:
-                if conn is mine:
-                    conn.close()
-                else:
-                    conn.shutdown()
+        with self._pool:
+            self._shut = True
+            idle, self._idle = self._idle, []
+            for conn in idle:
+                conn.close()
+            for conn in self._busy:
+                conn.shutdown()
+            self._pool.notify_all()
 
 
 class _Listing(NamedTuple):
@@ -189,6 +247,11 @@ class Client:
     ours: :class:`ValidationError` for bad input (the store is left as it was),
     :class:`NotFoundError` for an unknown id, :class:`ConflictError` for a stale expected
     revision, :class:`StoreUnavailableError` when the manager cannot be reached in time.
+
+    Threads share a pool of at most ``max_connections`` connections to the manager (8):
+    each call takes one for itself and gives it back, so a client used by a thread per
+    request holds a few connections, not one per thread it ever ran; a call that finds
+    them all in use waits for one, by its deadline.
     """
 
     def __init__(
@@ -198,9 +261,13 @@ class Client:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         shared_memory: bool = True,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise ValidationError("timeout", f"must be a positive number of seconds; got {timeout!r}")
+        if type(max_connections) is not int or max_connections < 1:
+            raise ValidationError("max_connections", f"must be a positive whole number; got {max_connections!r}")
+        self.max_connections = max_connections
         if not isinstance(shared_memory, bool):
             raise ValidationError("shared_memory", f"must be true or false, not {type(shared_memory).__name__}")
         self.address = addr.resolve_any(address)
@@ -295,7 +362,9 @@ class Client:
         # count again (incref=False) saves a connection, and a client that dies without
         # saying goodbye can then never make the manager drop its store.
         token = managers.Token("store", self.address, ident)
-        return StoreProxy(token, wire.SERIALIZER, authkey=key, exposed=exposed, incref=False)
+        return StoreProxy(
+            token, wire.SERIALIZER, authkey=key, exposed=exposed, incref=False, max_connections=self.max_connections
+        )
 
     def _connect(self, deadline: float) -> wire.Connection:
         """A connection of its own to this client's manager, authenticated (SharedReads')."""
@@ -328,6 +397,7 @@ class Client:
                 with self._proxy_lock:
                     if self._proxy is proxy:
                         self._proxy = None
+                proxy.retire()
                 if attempt == 2 or isinstance(exc, managers.RemoteError):
                     where = addr.format_address(self.address)
                     who = "Redis" if isinstance(self.address, RedisAddress) else "manager"
@@ -445,15 +515,22 @@ class Client:
         session_id: str | None = None,
         agent_type: AgentType | str = AgentType.CLAUDE_CODE,
         reason: str | None = None,
+        at: float | None = None,
     ) -> Session:
         """What an agent's hook reports, in one atomic step: create session ``id`` if it is
         new, else move it to ``status`` (recording a transition only if the status changed).
         Either way it counts as activity. Reporting on a recently closed session resumes it.
         A report that closes it records ``closed_reason`` ``session_end``, or
-        ``session_end:REASON`` given the agent's ``reason`` (e.g. ``logout``).
+        ``session_end:REASON`` given the agent's ``reason`` (e.g. ``logout``). ``at`` is when
+        the agent fired the event (epoch seconds): a report of an event older than the
+        session's ``last_event`` only counts as activity (see :meth:`Store.report`).
         """
-        args = (id, check_status(status), working_dir, pid, session_id, agent_type)
-        return self._session(self._call("report", *args, *(() if reason is None else (reason,))))
+        args: tuple[Any, ...] = (id, check_status(status), working_dir, pid, session_id, agent_type)
+        if at is not None:
+            args += (reason, at)
+        elif reason is not None:
+            args += (reason,)  # only what is given, so that a manager from before `at` takes it
+        return self._session(self._call("report", *args))
 
     def recently_closed(self) -> list[Session]:
         """Sessions that ended, newest first, kept (with their resume ids) up to a limit."""
@@ -811,12 +888,15 @@ def connect(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     shared_memory: bool = True,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> Client:
     """Connect to the manager at ``address`` (default: the per-user socket); ``shared_memory``
-    is :class:`Client`'s.
+    and ``max_connections`` are :class:`Client`'s.
 
     The authkey defaults to ``$SHMSTORE_AUTHKEY``, else the key file beside the socket.
     Raises :class:`StoreUnavailableError` or :class:`AuthKeyError` at once if the
     manager cannot be used, rather than at the first call.
     """
-    return Client(address, authkey, timeout=timeout, shared_memory=shared_memory).connect()
+    return Client(
+        address, authkey, timeout=timeout, shared_memory=shared_memory, max_connections=max_connections
+    ).connect()
