@@ -17,14 +17,13 @@ import difflib
 import json
 import os
 import shlex
-import shutil
 import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .atomic import replace_file
+from .atomic import ChangedMeanwhileError, replace_file
 from .errors import ValidationError
 from .hooks import EVENT_STATUS
 
@@ -160,20 +159,35 @@ def _strip(hooks: dict[str, Any], event: str) -> bool:
 
 
 def _rewrite(path: Path, change: Callable[[dict[str, Any]], list[str]], dry_run: bool) -> Change:
-    before = _read(path)
-    settings = json.loads(before) if before.strip() else {}
-    hooks = settings.get("hooks", {})
-    if not isinstance(hooks, dict):
-        raise ValidationError("hooks", f"in the settings must be an object, not {type(hooks).__name__}")
-    events = change(hooks)
-    if not events:
-        return Change(path, events, before, before)
-    if hooks:
-        settings["hooks"] = hooks
-    else:
-        settings.pop("hooks", None)  # it held only our hooks
-    after = json.dumps(settings, indent=2, ensure_ascii=False) + "\n"
-    return Change(path, events, before, after, None if dry_run else _write(path, before, after))
+    """Read the settings, ``change`` their hooks, and write them back, unless another
+    program (Claude Code, an editor) wrote the file in between: then the whole read and
+    change are made again on what it wrote, up to :data:`TRIES` times, so its edit is never
+    lost; a file that keeps changing is refused, unwritten."""
+    for _ in range(TRIES):
+        before = _read(path)
+        settings = json.loads(before) if before.strip() else {}
+        hooks = settings.get("hooks", {})
+        if not isinstance(hooks, dict):
+            raise ValidationError("hooks", f"in the settings must be an object, not {type(hooks).__name__}")
+        events = change(hooks)
+        if not events:
+            return Change(path, events, before, before)
+        if hooks:
+            settings["hooks"] = hooks
+        else:
+            settings.pop("hooks", None)  # it held only our hooks
+        after = json.dumps(settings, indent=2, ensure_ascii=False) + "\n"
+        if dry_run:
+            return Change(path, events, before, after)
+        try:
+            return Change(path, events, before, after, _write(path, before, after))
+        except ChangedMeanwhileError:
+            continue
+    raise ChangedMeanwhileError(str(path))
+
+
+#: How many times a settings file that another program writes meanwhile is read again.
+TRIES = 3
 
 
 def _read(path: Path) -> str:
@@ -191,23 +205,34 @@ def _read(path: Path) -> str:
 
 
 def _write(path: Path, before: str, after: str) -> Path | None:
-    """Write ``after`` to the file ``path`` is (through a symlink), atomically; returns the
-    backup of ``before``, if there was a file."""
-    backup = _backup(path) if before else None
+    """Write ``after`` to the file ``path`` is (through a symlink), atomically, if it still
+    holds ``before`` (else ChangedMeanwhileError); returns the backup of ``before``, if
+    there was a file."""
     mode = stat.S_IMODE(os.stat(path).st_mode) if before else 0o644  # an existing file keeps its mode
-    replace_file(path, after.encode("utf-8"), mode)
+    backup = _backup(path, before, mode) if before else None
+    try:
+        replace_file(path, after.encode("utf-8"), mode, expect=before.encode("utf-8"))
+    except ChangedMeanwhileError:
+        if backup is not None:
+            backup.unlink(missing_ok=True)  # of a version that is gone: the next try keeps its own
+        raise
     return backup
 
 
-def _backup(path: Path) -> Path:
+def _backup(path: Path, before: str, mode: int) -> Path:
+    """A copy of ``before`` (the settings as read) beside ``path``, created with the
+    settings' own ``mode`` (settings may hold secrets in ``env``: a backup made with the
+    umask's 0644 and narrowed afterwards could be read by another user in between), and
+    never over an older backup."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     for n in range(1000):
         backup = path.with_name(f"{path.name}.{stamp}{f'-{n}' if n else ''}.bak")
         try:
-            with backup.open("x") as file:
-                file.write(path.read_text())
+            fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o600)
         except FileExistsError:
             continue
-        shutil.copystat(path, backup)
+        with os.fdopen(fd, "wb") as file:
+            file.write(before.encode("utf-8"))
+            os.fchmod(file.fileno(), mode)  # group and other bits only once the content is in, if the settings had any
         return backup
     raise ValidationError("settings", f"too many backups of {path} this second")
