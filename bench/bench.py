@@ -58,7 +58,7 @@ import psutil
 
 import shmstore
 from shmstore import Session, StateTransition, Status
-from shmstore.model import pack, session_from_store
+from shmstore.record import pack, session_from_store
 
 IDS = [f"{n:08d}-7c1e-4b6a-9d3f-2a8e5c0b1f47" for n in range(100)]
 STATUSES = [Status.WORKING, Status.ATTENTION, Status.QUESTION]

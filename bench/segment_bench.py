@@ -24,8 +24,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import IDS, interleaved_us, make_session, shmstore_server
-from shmstore.model import session_from_store
-from shmstore.segment import Reader, Segment
+from shmstore.record import session_from_store
+from shmstore.transport.segment import Reader, Segment
 
 
 def main() -> None:

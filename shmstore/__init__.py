@@ -19,7 +19,8 @@ TYPE_CHECKING = False  # as typing's, without importing typing (~4 ms of the hoo
 __version__ = "0.1.0"  # when not installed; else importlib.metadata's
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ imports on first use
-    from .client import Client, Watch, connect
+    from .clients.client import Client, Watch, connect
+    from .clients.follow import Follower
     from .config import Limits, ServeOptions
     from .errors import (
         AddressInUseError,
@@ -33,8 +34,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ i
         ValidationError,
     )
     from .feed import Changes, Event, EventKind, Snapshot
+    from .manager.launch import ServerProcess, start_server
+    from .manager.lifecycle import serve
     from .model import AgentType, ApiUsage, Session, StateTransition, Status
-    from .server import ServerProcess, serve, start_server
     from .store import Store
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "ConflictError",
     "Event",
     "EventKind",
+    "Follower",
     "Limits",
     "NotFoundError",
     "ResyncRequiredError",
@@ -71,9 +74,10 @@ __all__ = [
 #: ``shmstore hook`` (and anything else that needs only part of the package) never pays for
 #: ``multiprocess``, ``dill`` and ``orjson`` (~100 ms, measured with ``python -X importtime``).
 _SOURCES = {
-    "Client": "client",
-    "Watch": "client",
-    "connect": "client",
+    "Client": "clients.client",
+    "Watch": "clients.client",
+    "connect": "clients.client",
+    "Follower": "clients.follow",
     "Limits": "config",
     "ServeOptions": "config",
     "AddressInUseError": "errors",
@@ -94,9 +98,9 @@ _SOURCES = {
     "Session": "model",
     "StateTransition": "model",
     "Status": "model",
-    "ServerProcess": "server",
-    "serve": "server",
-    "start_server": "server",
+    "ServerProcess": "manager.launch",
+    "serve": "manager.lifecycle",
+    "start_server": "manager.launch",
     "Store": "store",
 }
 

@@ -2,8 +2,8 @@
 it (:class:`ServeOptions`).
 
 Each is one frozen dataclass, validated once when it is made and then passed whole: to
-:class:`~shmstore.store.Store`, :func:`~shmstore.server.serve`, across the fork of
-:func:`~shmstore.server.start_server`, and to the command line, whose ``serve`` flags are
+:class:`~shmstore.store.Store`, :func:`~shmstore.manager.lifecycle.serve`, across the fork of
+:func:`~shmstore.manager.launch.start_server`, and to the command line, whose ``serve`` flags are
 generated from the fields (name, default, and the ``help`` in each field's metadata).
 The defaults' reasons are in the comments beside them.
 """
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from .checks import MAX_ID_LENGTH, check_duration, check_positive
 from .errors import ValidationError
-from .wire import MAX_MESSAGE
+from .transport.protocol import MAX_MESSAGE
 
 #: The most bytes one stored session (its record, see shmstore.model) may take, by default.
 #: Measured: a typical session's record is ~270 bytes (bench/bench.py's session, with a

@@ -15,7 +15,8 @@ from typing import Any
 import orjson
 
 from .checks import _check_enum, check_count, check_id
-from .model import Session, _fields, loads, session_from_store
+from .model import Session, _fields, loads
+from .record import session_from_store
 
 
 class EventKind(enum.StrEnum):

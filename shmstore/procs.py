@@ -142,7 +142,7 @@ def host_id() -> str:
     something only within one of these). ``$SHMSTORE_HOST_ID`` overrides it."""
     named = os.environ.get(ENV_HOST_ID)
     if named:
-        from .checks import check_host  # here: the hook imports this module, not this path
+        from .checks import check_host
 
         return check_host(named, ENV_HOST_ID)
     import hashlib  # here: the hook imports this module, and must not pay for hashlib

@@ -30,15 +30,15 @@ import os
 import stat
 import time
 
-from . import address as addr
 from .errors import StoreUnavailableError
+from .transport import address as addr
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Any
 
-    from .protocol import Address
+    from .transport.protocol import Address
 
 #: The most reports the spool keeps. A report's file is ~300 bytes (up to ~4.5 KB with the
 #: longest working dir), so the spool stays under ~2.3 MiB even then; 512 reports is over a

@@ -1,20 +1,16 @@
-"""The store: every session, the lock that guards them, the operations on them, and the
-change feed.
+"""The manager's store: every session, the lock that guards them, the operations on them
+(:class:`~shmstore.backend.Backend`, which it satisfies), and the change feed.
 
-:class:`Store` is a plain object: the manager process serves one (server.py), and tests
-use one in-process. Its methods are the whole manager-side surface (:data:`EXPOSED`): they
-take and return plain values and orjson bytes, and each runs under one ``RLock``, so every
-operation is atomic however many worker processes call at once (``changes`` releases it
-while it waits). The data flow of a write is::
+:class:`Store` is a plain object: the manager process serves one, and tests use one
+in-process. Each method runs under one ``RLock``, so every operation is atomic however many
+processes call at once (``changes`` releases it while it waits). A write::
 
-    worker: Client.report(id, status, ...)           (client.py)
-      -> StoreProxy -> wire.Connection                (C pickle envelope over the socket)
-      -> manager thread: Store.once -> Store.report() (this module, under the lock)
-      -> transition_record() / touch_record()         (this module: the change, on the record)
-      -> Store._commit(): orjson bytes, revision + 1, one event on the feed, and the
-         session into the shared segment, if one is shared (segment.py)
+    Client.report(...) -> StoreProxy (clients/) -> the dispatcher's thread (manager/)
+      -> Store.once -> Store.report (here, under the lock)
+      -> rules.report_record (the change, on the record: rules.py)
+      -> Store._commit: orjson bytes, revision + 1, one event on the feed, the segment
     subscriber: Watch -> Client.changes() -> Store.changes() wakes, sends the events
-    reader: Client.get() -> the segment, mapped in the reader's process (shared.py)
+    reader: Client.get() -> the segment, mapped in its own process (clients/shared.py)
 """
 
 from __future__ import annotations
@@ -26,124 +22,62 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import islice
-from typing import Any, NamedTuple, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import orjson
 
-from . import procs
+from . import procs, rules
+from .backend import DEFAULT_CHANGES_LIMIT, Listing
 from .checks import (
     MAX_WAIT,
-    check_closed_reason,
     check_count,
-    check_dir,
     check_duration,
     check_id,
-    check_pid,
     check_positive,
-    check_time,
     now,
 )
 from .config import RECORD_RESERVE, Limits, changed
 from .errors import (
     ConflictError,
     NotFoundError,
-    ResyncRequiredError,
     StoreFullError,
     StoreUnavailableError,
     ValidationError,
 )
 from .feed import EventKind, encode_changes, encode_snapshot
-from .model import (
-    ACTIVITY,
+from .listing import ListingCache
+from .mirror import Mirror
+from .model import AgentType, ClosedReason, Session, check_status
+from .record import (
     CLOSED,
     ENTRY,
     HISTORY,
     ID,
-    LAST_EVENT,
     PID,
     PID_START,
-    REASON,
-    RESUME,
     REVISION,
-    SAME_AS_ID,
     SINCE,
     STALE,
     STATUS,
     STATUS_CODE,
-    USAGE,
-    WORKING,
-    AgentType,
-    ClosedReason,
     Record,
-    Session,
-    Status,
-    append_entry,
-    check_agent_type,
-    check_status,
-    flat_history,
-    history_entries,
     load_record,
-    new_record,
-    stored_record,
     to_record,
 )
-from .segment import Segment, SegmentFullError
+from .retries import NewestWrites
+from .transport.segment import Segment
 
 log = logging.getLogger(__name__)
-
-#: The methods a client may call on the manager's store, and nothing else (the Client has
-#: one method of the same name for each but ``once``, which wraps the writes).
-EXPOSED = (
-    "get",
-    "set",
-    "remove",
-    "list_all",
-    "transition",
-    "add_usage",
-    "report",
-    "recently_closed",
-    "prune",
-    "reap",
-    "revision",
-    "snapshot",
-    "changes",
-    "info",
-    "once",
-)
-#: The writes a client may wrap in :meth:`Store.once` so that a retry is never applied twice.
-WRITES = frozenset(("set", "remove", "transition", "add_usage", "report", "prune"))
-#: Clients whose newest write the manager remembers, for retries (the oldest is forgotten).
-MAX_REMEMBERED_CLIENTS = 4096
-
-#: Events one ``changes()`` call returns by default; a caller asks again from the last one.
-DEFAULT_CHANGES_LIMIT = 1000
-
-#: What ``list_all(epoch, revision)`` returns when the caller's listing is out of date: the
-#: store's epoch and revision, the JSON index ``[[id, ...], [revision, ...]]``, and every
-#: live session's JSON in the index's order. The index is smaller than the sessions (each
-#: id is in its session too), so a listing of at most ``max_store_bytes`` of sessions stays
-#: under the wire's MAX_MESSAGE.
-Listing = tuple[str, int, bytes, list[bytes]]
-
-
-class _ListingCache(NamedTuple):
-    """The manager's last :data:`Listing`, with what rebuilding the next one reuses."""
-
-    revision: int  # the store's, when the reply was built
-    reply: Listing
-    ids: list[str]  # of the reply's sessions, in its order
-    revisions: list[int]
 
 
 class Store:
     """Every session, keyed by id, as the orjson bytes of its record, guarded by one
     re-entrant lock.
 
-    Sessions are kept encoded, in the model's stored form (a positional array, see
-    :func:`shmstore.model.to_record`): that is what clients are sent, and bytes are the
-    most compact form CPython holds. Each change decodes one record, applies one of the
-    pure functions at the end of this module to it, re-encodes it and bumps the store-wide
-    revision.
+    Sessions are kept encoded, in the stored form (a positional array, see
+    :mod:`shmstore.record`): that is what clients are sent, and bytes are the most compact
+    form CPython holds. Each change decodes one record, applies one of :mod:`shmstore.rules`'
+    functions to it, re-encodes it and bumps the store-wide revision.
 
     Live sessions and closed ones are kept apart: a session that closes leaves the live
     sessions (``list_all``, ``snapshot``) for a bounded list of recently closed ones, where
@@ -177,20 +111,12 @@ class Store:
         self._closed: dict[str, bytes] = {}  # oldest first
         self._revision = 0
         self._log: deque[tuple[int, EventKind, str, bytes | None]] = deque(maxlen=self.limits.log_size)
-        # Each client's newest write as (request number, result), oldest client first: what
-        # once() answers a retry with instead of applying the write again.
-        self._done: dict[bytes, tuple[int, Any]] = {}
-        # The last list_all reply, for the store revision it was built at (the lock guards it
-        # with the sessions, so it always matches that revision): rebuilt on the first
-        # list_all after a change, from the previous one's ids and revisions wherever the
-        # stored bytes are the same object (only a changed session is decoded again). It
-        # holds references to the stored bytes, no copy of them: 8 bytes a session, plus
-        # its id and revision in the index. Measured in-process for 100 sessions on the
-        # development VM: "unchanged" ~1 us; the cached reply ~22 us to pickle (the bare
-        # list 18); rebuilt after one change ~45 us, from nothing ~0.5 ms (a decode each).
-        self._listing: _ListingCache | None = None
-        # The live sessions again, for readers in other processes (share()); None: not shared.
-        self._segment: Segment | None = None
+        # What once() answers a retry with, instead of applying the write again.
+        self._done = NewestWrites()
+        # The last list_all reply (guarded with the sessions, so it matches their revision).
+        self._listing = ListingCache()
+        # The live sessions again, for readers in other processes (share()).
+        self._mirror = Mirror()
         # Set once by stop_writes(), as the manager stops: no write is applied after it.
         self._stopping: str | bool = False
 
@@ -199,12 +125,12 @@ class Store:
     # comes out held by the unpickling thread, and every call then waits for it for ever.
     def __getstate__(self) -> dict[str, Any]:
         with self._lock:
-            skip = ("_lock", "_changed", "_segment")  # a segment belongs to the process that made it
+            skip = ("_lock", "_changed", "_mirror")  # a segment belongs to the process that made it
             return {name: value for name, value in vars(self).items() if name not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         vars(self).update(state)
-        self._segment = None
+        self._mirror = Mirror()
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
 
@@ -237,11 +163,11 @@ class Store:
             with self._lock:
                 return list(self._sessions.values())
         check_count(revision, "revision")
-        check_epoch(epoch)
+        rules.check_epoch(epoch)
         with self._lock:
             if epoch == self.epoch and revision == self._revision:
                 return None
-            return self._listing_now()
+            return self._listing.reply(self.epoch, self._revision, self._sessions)
 
     def recently_closed(self) -> list[bytes]:
         """The closed sessions still kept, newest first."""
@@ -286,7 +212,7 @@ class Store:
         """
         check_count(after_revision, "after_revision")
         wait = check_duration(timeout, "timeout", MAX_WAIT)
-        check_epoch(epoch)
+        rules.check_epoch(epoch)
         limit = min(check_positive(limit, "limit"), self.limits.log_size)  # islice takes no more than sys.maxsize
         with self._changed:
             self._check_feed(after_revision, epoch)
@@ -310,7 +236,7 @@ class Store:
         longer than ``max_history`` is refused, not cut. The session's ``pid_start`` is
         kept when given; else the manager reads it (see :meth:`report`).
         """
-        record = checked_set(data, expected_revision, self.limits)
+        record = rules.checked_set(data, expected_revision, self.limits)
         id, pid, given_start = record[ID], record[PID], record[PID_START]
         same_namespace, fresh = _see_pid(pid, given_start)
         with self._lock:
@@ -323,7 +249,7 @@ class Store:
                 if not same_namespace:
                     record[PID_START] = None
                 elif given_start is None:
-                    record[PID_START] = pid_start_for(pid, fresh, current)
+                    record[PID_START] = rules.pid_start_for(pid, fresh, current)
             self._commit(record, EventKind.SET, outside=True)
             return self._revision, record[PID_START]
 
@@ -346,7 +272,7 @@ class Store:
         to = STATUS_CODE[check_status(status)]
         with self._lock:
             record = self._load(id)
-            record = transition_record(record, to, now(), self.limits.max_history, ClosedReason.TRANSITION)
+            record = rules.transition_record(record, to, now(), self.limits.max_history, ClosedReason.TRANSITION)
             return self._commit(record, EventKind.TRANSITION)
 
     def add_usage(self, id: str, input_tokens: int, output_tokens: int) -> bytes:
@@ -356,7 +282,7 @@ class Store:
         check_count(input_tokens, "input_tokens")
         check_count(output_tokens, "output_tokens")
         with self._lock:
-            record = touch_record(add_usage_record(self._load(id), input_tokens, output_tokens), now())
+            record = rules.touch_record(rules.add_usage_record(self._load(id), input_tokens, output_tokens), now())
             return self._commit(record, EventKind.ADD_USAGE)
 
     def report(
@@ -392,18 +318,18 @@ class Store:
         here: it is recorded as given, with no ``pid_start``, and never used to close the
         session.
         """
-        to, agent, why, event = checked_report(
+        to, agent, why, event = rules.checked_report(
             id, status, working_dir, pid, session_id, agent_type, reason, at, self.limits.max_id_length
         )
         same_namespace, fresh = _see_pid(pid, None)
         with self._lock:
             current = self._sessions.get(id) or self._closed.get(id)
-            record, late = report_record(
+            record, late = rules.report_record(
                 current, id, to, working_dir, agent, why, now(), self.limits.max_history, session_id, event
             )
             if pid is not None and not late:
                 record[PID] = pid
-                record[PID_START] = pid_start_for(pid, fresh, current) if same_namespace else None
+                record[PID_START] = rules.pid_start_for(pid, fresh, current) if same_namespace else None
             return self._commit(record, EventKind.REPORT, outside=current is None)
 
     def once(self, client: bytes, number: int, method: str, *args: Any) -> Any:
@@ -413,20 +339,16 @@ class Store:
         A client whose connection failed during a write cannot know whether it was applied;
         it retries with the same ``client`` token and ``number`` and gets the first
         attempt's result instead of a second application, whichever of the two arrives
-        first. Numbers rise per client, and a client only ever retries its newest request,
-        so one entry per client is enough; the newest :data:`MAX_REMEMBERED_CLIENTS`
-        clients are remembered. A request older than the client's newest is not run.
+        first (:class:`~shmstore.retries.NewestWrites`: the newest 4,096 clients are
+        remembered). A request older than the client's newest is not run.
         """
-        check_once(client, number, method)
+        rules.check_once(client, number, method)
         with self._lock:
-            done = self._done.get(client)
-            if done is not None and number <= done[0]:
-                return done[1] if number == done[0] else None
+            ran, answer = self._done.answer(client, number)
+            if ran:
+                return answer
             result = getattr(self, method)(*args)
-            self._done.pop(client, None)
-            self._done[client] = (number, result)
-            if len(self._done) > MAX_REMEMBERED_CLIENTS:
-                del self._done[next(iter(self._done))]
+            self._done.remember(client, number, result)
             return result
 
     def reap(self) -> int:
@@ -446,31 +368,28 @@ class Store:
         """
         with self._lock:
             sessions = list(self._sessions.items())
-        at = now()
-        dead, silent = [], []
+        at, found = now(), []
         for id, data in sessions:
             record = orjson.loads(data)
-            pid, start = record[PID], record[PID_START]
-            if pid is not None and start is not None and not procs.agent_alive(pid, start):
-                dead.append((id, data))
-            elif record[STATUS] == WORKING and not record[STALE] and at - record[ACTIVITY] >= self.limits.stale_after:
-                silent.append((id, data))
+            if rules.agent_gone(record):
+                found.append((id, data, True))
+            elif not record[STALE] and rules.silent_at_work(record, at, self.limits.stale_after):
+                found.append((id, data, False))
         changed = 0
         with self._lock:
-            for id, data in dead:
-                if self._sessions.get(id) is data:  # unchanged since examined
-                    record = orjson.loads(data)
-                    transition_record(record, CLOSED, now(), self.limits.max_history, ClosedReason.AGENT_GONE)
+            for id, data, gone in found:
+                if self._sessions.get(id) is not data:
+                    continue  # changed since it was examined: its news is newer
+                record = orjson.loads(data)
+                if gone:
+                    rules.transition_record(record, CLOSED, now(), self.limits.max_history, ClosedReason.AGENT_GONE)
                     self._commit(record, EventKind.CLOSE)
                     log.info("closed session %r: agent_gone (pid %d is no longer its agent)", id, record[PID])
-                    changed += 1
-            for id, data in silent:
-                if self._sessions.get(id) is data:
-                    record = orjson.loads(data)
+                else:
                     record[STALE] = True
                     self._commit(record, EventKind.STALE)
                     log.info("session %r is stale: no report for %.0f s", id, self.limits.stale_after)
-                    changed += 1
+                changed += 1
         return changed
 
     def prune(self, older_than: float) -> int:
@@ -489,59 +408,24 @@ class Store:
     # -- the shared segment (the manager's, not exposed) -------------------------------------
 
     def share(self, segment: Segment) -> None:
-        """Keep the live sessions in ``segment`` too, from now on: each change is written
-        there under the lock, before its reply (see :mod:`shmstore.segment`). The serving
-        manager makes the segment in its own process, when a client first asks for it."""
+        """Keep the live sessions in ``segment`` too, from now on (:class:`Mirror`)."""
         with self._lock:
-            if self._segment is not None:
+            if self._mirror.segment is not None:
                 raise ValidationError("segment", "this store already shares one")
-            self._segment = segment
-            for id, data in self._sessions.items():
-                self._share(id, data)
-            if self._segment is not None:
-                self._segment.set_revision(self._revision)
+            self._mirror.attach(segment, self._sessions.items(), self._revision)
 
     def unshare(self) -> None:
         """Stop sharing: the segment is closed (its readers read over the socket again)."""
         with self._lock:
-            segment, self._segment = self._segment, None
-            if segment is not None:
-                segment.close()
+            self._mirror.detach()
 
     def shared_segment(self, make: Callable[[int, str], Segment] | None = None) -> tuple[int, Segment] | None:
-        """A duplicate of the segment's fd, and the segment (for its hello), or None. With
-        ``make`` (the live sessions' count and the epoch -> a new segment), one is made and
-        shared if there is none. The caller sends the fd (without the lock: a client that does
-        not read must not stall the store) and closes it; the duplicate stays valid whatever
-        a grow does meanwhile."""
+        """:meth:`Mirror.handle`; with ``make`` (the live sessions' count and the epoch -> a
+        new segment), one is made and shared first if there is none."""
         with self._lock:
-            if self._segment is None and make is not None:
+            if self._mirror.segment is None and make is not None:
                 self.share(make(len(self._sessions), self.epoch))
-            segment = self._segment
-            return None if segment is None else (os.dup(segment.fd), segment)
-
-    def _share(self, id: str, data: bytes | None) -> None:
-        """Write session ``id`` (``data``; None: no longer live) into the segment at the
-        store's revision. A full segment is replaced by a grown one (its readers re-attach);
-        any other failure (e.g. out of memory) stops sharing, so that readers fall back to
-        the socket rather than read a segment that no longer follows the store."""
-        segment = self._segment
-        if segment is None:
-            return
-        try:
-            try:
-                if data is None:
-                    segment.delete(id, self._revision)
-                else:
-                    segment.put(id, data, self._revision)
-            except SegmentFullError:
-                self._segment = segment = segment.grow()
-                log.info("grew the shared segment to %d slots", segment.slot_count)
-                self._share(id, data)
-        except Exception:
-            log.exception("stopped sharing the sessions in memory: the segment failed")
-            self._segment = None
-            segment.close()
+            return self._mirror.handle()
 
     # -- keeping sessions across a restart (the manager's, not exposed) ---------------------
 
@@ -600,7 +484,7 @@ class Store:
                 f"{s.id!r}: past max_closed ({self.limits.max_closed})" for s in closed[: -self.limits.max_closed]
             ]
             self._revision = top
-            self._listing = None  # the sessions changed without a new revision
+            self._listing.forget()  # the sessions changed without a new revision
             return left_out
 
     def _fitted(self, session: Session) -> bytes:
@@ -610,26 +494,9 @@ class Store:
         # Within the record limit less RECORD_RESERVE, as set() keeps a session from outside,
         # so that the store's own later changes to it still fit (a file saved by a store with
         # a larger max_record_bytes sheds history here, or its session is left out).
-        return encoded(record, self.limits.max_record_bytes - RECORD_RESERVE, outside=False)
+        return rules.encoded(record, self.limits.max_record_bytes - RECORD_RESERVE, outside=False)
 
     # -- internals ---------------------------------------------------------------------------
-
-    def _listing_now(self) -> Listing:
-        """The live sessions as a :data:`Listing` at the current revision (lock held)."""
-        cached = self._listing
-        if cached is not None and cached.revision == self._revision:
-            return cached.reply
-        before: dict[str, tuple[bytes, int]] = {}
-        if cached is not None:
-            before = dict(zip(cached.ids, zip(cached.reply[3], cached.revisions, strict=True), strict=True))
-        ids, revisions = list(self._sessions), []
-        for id, data in self._sessions.items():
-            known = before.get(id)
-            revisions.append(known[1] if known is not None and known[0] is data else orjson.loads(data)[REVISION])
-        index = orjson.dumps([ids, revisions])
-        reply = (self.epoch, self._revision, index, list(self._sessions.values()))
-        self._listing = _ListingCache(self._revision, reply, ids, revisions)
-        return reply
 
     def _check_id(self, id: object) -> str:
         return check_id(id, max_length=self.limits.max_id_length)
@@ -661,7 +528,7 @@ class Store:
                 id=id,
             )
         record[REVISION] = self._revision + 1
-        data = encoded(record, self.limits.max_record_bytes, outside)
+        data = rules.encoded(record, self.limits.max_record_bytes, outside)
         if closing:
             if live is not None:
                 del self._sessions[id]
@@ -709,12 +576,12 @@ class Store:
         """Count a change, log its event, and wake every waiting ``changes`` call."""
         self._revision += 1
         self._log.append((self._revision, kind, id, data))
-        self._share(id, self._sessions.get(id))  # put if live, else gone from the live set
+        self._mirror.put(id, self._sessions.get(id), self._revision)  # put if live, else gone
         self._changed.notify_all()
 
     def _check_feed(self, after_revision: int, epoch: str | None) -> None:
         oldest = self._log[0][0] if self._log else self._revision + 1
-        check_feed(self.epoch, self._revision, oldest, after_revision, epoch, "the manager restarted")
+        rules.check_feed(self.epoch, self._revision, oldest, after_revision, epoch, "the manager restarted")
 
 
 def _see_pid(pid: int | None, given_start: int | None) -> tuple[bool, int | None]:
@@ -726,208 +593,8 @@ def _see_pid(pid: int | None, given_start: int | None) -> tuple[bool, int | None
     return same, fresh
 
 
-def pid_start_for(pid: int, fresh: int | None, current: bytes | None) -> int | None:
-    """The start time that identifies agent ``pid``, for a caller in our pid namespace:
-    /proc's answer now (``fresh``), or, when the pid has no process any more, what the
-    stored session (``current``) already had for the same pid: the agent it identified is
-    gone, which the reaper will find."""
-    if fresh is not None or current is None:
-        return fresh
-    stored = orjson.loads(current)
-    return stored[PID_START] if stored[PID] == pid else None
+if TYPE_CHECKING:
+    from .backend import Backend
 
-
-# -- the changes the store makes (the Redis backend makes the same ones) ---------------------
-#
-# The manager keeps sessions encoded and changes them in their decoded form (a record,
-# a list: see shmstore.model), which costs a few microseconds where building and
-# validating a Session with a long history costs tens. Records only ever come from
-# model.to_record, model.new_record or a check of what a client sent, so they are valid;
-# these functions keep them so. Statuses are codes (model.STATUS_CODE).
-
-
-def transition_record(
-    record: Record, to: int, at: float, max_history: int, reason: str = ClosedReason.TRANSITION
-) -> Record:
-    """Move ``record`` to status code ``to`` at time ``at``: one more history entry,
-    ``since`` reset, only the newest ``max_history`` entries kept; ``reason`` is its
-    ``closed_reason`` if ``to`` is closed (an open session has none). A clock that stepped
-    back never makes a duration negative."""
-    at = max(at, record[SINCE])
-    append_entry(record, at, to)
-    history = record[HISTORY]
-    del history[: -ENTRY * max_history]
-    if type(history[0]) is float:  # its times in seconds: back to milliseconds once all are whole
-        history[:] = flat_history(history_entries(history, at), at)
-    record[STATUS] = to
-    record[SINCE] = at
-    record[REASON] = reason if to == CLOSED else None
-    return touch_record(record, at)
-
-
-def check_feed(epoch: str, revision: int, oldest: int, after: int, asked: str | None, new_store: str) -> None:
-    """Whether ``changes(after, epoch=asked)`` can be answered from the feed of store
-    ``epoch``, which holds the events ``oldest``..``revision`` (``oldest`` is
-    ``revision + 1`` when it holds none); if not, the ResyncRequiredError that says why.
-    ``new_store`` says what another epoch means for this backend."""
-    if asked is not None and asked != epoch:
-        raise ResyncRequiredError(
-            f"the store is a new one (epoch {epoch}, not {asked}): {new_store}", reason="epoch", after_revision=after
-        )
-    if after > revision:
-        raise ResyncRequiredError(
-            f"revision {after} is ahead of the store's {revision}", reason="ahead", after_revision=after
-        )
-    if after + 1 < oldest and after < revision:
-        raise ResyncRequiredError(
-            f"the events after revision {after} have left the log, which holds {oldest}..{revision}",
-            reason="compacted",
-            after_revision=after,
-        )
-
-
-def check_epoch(epoch: object) -> None:
-    """The epoch a caller names: a store's, or None for "whichever"."""
-    if epoch is not None and not isinstance(epoch, str):
-        raise ValidationError("epoch", f"must be a string or None, not {type(epoch).__name__}")
-
-
-def check_once(client: object, number: object, method: object) -> None:
-    """A client's token, request number and write, as ``once`` takes them."""
-    if not isinstance(client, bytes) or not 8 <= len(client) <= 64:
-        raise ValidationError("client", f"must be 8 to 64 bytes, not {client!r:.80}")
-    check_count(number, "number")
-    if not isinstance(method, str) or method not in WRITES:
-        raise ValidationError("method", f"must be one of {', '.join(sorted(WRITES))}; got {method!r:.80}")
-
-
-def checked_set(data: object, expected_revision: object, limits: Limits) -> Record:
-    """What ``set`` is sent, checked: the record it stores (:func:`model.stored_record`:
-    every field in one pass over the decoded JSON, with the bounds Session's own checks
-    apply, at a fraction of the cost of building one), its history within
-    ``max_history``, and the expected revision a count or None."""
-    if not isinstance(data, bytes):
-        raise ValidationError("session", f"must be JSON bytes, not {type(data).__name__}")
-    record = stored_record(data, limits.max_id_length)
-    entries = len(record[HISTORY]) // ENTRY
-    if entries > limits.max_history:
-        raise ValidationError("history", f"has {entries} entries; this store keeps at most {limits.max_history}")
-    if expected_revision is not None:
-        check_count(expected_revision, "expected_revision")
-    return record
-
-
-def checked_report(
-    id: object,
-    status: object,
-    working_dir: object,
-    pid: object,
-    session_id: object,
-    agent_type: object,
-    reason: object,
-    at: object,
-    max_id_length: int,
-) -> tuple[Status, AgentType, str, float | None]:
-    """A report's arguments checked (ValidationError names the first that is wrong): its
-    status, agent type, the closed reason it gives if it closes the session
-    (``session_end``, then ``:reason`` when the agent said why), and the event's time."""
-    check_id(id, max_length=max_id_length)
-    to = check_status(status)
-    check_dir(working_dir)
-    agent = check_agent_type(agent_type)
-    if pid is not None:
-        check_pid(pid)
-    if session_id is not None:
-        check_id(session_id, "session_id")
-    why = ClosedReason.SESSION_END.value
-    if reason is not None:
-        why = check_closed_reason(f"{why}:{reason}" if isinstance(reason, str) else reason, "reason")
-    return to, agent, why, None if at is None else check_time(at, "at")
-
-
-def report_record(
-    current: bytes | None,
-    id: str,
-    to: Status,
-    working_dir: str,
-    agent: AgentType,
-    why: str,
-    at: float,
-    max_history: int,
-    session_id: str | None,
-    event: float | None = None,
-) -> tuple[Record, bool]:
-    """What a report of status ``to`` at ``at`` (the store's clock) makes of the stored
-    session ``current`` (a new session if None), and whether the report was late: a
-    transition only if the status changes, activity either way; ``why`` is the closed
-    reason if it closes; ``session_id``, when given, the resume id. A report whose
-    ``event`` time (the agent's clock) is older than the session's last event is late: it
-    is activity and nothing more. The pid and its start time are the caller's (each
-    backend knows them its own way), and not to be applied to a late report."""
-    code = STATUS_CODE[to]
-    if current is None:
-        record = new_record(id, agent, to, working_dir, at, why if code == CLOSED else None)
-    else:
-        record = load_record(current)
-        last = record[LAST_EVENT]
-        if event is not None and last is not None and event < last:
-            return touch_record(record, at), True
-        if record[STATUS] != code:
-            transition_record(record, code, at, max_history, why)
-        touch_record(record, at)
-    if session_id is not None:
-        record[RESUME] = SAME_AS_ID if session_id == id else session_id
-    if event is not None:
-        record[LAST_EVENT] = event
-    return record, False
-
-
-def encoded(record: Record, limit: int, outside: bool) -> bytes:
-    """``record``'s bytes, within ``limit`` (max_record_bytes). A record written from
-    ``outside`` (``set``, or created by ``report``) must leave RECORD_RESERVE of it free,
-    else ValidationError; a record the store changed that outgrew it loses its oldest
-    history entries."""
-    # orjson builds its result in a 4 KiB buffer and shrinks it in place, which leaves
-    # a hole that later buffers do not fit: kept for long, a 1 KiB session pinned about
-    # 3.7 KiB of heap (measured). An exact-size copy costs 0.15 us and packs tightly.
-    data = memoryview(orjson.dumps(record)).tobytes()
-    if outside and len(data) > limit - RECORD_RESERVE:
-        raise ValidationError(
-            "session",
-            f"is {len(data)} bytes as a stored record; a session's record may be at most {limit - RECORD_RESERVE} "
-            f"(max_record_bytes {limit}, less {RECORD_RESERVE} kept for the store's own changes)",
-        )
-    return _shed_history(record, data, limit) if len(data) > limit else data
-
-
-def _shed_history(record: Record, data: bytes, limit: int) -> bytes:
-    """``record`` without as many of its oldest history entries as it takes to fit in
-    ``limit`` bytes. Only records the store itself grew come here, and RECORD_RESERVE
-    leaves them room for everything but history, so this always succeeds."""
-    history = record[HISTORY]
-    excess, drop = len(data) - limit, 0
-    while excess > 0 and drop < len(history):
-        excess -= len(orjson.dumps(history[drop : drop + ENTRY])) - 1  # its values and their commas
-        drop += ENTRY
-    del history[:drop]
-    data = memoryview(orjson.dumps(record)).tobytes()
-    if len(data) > limit:  # not reachable while RECORD_RESERVE holds
-        raise ValidationError("session", f"is {len(data)} bytes as a stored record; the limit is {limit}")
-    return data
-
-
-def touch_record(record: Record, at: float) -> Record:
-    """The session reported something at ``at``: it is active, so no longer stale."""
-    record[ACTIVITY] = max(at, record[ACTIVITY])
-    record[STALE] = False
-    return record
-
-
-def add_usage_record(record: Record, input_tokens: int, output_tokens: int) -> Record:
-    """Add token counts to ``record``; refuses totals the wire cannot carry."""
-    usage = record[USAGE] or (0, 0)
-    record[USAGE] = [
-        check_count(usage[0] + check_count(input_tokens, "input_tokens"), "api_usage.input_tokens"),
-        check_count(usage[1] + check_count(output_tokens, "output_tokens"), "api_usage.output_tokens"),
-    ]
-    return record
+    def _is_a_backend(store: Store) -> Backend:
+        return store  # mypy checks this backend against the written protocol

@@ -19,8 +19,8 @@ import psutil
 from multiprocess import managers
 
 import shmstore
-from shmstore import wire
 from shmstore.checks import MAX_TOKENS
+from shmstore.transport import wire
 
 PYTHON = sys.executable
 #: A script that forks a manager from a lean process, as a daemon embeds one: its pid on

@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from shmstore.segment import Mark, Segment, SegmentBusyError, SegmentMovedError, receive_segment, send_segment
+from shmstore.transport.segment import Mark, Segment, SegmentBusyError, SegmentMovedError, receive_segment, send_segment
 
 EPOCH = b"epoch-01"
 IDS = [f"session-{n:02d}" for n in range(8)]  # few, so the readers often meet a slot being written

@@ -22,7 +22,7 @@ import time
 
 import shmstore
 from shmstore import Session
-from shmstore.server import serve
+from shmstore.manager.lifecycle import serve
 
 IDS = ["s0", "s1"]  # few, so the readers often meet a slot being written
 

@@ -23,7 +23,7 @@ from helpers import PYTHON, make_session, serving
 
 import shmstore
 from shmstore import AddressInUseError, StoreUnavailableError
-from shmstore.address import _runtime_dir, key_path, new_key
+from shmstore.transport.address import _runtime_dir, key_path, new_key
 
 OTHER_UID = 12345
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another user")
@@ -417,12 +417,12 @@ def test_a_client_of_a_real_manager_refuses_its_key_file_once_others_may_read_it
 # only root can read), then becomes the user, then runs the command line.
 AS_USER = (
     "import os, sys\n"
-    "import shmstore.cli\n"
+    "import shmstore.commands.cli\n"
     "uid = int(sys.argv[1])\n"
     "os.setgroups([])\n"
     "os.setgid(uid)\n"
     "os.setuid(uid)\n"
-    "sys.exit(shmstore.cli.main(sys.argv[2:]))\n"
+    "sys.exit(shmstore.commands.cli.main(sys.argv[2:]))\n"
 )
 
 

@@ -13,7 +13,7 @@ from helpers import SID, StartServer, hook, payload
 
 import shmstore
 from shmstore import StoreUnavailableError
-from shmstore.client import DEFAULT_MAX_CONNECTIONS
+from shmstore.clients.proxy import DEFAULT_MAX_CONNECTIONS
 
 
 def test_a_client_shared_by_short_lived_threads_holds_a_few_connections(server: shmstore.ServerProcess) -> None:

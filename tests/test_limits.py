@@ -17,7 +17,7 @@ import pytest
 from helpers import RawStore, make_session, run, snapshot
 
 import shmstore
-from shmstore import EventKind, Session, StateTransition, Status, StoreFullError, ValidationError, wire
+from shmstore import EventKind, Session, StateTransition, Status, StoreFullError, ValidationError
 from shmstore.checks import MAX_CLOCK_AHEAD, MAX_DURATION, MAX_ID_LENGTH, MAX_PATH_LENGTH
 from shmstore.config import (
     DEFAULT_MAX_RECORD_BYTES,
@@ -26,7 +26,8 @@ from shmstore.config import (
     MIN_RECORD_BYTES,
     RECORD_RESERVE,
 )
-from shmstore.model import pack, session_from_store
+from shmstore.record import pack, session_from_store
+from shmstore.transport import wire
 
 
 def state(store: shmstore.Store) -> tuple[int, list[bytes], list[bytes], bytes]:

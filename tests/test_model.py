@@ -15,18 +15,9 @@ from hypothesis import strategies as st
 
 from shmstore import AgentType, ApiUsage, Session, StateTransition, Status, ValidationError
 from shmstore.checks import MAX_ID_LENGTH, MAX_TOKENS
-from shmstore.model import (
-    ID,
-    STATUS_CODE,
-    pack,
-    public_json,
-    restamped,
-    session_from_store,
-    session_record,
-    stored_record,
-    to_record,
-)
-from shmstore.store import add_usage_record, transition_record
+from shmstore.record import ID, STATUS_CODE, pack, public_json, restamped, session_from_store, to_record
+from shmstore.record_checks import session_record, stored_record
+from shmstore.rules import add_usage_record, transition_record
 
 
 def full_session() -> Session:
@@ -446,7 +437,7 @@ def test_a_session_decoded_then_changed_packs_to_what_it_holds() -> None:
 def test_only_a_clients_pack_or_a_decode_asked_to_remember_keeps_the_flat_history() -> None:
     # A manager decodes sessions and makes records (restoring its state file) that no set
     # will send back: keeping them would hold up to 256 histories for its lifetime.
-    from shmstore import model
+    from shmstore import record as model
 
     session = full_session()
     data = pack(session)
@@ -461,7 +452,7 @@ def test_only_a_clients_pack_or_a_decode_asked_to_remember_keeps_the_flat_histor
 
 
 def test_a_long_history_is_packed_but_not_kept() -> None:
-    from shmstore import model
+    from shmstore import record as model
 
     history = tuple(StateTransition(100.0 + k, "working", "attention", 0.5) for k in range(model._FLAT_LONGEST + 1))
     session = dataclasses.replace(full_session(), history=history, since=1000.0)
@@ -491,7 +482,7 @@ def test_packing_whatever_sessions_in_whatever_order_gives_each_its_own_record(
 ) -> None:
     # Histories made and dropped as we go, past the cache's limit: a tuple's id may be
     # taken by a new one once the old is freed, which must never bring back its form.
-    from shmstore import model
+    from shmstore import record as model
 
     model._FLAT_LIMIT, limit = 3, model._FLAT_LIMIT
     try:
@@ -538,7 +529,7 @@ def test_a_negative_zero_is_read_as_zero_whichever_session_was_decoded_first() -
 
 
 def model_built_clear() -> None:
-    from shmstore import model
+    from shmstore import record as model
 
     model._BUILT.clear()
 

@@ -15,7 +15,7 @@ import pytest
 from helpers import PYTHON, serving
 
 import shmstore
-from shmstore import notify
+from shmstore.manager import notify
 
 
 @pytest.fixture

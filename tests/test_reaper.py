@@ -20,8 +20,8 @@ from helpers import PYTHON, SID, StartServer, hook, payload
 
 import shmstore
 from shmstore import Status, procs
-from shmstore import server as server_module
-from shmstore.model import session_from_store
+from shmstore.manager import lifecycle as server_module
+from shmstore.record import session_from_store
 
 SLEEPER = [PYTHON, "-c", "import time; time.sleep(60)"]
 

@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 
 import shmstore
 from shmstore import ConflictError, ResyncRequiredError, Status, StoreFullError, ValidationError
-from shmstore.address import resolve_any
-from shmstore.model import pack, session_from_store
-from shmstore.redis_address import RedisAddress, parse_redis
+from shmstore.record import pack, session_from_store
+from shmstore.redis.address import RedisAddress, parse_redis
+from shmstore.transport.address import resolve_any
 
-redis_store = pytest.importorskip("shmstore.redis_store") if os.environ.get("CI") != "true" else None
-from shmstore.redis_store import RedisStore  # noqa: E402  (CI: the import must work)
+redis_store = pytest.importorskip("shmstore.redis.store") if os.environ.get("CI") != "true" else None
+from shmstore.redis.store import RedisStore  # noqa: E402  (CI: the import must work)
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_plain_redis_off_this_host_is_allowed_only_when_asked() -> None:
 
 def test_a_manager_command_refuses_a_redis_address() -> None:
     with pytest.raises(ValidationError, match="Redis"):
-        shmstore.address.resolve("redis://localhost")
+        shmstore.transport.address.resolve("redis://localhost")
 
 
 # -- the same errors, the store unchanged ---------------------------------------------------

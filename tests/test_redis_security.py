@@ -29,13 +29,13 @@ from helpers import make_session, run
 
 import shmstore
 from shmstore import Status, StoreUnavailableError, ValidationError
-from shmstore.redis_address import parse_redis
+from shmstore.redis.address import parse_redis
 
 if os.environ.get("CI") != "true":  # in CI the imports must work
     pytest.importorskip("redis")
 import redis
 
-from shmstore.redis_store import RedisStore
+from shmstore.redis.store import RedisStore
 
 #: The test namespace: the only one the restricted user's key pattern covers.
 NAMESPACE = "team"

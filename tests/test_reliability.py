@@ -19,7 +19,7 @@ from helpers import PYTHON, SOAK, StartServer, make_session, serving, snapshot
 
 import shmstore
 from shmstore import Status, StoreFullError, ValidationError
-from shmstore.server import _check_exposure
+from shmstore.manager.claim import check_exposure
 
 
 def raw_connect(address: str) -> socket.socket:
@@ -66,8 +66,8 @@ def test_tcp_beyond_loopback_needs_an_explicit_opt_in() -> None:
     with pytest.raises(ValidationError, match="not a loopback address"):
         shmstore.start_server("10.11.12.13:7000")
     with pytest.warns(UserWarning, match="can run code in the manager"):
-        _check_exposure(("10.11.12.13", 7000), allow_remote=True)
-    _check_exposure(("127.0.0.1", 7000), allow_remote=False)  # loopback needs nothing
+        check_exposure(("10.11.12.13", 7000), allow_remote=True)
+    check_exposure(("127.0.0.1", 7000), allow_remote=False)  # loopback needs nothing
 
 
 def test_the_key_is_never_printed(sock_dir: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 from helpers import make_session
 
 from shmstore import ApiUsage, Session, Status
-from shmstore.render import escapes_allowed, format_closed, format_session, format_table
+from shmstore.commands.render import escapes_allowed, format_closed, format_session, format_table
 
 AT = 1_700_000_000.0
 

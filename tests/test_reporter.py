@@ -1,4 +1,4 @@
-"""The hook's light client (shmstore.reporter) against a real manager: it must land exactly as
+"""The hook's light client (shmstore.clients.reporter) against a real manager: it must land exactly as
 Client.report does, be applied once however often its request is sent, and need nothing
 heavier than the standard library. Also the lazy package namespace it relies on."""
 
@@ -15,9 +15,11 @@ import pytest
 from helpers import PYTHON, RawStore, snapshot
 
 import shmstore
-from shmstore import AuthKeyError, Status, StoreUnavailableError, ValidationError, protocol, reporter
-from shmstore.address import _runtime_dir
-from shmstore.model import session_from_store
+from shmstore import AuthKeyError, Status, StoreUnavailableError, ValidationError
+from shmstore.clients import reporter
+from shmstore.record import session_from_store
+from shmstore.transport import protocol
+from shmstore.transport.address import _runtime_dir
 
 
 def light_report(server: shmstore.ServerProcess, id: str, status: str, **fields: object) -> bytes:
@@ -96,7 +98,7 @@ def test_a_wrong_key_or_no_manager_is_a_typed_error_in_time(server: shmstore.Ser
 
 def test_the_light_client_needs_only_the_standard_library(server: shmstore.ServerProcess) -> None:
     code = (
-        "import sys, time; from shmstore import reporter; "
+        "import sys, time; from shmstore.clients import reporter; "
         f"reporter.report({server.address!r}, {server.authkey!r}, 's1', 'question', '/a', pid=None, "
         "session_id=None, deadline=time.monotonic() + 10); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'multiprocess', 'dill', 'orjson'}))"

@@ -1,4 +1,4 @@
-"""An adversarial review of the shared-memory read path (shmstore.shared, shmstore.segment),
+"""An adversarial review of the shared-memory read path (shmstore.clients.shared, shmstore.transport.segment),
 against real manager processes: staleness (a manager killed after its process forked, one
 stopped, one replaced at the same address), growth under reader processes, records at the
 slot boundary, hostile peers of the ``segment`` request, fd hygiene, and shared-memory
@@ -23,8 +23,8 @@ from helpers import PYTHON, StartServer, make_session, same_views, serving, wait
 from multiprocess import managers
 
 import shmstore
-from shmstore import segment, wire
 from shmstore.errors import ConflictError
+from shmstore.transport import segment, wire
 
 pytestmark = pytest.mark.skipif(not segment.supported(), reason="shared reads need x86-64 Linux with memfd sealing")
 
@@ -195,7 +195,7 @@ def test_a_manager_replaced_at_the_same_address_is_read_with_none_of_the_old_ses
             snap = client.snapshot()
             assert (snap.epoch, snap.revision, [s.id for s in snap.sessions]) == (sock.snapshot().epoch, 1, ["new"])
             assert snap.epoch != old_epoch
-            time.sleep(shmstore.shared.RETRY_AFTER)  # the failed attach to the dead one is retried
+            time.sleep(shmstore.clients.shared.RETRY_AFTER)  # the failed attach to the dead one is retried
             assert client.get("new") is not None
             assert client._shared is not None
             assert client._shared._reader is not None
@@ -433,7 +433,7 @@ def test_a_manager_out_of_fds_at_the_first_segment_request_shares_one_once_it_ha
             assert reader._shared._conn is not None
             assert not mapped()
             resource.prlimit(manager.pid, resource.RLIMIT_NOFILE, limits)
-            time.sleep(shmstore.shared.RETRY_AFTER)
+            time.sleep(shmstore.clients.shared.RETRY_AFTER)
             assert reader.get("s1") is not None
             assert mapped()
 

@@ -20,8 +20,16 @@ import pytest
 from helpers import PYTHON
 
 from shmstore import StoreUnavailableError, ValidationError
-from shmstore import segment as seg
-from shmstore.segment import Mark, Reader, Segment, SegmentBusyError, SegmentError, SegmentFullError, SegmentMovedError
+from shmstore.transport import segment as seg
+from shmstore.transport.segment import (
+    Mark,
+    Reader,
+    Segment,
+    SegmentBusyError,
+    SegmentError,
+    SegmentFullError,
+    SegmentMovedError,
+)
 
 WORKER = str(Path(__file__).with_name("segment_worker.py"))
 EPOCH = b"epoch-01"

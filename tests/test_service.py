@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from helpers import PYTHON
 
-from shmstore import service
+from shmstore.commands import service
 from shmstore.errors import ValidationError
 
 UNIT_LINES = [

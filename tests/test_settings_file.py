@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from shmstore import atomic, claude_settings
+from shmstore import atomic
+from shmstore.agents import claude as claude_settings
+from shmstore.agents import settings as settings_file
 
 SECRET = {"env": {"ANTHROPIC_API_KEY": "sk-secret"}, "model": "opus"}
 
@@ -57,7 +59,7 @@ def test_an_edit_made_while_we_rewrite_the_settings_is_kept(tmp_path: Path, monk
     read it again and apply our change to what it wrote. (Before, its edit was lost.)"""
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"model": "opus"}))
-    real = claude_settings.replace_file
+    real = settings_file.replace_file
     calls = []
 
     def meanwhile(path: Any, data: bytes, *args: Any, **kwargs: Any) -> None:
@@ -66,7 +68,7 @@ def test_an_edit_made_while_we_rewrite_the_settings_is_kept(tmp_path: Path, monk
             settings.write_text(json.dumps({"model": "opus", "theme": "dark"}))  # the other program's edit
         real(path, data, *args, **kwargs)
 
-    monkeypatch.setattr(claude_settings, "replace_file", meanwhile)
+    monkeypatch.setattr(settings_file, "replace_file", meanwhile)
     change = claude_settings.install(settings, "/usr/bin/python3 -m shmstore hook")
     written = json.loads(settings.read_text())
     assert written["theme"] == "dark"
@@ -81,15 +83,15 @@ def test_a_settings_file_that_keeps_changing_is_refused_unwritten(
 ) -> None:
     settings = tmp_path / "settings.json"
     settings.write_text("{}")
-    real = claude_settings.replace_file
+    real = settings_file.replace_file
     edits = iter(range(100))
 
     def always(path: Any, data: bytes, *args: Any, **kwargs: Any) -> None:
         settings.write_text(json.dumps({"edit": next(edits)}))
         real(path, data, *args, **kwargs)
 
-    monkeypatch.setattr(claude_settings, "replace_file", always)
+    monkeypatch.setattr(settings_file, "replace_file", always)
     with pytest.raises(atomic.ChangedMeanwhileError, match="changed while it was being rewritten"):
         claude_settings.install(settings, "/usr/bin/python3 -m shmstore hook")
-    assert json.loads(settings.read_text()) == {"edit": claude_settings.TRIES - 1}
+    assert json.loads(settings.read_text()) == {"edit": settings_file.TRIES - 1}
     assert [p.name for p in tmp_path.iterdir()] == ["settings.json"]  # no backup, no temporary file left

@@ -1,4 +1,4 @@
-"""Reads from the manager's shared segment (shmstore.shared) against real manager processes:
+"""Reads from the manager's shared segment (shmstore.clients.shared) against real manager processes:
 the same answers as the socket after every kind of write, a client's own writes, reader
 processes against a writer at full speed (and the same readers without the seqlock's check
 catching torn reads, so that test can fail), a killed manager, leaks, and who never maps."""
@@ -20,8 +20,8 @@ from helpers import PYTHON, StartServer, make_session, same_views
 from multiprocess import managers
 
 import shmstore
-from shmstore import segment, wire
 from shmstore.errors import NotFoundError
+from shmstore.transport import segment, wire
 
 pytestmark = pytest.mark.skipif(not segment.supported(), reason="shared reads need x86-64 Linux with memfd sealing")
 

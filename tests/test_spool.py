@@ -18,7 +18,11 @@ import pytest
 from helpers import PYTHON, SID, StartServer, hook, payload, wait_until_stopped
 
 import shmstore
-from shmstore import Status, hooks, protocol, reporter, spool
+from shmstore import Status, spool
+from shmstore.clients import reporter
+from shmstore.hook import failures as hooks
+from shmstore.record import session_from_store
+from shmstore.transport import protocol
 
 
 def wait_for(check: object, timeout: float = 10.0) -> None:
@@ -55,7 +59,7 @@ def test_a_report_makes_one_connection(server: shmstore.ServerProcess, monkeypat
         deadline=time.monotonic() + 10,
     )  # fmt: skip
     assert opened == [server.address]
-    assert shmstore.model.session_from_store(data).status is Status.WORKING
+    assert session_from_store(data).status is Status.WORKING
 
 
 def test_a_report_to_a_hung_manager_is_spooled_and_delivered_when_it_is_back(

@@ -22,8 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmstore
-from shmstore import Session, StateTransition, Status, state
-from shmstore.model import pack, session_from_store
+from shmstore import Session, StateTransition, Status
+from shmstore.manager import state
+from shmstore.record import pack, session_from_store
 from shmstore.store import Store
 
 SLEEPER = [PYTHON, "-c", "import time; time.sleep(60)"]

@@ -18,7 +18,7 @@ from helpers import PYTHON, RawStore, run, serving
 
 import shmstore
 from shmstore import Session, Status
-from shmstore.model import session_from_store
+from shmstore.record import session_from_store
 
 
 def test_status_of_a_running_manager_says_up_with_what_it_holds_and_exits_0(sock_dir: Path) -> None:

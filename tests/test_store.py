@@ -13,7 +13,7 @@ from helpers import BAD_CALLS, RawStore, StartServer, make_session, snapshot
 
 import shmstore
 from shmstore import ApiUsage, ConflictError, NotFoundError, Session, Status, ValidationError
-from shmstore.model import pack, session_from_store
+from shmstore.record import pack, session_from_store
 
 
 def test_create_read_update_delete(any_store: shmstore.Client) -> None:

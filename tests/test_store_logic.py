@@ -1,8 +1,13 @@
-"""The store's logic, in-process: a Store is a plain object, so its rules are tested here
-quickly and in many cases. Transport, concurrency and faults are tested against real
-manager processes elsewhere."""
+"""The store's logic, called directly through the written protocol (:class:`Backend`): the
+manager's Store in-process, and the Redis backend on the worker's redis-server, each test
+on both, so that the two cannot drift apart. Transport, concurrency and faults are tested
+against real manager processes elsewhere."""
 
 from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -17,9 +22,37 @@ from shmstore import (
     StoreFullError,
     ValidationError,
 )
+from shmstore.backend import Backend
+from shmstore.config import Limits
 from shmstore.feed import Snapshot
-from shmstore.model import public_json
+from shmstore.record import public_json
 from shmstore.store import Store
+
+MakeBackend = Callable[..., Backend]
+
+
+@pytest.fixture(params=["manager", "redis"])
+def make(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
+    """Makes a backend with the limits given (each a store of its own): the manager's Store,
+    in this process, or a RedisStore on a namespace of its own in the worker's Redis."""
+    made: list[Any] = []
+
+    def backend(**limits: Any) -> Backend:
+        if request.param == "manager":
+            return Store(**limits)
+        from shmstore.redis.address import parse_redis
+        from shmstore.redis.store import RedisStore
+
+        url = request.getfixturevalue("redis_socket")
+        store = RedisStore(
+            parse_redis(f"redis+unix://{url}?namespace=t-{uuid.uuid4().hex[:12]}"), 10.0, Limits(**limits)
+        )
+        made.append(store)
+        return store
+
+    yield backend
+    for store in made:
+        store.close()
 
 
 def public(data: bytes | None) -> dict[str, object]:
@@ -29,16 +62,16 @@ def public(data: bytes | None) -> dict[str, object]:
     return decoded
 
 
-def kinds(store: Store, after: int = 0) -> list[str]:
+def kinds(store: Backend, after: int = 0) -> list[str]:
     return [event["kind"] for event in orjson.loads(store.changes(after))["events"]]
 
 
-def state(store: Store) -> tuple[int, list[bytes], list[bytes]]:
+def state(store: Backend) -> tuple[int, list[bytes], list[bytes]]:
     return store.revision(), sorted(store.list_all()), store.recently_closed()
 
 
-def test_set_get_remove_and_each_is_one_revision_and_one_event() -> None:
-    store = Store()
+def test_set_get_remove_and_each_is_one_revision_and_one_event(make: MakeBackend) -> None:
+    store = make()
     revision, _ = store.set(make_session("a").to_json())
     assert revision == 1
     assert public(store.get("a"))["revision"] == 1
@@ -48,8 +81,8 @@ def test_set_get_remove_and_each_is_one_revision_and_one_event() -> None:
     assert kinds(store) == ["set", "remove"]
 
 
-def test_a_transition_records_where_it_came_from_and_how_long_it_stayed() -> None:
-    store = Store()
+def test_a_transition_records_where_it_came_from_and_how_long_it_stayed(make: MakeBackend) -> None:
+    store = make()
     store.set(make_session("a", since=1_795_000_000.0).to_json())
     moved = public(store.transition("a", Status.ATTENTION))
     (entry,) = moved["history"]  # type: ignore[misc]
@@ -58,8 +91,8 @@ def test_a_transition_records_where_it_came_from_and_how_long_it_stayed() -> Non
     assert moved["status"] == "attention"
 
 
-def test_a_report_creates_then_moves_and_a_repeat_only_counts_as_activity() -> None:
-    store = Store()
+def test_a_report_creates_then_moves_and_a_repeat_only_counts_as_activity(make: MakeBackend) -> None:
+    store = make()
     created = public(store.report("a", "working", "/src/app"))
     assert (created["status"], created["history"]) == ("working", [])
     again = public(store.report("a", "working", "/src/app"))
@@ -70,8 +103,8 @@ def test_a_report_creates_then_moves_and_a_repeat_only_counts_as_activity() -> N
     assert kinds(store) == ["report", "report", "report"]
 
 
-def test_closing_moves_a_session_to_the_recently_closed_and_a_report_resumes_it() -> None:
-    store = Store()
+def test_closing_moves_a_session_to_the_recently_closed_and_a_report_resumes_it(make: MakeBackend) -> None:
+    store = make()
     store.report("a", "working", "/src/app", session_id="resume-a")
     store.transition("a", Status.CLOSED)
     assert store.list_all() == []
@@ -83,8 +116,8 @@ def test_closing_moves_a_session_to_the_recently_closed_and_a_report_resumes_it(
     assert kinds(store) == ["report", "close", "report"]
 
 
-def test_a_session_silent_past_stale_after_is_marked_once_and_waiting_ones_never() -> None:
-    store = Store(stale_after=0.0)
+def test_a_session_silent_past_stale_after_is_marked_once_and_waiting_ones_never(make: MakeBackend) -> None:
+    store = make(stale_after=0.0)
     store.report("busy", "working", "/a")
     store.report("asking", "question", "/b")
     assert store.reap() == 1
@@ -95,8 +128,8 @@ def test_a_session_silent_past_stale_after_is_marked_once_and_waiting_ones_never
     assert public(store.get("busy"))["stale"] is False  # activity clears it
 
 
-def test_changes_follow_revisions_and_refuse_what_they_cannot_answer() -> None:
-    store = Store(log_size=4)
+def test_changes_follow_revisions_and_refuse_what_they_cannot_answer(make: MakeBackend) -> None:
+    store = make(log_size=4)
     for n in range(6):
         store.set(make_session(f"s{n}").to_json())
     assert [e["revision"] for e in orjson.loads(store.changes(3))["events"]] == [4, 5, 6]
@@ -109,18 +142,18 @@ def test_changes_follow_revisions_and_refuse_what_they_cannot_answer() -> None:
     assert orjson.loads(store.changes(6))["events"] == []
 
 
-def test_a_snapshot_holds_the_live_sessions_at_one_revision() -> None:
-    store = Store()
+def test_a_snapshot_holds_the_live_sessions_at_one_revision(make: MakeBackend) -> None:
+    store = make()
     store.set(make_session("a").to_json())
     store.set(make_session("b").to_json())
     store.transition("b", Status.CLOSED)
     snapshot = Snapshot.from_json(store.snapshot())
     assert (snapshot.revision, [s.id for s in snapshot.sessions]) == (3, ["a"])
-    assert snapshot.epoch == store.epoch
+    assert snapshot.epoch == store.info()["epoch"]
 
 
-def test_prune_forgets_only_the_closed_sessions_old_enough() -> None:
-    store = Store()
+def test_prune_forgets_only_the_closed_sessions_old_enough(make: MakeBackend) -> None:
+    store = make()
     store.report("a", "working", "/a")
     store.transition("a", Status.CLOSED)
     assert store.prune(3600.0) == 0
@@ -129,8 +162,8 @@ def test_prune_forgets_only_the_closed_sessions_old_enough() -> None:
     assert kinds(store)[-1] == "remove"
 
 
-def test_a_full_store_refuses_a_new_session_and_changes_nothing() -> None:
-    store = Store(max_sessions=2)
+def test_a_full_store_refuses_a_new_session_and_changes_nothing(make: MakeBackend) -> None:
+    store = make(max_sessions=2)
     store.set(make_session("a").to_json())
     store.set(make_session("b").to_json())
     before = state(store)
@@ -141,8 +174,8 @@ def test_a_full_store_refuses_a_new_session_and_changes_nothing() -> None:
     store.set(make_session("a", working_dir="/elsewhere").to_json())  # replacing one is fine
 
 
-def test_unknown_ids_and_bad_values_change_nothing() -> None:
-    store = Store()
+def test_unknown_ids_and_bad_values_change_nothing(make: MakeBackend) -> None:
+    store = make()
     store.set(make_session("a").to_json())
     before = state(store)
     with pytest.raises(NotFoundError):
@@ -156,8 +189,8 @@ def test_unknown_ids_and_bad_values_change_nothing() -> None:
     assert state(store) == before
 
 
-def test_expected_revision_refuses_a_stale_write() -> None:
-    store = Store()
+def test_expected_revision_refuses_a_stale_write(make: MakeBackend) -> None:
+    store = make()
     store.set(make_session("a").to_json(), 0)
     with pytest.raises(ConflictError, match="revision 1, not the expected 0"):
         store.set(make_session("a").to_json(), 0)
@@ -165,8 +198,8 @@ def test_expected_revision_refuses_a_stale_write() -> None:
 
 
 @pytest.mark.parametrize("kind", [EventKind.SET, EventKind.TRANSITION, EventKind.ADD_USAGE])
-def test_every_change_carries_the_session_as_it_is_after_it(kind: EventKind) -> None:
-    store = Store()
+def test_every_change_carries_the_session_as_it_is_after_it(make: MakeBackend, kind: EventKind) -> None:
+    store = make()
     store.set(make_session("a").to_json())
     if kind is EventKind.TRANSITION:
         store.transition("a", Status.ATTENTION)
@@ -205,3 +238,50 @@ def test_a_restore_that_keeps_the_revision_is_listed() -> None:
     assert store.restore(0, [make_session("a")], []) == []
     assert store.revision() == 0  # the sessions changed; the revision did not
     assert listed(store)[0] == ["a"]
+
+
+# -- late reports: events applied in any order leave the status of the newest ----------------
+
+
+def test_a_report_of_an_older_event_only_counts_as_activity(make: MakeBackend) -> None:
+    store = make()
+    store.report("a", "working", "/a", at=100.0)  # the prompt
+    store.report("a", "attention", "/a", at=102.0)  # the turn's end
+    late = public(store.report("a", "working", "/a", at=101.0))  # a tool call's, overtaken
+    assert late["status"] == "attention"
+    assert [h["to"] for h in late["history"]] == ["attention"]  # type: ignore[union-attr]
+    assert late["last_event"] == 102.0
+    assert public(store.report("a", "question", "/a", at=103.0))["status"] == "question"
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (3, 2, 1, 0), (1, 3, 0, 2), (2, 0, 3, 1)])
+def test_the_same_events_in_any_order_end_in_the_status_of_the_newest(
+    make: MakeBackend, order: tuple[int, ...]
+) -> None:
+    events = [("attention", 10.0), ("working", 11.0), ("question", 12.0), ("closed", 13.0)]
+    store = make()
+    for k in order:
+        status, at = events[k]
+        store.report("a", status, "/a", at=at, reason="prompt_input_exit" if status == "closed" else None)
+    final = public(store.get("a"))
+    assert (final["status"], final["last_event"], final["closed_reason"]) == (
+        "closed",
+        13.0,
+        "session_end:prompt_input_exit",
+    )
+
+
+def test_a_late_report_never_reopens_a_closed_session(make: MakeBackend) -> None:
+    store = make()
+    store.report("a", "working", "/a", at=10.0)
+    store.report("a", "closed", "/a", at=12.0)
+    assert public(store.report("a", "working", "/a", at=11.0))["status"] == "closed"
+    assert store.list_all() == []
+    assert public(store.report("a", "attention", "/a", at=13.0))["status"] == "attention"  # resumed, truly later
+
+
+def test_a_report_without_an_event_time_is_applied_as_it_comes(make: MakeBackend) -> None:
+    store = make()
+    store.report("a", "attention", "/a", at=50.0)
+    assert public(store.report("a", "working", "/a"))["status"] == "working"
+    assert public(store.get("a"))["last_event"] == 50.0

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 import shmstore
-from shmstore.store import EXPOSED, WRITES, Store
+from shmstore.backend import EXPOSED, WRITES
+from shmstore.store import Store
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 #: Client methods that are not calls on the manager.

@@ -20,7 +20,7 @@ from rich.console import Console
 
 import shmstore
 from shmstore import ApiUsage, Session, Status
-from shmstore.top import Frame, cells, columns, ordered, view
+from shmstore.commands.top import Frame, cells, columns, ordered, view
 
 AT = 1_000_000.0
 
@@ -139,9 +139,9 @@ def test_top_without_a_manager_says_so_in_one_line(sock_dir: Path) -> None:
 
 def test_only_top_imports_rich() -> None:
     code = (
-        "import sys, shmstore.cli, shmstore.hooks, shmstore.server\n"
-        "assert 'rich' not in sys.modules and 'shmstore.top' not in sys.modules\n"
-        "import shmstore.top\n"
+        "import sys, shmstore.commands.cli, shmstore.hook.run, shmstore.manager.lifecycle\n"
+        "assert 'rich' not in sys.modules and 'shmstore.commands.top' not in sys.modules\n"
+        "import shmstore.commands.top\n"
         "assert 'rich' in sys.modules\n"
     )
     assert subprocess.run([PYTHON, "-c", code], timeout=60).returncode == 0

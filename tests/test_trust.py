@@ -22,9 +22,10 @@ import pytest
 from helpers import StartServer, make_session, wait_until_stopped
 
 import shmstore
-from shmstore import ApiUsage, StoreUnavailableError, protocol, wire
-from shmstore.model import session_from_store
+from shmstore import ApiUsage, StoreUnavailableError
+from shmstore.record import session_from_store
 from shmstore.store import Store
+from shmstore.transport import protocol, wire
 
 
 @pytest.fixture

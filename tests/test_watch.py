@@ -20,8 +20,8 @@ from helpers import PYTHON, RawStore, StartServer, make_session, wait_until_stop
 
 import shmstore
 from shmstore import Event, EventKind, ResyncRequiredError, Status, ValidationError
-from shmstore.client import Backoff, Follower, Link, Notice
-from shmstore.render import format_event
+from shmstore.clients.follow import Backoff, Follower, Link, Notice
+from shmstore.commands.render import format_event
 
 
 def test_snapshot_and_changes(any_store: shmstore.Client) -> None:

@@ -1,0 +1,72 @@
+"""What an agent adapter provides: the written protocol (:class:`Agent`) that each module
+of this package implements, and the one value an adapter makes of a hook payload
+(:class:`HookReport`).
+
+An adapter is a module (``shmstore/agents/claude.py`` is Claude Code's) with:
+
+* ``NAME``: its :class:`~shmstore.model.AgentType` value, and ``TITLE``, its name for people;
+* ``EVENT_STATUS``: each event that says something of a session, and the status it means
+  (one of :data:`STATUSES`); ``QUIET_EVENTS``: events it knows say nothing (ignored
+  without a note, and never installed);
+* ``read(payload)``: the :class:`HookReport` a hook payload makes (``None`` from
+  ``status`` for an event that says nothing), or a ValidationError naming the field that
+  is wrong;
+* ``default_settings()``, ``install(path, command, dry_run=)`` and ``uninstall(path,
+  dry_run=)``: where its hook settings live, and putting the hook command in and taking
+  it out (:mod:`shmstore.agents.settings` does the careful file work for JSON settings).
+
+The hook runner (:mod:`shmstore.hook.run`) and the failure log know nothing of any agent:
+they call these. Adapters are on the hook's path, so they import the standard library's
+light modules only, and what installing needs, inside ``install``.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # as typing's, without importing typing (~4 ms of the hook's start-up)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+    from typing import Any, Protocol
+
+    from .settings import Change
+
+# The values of shmstore.model.Status (importing that module would import orjson).
+WORKING, ATTENTION, QUESTION, CLOSED = "working", "attention", "question", "closed"
+STATUSES = (WORKING, ATTENTION, QUESTION, CLOSED)
+
+
+class HookReport:
+    """What one hook payload says: the ``event``'s name, the agent's ``session`` id, the
+    ``status`` it puts the session in (None: it says nothing of it), the working directory
+    ``cwd``, and when it closes the session, the agent's ``reason`` (None: none given)."""
+
+    __slots__ = ("cwd", "event", "reason", "session", "status")
+
+    def __init__(self, event: str, session: str, status: str | None, cwd: str, reason: str | None = None) -> None:
+        self.event, self.session, self.status, self.cwd, self.reason = event, session, status, cwd, reason
+
+    def __repr__(self) -> str:
+        return f"HookReport({self.event!r}, {self.session!r}, {self.status!r}, {self.cwd!r}, {self.reason!r})"
+
+
+if TYPE_CHECKING:
+
+    class Agent(Protocol):
+        """An agent adapter module, as mypy checks it (see the module's docstring)."""
+
+        @property
+        def NAME(self) -> str: ...  # noqa: N802 - a module's constant
+        @property
+        def TITLE(self) -> str: ...  # noqa: N802
+        @property
+        def EVENT_STATUS(self) -> Mapping[str, str]: ...  # noqa: N802
+        @property
+        def QUIET_EVENTS(self) -> frozenset[str]: ...  # noqa: N802
+
+        def read(self, payload: Mapping[str, Any]) -> HookReport: ...
+
+        def default_settings(self) -> Path: ...
+
+        def install(self, path: Path, command: str, *, dry_run: bool = False) -> Change: ...
+
+        def uninstall(self, path: Path, *, dry_run: bool = False) -> Change: ...

@@ -1,0 +1,238 @@
+"""An agent's settings file, changed with care: what every adapter whose hooks live in a
+JSON file uses to put our hook command in and take it out.
+
+* Only our hook is touched: a hook command of ours is recognised by its shape
+  (:func:`is_ours`: ``... -m shmstore hook ...``, or the ``shmstore hook`` script), whichever
+  interpreter, ``--address`` or ``--agent`` it names, so that installing again from another
+  virtualenv replaces it; every other key and hook is left as it was.
+* A settings file that is a symlink stays one: the file it points to is rewritten
+  (atomically, through a temporary file beside it).
+* A changed file is first copied to a backup beside it (``NAME.STAMP.bak``), created with
+  the file's own mode (settings hold secrets in ``env``), never over an older backup.
+* An edit another program makes to the file while we rewrite it is kept: the file is read
+  and changed again (:data:`TRIES` times), never overwritten.
+
+The hooks table that Claude Code's settings hold (``{"Event": [{"matcher": ..., "hooks":
+[{"type": "command", "command": ...}]}]}``, which other agents copied) is edited by
+:func:`install_in_table` and :func:`strip_table`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import json
+import os
+import shlex
+import stat
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..atomic import ChangedMeanwhileError, replace_file
+from ..errors import ValidationError
+
+
+def hook_command(address: str | None = None, agent: str | None = None) -> str:
+    """The command to install: this interpreter running ``shmstore hook``, so it works
+    whatever PATH the agent has (for an ``agent`` other than the default, with ``--agent``)."""
+    command = f"{shlex.quote(sys.executable)} -m shmstore hook"
+    if agent is not None:
+        command += f" --agent {shlex.quote(agent)}"
+    return command if address is None else f"{command} --address {shlex.quote(address)}"
+
+
+_OPERATOR_CHARS = frozenset("();<>|&")
+
+
+def is_ours(command: object) -> bool:
+    """Is ``command`` a shmstore hook command (any interpreter, any options)?"""
+    if not isinstance(command, str):
+        return False
+    try:
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
+    except ValueError:
+        return False
+    if any(word and set(word) <= _OPERATOR_CHARS for word in words):
+        return False  # a user's command line that runs ours among others (`;`, `&&`, `|`, `>`) is theirs
+    if len(words) >= 2 and os.path.basename(words[0]) == "shmstore" and words[1] == "hook":
+        return True
+    return any(words[i : i + 3] == ["-m", "shmstore", "hook"] for i in range(len(words) - 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """What installing or uninstalling does (or would do, in a dry run) to a settings file."""
+
+    path: Path
+    #: The events whose shmstore hook was added, replaced or removed.
+    events: list[str]
+    before: str
+    after: str
+    #: The copy of the old file, when one was written.
+    backup: Path | None = None
+
+    def diff(self) -> str:
+        """A unified diff from the file as it was to the file as it is (or would be)."""
+        return "".join(
+            difflib.unified_diff(
+                self.before.splitlines(keepends=True),
+                self.after.splitlines(keepends=True),
+                fromfile=str(self.path),
+                tofile=str(self.path),
+            )
+        )
+
+
+def rewrite(path: Path, change: Callable[[dict[str, Any]], list[str]], *, dry_run: bool) -> Change:
+    """Read the JSON object in the file at ``path`` (none: ``{}``), ``change`` it in place
+    (returning the names of what it changed), and write it back, unless another program
+    wrote the file in between: then the whole read and change are made again on what it
+    wrote, up to :data:`TRIES` times, so its edit is never lost; a file that keeps changing
+    is refused, unwritten. ``dry_run`` writes nothing."""
+    for _ in range(TRIES):
+        before = _read(path)
+        settings = json.loads(before) if before.strip() else {}
+        events = change(settings)
+        if not events:
+            return Change(path, events, before, before)
+        after = json.dumps(settings, indent=2, ensure_ascii=False) + "\n"
+        if dry_run:
+            return Change(path, events, before, after)
+        try:
+            return Change(path, events, before, after, _write(path, before, after))
+        except ChangedMeanwhileError:
+            continue
+    raise ChangedMeanwhileError(str(path))
+
+
+#: How many times a settings file that another program writes meanwhile is read again.
+TRIES = 3
+
+
+def table(settings: dict[str, Any], key: str = "hooks") -> dict[str, Any]:
+    """The hooks table under ``key`` of ``settings`` (made empty if there is none)."""
+    hooks = settings.setdefault(key, {})
+    if not isinstance(hooks, dict):
+        raise ValidationError(key, f"in the settings must be an object, not {type(hooks).__name__}")
+    return hooks
+
+
+def drop_if_empty(settings: dict[str, Any], key: str = "hooks") -> None:
+    """Remove the hooks table under ``key`` when it holds nothing (it held only ours)."""
+    if settings.get(key) == {}:
+        del settings[key]
+
+
+def install_in_table(hooks: dict[str, Any], events: Iterable[str], entry: Mapping[str, Any]) -> list[str]:
+    """Make ``entry`` (our hook, as the table holds one) the one hook of ours on each of
+    ``events`` in the table ``hooks``, in that order, and on no other event; returns the
+    events changed."""
+    order = list(events)
+    changed = []
+    for event in sorted(set(hooks) | set(order), key=lambda name: _order(order, name)):
+        groups = _groups(hooks, event)
+        ours = [h for g in groups for h in _entries(g) if is_ours(h.get("command"))]
+        wanted = event in order
+        if ours == [dict(entry)] or (not ours and not wanted):
+            continue
+        _strip(hooks, event)
+        if wanted:
+            hooks.setdefault(event, []).append({"hooks": [dict(entry)]})
+        changed.append(event)
+    return changed
+
+
+def strip_table(hooks: dict[str, Any]) -> list[str]:
+    """Remove every hook of ours from the table ``hooks``; returns the events it was on."""
+    return [event for event in list(hooks) if _strip(hooks, event)]
+
+
+def _order(order: list[str], event: str) -> tuple[int, str]:
+    return (order.index(event), "") if event in order else (len(order), event)
+
+
+def _groups(hooks: dict[str, Any], event: str) -> list[Any]:
+    groups = hooks.get(event, [])
+    if not isinstance(groups, list):
+        raise ValidationError(f"hooks.{event}", f"in the settings must be a list, not {type(groups).__name__}")
+    return groups
+
+
+def _entries(group: object) -> list[dict[str, Any]]:
+    entries = group.get("hooks") if isinstance(group, dict) else None
+    return [h for h in entries if isinstance(h, dict)] if isinstance(entries, list) else []
+
+
+def _strip(hooks: dict[str, Any], event: str) -> bool:
+    """Remove our hooks from ``event`` (a group left empty goes, and then an event left
+    empty); returns whether there were any."""
+    groups, kept, found = _groups(hooks, event), [], False
+    for group in groups:
+        entries = _entries(group)
+        mine = [h for h in entries if is_ours(h.get("command"))]
+        if not mine:
+            kept.append(group)
+            continue
+        found = True
+        rest = [h for h in group["hooks"] if h not in mine]
+        if rest:
+            kept.append({**group, "hooks": rest})
+    if found:
+        if kept:
+            hooks[event] = kept
+        else:
+            del hooks[event]
+    return found
+
+
+def _read(path: Path) -> str:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return ""
+    try:
+        settings = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise ValidationError("settings", f"{path} is not JSON: {exc}") from None
+    if not isinstance(settings, dict):
+        raise ValidationError("settings", f"{path} must hold a JSON object")
+    return text
+
+
+def _write(path: Path, before: str, after: str) -> Path | None:
+    """Write ``after`` to the file ``path`` is (through a symlink), atomically, if it still
+    holds ``before`` (else ChangedMeanwhileError); returns the backup of ``before``, if
+    there was a file."""
+    mode = stat.S_IMODE(os.stat(path).st_mode) if before else 0o644  # an existing file keeps its mode
+    backup = _backup(path, before, mode) if before else None
+    try:
+        replace_file(path, after.encode("utf-8"), mode, expect=before.encode("utf-8"))
+    except ChangedMeanwhileError:
+        if backup is not None:
+            backup.unlink(missing_ok=True)  # of a version that is gone: the next try keeps its own
+        raise
+    return backup
+
+
+def _backup(path: Path, before: str, mode: int) -> Path:
+    """A copy of ``before`` (the settings as read) beside ``path``, created with the
+    settings' own ``mode`` (settings may hold secrets in ``env``: a backup made with the
+    umask's 0644 and narrowed afterwards could be read by another user in between), and
+    never over an older backup."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        backup = path.with_name(f"{path.name}.{stamp}{f'-{n}' if n else ''}.bak")
+        try:
+            fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as file:
+            file.write(before.encode("utf-8"))
+            os.fchmod(file.fileno(), mode)  # group and other bits only once the content is in, if the settings had any
+        return backup
+    raise ValidationError("settings", f"too many backups of {path} this second")

@@ -1,0 +1,103 @@
+"""The commands that set things up: ``install-hooks``, ``uninstall-hooks``,
+``install-service`` and ``uninstall-service``."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from .. import agents
+from ..agents.settings import Change, hook_command
+from ..errors import ValidationError
+from ..transport import address as addr
+from . import service
+
+
+def add_settings_file(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--settings", type=Path, default=None, help="the settings file (default: ~/.claude/settings.json)")
+    cmd.add_argument("--dry-run", action="store_true", help="print a diff of the settings file, write nothing")
+
+
+def install_hooks(args: argparse.Namespace) -> int:
+    if args.address and addr.is_redis(args.address):
+        from ..redis.address import parse_redis, password_in_url
+
+        parse_redis(args.address)  # a bad URL is refused now, not at the agent's first event
+        if password_in_url(args.address):
+            raise ValidationError(
+                "address",
+                "holds a password, which would be written into Claude Code's settings: put it in a file "
+                "(?password_file=PATH, mode 0600) or in $SHMSTORE_REDIS_PASSWORD instead",
+            )
+    agent = agents.get(agents.DEFAULT)
+    command = args.hook_command or hook_command(args.address)
+    path = args.settings or agent.default_settings()
+    change = agent.install(path, command, dry_run=args.dry_run)
+    return _report_change(change, args.dry_run, f"put `{command}` on")
+
+
+def uninstall_hooks(args: argparse.Namespace) -> int:
+    agent = agents.get(agents.DEFAULT)
+    path = args.settings or agent.default_settings()
+    change = agent.uninstall(path, dry_run=args.dry_run)
+    return _report_change(change, args.dry_run, "removed the shmstore hook from")
+
+
+def _report_change(change: Change, dry_run: bool, done: str) -> int:
+    if dry_run:
+        sys.stdout.write(change.diff())
+        print(f"dry run, nothing written; it would have {done} {len(change.events)} events", file=sys.stderr)
+    elif not change.events:
+        print(f"{change.path} is as it should be; nothing changed")
+    else:
+        print(f"{done} {len(change.events)} events in {change.path}")
+        if change.backup is not None:
+            print(f"the old file is kept as {change.backup}")
+    return 0
+
+
+def install_service(args: argparse.Namespace) -> int:
+    plan = service.plan(args.init, address=args.address, timeout=args.timeout)
+    if args.dry_run:
+        service.check_not_foreign(plan.path)
+        sys.stdout.write(plan.text)
+        commands = "".join(f"\n  {shlex.join(argv)}" for argv in plan.commands)
+        print(f"dry run: would write {plan.path} and run:{commands}", file=sys.stderr)
+        return 0
+    try:
+        service.check_manager(args.init, address=args.address, timeout=args.timeout)
+    except service.NoServiceManagerError as exc:
+        print(exc.advice)  # on stdout, to paste into a login script; the reason goes to stderr
+        raise
+    changed = service.install(plan)
+    print(f"{'wrote' if changed else 'kept'} {plan.path}; the {args.init} user service is enabled and started")
+    return 0
+
+
+def uninstall_service(args: argparse.Namespace) -> int:
+    plan = service.plan(args.init, address=None, timeout=args.timeout)
+    try:
+        service.check_manager(args.init, timeout=args.timeout)
+        manager = True
+    except service.NoServiceManagerError:
+        manager = False
+    if not service.uninstall(plan, manager=manager):
+        print(f"there is no service file at {plan.path}; nothing to do")
+    elif manager:
+        print(f"stopped and disabled the service; removed {plan.path}")
+    else:
+        print(f"removed {plan.path} (no {args.init} user manager is running, so none was told)")
+    return 0
+
+
+def add_service_flags(cmd: argparse.ArgumentParser) -> None:
+    # --timeout bounds each systemctl/launchctl call; `enable --now` waits for the manager.
+    cmd.set_defaults(timeout=service.COMMAND_TIMEOUT)
+    cmd.add_argument(
+        "--init",
+        choices=service.INITS,
+        default=service.default_init(),
+        help="the service manager (default: %(default)s, this system's)",
+    )

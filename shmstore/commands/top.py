@@ -1,0 +1,331 @@
+"""``shmstore top``: a live, full-screen table of the sessions, kept up to date from the
+change feed.
+
+Sessions waiting for the user come first (a question, then attention), then working ones,
+each group by last activity, newest first. The screen is drawn with ``rich``, which only
+this module imports, and only ``shmstore top`` imports this module, so the hook and the
+manager never load it.
+
+Two threads: a :class:`~shmstore.clients.follow.Follower` runs on one and keeps a :class:`Board`
+up to date (it reconnects on its own when the manager restarts or hangs, and the board
+shows "reconnecting…" meanwhile); the main thread owns the terminal. It waits in
+``select()`` on the keyboard (read in cbreak mode), on a pipe the follower's thread writes
+a byte to when something changed, and on a one-second tick that ages the times shown,
+and redraws. Nothing polls the store. ``q`` or Ctrl-C quits (SIGTERM and SIGHUP too),
+and the terminal is restored on every way out.
+
+Without a terminal on stdin and stdout, ``top`` prints the table once, without escape
+codes, and exits, like ``top -b -n 1``: a script or a pipe gets the same view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import select
+import signal
+import sys
+import termios
+import threading
+import time
+import tty
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import FrameType
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from ..clients.client import Client
+from ..clients.follow import Follower, Link, Notice
+from ..feed import Event
+from ..model import Session, Status
+from ..transport import address as addr
+from .render import age, printable, project, short_id, tokens
+
+#: The order of the groups: what needs the user first.
+RANK = {Status.QUESTION: 0, Status.ATTENTION: 1, Status.WORKING: 2, Status.CLOSED: 3}
+#: How each status is coloured.
+STYLE = {
+    Status.QUESTION: "bold magenta",
+    Status.ATTENTION: "bold yellow",
+    Status.WORKING: "green",
+    Status.CLOSED: "dim",
+}
+#: A terminal at least this wide also shows each session's pid and agent.
+WIDE = 100
+#: Seconds the header says "resynced" after the follower started again from a snapshot.
+RESYNCED_FOR = 10.0
+#: Lines of the screen that are not session rows: header (two while reconnecting), blank,
+#: column names, rule, footer.
+CHROME = 6
+
+
+# -- what is shown: pure functions ------------------------------------------------------------
+
+
+def ordered(sessions: Iterable[Session]) -> list[Session]:
+    """Questions first, then attention, then working; in each, the last active first."""
+    return sorted(sessions, key=lambda s: (RANK[s.status], -(s.last_activity or s.since), s.id))
+
+
+def columns(sessions: Sequence[Session], width: int) -> list[str]:
+    """The columns for ``sessions`` on a screen ``width`` wide: the host only when the
+    sessions come from more than one (a store several hosts share), tokens only when some
+    session has reported usage, pid and agent only when there is room."""
+    names = ["STATUS", "PROJECT", "ID", "IN STATUS", "LAST ACTIVE"]
+    if len({s.host for s in sessions}) > 1:
+        names.insert(1, "HOST")
+    if any(s.api_usage is not None for s in sessions):
+        names.append("TOKENS IN/OUT")
+    if width >= WIDE:
+        names += ["PID", "AGENT"]
+    return names
+
+
+def cells(session: Session, names: Sequence[str], at: float) -> list[str]:
+    """One row of text for ``session``, in the columns ``names``, at time ``at``."""
+    every = {
+        "STATUS": f"{session.status} (stale)" if session.stale else session.status.value,
+        "HOST": session.host or "-",
+        "PROJECT": project(session),
+        "ID": short_id(session.id),
+        "IN STATUS": age(at - session.since),
+        "LAST ACTIVE": age(at - (session.last_activity or session.since)) + " ago",
+        "TOKENS IN/OUT": tokens(session.api_usage),
+        "PID": "-" if session.pid is None else str(session.pid),
+        "AGENT": session.agent_type.value,
+    }
+    return [every[name] for name in names]
+
+
+def summary(sessions: Sequence[Session]) -> str:
+    """``3 sessions: 1 question, 0 attention, 2 working``."""
+    counts = ", ".join(f"{sum(s.status is status for s in sessions)} {status}" for status in list(RANK)[:3])
+    return f"{len(sessions)} session{'' if len(sessions) == 1 else 's'}: {counts}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Frame:
+    """Everything one screen shows: the sessions and the state of the connection.
+
+    ``link`` is ``connecting`` until the first snapshot, then ``live`` or ``reconnecting``;
+    ``message`` says why it is reconnecting; ``resynced_at`` is when (``time.time()``) the
+    follower last started again from a snapshot after reconnecting."""
+
+    address: str
+    sessions: tuple[Session, ...] = ()
+    revision: int | None = None
+    link: str = "connecting"
+    message: str = ""
+    resynced_at: float | None = None
+
+
+def header(frame: Frame, at: float, *, live: bool = True) -> Text:
+    """The first lines: where, the state of the connection (if ``live``), how many of each.
+    While reconnecting, a second line says what failed; the table below is then the last
+    one seen."""
+    text = Text(f"shmstore top  {printable(frame.address)}  ")
+    if frame.link == Link.RECONNECTING:
+        text.append("reconnecting\u2026", style="bold red")
+        if frame.revision is None:
+            text.append("  (nothing seen yet)\n")
+        else:
+            text.append(f"  (last seen: rev {frame.revision}, {summary(frame.sessions)})\n")
+        text.append(printable(frame.message), style="red")
+        return text
+    if frame.link != Link.LIVE:
+        return text.append("connecting\u2026", style="yellow")
+    if live:
+        text.append("live", style="green")
+        if frame.resynced_at is not None and at - frame.resynced_at < RESYNCED_FOR:
+            text.append(" (resynced)", style="cyan")
+        text.append("  ")
+    return text.append(f"rev {frame.revision}  {summary(frame.sessions)}")
+
+
+def view(frame: Frame, at: float, width: int, height: int, *, keys: bool = True) -> RenderableType:
+    """The whole screen for ``frame`` at time ``at`` on a ``width`` x ``height`` terminal
+    (with the keys to press at the foot if ``keys``)."""
+    sessions = ordered(frame.sessions)
+    names = columns(sessions, width)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False, header_style="bold")
+    for name in names:
+        table.add_column(name, no_wrap=True, overflow="ellipsis", max_width=32 if name == "PROJECT" else None)
+    room = max(1, height - CHROME)
+    shown = sessions if len(sessions) <= room else sessions[: room - 1]
+    for session in shown:
+        style = "dim" if session.stale or frame.link == Link.RECONNECTING else STYLE[session.status]
+        row = [Text(cell) for cell in cells(session, names, at)]
+        row[0].stylize(style)
+        table.add_row(*row)
+    parts: list[RenderableType] = [header(frame, at, live=keys), Text(""), table]
+    if len(shown) < len(sessions):
+        parts.append(Text(f"\u2026 and {len(sessions) - len(shown)} more", style="dim"))
+    elif not sessions and frame.link == Link.LIVE:
+        parts.append(Text("no live sessions", style="dim"))
+    if keys:
+        parts.append(Text("q quit", style="dim"))
+    return Group(*parts)
+
+
+# -- the board: what the follower's thread has seen --------------------------------------------
+
+
+class Board:
+    """The state the screen shows, written by the follower's thread and read by the
+    drawing one. A lock guards the frame (swapped whole, so a reader never sees half an
+    update); each update writes a byte to a pipe, which wakes the drawing thread's
+    ``select()`` at once instead of at its next tick."""
+
+    def __init__(self, address: str) -> None:
+        self._lock = threading.Lock()
+        self._frame = Frame(address)
+        self._error: BaseException | None = None
+        self.wake, self._poke = os.pipe()
+        os.set_blocking(self._poke, False)
+
+    def frame(self) -> Frame:
+        with self._lock:
+            return self._frame
+
+    def error(self) -> BaseException | None:
+        with self._lock:
+            return self._error
+
+    def take(self, item: Event | Notice, sessions: Mapping[str, Session], revision: int | None) -> None:
+        """Show what the follower yielded, with the sessions and revision it has now."""
+        with self._lock:
+            frame = dataclasses.replace(self._frame, sessions=tuple(sessions.values()), revision=revision)
+            if isinstance(item, Notice):
+                frame = dataclasses.replace(frame, link=item.link, message=_problem(item))
+                if item.resynced:
+                    frame = dataclasses.replace(frame, resynced_at=time.time())
+            elif frame.link == "connecting":
+                frame = dataclasses.replace(frame, link=Link.LIVE)
+            self._frame = frame
+        self.poke()
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            self._error = error
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake the drawing thread (a full pipe already will)."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._poke, b"!")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.read(self.wake, 4096)
+
+    def close(self) -> None:
+        os.close(self.wake)
+        os.close(self._poke)
+
+
+def _problem(notice: Notice) -> str:
+    """What failed and when the next try is, in a line."""
+    if notice.problem is None:
+        return notice.message
+    return f"{notice.problem} (try {notice.attempt + 1} in {notice.retry_in:.1f} s)"
+
+
+def _follow(follower: Follower, board: Board) -> None:
+    """The follower's thread: every event and notice onto the board, until closed."""
+    try:
+        for item in follower:
+            board.take(item, follower.sessions, follower.revision)
+    except BaseException as exc:  # shown by the drawing thread, which raises it
+        board.fail(exc)
+
+
+# -- the terminal -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _cbreak(fd: int) -> Iterator[None]:
+    """Keys arrive one by one, unechoed; the terminal's settings are restored on the way out."""
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+@contextlib.contextmanager
+def _signals(board: Board) -> Iterator[None]:
+    """SIGTERM and SIGHUP quit as Ctrl-C does (restoring the terminal, which their default
+    action would leave in cbreak mode on the alternate screen); SIGWINCH redraws at the
+    new size at once."""
+
+    def quit(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    def resized(signum: int, frame: FrameType | None) -> None:
+        board.poke()
+
+    handlers = {signal.SIGTERM: quit, signal.SIGHUP: quit, signal.SIGWINCH: resized}
+    saved = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def run(client: Client) -> int:
+    """``shmstore top`` for the manager ``client`` speaks to, until ``q``; returns the exit code."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return print_once(client)
+    board = Board(addr.format_address(client.address))
+    follower = Follower(client)
+    thread = threading.Thread(target=_follow, args=(follower, board), name="shmstore-top-follower", daemon=True)
+    try:
+        with _signals(board):
+            _show(board, thread, sys.stdin.fileno())
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP
+        pass
+    finally:
+        follower.close()
+        if thread.ident is not None:  # started: close() ends a call in flight at once, so
+            thread.join(client.timeout)  # this bound is only a safety net
+        board.close()
+    return 0
+
+
+def _show(board: Board, thread: threading.Thread, keys: int) -> None:
+    """Draw until ``q``: on every change, key press and second."""
+    console = Console(highlight=False)
+    with _cbreak(keys), Live(console=console, screen=True, auto_refresh=False, redirect_stderr=False) as live:
+        thread.start()
+        while True:
+            error = board.error()
+            if error is not None:
+                raise error
+            width, height = console.size
+            live.update(view(board.frame(), time.time(), width, height), refresh=True)
+            tick = 1.0 - time.time() % 1.0  # ages change on the second
+            ready, _, _ = select.select([keys, board.wake], [], [], tick)
+            if board.wake in ready:
+                board.drain()
+            if keys in ready:
+                typed = os.read(keys, 1024)
+                if not typed or b"q" in typed.lower():
+                    return
+
+
+def print_once(client: Client) -> int:
+    """The table once, for a pipe or a script: no colours, no escape codes."""
+    snapshot = client.snapshot()
+    frame = Frame(addr.format_address(client.address), snapshot.sessions, snapshot.revision, Link.LIVE)
+    console = Console(highlight=False)
+    # A pipe has no width: rich assumes 80 columns (or $COLUMNS); lines are not wrapped.
+    screen = view(frame, time.time(), console.width, CHROME + len(frame.sessions), keys=False)
+    console.print(screen, soft_wrap=True)
+    return 0

@@ -1,0 +1,239 @@
+"""The hook's run (:func:`run_hook`): one agent event, read from stdin, made into one
+``report`` on the store, fast, never failing the agent, and never failing silently either
+(:mod:`shmstore.hook.failures`). It knows nothing of any agent: the agent's adapter
+(:mod:`shmstore.agents`) reads the payload.
+
+This module is on the hook's path, so it imports only the standard library and the light
+modules of the package (never ``multiprocess``, ``dill`` or ``orjson``): statuses are the
+plain values of :class:`shmstore.model.Status`, a ``StrEnum`` they compare equal to.
+"""
+
+from __future__ import annotations
+
+import contextlib  # imported by `python -m` itself (runpy): free
+import json
+import os
+import select  # imported by the protocol anyway
+import sys
+import time
+
+from .. import agents, spool
+from ..clients.reporter import report
+from ..errors import AuthKeyError, StoreUnavailableError, ValidationError
+from ..procs import process_stat
+from ..transport import address as addr
+from .failures import note_failure
+
+# The type checker's names, not imported at run time: ``typing`` costs the hook ~4 ms of
+# start-up (mypy takes any name TYPE_CHECKING as true).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any, BinaryIO
+
+    from ..agents.base import HookReport
+
+#: The largest payload read from stdin: a prompt with a pasted log is megabytes.
+MAX_PAYLOAD = 64 << 20
+_CHUNK = 1 << 20
+
+
+def read_payload(stream: BinaryIO, deadline: float | None = None) -> dict[str, Any]:
+    """One hook payload from ``stream`` (read to its end, up to :data:`MAX_PAYLOAD`, by
+    ``deadline``, a ``time.monotonic()`` value, when given): a JSON object, whose fields
+    the agent's adapter reads. Raises TimeoutError when the writer keeps the stream open
+    past the deadline."""
+    read = stream.read if deadline is None else _reader_by(stream, deadline)
+    chunks, size = [], 0
+    while size <= MAX_PAYLOAD:
+        chunk = read(_CHUNK)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > MAX_PAYLOAD:
+        raise ValidationError("payload", f"is larger than {MAX_PAYLOAD} bytes")
+    try:
+        payload = json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise ValidationError("payload", f"is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ValidationError("payload", f"must be a JSON object, not {type(payload).__name__}")
+    return payload
+
+
+def _reader_by(stream: BinaryIO, deadline: float) -> Callable[[int], bytes]:
+    """``stream.read`` that waits for data until ``deadline`` at the latest: a poll of its
+    descriptor, then one read, which a poll that said "ready" keeps from blocking. (A SIGALRM
+    timer did this before, and its exception could land anywhere: in a tracer holding its
+    lock, under coverage on Python 3.13, it hung ~3% of hooks for good.) A stream without a
+    descriptor (in tests) is read as it is."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return stream.read
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+
+    def read(size: int) -> bytes:
+        if not poller.poll(max(0, round((deadline - time.monotonic()) * 1000))):
+            raise TimeoutError("gave up: the hook's time since its process started is over")
+        return os.read(fd, size)
+
+    return read
+
+
+_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "fish"})
+
+
+def agent_pid() -> int:
+    """The agent's process: our parent, or its parent when the parent is the shell the
+    agent ran the hook command in."""
+    pid = os.getppid()
+    for _ in range(3):
+        stat = process_stat(pid)
+        if stat is None:
+            break  # no /proc: the parent is the best we know
+        if stat.name not in _SHELLS or stat.parent <= 1:
+            break
+        pid = stat.parent
+    return pid
+
+
+# -- running -------------------------------------------------------------------------------
+
+#: The longest `shmstore hook` may take, counted from the start of its process (the
+#: interpreter's start-up included): an agent waits for its hooks.
+HOOK_DEADLINE = 0.9
+#: The longest ``--timeout`` honoured (an hour: far more than any agent waits for a hook),
+#: so that ``inf`` or ``1e300`` still make a deadline ``poll`` takes.
+MAX_BUDGET = 3600.0
+
+
+def process_started(fallback: float) -> float:
+    """When this process started, as a ``time.monotonic()`` value: from ``/proc/self/stat``
+    (clock ticks since boot, so to within 10 ms), else ``fallback``. Never earlier than a
+    second before ``fallback``, whatever the clocks say."""
+    stat = process_stat(os.getpid())
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if stat is None or boottime is None:
+        return fallback
+    age = time.clock_gettime(boottime) - stat.start / os.sysconf("SC_CLK_TCK")
+    return min(fallback, max(time.monotonic() - age, fallback - 1.0))
+
+
+def run_hook(
+    stream: BinaryIO,
+    address: str | None,
+    budget: float = HOOK_DEADLINE,
+    pid: int | None = None,
+    started: float | None = None,
+    agent: str = agents.DEFAULT,
+) -> int:
+    """Report one hook payload of ``agent`` (its adapter reads it) read from ``stream``.
+    Whatever goes wrong, return 0 by ``budget`` seconds after the process started
+    (``started``, a ``time.monotonic()`` value; default: read from /proc), and say why on
+    stderr and in the failure log (:mod:`shmstore.hook.failures`): a status display must
+    never block or fail the agent, nor fail without a trace. Every wait has the deadline:
+    reading stdin (a writer that never closes it), each call to the store, and the failure
+    log. A report the manager did not take in time is kept in its spool
+    (:mod:`shmstore.spool`), which it delivers later."""
+    # A budget of inf or 1e300 once made the deadline a number no timer took: exit 1.
+    budget = min(budget, MAX_BUDGET) if budget == budget else HOOK_DEADLINE  # nan: the default
+    began = process_started(time.monotonic() if started is None else started)
+    deadline = began + budget
+    at = time.time() - (time.monotonic() - began)  # when the agent fired the event, by the wall clock
+    event, session, failure = "-", "-", None
+    try:
+        adapter = agents.get(agent)
+        said = adapter.read(read_payload(stream, deadline))
+        event, session = said.event, said.session
+        failure = _report(said, adapter.NAME, address, pid, deadline, at)
+    except Exception as exc:
+        failure = f"not reported ({exc})"
+    if failure is not None:
+        say(f"shmstore hook: {failure}; the agent carries on")
+        note_failure(event, session, failure, deadline + LOG_GRACE)
+    return 0
+
+
+#: Of a hook's budget, what is kept back for writing its report to the spool when the
+#: manager does not answer in time (a write to the runtime directory, a tmpfs: ~0.2 ms).
+SPOOL_RESERVE = 0.05
+#: How long past its deadline a hook may still spend writing a line to its failure log,
+#: which may be on a slow (network) home; past it the line is skipped.
+LOG_GRACE = 0.05
+
+
+def say(line: str) -> None:
+    """One line on stderr, for whoever reads the agent's hook output. A stderr nobody reads
+    any more (a closed pipe) is pointed at the null device instead, so that neither this
+    write nor the interpreter's flush at exit fails the hook (exit code 1, or 120)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
+            os.close(devnull)
+
+
+def _report(
+    said: HookReport, agent: str, address: str | None, pid: int | None, deadline: float, at: float
+) -> str | None:
+    """Report what a payload ``said``; None when the store took it, else what happened to
+    it (kept in the spool, or not reported and why), for the failure log."""
+    if said.status is None:
+        if said.event not in agents.get(agent).QUIET_EVENTS:
+            say(f"shmstore hook: ignored unknown event {said.event!r}")
+        return None
+    where = addr.resolve_any(address)
+    pid = pid or agent_pid()
+    args = (said.session, said.status, said.cwd, pid, said.session, agent, said.reason, at)
+    if not isinstance(where, str | tuple):  # a Redis URL: the full client and the redis package
+        from ..clients.client import Client
+
+        with Client(where, timeout=max(0.001, deadline - time.monotonic())) as client:
+            client.report(*args[:3], pid=pid, session_id=said.session, agent_type=agent, reason=said.reason, at=at)
+        return None
+    token = os.urandom(16)
+    try:
+        report(where, None, *args[:3], pid=pid, session_id=said.session, agent_type=agent, reason=said.reason, at=at,
+               token=token, deadline=deadline - SPOOL_RESERVE)  # fmt: skip
+        return None
+    except (StoreUnavailableError, AuthKeyError) as exc:  # the manager is down, busy, stopping, or new
+        why = str(exc)
+    directory = spool.path_for(where)
+    try:
+        if spool.keep(directory, token, args, at):
+            return f"kept in the spool {directory} for the manager to deliver ({why})"
+        return f"dropped: the spool {directory} is full ({spool.MAX_ENTRIES} reports) ({why})"
+    except (OSError, StoreUnavailableError) as exc:
+        return f"not reported ({why}); nor kept in the spool ({exc})"
+
+
+def main(argv: Sequence[str], started: float) -> int | None:
+    """``shmstore hook [--agent NAME] [--address A] [--timeout T] [--pid N]`` without the command line's
+    parser (which imports the whole package); None for anything else (``--help``, a bad
+    value), which the full parser then handles. ``--timeout`` is the hook's budget from
+    the start of its process (default :data:`HOOK_DEADLINE`)."""
+    options: dict[str, str] = {}
+    args = list(argv)
+    while args:
+        name, equals, value = args.pop(0).partition("=")
+        if name not in ("--agent", "--address", "--timeout", "--pid") or name in options:
+            return None
+        if not equals:
+            if not args:
+                return None
+            value = args.pop(0)
+        options[name] = value
+    try:
+        budget = float(options.get("--timeout", HOOK_DEADLINE))
+        pid = int(options["--pid"]) if "--pid" in options else None
+    except ValueError:
+        return None
+    agent = options.get("--agent", agents.DEFAULT)
+    if not budget > 0 or agent not in agents.ADAPTERS:
+        return None
+    return run_hook(sys.stdin.buffer, options.get("--address"), budget, pid, started, agent)
