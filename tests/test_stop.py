@@ -195,7 +195,9 @@ def test_a_final_save_on_a_full_disk_fails_the_stop_and_the_restart_loses_nothin
         assert exited.strip() == "exit=1"
         log = "".join(lines)
         assert "No space left on device" in log
-        assert "the file holds the last good save (revision 5)" in log
+        # The last periodic save that fitted: the first five sessions, or a few more.
+        [saved] = re.findall(r"the file holds the last good save \(revision (\d+)\)", log)
+        assert 5 <= int(saved) < 405
         [rescue] = re.findall(r"the sessions are in (\S+),", log)
         until("serving at")
         assert f"restoring from {rescue}" in "".join(lines)
