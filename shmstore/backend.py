@@ -88,7 +88,9 @@ class Backend(Protocol):
         agent_type: str = ...,
         reason: str | None = None,
         at: float | None = None,
-    ) -> bytes: ...
+        subagent: str | None = None,
+        background: str | None = None,
+    ) -> bytes | None: ...
 
     def prune(self, older_than: float) -> int: ...
 

@@ -158,6 +158,14 @@ class Session:
     late (kept in the hook's spool, or overtaken by a faster one), counts as activity but
     never moves the status back. It is compared only with other events of the same agent,
     so no two hosts' clocks are compared. None until a report carries an event time.
+
+    ``asked_by`` is the subagent whose question the session waits on (``question`` from an
+    event of a subagent of the session's agent: Claude Code's ``agent_id``); None for the
+    agent's own question, or no question. Only that subagent's next event ends it.
+
+    ``background`` is set when the agent runs in the background, detached from any
+    terminal (Claude Code's ``claude --bg`` and agent view): its job's short id, what
+    ``claude attach`` takes. None for an agent in a terminal.
     """
 
     id: str
@@ -176,6 +184,8 @@ class Session:
     closed_reason: str | None = None
     host: str | None = None
     last_event: float | None = None
+    asked_by: str | None = None
+    background: str | None = None
 
     def __post_init__(self) -> None:
         check_id(self.id)
@@ -204,6 +214,14 @@ class Session:
             check_host(self.host)
         if self.last_event is not None:
             _set(self, "last_event", check_time(self.last_event, "last_event"))
+        if self.asked_by is not None:
+            check_id(self.asked_by, "asked_by")
+            if self.status is not Status.QUESTION:
+                raise ValidationError(
+                    "asked_by", f"is only for a session with a question, not one that is {self.status}"
+                )
+        if self.background is not None:
+            check_id(self.background, "background")
 
     @property
     def closed(self) -> bool:
@@ -231,6 +249,8 @@ class Session:
             "closed_reason": self.closed_reason,
             "host": self.host,
             "last_event": self.last_event,
+            "asked_by": self.asked_by,
+            "background": self.background,
         }
 
     def to_json(self) -> bytes:
@@ -260,6 +280,8 @@ class Session:
             closed_reason=fields.get("closed_reason"),
             host=fields.get("host"),
             last_event=fields.get("last_event"),
+            asked_by=fields.get("asked_by"),
+            background=fields.get("background"),
         )
         if "closed" in fields and fields["closed"] is not session.closed:
             raise ValidationError("closed", f"must be {session.closed} when status is {session.status}")
@@ -287,6 +309,8 @@ _SESSION_OPTIONAL = (
     "closed_reason",
     "host",
     "last_event",
+    "asked_by",
+    "background",
 )
 
 

@@ -45,18 +45,21 @@ _new = object.__new__
 
 #: Positions in a record.
 (ID, AGENT, STATUS, DIR, SINCE, ACTIVITY, HISTORY, USAGE, STALE, RESUME, PID, PID_START, REVISION, REASON, HOST,
- LAST_EVENT) = range(16)  # fmt: skip
-RECORD_LENGTH = 16
+ LAST_EVENT, ASKED_BY, BACKGROUND) = range(18)  # fmt: skip
+RECORD_LENGTH = 18
 #: Records as shorter versions of this module wrote them (in a state file, a Redis
 #: namespace, or sent by an older client) are read with the later fields None: fields are
-#: only ever added at the end.
+#: only ever added at the end. Records are written without trailing nulls past this
+#: length (:func:`dump`), so a field that most sessions leave null costs them nothing.
 OLDEST_RECORD_LENGTH = 15
 #: A status's code in a record is its index here, and an agent type's in AGENT_TYPES.
 STATUSES: tuple[Status, ...] = tuple(Status)
 AGENT_TYPES: tuple[AgentType, ...] = tuple(AgentType)
 STATUS_CODE: dict[str, int] = {status: code for code, status in enumerate(STATUSES)}  # a member or its string value
 AGENT_CODE: dict[str, int] = {agent: code for code, agent in enumerate(AGENT_TYPES)}
-WORKING, CLOSED = STATUS_CODE[Status.WORKING], STATUS_CODE[Status.CLOSED]
+WORKING, ATTENTION, QUESTION, CLOSED = (
+    STATUS_CODE[s] for s in (Status.WORKING, Status.ATTENTION, Status.QUESTION, Status.CLOSED)
+)
 #: A record's resume id when it is the session's id.
 SAME_AS_ID = 1
 #: Values a history entry takes in a record: when, from * 4 + to, duration.
@@ -164,6 +167,8 @@ def _record(session: Session, history: list[Any] | tuple[Any, ...]) -> Record:
         session.closed_reason,
         session.host,
         session.last_event,
+        session.asked_by,
+        session.background,
     ]
 
 
@@ -206,13 +211,47 @@ _FLAT_LONGEST = 100
 
 def pack(session: Session) -> bytes:
     """``session``'s record as the bytes a client sends ``set``."""
-    return orjson.dumps(_record(session, _flat_of(session.history, session.since)))
+    return dump(_record(session, _flat_of(session.history, session.since)))
+
+
+def dump(record: Record) -> bytes:
+    """``record``'s bytes, without the nulls it ends with (:func:`trim`)."""
+    return orjson.dumps(trim(record))
+
+
+def trim(record: Record) -> Record:
+    """``record`` without the nulls it ends with past :data:`OLDEST_RECORD_LENGTH` (a
+    session with no event time, subagent question or background job costs no byte for
+    them; decoding pads them back); ``record`` itself when it ends with none."""
+    end = len(record)
+    while end > OLDEST_RECORD_LENGTH and record[end - 1] is None:
+        end -= 1
+    return record if end == len(record) else record[:end]
 
 
 def new_record(id: str, agent: AgentType, status: Status, working_dir: str, at: float, reason: str | None) -> Record:
     """The record of a session first reported at ``at``, from values already checked."""
     agent_code, status_code = AGENT_CODE[agent], STATUS_CODE[status]
-    return [id, agent_code, status_code, working_dir, at, at, [], None, False, None, None, None, 0, reason, None, None]
+    return [
+        id,
+        agent_code,
+        status_code,
+        working_dir,
+        at,
+        at,
+        [],
+        None,
+        False,
+        None,
+        None,
+        None,
+        0,
+        reason,
+        None,
+        None,
+        None,
+        None,
+    ]
 
 
 def load_record(data: bytes) -> Record:
@@ -255,6 +294,8 @@ _set_rev = _setters(Session, "revision")[0]
 _set_reason = _setters(Session, "closed_reason")[0]
 _set_host = _setters(Session, "host")[0]
 _set_last_event = _setters(Session, "last_event")[0]
+_set_asked_by = _setters(Session, "asked_by")[0]
+_set_background = _setters(Session, "background")[0]
 _ENTRY_SET = _setters(StateTransition, *(field.name for field in dataclasses.fields(StateTransition)))
 _USAGE_SET = _setters(ApiUsage, "input_tokens", "output_tokens")
 #: A history entry's code -> its (from, to) statuses.
@@ -281,6 +322,8 @@ def _stored_session(record: Record) -> Session:
         reason,
         host,
         last_event,
+        asked_by,
+        background,
     ) = record
     session = _new(Session)
     _set_id(session, id)
@@ -305,6 +348,8 @@ def _stored_session(record: Record) -> Session:
     _set_reason(session, reason)
     _set_host(session, host)
     _set_last_event(session, last_event)
+    _set_asked_by(session, asked_by)
+    _set_background(session, background)
     return session
 
 
@@ -401,4 +446,6 @@ def restamped(session: Session, revision: int, pid_start: int | None) -> Session
     _set_reason(copy, session.closed_reason)
     _set_host(copy, session.host)
     _set_last_event(copy, session.last_event)
+    _set_asked_by(copy, session.asked_by)
+    _set_background(copy, session.background)
     return copy

@@ -38,6 +38,8 @@ from .record import (
     AGENT,
     AGENT_CODE,
     AGENT_TYPES,
+    ASKED_BY,
+    BACKGROUND,
     CLOSED,
     DIR,
     ENTRY,
@@ -48,6 +50,7 @@ from .record import (
     OLDEST_RECORD_LENGTH,
     PID,
     PID_START,
+    QUESTION,
     REASON,
     RECORD_LENGTH,
     RESUME,
@@ -128,6 +131,14 @@ def checked_record(record: list[Any], max_id_length: int = MAX_ID_LENGTH) -> Rec
         check_host(record[HOST])
     if record[LAST_EVENT] is not None:
         record[LAST_EVENT] = check_time(record[LAST_EVENT], "last_event")
+    if record[ASKED_BY] is not None:
+        check_id(record[ASKED_BY], "asked_by")
+        if status != QUESTION:
+            raise ValidationError(
+                "asked_by", f"is only for a session with a question, not one that is {STATUSES[status]}"
+            )
+    if record[BACKGROUND] is not None:
+        check_id(record[BACKGROUND], "background")
     return record
 
 
@@ -218,6 +229,13 @@ def session_record(data: object, max_id_length: int = MAX_ID_LENGTH) -> Record:
     last_event = fields.get("last_event")
     if last_event is not None:
         last_event = check_time(last_event, "last_event")
+    asked_by, background = fields.get("asked_by"), fields.get("background")
+    if asked_by is not None:
+        check_id(asked_by, "asked_by")
+        if status is not Status.QUESTION:
+            raise ValidationError("asked_by", f"is only for a session that has a question, not {status}")
+    if background is not None:
+        check_id(background, "background")
     closed = status is Status.CLOSED
     if "closed" in fields and fields["closed"] is not closed:
         raise ValidationError("closed", f"must be {closed} when status is {status}")
@@ -238,6 +256,8 @@ def session_record(data: object, max_id_length: int = MAX_ID_LENGTH) -> Record:
         reason,
         host,
         last_event,
+        asked_by,
+        background,
     ]
 
 

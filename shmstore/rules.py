@@ -12,6 +12,8 @@ these functions keep them so. Statuses are codes (:data:`~shmstore.record.STATUS
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import orjson
 
 from . import procs
@@ -32,12 +34,16 @@ from .errors import (
 from .model import AgentType, ClosedReason, Status, check_agent_type, check_status
 from .record import (
     ACTIVITY,
+    ASKED_BY,
+    ATTENTION,
+    BACKGROUND,
     CLOSED,
     ENTRY,
     HISTORY,
     LAST_EVENT,
     PID,
     PID_START,
+    QUESTION,
     REASON,
     RESUME,
     SAME_AS_ID,
@@ -49,6 +55,7 @@ from .record import (
     WORKING,
     Record,
     append_entry,
+    dump,
     flat_history,
     history_entries,
     load_record,
@@ -139,20 +146,39 @@ def checked_set(data: object, expected_revision: object, limits: Limits) -> Reco
     return record
 
 
+class Report(NamedTuple):
+    """A report's arguments, checked (:func:`checked_report`): what the store needs to
+    apply it (:func:`report_record`)."""
+
+    id: str
+    to: Status
+    working_dir: str
+    agent: AgentType
+    why: str  # the closed reason it gives, if it closes the session
+    pid: int | None
+    session_id: str | None
+    event: float | None  # when the agent fired it (its clock)
+    subagent: str | None  # the subagent of the session's agent that fired it
+    background: str | None  # the background job the agent runs as
+
+
 def checked_report(
     id: object,
     status: object,
     working_dir: object,
-    pid: object,
-    session_id: object,
-    agent_type: object,
-    reason: object,
-    at: object,
+    pid: object = None,
+    session_id: object = None,
+    agent_type: object = AgentType.CLAUDE_CODE,
+    reason: object = None,
+    at: object = None,
+    subagent: object = None,
+    background: object = None,
+    *,
     max_id_length: int,
-) -> tuple[Status, AgentType, str, float | None]:
-    """A report's arguments checked (ValidationError names the first that is wrong): its
-    status, agent type, the closed reason it gives if it closes the session
-    (``session_end``, then ``:reason`` when the agent said why), and the event's time."""
+) -> Report:
+    """A report's arguments (:meth:`Store.report`'s) checked; ValidationError names the
+    first that is wrong. The closed reason is ``session_end``, then ``:reason`` when the
+    agent said why."""
     check_id(id, max_length=max_id_length)
     to = check_status(status)
     check_dir(working_dir)
@@ -164,44 +190,60 @@ def checked_report(
     why = ClosedReason.SESSION_END.value
     if reason is not None:
         why = check_closed_reason(f"{why}:{reason}" if isinstance(reason, str) else reason, "reason")
-    return to, agent, why, None if at is None else check_time(at, "at")
+    for value, field in ((subagent, "subagent"), (background, "background")):
+        if value is not None:
+            check_id(value, field)
+    event = None if at is None else check_time(at, "at")
+    return Report(id, to, working_dir, agent, why, pid, session_id, event, subagent, background)  # type: ignore[arg-type]
 
 
-def report_record(
-    current: bytes | None,
-    id: str,
-    to: Status,
-    working_dir: str,
-    agent: AgentType,
-    why: str,
-    at: float,
-    max_history: int,
-    session_id: str | None,
-    event: float | None = None,
-) -> tuple[Record, bool]:
-    """What a report of status ``to`` at ``at`` (the store's clock) makes of the stored
-    session ``current`` (a new session if None), and whether the report was late: a
-    transition only if the status changes, activity either way; ``why`` is the closed
-    reason if it closes; ``session_id``, when given, the resume id. A report whose
-    ``event`` time (the agent's clock) is older than the session's last event is late: it
-    is activity and nothing more. The pid and its start time are the caller's (each
-    backend knows them its own way), and not to be applied to a late report."""
-    code = STATUS_CODE[to]
+def report_record(current: bytes | None, report: Report, at: float, max_history: int) -> tuple[Record | None, bool]:
+    """What ``report`` makes, at ``at`` (the store's clock), of the stored session
+    ``current`` (None: none), and whether it moved the session. None when there is
+    nothing to do: the end of a session the store does not hold (an agent view's own end,
+    or a start that never came) creates nothing.
+
+    A new session is created at the report's status. An existing one counts the report
+    as activity, and moves to its status (a transition only if the status changes) unless:
+
+    * the report's event is older than the session's last event (it arrived late: waited
+      in a spool, or was overtaken), or
+    * it is a subagent's (``report.subagent``) and would only move the session to working
+      while the agent waits for the user (attention: a background subagent works on), or
+      waits on a question that is not that subagent's own.
+
+    The pid and its start time are the caller's to set (each backend knows them its own
+    way), and only on a report that moved the session."""
+    code = STATUS_CODE[report.to]
     if current is None:
-        record = new_record(id, agent, to, working_dir, at, why if code == CLOSED else None)
+        if code == CLOSED:
+            return None, False
+        record = new_record(report.id, report.agent, report.to, report.working_dir, at, None)
     else:
         record = load_record(current)
-        last = record[LAST_EVENT]
-        if event is not None and last is not None and event < last:
-            return touch_record(record, at), True
-        if record[STATUS] != code:
-            transition_record(record, code, at, max_history, why)
+        last, status = record[LAST_EVENT], record[STATUS]
+        if report.event is not None and last is not None and report.event < last:
+            return touch_record(record, at), False
+        if report.subagent is not None and code == WORKING and _waits_on_another(record, report.subagent):
+            return touch_record(record, at), False
+        if status != code:
+            transition_record(record, code, at, max_history, report.why)
         touch_record(record, at)
-    if session_id is not None:
-        record[RESUME] = SAME_AS_ID if session_id == id else session_id
-    if event is not None:
-        record[LAST_EVENT] = event
-    return record, False
+    record[ASKED_BY] = report.subagent if code == QUESTION else None
+    if report.session_id is not None:
+        record[RESUME] = SAME_AS_ID if report.session_id == report.id else report.session_id
+    if report.event is not None:
+        record[LAST_EVENT] = report.event
+    if report.background is not None:
+        record[BACKGROUND] = report.background
+    return record, True
+
+
+def _waits_on_another(record: Record, subagent: str) -> bool:
+    """Whether the session waits for the user for something other than ``subagent``: at
+    its prompt (attention), or on a question of the agent or another subagent."""
+    status = record[STATUS]
+    return bool(status == ATTENTION or (status == QUESTION and record[ASKED_BY] != subagent))
 
 
 def encoded(record: Record, limit: int, outside: bool) -> bytes:
@@ -212,7 +254,7 @@ def encoded(record: Record, limit: int, outside: bool) -> bytes:
     # orjson builds its result in a 4 KiB buffer and shrinks it in place, which leaves
     # a hole that later buffers do not fit: kept for long, a 1 KiB session pinned about
     # 3.7 KiB of heap (measured). An exact-size copy costs 0.15 us and packs tightly.
-    data = memoryview(orjson.dumps(record)).tobytes()
+    data = memoryview(dump(record)).tobytes()
     if outside and len(data) > limit - RECORD_RESERVE:
         raise ValidationError(
             "session",
@@ -232,7 +274,7 @@ def _shed_history(record: Record, data: bytes, limit: int) -> bytes:
         excess -= len(orjson.dumps(history[drop : drop + ENTRY])) - 1  # its values and their commas
         drop += ENTRY
     del history[:drop]
-    data = memoryview(orjson.dumps(record)).tobytes()
+    data = memoryview(dump(record)).tobytes()
     if len(data) > limit:  # not reachable while RECORD_RESERVE holds
         raise ValidationError("session", f"is {len(data)} bytes as a stored record; the limit is {limit}")
     return data

@@ -295,39 +295,35 @@ class Store:
         agent_type: str = AgentType.CLAUDE_CODE,
         reason: str | None = None,
         at: float | None = None,
-    ) -> bytes:
-        """What an agent's hook says: create the session if it is new, else move it to
-        ``status`` (a history entry only if the status changes), in one step.
+        subagent: str | None = None,
+        background: str | None = None,
+    ) -> bytes | None:
+        """What an agent's hook says, in one step (:func:`rules.report_record` has the
+        rules): create the session if it is new, else count the report as activity and
+        move the session to ``status`` (a history entry only if the status changes), unless
+        the event fired at ``at`` (the agent's clock) is older than the session's
+        ``last_event``, or a ``subagent``'s work would take it from waiting on the user. A
+        report on a recently closed session brings it back; the end of a session the store
+        does not hold changes nothing (None). A report that closes the session records its
+        ``closed_reason`` as ``session_end`` (``session_end:REASON`` with the agent's
+        ``reason``, e.g. ``logout``); ``background`` is the agent's background job.
 
-        ``at`` is when the agent fired the event (epoch seconds, its host's clock; None:
-        unknown). A report of an event older than the session's ``last_event`` arrived
-        late (it waited in a spool, or a faster report overtook it): it counts as activity
-        and changes nothing else, so events applied in any order leave the status of the
-        newest. A report without ``at`` is applied as it comes.
-
-        Every report counts as activity (``last_activity``, and no longer stale). A report
-        on a recently closed session brings it back: the agent resumed it. ``pid`` and
-        ``session_id``, when given, replace what the session had. A report that closes the
-        session records its ``closed_reason`` as ``session_end``, followed by ``:reason`` when
-        the agent said why (Claude Code's SessionEnd ``reason``, e.g. ``session_end:logout``).
-
-        The agent is identified by ``pid`` and the start time /proc gives for it now (the
-        reporting agent is running), kept as ``pid_start``; if the pid has no process any
-        more, the start time the session already had for that pid is kept. A caller in
-        another pid namespace (see :mod:`shmstore.procs`) names a pid that means nothing
-        here: it is recorded as given, with no ``pid_start``, and never used to close the
-        session.
+        The agent is identified by ``pid`` and the start time /proc gives for it now (kept
+        as ``pid_start``; if the pid has no process any more, the one the session had for
+        it). A caller in another pid namespace (:mod:`shmstore.procs`) names a pid that
+        means nothing here: it is recorded with no ``pid_start``, and never reaped.
         """
-        to, agent, why, event = rules.checked_report(
-            id, status, working_dir, pid, session_id, agent_type, reason, at, self.limits.max_id_length
-        )
+        said = rules.checked_report(
+            id, status, working_dir, pid, session_id, agent_type, reason, at, subagent, background,
+            max_id_length=self.limits.max_id_length,
+        )  # fmt: skip
         same_namespace, fresh = _see_pid(pid, None)
         with self._lock:
             current = self._sessions.get(id) or self._closed.get(id)
-            record, late = rules.report_record(
-                current, id, to, working_dir, agent, why, now(), self.limits.max_history, session_id, event
-            )
-            if pid is not None and not late:
+            record, moved = rules.report_record(current, said, now(), self.limits.max_history)
+            if record is None:
+                return None
+            if pid is not None and moved:
                 record[PID] = pid
                 record[PID_START] = rules.pid_start_for(pid, fresh, current) if same_namespace else None
             return self._commit(record, EventKind.REPORT, outside=current is None)

@@ -30,18 +30,19 @@ _LIMITS = {field.name for field in dataclasses.fields(shmstore.Limits)}
 def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A runtime directory of each test's own ($XDG_RUNTIME_DIR, which the processes it
     starts inherit): where a TCP manager's key file and spool, and a manager's rescue
-    file, go, so that no test sees another's."""
+    file, go; and a state directory of its own ($XDG_STATE_HOME: the hook's failure log),
+    so that no test sees another's, or the machine user's."""
     path = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(path))
+    monkeypatch.setenv("XDG_STATE_HOME", str(path / "state"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
-def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every hook of the test (and hooks.failure_log_path in it) logs under tmp_path."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    return tmp_path / "state"
+def state_home(runtime_dir: Path) -> Path:
+    """Where every hook of the test (and hooks.failure_log_path in it) logs."""
+    return runtime_dir / "state"
 
 
 @pytest.fixture

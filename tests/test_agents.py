@@ -31,7 +31,7 @@ def test_an_adapter_names_itself_and_maps_events_to_statuses_only(name: str) -> 
 @pytest.mark.parametrize("name", agents.names())
 def test_an_adapter_refuses_a_payload_that_names_no_session(name: str) -> None:
     with pytest.raises(ValidationError):
-        agents.get(name).read({})
+        agents.get(name).read({}, {})
 
 
 @pytest.mark.parametrize("name", agents.names())

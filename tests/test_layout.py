@@ -25,7 +25,7 @@ LAYERS = [
     ["record", "record_checks", "feed", "procs", "atomic", "transport.protocol", "transport.segment", "redis.address"],
     ["config", "transport.address", "transport.wire"],
     ["backend", "rules", "listing", "mirror", "retries", "spool"],
-    ["store", "redis.store", "redis.scripts", "redis.proxy"],
+    ["store", "redis.store", "redis.scripts", "redis.proxy", "redis.hosts"],
     ["manager", "clients"],
     ["agents"],
     ["hook"],

@@ -15,7 +15,17 @@ from hypothesis import strategies as st
 
 from shmstore import AgentType, ApiUsage, Session, StateTransition, Status, ValidationError
 from shmstore.checks import MAX_ID_LENGTH, MAX_TOKENS
-from shmstore.record import ID, STATUS_CODE, pack, public_json, restamped, session_from_store, to_record
+from shmstore.record import (
+    ID,
+    STATUS_CODE,
+    dump,
+    load_record,
+    pack,
+    public_json,
+    restamped,
+    session_from_store,
+    to_record,
+)
 from shmstore.record_checks import session_record, stored_record
 from shmstore.rules import add_usage_record, transition_record
 
@@ -64,6 +74,8 @@ def test_json_encoding_is_exact() -> None:
         "closed_reason",
         "host",
         "last_event",
+        "asked_by",
+        "background",
     ]
     assert data["history"][0] == {"timestamp": 100.0, "from": "working", "to": "attention", "duration": 5.5}
     assert data["api_usage"] == {"input_tokens": 1200, "output_tokens": 340}
@@ -307,8 +319,8 @@ def test_the_one_pass_check_holds_the_id_to_the_stores_limit() -> None:
 
 def test_the_one_pass_check_gives_what_the_model_encodes() -> None:
     session = full_session()
-    assert orjson.dumps(session_record(session.to_json())) == pack(session)
-    assert orjson.dumps(stored_record(pack(session))) == pack(session)
+    assert dump(session_record(session.to_json())) == pack(session)
+    assert dump(stored_record(pack(session))) == pack(session)
 
 
 # -- the stored form ----------------------------------------------------------------------------
@@ -326,10 +338,10 @@ def test_a_record_keeps_every_field_and_the_resume_id_only_once_when_it_is_the_i
 
 def test_history_times_are_whole_milliseconds_counted_back_from_the_next_entry_unless_they_cannot_be() -> None:
     exact = dataclasses.replace(full_session(), since=120.5)  # entries at 100.0 and 110.25
-    assert orjson.loads(pack(exact))[6] == [10250, 1, 5500, 10250, 6, 10250]
+    assert load_record(pack(exact))[6] == [10250, 1, 5500, 10250, 6, 10250]
     assert session_from_store(pack(exact)) == exact
     odd = dataclasses.replace(full_session(), history=(StateTransition(1.0001, "working", "question", 0.0005),))
-    assert orjson.loads(pack(odd))[6] == [1.0001, 2, 0.0005]  # kept as they were: nothing is rounded
+    assert load_record(pack(odd))[6] == [1.0001, 2, 0.0005]  # kept as they were: nothing is rounded
     assert session_from_store(pack(odd)) == odd
 
 
@@ -359,7 +371,7 @@ def test_a_record_is_less_than_half_the_public_json() -> None:
 
 # Two good records: times in whole milliseconds (the history's int form), and not (float form).
 _good_records = [
-    orjson.loads(pack(dataclasses.replace(full_session(), pid=7, pid_start=99))),
+    load_record(pack(dataclasses.replace(full_session(), pid=7, pid_start=99))),
     orjson.loads(
         pack(dataclasses.replace(full_session(), history=(StateTransition(1.0001, "working", "question", 0.5),)))
     ),
@@ -419,19 +431,19 @@ def fresh_record(session: Session) -> list[object]:
 
 def test_a_packed_history_is_reused_only_for_the_same_tuple_and_the_same_since() -> None:
     session = full_session()
-    assert orjson.loads(pack(session)) == fresh_record(session)
+    assert load_record(pack(session)) == fresh_record(session)
     # The same history tuple counted back from another since is another flat form.
     later = dataclasses.replace(session, since=120.5, status=Status.QUESTION)
     assert later.history is session.history
-    assert orjson.loads(pack(later)) == fresh_record(later)
-    assert orjson.loads(pack(session)) == fresh_record(session)
+    assert load_record(pack(later)) == fresh_record(later)
+    assert load_record(pack(session)) == fresh_record(session)
 
 
 def test_a_session_decoded_then_changed_packs_to_what_it_holds() -> None:
     decoded = session_from_store(pack(full_session()), remember=True)
     changed = dataclasses.replace(decoded, status=Status.WORKING, since=decoded.since + 1)
-    assert orjson.loads(pack(changed)) == fresh_record(changed)
-    assert orjson.loads(pack(decoded)) == fresh_record(decoded)
+    assert load_record(pack(changed)) == fresh_record(changed)
+    assert load_record(pack(decoded)) == fresh_record(decoded)
 
 
 def test_only_a_clients_pack_or_a_decode_asked_to_remember_keeps_the_flat_history() -> None:
@@ -457,7 +469,7 @@ def test_a_long_history_is_packed_but_not_kept() -> None:
     history = tuple(StateTransition(100.0 + k, "working", "attention", 0.5) for k in range(model._FLAT_LONGEST + 1))
     session = dataclasses.replace(full_session(), history=history, since=1000.0)
     model._FLAT.clear()
-    assert orjson.loads(pack(session)) == fresh_record(session)
+    assert load_record(pack(session)) == fresh_record(session)
     assert model._FLAT == {}
 
 
@@ -466,7 +478,7 @@ def test_the_store_changing_a_record_in_place_changes_no_later_pack() -> None:
     pack(session)
     record = to_record(session)
     transition_record(record, STATUS_CODE[Status.WORKING], 130.0, max_history=10)  # appends to record[6]
-    assert orjson.loads(pack(session)) == fresh_record(session)
+    assert load_record(pack(session)) == fresh_record(session)
 
 
 @settings(max_examples=60, deadline=None)
@@ -492,7 +504,7 @@ def test_packing_whatever_sessions_in_whatever_order_gives_each_its_own_record(
                 for k in range(length)
             )
             session = dataclasses.replace(full_session(), history=history, since=since)
-            assert orjson.loads(pack(session)) == fresh_record(session)
+            assert load_record(pack(session)) == fresh_record(session)
             del history, session
     finally:
         model._FLAT_LIMIT = limit
@@ -509,7 +521,7 @@ def test_decoding_reuses_entries_already_built_but_never_one_of_another_value() 
     assert all(a is b for a, b in zip(first.history, again.history, strict=True))  # built once
     # A record sent by a client may hold a duration as float seconds where the store would
     # write int milliseconds: 5.0 s must not be read as the 5 ms entry built before it.
-    record = orjson.loads(pack(session))
+    record = load_record(pack(session))
     record[6][2] = 5  # the first entry: 5 ms
     short = session_from_store(orjson.dumps(record)).history[0]
     record[6][2] = 5.0  # 5 s

@@ -112,7 +112,7 @@ def test_limits_are_checked_before_anything_changes(redis_url: str) -> None:
     assert (full.value.limit, full.value.id) == ("max_sessions", "b")
     assert (store.revision(), store.get("b")) == (revision, None)
     for id in ["c", "d", "e"]:  # closed ones do not count, and only the newest two are kept
-        store.report(id, "closed", "/x")
+        store.set(make_session(id, status=Status.CLOSED).to_json())
     assert [session_from_store(d).id for d in store.recently_closed()] == ["e", "d"]
 
 
@@ -504,6 +504,7 @@ def test_a_retried_write_gets_its_first_answer_even_after_its_session_was_remove
 
 def test_prune_is_applied_once_however_often_it_is_retried(raw: RedisStore) -> None:
     for id in ["a", "b"]:
+        raw.report(id, "working", "/w")
         raw.report(id, "closed", "/w")
     token = os.urandom(16)
     assert raw.once(token, 1, "prune", 0.0) == 2

@@ -273,6 +273,7 @@ def round_trip(url: str, timeout: float = 5.0) -> None:
         assert client.set(make_session("s"), expected_revision=0).revision > 0
         assert client.set(make_session("far", host="far-host")).host == "far-host"
         for id in ["c0", "c1", "c2"]:
+            client.report(id, Status.WORKING, "/w")
             client.report(id, Status.CLOSED, "/w")
         client.add_usage("c1", 1, 1)
         assert [s.id for s in client.recently_closed()] == ["c2", "c1"]

@@ -23,16 +23,11 @@ from shmstore.transport.address import _runtime_dir
 
 
 def light_report(server: shmstore.ServerProcess, id: str, status: str, **fields: object) -> bytes:
-    return reporter.report(
-        server.address,
-        server.authkey,
-        id,
-        status,
-        str(fields.get("working_dir", "/src/app")),
-        pid=fields.get("pid", os.getpid()),  # type: ignore[arg-type]
-        session_id=fields.get("session_id"),  # type: ignore[arg-type]
-        deadline=time.monotonic() + 10,
-    )
+    working_dir = fields.get("working_dir", "/src/app")
+    args = (id, status, working_dir, fields.get("pid", os.getpid()), fields.get("session_id"))
+    data = reporter.report(server.address, server.authkey, args, deadline=time.monotonic() + 10)
+    assert data is not None
+    return data
 
 
 def test_a_light_report_lands_exactly_as_a_client_report(
@@ -53,11 +48,10 @@ def test_a_light_report_lands_exactly_as_a_client_report(
 def test_a_repeated_light_request_is_applied_once(server: shmstore.ServerProcess, store: shmstore.Client) -> None:
     token = os.urandom(16)
 
-    def send() -> bytes:
+    def send() -> bytes | None:
         return reporter.report(
-            server.address, server.authkey, "s1", "working", "/src/app", pid=None, session_id=None, token=token,
-            deadline=time.monotonic() + 10,
-        )  # fmt: skip
+            server.address, server.authkey, ("s1", "working", "/src/app"), token=token, deadline=time.monotonic() + 10
+        )
 
     first, again = send(), send()
     assert again == first
@@ -78,29 +72,18 @@ def test_bad_input_is_the_managers_typed_error_and_changes_nothing(
 
 def test_a_wrong_key_or_no_manager_is_a_typed_error_in_time(server: shmstore.ServerProcess, sock_dir: Path) -> None:
     with pytest.raises(AuthKeyError):
-        reporter.report(
-            server.address, b"wrong", "s1", "working", "/a", pid=None, session_id=None, deadline=time.monotonic() + 5
-        )
+        reporter.report(server.address, b"wrong", ("s1", "working", "/a"), deadline=time.monotonic() + 5)
     started = time.monotonic()
     with pytest.raises(StoreUnavailableError, match="failed during report"):
-        reporter.report(
-            str(sock_dir / "nobody.sock"),
-            b"key",
-            "s1",
-            "working",
-            "/a",
-            pid=None,
-            session_id=None,
-            deadline=time.monotonic() + 5,
-        )
+        reporter.report(str(sock_dir / "nobody.sock"), b"key", ("s1", "working", "/a"), deadline=time.monotonic() + 5)
     assert time.monotonic() - started < 1.0
 
 
 def test_the_light_client_needs_only_the_standard_library(server: shmstore.ServerProcess) -> None:
     code = (
         "import sys, time; from shmstore.clients import reporter; "
-        f"reporter.report({server.address!r}, {server.authkey!r}, 's1', 'question', '/a', pid=None, "
-        "session_id=None, deadline=time.monotonic() + 10); "
+        f"reporter.report({server.address!r}, {server.authkey!r}, ('s1', 'question', '/a'), "
+        "deadline=time.monotonic() + 10); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'multiprocess', 'dill', 'orjson'}))"
     )
     result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=30)

@@ -54,10 +54,7 @@ def test_a_report_makes_one_connection(server: shmstore.ServerProcess, monkeypat
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(protocol, "connect", counting)
-    data = reporter.report(
-        server.address, server.authkey, "s1", "working", "/src/a", pid=None, session_id=None,
-        deadline=time.monotonic() + 10,
-    )  # fmt: skip
+    data = reporter.report(server.address, server.authkey, ("s1", "working", "/src/a"), deadline=time.monotonic() + 10)
     assert opened == [server.address]
     assert session_from_store(data).status is Status.WORKING
 

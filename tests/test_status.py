@@ -27,6 +27,7 @@ def test_status_of_a_running_manager_says_up_with_what_it_holds_and_exits_0(sock
     with serving(sock, "--state", str(state_file), "--save-interval", "0.1") as proc, shmstore.connect(sock) as store:
         store.report("a", Status.WORKING, "/src/a")
         store.report("b", Status.QUESTION, "/src/b")
+        store.report("c", Status.WORKING, "/src/c")
         store.report("c", Status.CLOSED, "/src/c")
         epoch = store.snapshot().epoch
         deadline = time.monotonic() + 10
@@ -39,7 +40,7 @@ def test_status_of_a_running_manager_says_up_with_what_it_holds_and_exits_0(sock
     assert f"up at {sock}" in out
     assert re.search(rf"^pid: +{proc.pid}$", out, re.M)
     assert re.search(rf"^epoch: +{epoch}$", out, re.M)
-    assert re.search(r"^revision: +3$", out, re.M)
+    assert re.search(r"^revision: +4$", out, re.M)
     assert "2 live, 1 recently closed" in out
     # ours above (its calls, and the link its shared-memory reads check), and status's own
     assert re.search(r"^clients: +3 connected", out, re.M)
@@ -140,7 +141,11 @@ def test_log_level_warning_leaves_out_the_info_lines(sock_dir: Path) -> None:
 def test_the_store_records_why_a_session_closed_and_forgets_it_when_resumed(store: shmstore.Client) -> None:
     store.report("ended", Status.WORKING, "/x")
     assert store.report("ended", Status.CLOSED, "/x").closed_reason == "session_end"
-    assert store.report("born-closed", Status.CLOSED, "/x", reason="logout").closed_reason == "session_end:logout"
+    store.report("logged-out", Status.ATTENTION, "/x")
+    assert store.report("logged-out", Status.CLOSED, "/x", reason="logout").closed_reason == "session_end:logout"
+    # The end of a session the store never held (Claude Code's agent view ends so) makes none.
+    assert store.report("never-started", Status.CLOSED, "/x", reason="other") is None
+    assert store.get("never-started") is None
     store.report("by-hand", Status.WORKING, "/x")
     assert store.transition("by-hand", Status.CLOSED).closed_reason == "transition"
     assert store.report("ended", Status.CLOSED, "/x", reason="other").closed_reason == "session_end"  # no change

@@ -8,9 +8,9 @@ An adapter is a module (``shmstore/agents/claude.py`` is Claude Code's) with:
 * ``EVENT_STATUS``: each event that says something of a session, and the status it means
   (one of :data:`STATUSES`); ``QUIET_EVENTS``: events it knows say nothing (ignored
   without a note, and never installed);
-* ``read(payload)``: the :class:`HookReport` a hook payload makes (``None`` from
-  ``status`` for an event that says nothing), or a ValidationError naming the field that
-  is wrong;
+* ``read(payload, environ)``: the :class:`HookReport` a hook payload makes, with the
+  environment the hook runs in (``None`` from ``status`` for a report that says nothing),
+  or a ValidationError naming the field that is wrong;
 * ``default_settings()``, ``install(path, command, dry_run=)`` and ``uninstall(path,
   dry_run=)``: where its hook settings live, and putting the hook command in and taking
   it out (:mod:`shmstore.agents.settings` does the careful file work for JSON settings).
@@ -38,15 +38,28 @@ STATUSES = (WORKING, ATTENTION, QUESTION, CLOSED)
 class HookReport:
     """What one hook payload says: the ``event``'s name, the agent's ``session`` id, the
     ``status`` it puts the session in (None: it says nothing of it), the working directory
-    ``cwd``, and when it closes the session, the agent's ``reason`` (None: none given)."""
+    ``cwd``; when it closes the session, the agent's ``reason`` (None: none given); the
+    ``subagent`` of the agent that fired it (None: the agent itself); and the agent's
+    ``background`` job, when it runs as one (None: in a terminal)."""
 
-    __slots__ = ("cwd", "event", "reason", "session", "status")
+    __slots__ = ("background", "cwd", "event", "reason", "session", "status", "subagent")
 
-    def __init__(self, event: str, session: str, status: str | None, cwd: str, reason: str | None = None) -> None:
-        self.event, self.session, self.status, self.cwd, self.reason = event, session, status, cwd, reason
+    def __init__(
+        self,
+        event: str,
+        session: str,
+        status: str | None,
+        cwd: str,
+        reason: str | None = None,
+        subagent: str | None = None,
+        background: str | None = None,
+    ) -> None:
+        self.event, self.session, self.status, self.cwd = event, session, status, cwd
+        self.reason, self.subagent, self.background = reason, subagent, background
 
     def __repr__(self) -> str:
-        return f"HookReport({self.event!r}, {self.session!r}, {self.status!r}, {self.cwd!r}, {self.reason!r})"
+        fields = (self.event, self.session, self.status, self.cwd, self.reason, self.subagent, self.background)
+        return f"HookReport{fields!r}"
 
 
 if TYPE_CHECKING:
@@ -63,7 +76,7 @@ if TYPE_CHECKING:
         @property
         def QUIET_EVENTS(self) -> frozenset[str]: ...  # noqa: N802
 
-        def read(self, payload: Mapping[str, Any]) -> HookReport: ...
+        def read(self, payload: Mapping[str, Any], environ: Mapping[str, str]) -> HookReport: ...
 
         def default_settings(self) -> Path: ...
 

@@ -13,6 +13,9 @@ imports what it needs when it runs).
 
 from __future__ import annotations
 
+import json
+import os
+
 from ..checks import check_closed_reason, check_dir, check_id
 from ..errors import ValidationError
 from .base import ATTENTION, CLOSED, QUESTION, WORKING, HookReport
@@ -74,8 +77,8 @@ QUESTION_NOTIFICATIONS = frozenset({"permission_prompt", "elicitation_dialog"})
 ASK_TOOL = "AskUserQuestion"
 
 
-def status_for(payload: Mapping[str, Any]) -> str | None:
-    """The status a hook payload reports, or None for an event that says nothing of it."""
+def status_for(payload: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> str | None:
+    """The status a hook payload reports, or None for one that says nothing of it."""
     event = payload.get("hook_event_name")
     if event == "PreToolUse" and payload.get("tool_name") == ASK_TOOL:
         return QUESTION
@@ -85,29 +88,60 @@ def status_for(payload: Mapping[str, Any]) -> str | None:
         if kind in QUESTION_NOTIFICATIONS or (kind is None and "permission" in message):
             return QUESTION
         return ATTENTION
-    if event == "SessionStart" and payload.get("source") == "compact":
-        return WORKING  # compaction happens mid-task
+    if event == "SessionStart":
+        if payload.get("source") == "compact":
+            return WORKING  # compaction happens mid-task (a manual one ends with PostCompact)
+        if is_spare(payload, environ or {}):
+            return None
+    if event == "PostCompact" and payload.get("trigger") == "manual":
+        return ATTENTION  # `/compact` typed at the prompt: Claude waits there again, with no Stop
     return EVENT_STATUS.get(event) if isinstance(event, str) else None
 
 
-def read(payload: Mapping[str, Any]) -> HookReport:
-    """What a Claude Code hook payload says; ValidationError names a field that is missing
-    or wrong (``session_id``, ``cwd``, ``hook_event_name``)."""
+def is_spare(payload: Mapping[str, Any], environ: Mapping[str, str]) -> bool:
+    """Whether a SessionStart is that of a spare session the agent view (``claude
+    agents``) keeps ready, which is no session of the user's until it is given a task
+    (its first UserPromptSubmit): its payload names the ``claude`` agent, and its hook runs
+    with ``CLAUDE_CODE_AGENT=claude`` (Claude Code 2.1.332; its session file says
+    ``"spare": true``)."""
+    return payload.get("agent_type") == "claude" and environ.get("CLAUDE_CODE_AGENT") == "claude"
+
+
+def read(payload: Mapping[str, Any], environ: Mapping[str, str]) -> HookReport:
+    """What a Claude Code hook payload, and the environment its hook runs in, say;
+    ValidationError names a field that is missing or wrong (``session_id``, ``cwd``,
+    ``hook_event_name``). Events of subagents carry ``agent_id``; a background session's
+    hooks run with ``CLAUDE_JOB_DIR=~/.claude/jobs/SHORT``."""
     session = check_id(payload.get("session_id"), "session_id")
     cwd = check_dir(payload.get("cwd"), "cwd")
     event = payload.get("hook_event_name")
     if not isinstance(event, str):
         raise ValidationError("hook_event_name", "is missing")
-    status = status_for(payload)
-    return HookReport(event, session, status, cwd, end_reason(payload) if status == CLOSED else None)
+    status = status_for(payload, environ)
+    job = environ.get("CLAUDE_JOB_DIR", "")
+    background = _an_id(job.rstrip("/").rpartition("/")[2]) if job else None
+    reason = end_reason(payload, job) if status == CLOSED else None
+    return HookReport(event, session, status, cwd, reason, _an_id(payload.get("agent_id")), background)
 
 
-def end_reason(payload: Mapping[str, Any]) -> str | None:
+def _an_id(value: object) -> str | None:
+    """``value`` if it is an id the store takes, else None (never fail a report for it)."""
+    try:
+        return check_id(value) if value else None
+    except ValidationError:
+        return None
+
+
+def end_reason(payload: Mapping[str, Any], job: str = "") -> str | None:
     """Claude Code's word for why a session ended (``logout``, ``clear``, ...), when the
     store takes it as ``session_end:REASON`` (its own check, :func:`check_closed_reason`):
     anything else is dropped rather than fail the report, so that the session is closed
-    whatever the reason looks like."""
+    whatever the reason looks like. A background session ends with ``other`` whether it
+    was stopped, removed or respawned; its job's ``state.json`` (``job``: its directory)
+    says which, and that is the reason given."""
     reason = payload.get("reason")
+    if reason == "other" and job:
+        reason = _job_state(job) or reason
     if not isinstance(reason, str) or not reason:
         return None
     try:
@@ -115,6 +149,22 @@ def end_reason(payload: Mapping[str, Any]) -> str | None:
     except ValidationError:
         return None
     return reason
+
+
+def _job_state(job: str) -> str | None:
+    """The ``state`` a background job's ``state.json`` gives (``stopped``, ``failed``, ...),
+    or None. Read without blocking, and only from a regular file of a sane size."""
+    try:
+        fd = os.open(os.path.join(job, "state.json"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        state = json.loads(os.read(fd, 1 << 20)).get("state")
+    except (OSError, ValueError, AttributeError):
+        return None
+    finally:
+        os.close(fd)
+    return state if isinstance(state, str) else None
 
 
 # -- the settings file ---------------------------------------------------------------------

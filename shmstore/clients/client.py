@@ -337,21 +337,24 @@ class Client:
         agent_type: AgentType | str = AgentType.CLAUDE_CODE,
         reason: str | None = None,
         at: float | None = None,
-    ) -> Session:
+        subagent: str | None = None,
+        background: str | None = None,
+    ) -> Session | None:
         """What an agent's hook reports, in one atomic step: create session ``id`` if it is
         new, else move it to ``status`` (recording a transition only if the status changed).
         Either way it counts as activity. Reporting on a recently closed session resumes it.
         A report that closes it records ``closed_reason`` ``session_end``, or
-        ``session_end:REASON`` given the agent's ``reason`` (e.g. ``logout``). ``at`` is when
-        the agent fired the event (epoch seconds): a report of an event older than the
-        session's ``last_event`` only counts as activity (see :meth:`Store.report`).
+        ``session_end:REASON`` given the agent's ``reason`` (e.g. ``logout``); one that
+        closes a session the store does not hold changes nothing and returns None. ``at``
+        is when the agent fired the event (epoch seconds), ``subagent`` the subagent that
+        fired it, ``background`` the agent's background job: see :meth:`Store.report`.
         """
         args: tuple[Any, ...] = (id, check_status(status), working_dir, pid, session_id, agent_type)
-        if at is not None:
-            args += (reason, at)
-        elif reason is not None:
-            args += (reason,)  # only what is given, so that a manager from before `at` takes it
-        return self._session(self._call("report", *args))
+        extra: tuple[Any, ...] = (reason, at, subagent, background)
+        while extra and extra[-1] is None:  # only what is given, so that an older manager takes it
+            extra = extra[:-1]
+        data = self._call("report", *args, *extra)
+        return None if data is None else self._session(data)
 
     def recently_closed(self) -> list[Session]:
         """Sessions that ended, newest first, kept (with their resume ids) up to a limit."""

@@ -33,24 +33,14 @@ if TYPE_CHECKING:
 
 
 def report(
-    address: Address,
-    authkey: bytes | None,
-    id: str,
-    status: str,
-    working_dir: str,
-    *,
-    pid: int | None,
-    session_id: str | None,
-    agent_type: str = "claude_code",
-    reason: str | None = None,
-    at: float | None = None,
-    token: bytes | None = None,
-    deadline: float,
-) -> bytes:
+    address: Address, authkey: bytes | None, args: tuple[Any, ...], *, token: bytes | None = None, deadline: float
+) -> bytes | None:
     """What :meth:`Client.report <shmstore.clients.client.Client.report>` does, done by
-    ``deadline`` (a ``time.monotonic()`` value); returns the session as the store keeps it
-    (orjson bytes). ``authkey`` None reads the key file (:func:`shmstore.transport.address.read_key`);
-    ``token`` is the request's (default: a new one).
+    ``deadline`` (a ``time.monotonic()`` value): ``args`` are :meth:`Store.report
+    <shmstore.store.Store.report>`'s, in its order. Returns the session as the store keeps
+    it (orjson bytes; None for a report that changed nothing). ``authkey`` None reads the
+    key file (:func:`shmstore.transport.address.read_key`); ``token`` is the request's
+    (default: a new one).
 
     One try may use all the time there is: a manager that answers slowly is busy, and a
     second connection would only add to its queue. A connection that fails at once
@@ -60,12 +50,15 @@ def report(
     and :class:`StoreUnavailableError` when the manager cannot be reached or fails.
     """
     key = addr.read_key(address) if authkey is None else authkey
-    request = (token or os.urandom(16), 1, "report", id, status, working_dir, pid, session_id, agent_type, reason, at)
+    while args and args[-1] is None:  # only what is given, so that an older manager takes it
+        args = args[:-1]
+    request = (token or os.urandom(16), 1, "report", *args)
     where = addr.format_address(address)
     for attempt in range(1, TRIES + 1):
         try:
             with _open(address, key, deadline) as conn:
-                return bytes(_dispatch(conn, None, "once", request, address))
+                reply = _dispatch(conn, None, "once", request, address)
+                return None if reply is None else bytes(reply)
         except ShmstoreError:
             raise
         except (EOFError, OSError) as exc:

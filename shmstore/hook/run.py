@@ -146,7 +146,7 @@ def run_hook(
     event, session, failure = "-", "-", None
     try:
         adapter = agents.get(agent)
-        said = adapter.read(read_payload(stream, deadline))
+        said = adapter.read(read_payload(stream, deadline), os.environ)
         event, session = said.event, said.session
         failure = _report(said, adapter.NAME, address, pid, deadline, at)
     except Exception as exc:
@@ -183,23 +183,28 @@ def _report(
 ) -> str | None:
     """Report what a payload ``said``; None when the store took it, else what happened to
     it (kept in the spool, or not reported and why), for the failure log."""
+    adapter = agents.get(agent)
     if said.status is None:
-        if said.event not in agents.get(agent).QUIET_EVENTS:
+        if said.event not in adapter.EVENT_STATUS and said.event not in adapter.QUIET_EVENTS:
             say(f"shmstore hook: ignored unknown event {said.event!r}")
         return None
     where = addr.resolve_any(address)
     pid = pid or agent_pid()
-    args = (said.session, said.status, said.cwd, pid, said.session, agent, said.reason, at)
     if not isinstance(where, str | tuple):  # a Redis URL: the full client and the redis package
         from ..clients.client import Client
 
         with Client(where, timeout=max(0.001, deadline - time.monotonic())) as client:
-            client.report(*args[:3], pid=pid, session_id=said.session, agent_type=agent, reason=said.reason, at=at)
+            client.report(
+                said.session, said.status, said.cwd, pid=pid, session_id=said.session, agent_type=agent,
+                reason=said.reason, at=at, subagent=said.subagent, background=said.background,
+            )  # fmt: skip
         return None
+    # Store.report's arguments, in its order.
+    args: tuple[Any, ...] = (said.session, said.status, said.cwd, pid, said.session, agent, said.reason, at)
+    args += (said.subagent, said.background)
     token = os.urandom(16)
     try:
-        report(where, None, *args[:3], pid=pid, session_id=said.session, agent_type=agent, reason=said.reason, at=at,
-               token=token, deadline=deadline - SPOOL_RESERVE)  # fmt: skip
+        report(where, None, args, token=token, deadline=deadline - SPOOL_RESERVE)
         return None
     except (StoreUnavailableError, AuthKeyError) as exc:  # the manager is down, busy, stopping, or new
         why = str(exc)

@@ -80,8 +80,10 @@ from ..record import (
     STATUS,
     STATUS_CODE,
     Record,
+    trim,
 )
 from .address import RedisAddress
+from .hosts import gone_since, lease_ms
 from .scripts import COMMIT, DONE_SECONDS, OLD, REMOVE, answer, damaged, earlier_answer
 
 log = logging.getLogger(__name__)
@@ -259,7 +261,7 @@ class RedisStore:
         host whose agents report here: ``shmstore reaper``); returns how many sessions it
         changed. See the module's docstring for what it does and who does what."""
         at, me, tag = self._time(), self.host, self._tag
-        ttl = self._lease_ms()
+        ttl = lease_ms(self.limits)
         self._redis.set(f"{tag}:lease:{me}", b"1", px=ttl)
         elected = self._redis.set(f"{tag}:reaper", me, nx=True, px=ttl)
         leader = bool(elected) or self._redis.get(f"{tag}:reaper") == me.encode()
@@ -267,7 +269,7 @@ class RedisStore:
             self._redis.pexpire(f"{tag}:reaper", ttl)
         records = [orjson.loads(data) for data in self._redis.hvals(self._live)]
         hosts = sorted({record[HOST] for record in records if record[HOST] not in (None, me)})
-        gone = self._gone_since(hosts, at) if leader else {}
+        gone = gone_since(self._redis, self._tag, hosts, at, self.limits) if leader else {}
         changed = 0
         for record in records:
             host, silent = record[HOST], at - record[ACTIVITY]
@@ -281,37 +283,6 @@ class RedisStore:
                 record[STALE] = True
                 changed += self._commit(None, record, record[REVISION], EventKind.STALE, outside=False) is not None
         return changed
-
-    def _lease_ms(self) -> int:
-        """How long a host stays alive without a report or a reaper pass: three passes."""
-        return max(1, round(3 * self.limits.reap_interval * 1000))
-
-    def _gone_since(self, hosts: list[str], at: float) -> dict[str, float]:
-        """Of ``hosts``, those whose lease expired, each with when a reaper first found it so
-        (``{NS}:gone:HOST``, by Redis's clock): the grace counts from then, not from the
-        session's last activity (an idle session of a host cut off for a moment must not
-        close at once). A host whose lease is back has its mark cleared."""
-        pipe = self._redis.pipeline(transaction=False)
-        for host in hosts:
-            pipe.exists(f"{self._tag}:lease:{host}")
-        alive = [bool(found) for found in pipe.execute()]
-        keep = round((self.limits.host_grace + self.limits.reap_interval * 10) * 1000)
-        pipe = self._redis.pipeline(transaction=False)
-        for host, lease in zip(hosts, alive, strict=True):
-            mark = f"{self._tag}:gone:{host}"
-            if lease:  # back: forget when it went (SET XX PX 1, as DEL is not ours to use)
-                pipe.set(mark, b"", xx=True, px=1)
-            else:
-                pipe.set(mark, repr(at), nx=True, px=keep)
-                pipe.get(mark)
-        marks = iter(pipe.execute())
-        since: dict[str, float] = {}
-        for host, lease in zip(hosts, alive, strict=True):
-            next(marks)
-            if not lease:
-                when = next(marks)
-                since[host] = float(when) if when else at
-        return since
 
     def _reaped(self, record: Record, at: float, why: str) -> bool:
         """Close ``record``'s session for ``why``, unless it changed since it was read."""
@@ -386,22 +357,25 @@ class RedisStore:
         agent_type: str = AgentType.CLAUDE_CODE,
         reason: str | None = None,
         at: float | None = None,
+        subagent: str | None = None,
+        background: str | None = None,
         *,
         once: tuple[bytes, int] | None = None,
-    ) -> bytes:
-        to, agent, why, event = rules.checked_report(
-            id, status, working_dir, pid, session_id, agent_type, reason, at, self.limits.max_id_length
-        )
+    ) -> bytes | None:
+        said = rules.checked_report(
+            id, status, working_dir, pid, session_id, agent_type, reason, at, subagent, background,
+            max_id_length=self.limits.max_id_length,
+        )  # fmt: skip
         for _ in self._tries():
             current, now, done = self._read(id, once)
             if done is not None:  # a retry of a write already made, or older than the newest
-                return None if done is OLD else done  # type: ignore[return-value]
-            record, late = rules.report_record(
-                current, id, to, working_dir, agent, why, now, self.limits.max_history, session_id, event
-            )
+                return None if done is OLD else done
+            record, moved = rules.report_record(current, said, now, self.limits.max_history)
+            if record is None:
+                return None
             record[HOST] = self.host
             # its start time from this host's /proc: the reporter runs beside the agent
-            if pid is not None and not late:
+            if pid is not None and moved:
                 record[PID], record[PID_START] = pid, rules.pid_start_for(pid, procs.process_start(pid), current)
             expected = 0 if current is None else orjson.loads(current)[REVISION]
             result = self._commit(once, record, expected, EventKind.REPORT, outside=current is None, lease=True)
@@ -473,7 +447,8 @@ class RedisStore:
         expected_revision)."""
         record[REVISION] = _WIDEST_REVISION
         rules.encoded(record, self.limits.max_record_bytes, outside)  # the size checks, at the widest
-        head, tail = orjson.dumps(record[:REVISION]), orjson.dumps(record[REVISION + 1 :])
+        whole = trim(record)
+        head, tail = orjson.dumps(whole[:REVISION]), orjson.dumps(whole[REVISION + 1 :])
         token, number = self._once_keys(once)
         limits = self.limits
         reply = self._commit_script(
@@ -492,7 +467,7 @@ class RedisStore:
                 number,
                 "1" if keep_place else "0",
                 _new_epoch(),
-                self._lease_ms() if lease else "",
+                lease_ms(self.limits) if lease else "",
             ],
         )
         status = reply[0].decode()
