@@ -90,6 +90,7 @@ class Backend(Protocol):
         at: float | None = None,
         subagent: str | None = None,
         background: str | None = None,
+        pid_start: int | None = None,
     ) -> bytes | None: ...
 
     def prune(self, older_than: float) -> int: ...

@@ -86,6 +86,15 @@ def agent_alive(pid: int, start: int) -> bool:
     return stat is not None and stat.state not in _ENDED and stat.start == start
 
 
+def seen_by_caller(pid: int | None, given_start: int | None) -> tuple[bool, int | None]:
+    """Whether the calling client (:data:`caller`) is in our pid namespace, so that its
+    ``pid`` can be checked here; and, if so and it gave no start time, the pid's start time
+    now. Called before taking the store's lock: reading /proc costs a few microseconds."""
+    same = getattr(caller, "same_pid_namespace", True) is True  # unset: called in-process
+    fresh = process_start(pid) if pid is not None and same and given_start is None else None
+    return same, fresh
+
+
 def pid_namespace(pid: int | str) -> str | None:
     """The pid namespace of process ``pid`` (``"self"`` for this one), as ``pid:[inode]``;
     None when it cannot be read (no such process, another user's, no /proc)."""

@@ -146,6 +146,15 @@ def checked_set(data: object, expected_revision: object, limits: Limits) -> Reco
     return record
 
 
+#: How much older than a session's last event a report's event may be and still be taken
+#: as late, not applied. A report is overtaken by milliseconds, and the spool is delivered
+#: within half a second of the manager answering again (before any new report, when it
+#: restarts); an event older by more than this is taken as the agent's clock having
+#: stepped back (NTP), which must not freeze the session's status until it catches up,
+#: nor an event time far in the future freeze it for good.
+LATE_WINDOW = 60.0
+
+
 class Report(NamedTuple):
     """A report's arguments, checked (:func:`checked_report`): what the store needs to
     apply it (:func:`report_record`)."""
@@ -160,6 +169,7 @@ class Report(NamedTuple):
     event: float | None  # when the agent fired it (its clock)
     subagent: str | None  # the subagent of the session's agent that fired it
     background: str | None  # the background job the agent runs as
+    pid_start: int | None  # the agent's start time, as the reporter read it
 
 
 def checked_report(
@@ -173,6 +183,7 @@ def checked_report(
     at: object = None,
     subagent: object = None,
     background: object = None,
+    pid_start: object = None,
     *,
     max_id_length: int,
 ) -> Report:
@@ -193,8 +204,12 @@ def checked_report(
     for value, field in ((subagent, "subagent"), (background, "background")):
         if value is not None:
             check_id(value, field)
+    if pid_start is not None:
+        check_count(pid_start, "pid_start")
+        if pid is None:
+            raise ValidationError("pid_start", "is the start time of the process pid, so it needs a pid")
     event = None if at is None else check_time(at, "at")
-    return Report(id, to, working_dir, agent, why, pid, session_id, event, subagent, background)  # type: ignore[arg-type]
+    return Report(id, to, working_dir, agent, why, pid, session_id, event, subagent, background, pid_start)  # type: ignore[arg-type]
 
 
 def report_record(current: bytes | None, report: Report, at: float, max_history: int) -> tuple[Record | None, bool]:
@@ -206,8 +221,8 @@ def report_record(current: bytes | None, report: Report, at: float, max_history:
     A new session is created at the report's status. An existing one counts the report
     as activity, and moves to its status (a transition only if the status changes) unless:
 
-    * the report's event is older than the session's last event (it arrived late: waited
-      in a spool, or was overtaken), or
+    * the report's event is older than the session's last event, by up to
+      :data:`LATE_WINDOW` (it arrived late: waited in a spool, or was overtaken), or
     * it is a subagent's (``report.subagent``) and would only move the session to working
       while the agent waits for the user (attention: a background subagent works on), or
       waits on a question that is not that subagent's own.
@@ -222,7 +237,7 @@ def report_record(current: bytes | None, report: Report, at: float, max_history:
     else:
         record = load_record(current)
         last, status = record[LAST_EVENT], record[STATUS]
-        if report.event is not None and last is not None and report.event < last:
+        if report.event is not None and last is not None and 0 < last - report.event <= LATE_WINDOW:
             return touch_record(record, at), False
         if report.subagent is not None and code == WORKING and _waits_on_another(record, report.subagent):
             return touch_record(record, at), False

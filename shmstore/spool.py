@@ -44,8 +44,8 @@ if TYPE_CHECKING:
 #: longest working dir), so the spool stays under ~2.3 MiB even then; 512 reports is over a
 #: hundred tool calls of one agent, or a few minutes of a busy team's.
 MAX_ENTRIES = 512
-#: Seconds between the manager's looks at the spool while it serves (a look is one stat
-#: of the directory when nothing was spooled: ~2 us).
+#: Seconds between the manager's looks at the spool while it serves (a look at an empty
+#: spool is one listing of its directory: a few microseconds).
 DELIVER_INTERVAL = 0.5
 #: The file whose lines count the reports dropped because the spool was full.
 DROPPED = "dropped"
@@ -63,9 +63,17 @@ def path_for(address: Address) -> str:
 
 
 def _private(directory: str) -> None:
-    """Make ``directory`` (0700), or check that it is a directory of the user's own that
-    nobody else may enter; raise StoreUnavailableError if not."""
+    """Make ``directory`` (0700), and the directory it is in as a manager would make it
+    (after a reboot, the runtime directory is not there until something makes it), or
+    check that it is a directory of the user's own that nobody else may enter; raise
+    StoreUnavailableError if not."""
+    parent = os.path.dirname(directory)
     try:
+        if addr.is_runtime_dir(parent):
+            addr.ensure_private_dir(parent)
+        elif not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            addr.check_socket_dir(parent)
         os.mkdir(directory, 0o700)
         return
     except FileExistsError:
@@ -178,11 +186,42 @@ def done(directory: str, name: str) -> None:
 
 
 def set_aside(directory: str, name: str) -> str:
-    """Rename an entry that cannot be delivered out of the spool's way (``NAME.bad``),
-    keeping it for a person to look at; returns the new name."""
-    bad = name + ".bad"
-    os.replace(os.path.join(directory, name), os.path.join(directory, bad))
-    return bad
+    """Rename an entry that cannot be delivered out of the spool's way (``NAME.bad``, or
+    ``NAME.bad-N`` if that is taken), keeping it for a person to look at; returns the new
+    name. Never over anything: OSError when no free name is left."""
+    for n in range(100):
+        bad = f"{name}.bad" + (f"-{n}" if n else "")
+        try:
+            os.link(os.path.join(directory, name), os.path.join(directory, bad))  # fails if taken
+        except FileExistsError:
+            continue
+        os.unlink(os.path.join(directory, name))
+        return bad
+    raise OSError(f"no free name to set {name} aside")
+
+
+#: Seconds after which a temporary file of the spool is a killed hook's leftover: a hook
+#: writes and renames one within its 0.9 s.
+STALE_TEMPORARY = 60.0
+
+
+def clear_temporaries(directory: str) -> None:
+    """Remove the temporary files (``.NAME.tmp``) hooks killed while writing left, once
+    they are :data:`STALE_TEMPORARY` old; only regular files of this user."""
+    try:
+        names = [name for name in os.listdir(directory) if name.startswith(".") and name.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            if (
+                stat.S_ISREG(info.st_mode)
+                and info.st_uid == os.getuid()
+                and time.time() - info.st_mtime > STALE_TEMPORARY
+            ):
+                os.unlink(path)
 
 
 def counts(directory: str) -> dict[str, int]:
@@ -198,14 +237,3 @@ def counts(directory: str) -> dict[str, int]:
     except OSError:
         pass
     return {"pending": pending, "dropped": dropped}
-
-
-def changed_since(directory: str, seen: tuple[int, int] | None) -> tuple[int, int] | None:
-    """The directory's (mtime in ns, inode) now, if it differs from ``seen`` (something
-    was spooled or removed), else None; a missing spool has (0, 0)."""
-    try:
-        info = os.stat(directory)
-        now = (info.st_mtime_ns, info.st_ino)
-    except OSError:
-        now = (0, 0)
-    return None if now == seen else now

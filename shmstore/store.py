@@ -238,7 +238,7 @@ class Store:
         """
         record = rules.checked_set(data, expected_revision, self.limits)
         id, pid, given_start = record[ID], record[PID], record[PID_START]
-        same_namespace, fresh = _see_pid(pid, given_start)
+        same_namespace, fresh = procs.seen_by_caller(pid, given_start)
         with self._lock:
             current = self._sessions.get(id) or self._closed.get(id)
             if expected_revision is not None:
@@ -297,6 +297,7 @@ class Store:
         at: float | None = None,
         subagent: str | None = None,
         background: str | None = None,
+        pid_start: int | None = None,
     ) -> bytes | None:
         """What an agent's hook says, in one step (:func:`rules.report_record` has the
         rules): create the session if it is new, else count the report as activity and
@@ -308,16 +309,18 @@ class Store:
         ``closed_reason`` as ``session_end`` (``session_end:REASON`` with the agent's
         ``reason``, e.g. ``logout``); ``background`` is the agent's background job.
 
-        The agent is identified by ``pid`` and the start time /proc gives for it now (kept
-        as ``pid_start``; if the pid has no process any more, the one the session had for
-        it). A caller in another pid namespace (:mod:`shmstore.procs`) names a pid that
-        means nothing here: it is recorded with no ``pid_start``, and never reaped.
+        The agent is identified by ``pid`` and its start time: ``pid_start`` as the
+        reporter read it when the event fired (a report delivered from a spool comes late),
+        else what /proc gives for it now (if the pid has no process any more, the one the
+        session had for it). A caller in another pid namespace (:mod:`shmstore.procs`) names
+        a pid that means nothing here: it is recorded with no ``pid_start``, never reaped.
         """
         said = rules.checked_report(
-            id, status, working_dir, pid, session_id, agent_type, reason, at, subagent, background,
+            id, status, working_dir, pid, session_id, agent_type, reason, at, subagent, background, pid_start,
             max_id_length=self.limits.max_id_length,
         )  # fmt: skip
-        same_namespace, fresh = _see_pid(pid, None)
+        same_namespace, fresh = procs.seen_by_caller(pid, said.pid_start)
+        fresh = said.pid_start if fresh is None else fresh
         with self._lock:
             current = self._sessions.get(id) or self._closed.get(id)
             record, moved = rules.report_record(current, said, now(), self.limits.max_history)
@@ -562,6 +565,11 @@ class Store:
             self._stopping = why
             self._changed.notify_all()
 
+    def allow_writes(self) -> None:
+        """Take writes again (a manager serves a store it stopped before)."""
+        with self._lock:
+            self._stopping = False
+
     def _check_writable(self, id: str | None) -> None:
         """Raise if :meth:`stop_writes` was called (lock held): before any change is made."""
         if self._stopping:
@@ -578,15 +586,6 @@ class Store:
     def _check_feed(self, after_revision: int, epoch: str | None) -> None:
         oldest = self._log[0][0] if self._log else self._revision + 1
         rules.check_feed(self.epoch, self._revision, oldest, after_revision, epoch, "the manager restarted")
-
-
-def _see_pid(pid: int | None, given_start: int | None) -> tuple[bool, int | None]:
-    """Whether the caller is in our pid namespace, so that its ``pid`` can be checked here;
-    and, if so and it gave no start time, the pid's start time now. Called before taking
-    the lock: reading /proc costs a few microseconds."""
-    same = getattr(procs.caller, "same_pid_namespace", True) is True  # unset: called in-process
-    fresh = procs.process_start(pid) if pid is not None and same and given_start is None else None
-    return same, fresh
 
 
 if TYPE_CHECKING:

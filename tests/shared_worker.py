@@ -39,8 +39,11 @@ def manager(address: str, key: bytes) -> dict[str, int]:
             status = ("working", "attention", "question")[writes % 3]
             # Dirs of 0-399 characters: records of every length that still fits a slot (768
             # bytes; a record over it is read over the socket, where nothing can tear).
-            store.report(id, status, "/home/dev/" + "x" * (writes * 131 % 400), session_id=f"r{writes}")
-            store.add_usage(id, writes % 7, 1)
+            try:
+                store.report(id, status, "/home/dev/" + "x" * (writes * 131 % 400), session_id=f"r{writes}")
+                store.add_usage(id, writes % 7, 1)
+            except shmstore.StoreUnavailableError:
+                break  # the manager is draining at SIGTERM: it refuses writes from then on
             writes += 2
         counts["writes"] = writes
 

@@ -47,20 +47,26 @@ def test_a_client_shared_by_short_lived_threads_holds_a_few_connections(server: 
 def test_a_call_that_finds_every_connection_in_use_waits_its_deadline_and_says_why(
     server: shmstore.ServerProcess,
 ) -> None:
+    """Calls that wait in the manager (long polls) have max_connections of their own: when
+    they are all taken, another such call waits by its deadline and says why, and a call
+    that does not wait is not held up by them (it was, for its whole timeout)."""
     with shmstore.connect(server.address, server.authkey, timeout=0.5, max_connections=2) as client:
         waiting = [threading.Thread(target=client.changes, args=(0, 3.0)) for _ in range(2)]
         for thread in waiting:
             thread.start()
         proxy = client._get_proxy(time.monotonic() + 5)
-        while len(proxy._busy) < 2:  # both long polls under way
+        while sum(proxy._busy.values()) < 2:  # both long polls under way
             time.sleep(0.01)
         try:
             with pytest.raises(StoreUnavailableError, match="all 2 connections of this client"):
-                client.revision()
+                client.changes(0, 0.2)
+            started = time.monotonic()
+            assert client.report("s1", "working", "/src") is not None  # at once, beside them
+            assert time.monotonic() - started < 0.5
         finally:
             for thread in waiting:
                 thread.join()
-        assert client.revision() == 0  # free again
+        assert client.revision() == 1
 
 
 def test_many_lasting_connections_cannot_turn_the_hooks_away(start_server: StartServer, sock_dir: Path) -> None:

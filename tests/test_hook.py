@@ -318,3 +318,11 @@ def test_a_writer_that_never_closes_stdin_does_not_hold_the_hook(server: shmstor
         assert proc.stderr is not None
         assert b"gave up" in proc.stderr.read()
     assert elapsed < 5  # its 0.9 s from the process's start, on a loaded machine
+
+
+def test_status_reads_a_failure_log_that_is_a_fifo_without_waiting(sock_dir: Path, state_home: Path) -> None:
+    log = state_home / "shmstore" / "hook.log"
+    log.parent.mkdir(parents=True)
+    os.mkfifo(log)
+    result = run("status", address=sock_dir / "nobody.sock", timeout=10)
+    assert result.returncode == 3

@@ -95,3 +95,13 @@ def test_a_settings_file_that_keeps_changing_is_refused_unwritten(
         claude_settings.install(settings, "/usr/bin/python3 -m shmstore hook")
     assert json.loads(settings.read_text()) == {"edit": settings_file.TRIES - 1}
     assert [p.name for p in tmp_path.iterdir()] == ["settings.json"]  # no backup, no temporary file left
+
+
+def test_a_settings_file_with_windows_line_endings_is_rewritten(tmp_path: Path) -> None:
+    """The check before the rename compares bytes with bytes. (A CRLF file once always
+    looked changed meanwhile, and install-hooks refused it.)"""
+    settings = tmp_path / "settings.json"
+    settings.write_bytes(b'{\r\n  "model": "opus"\r\n}\r\n')
+    change = claude_settings.install(settings, "/usr/bin/python3 -m shmstore hook")
+    assert change.events
+    assert json.loads(settings.read_text())["model"] == "opus"

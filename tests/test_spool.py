@@ -21,6 +21,7 @@ import shmstore
 from shmstore import Status, spool
 from shmstore.clients import reporter
 from shmstore.hook import failures as hooks
+from shmstore.manager.courier import Courier
 from shmstore.record import session_from_store
 from shmstore.transport import protocol
 
@@ -210,3 +211,102 @@ def test_no_report_is_lost_when_the_machine_is_busy(server: shmstore.ServerProce
             proc.kill()
             proc.wait()
     wait_for(lambda: {s.id for s in store.list_all()} >= set(ids), timeout=15)
+
+
+# -- the courier, in-process: what the review found --------------------------------------------
+
+
+def _courier(tmp_path: Path, **limits: object) -> tuple[Courier, str, shmstore.Store]:
+    store = shmstore.Store(**limits)  # type: ignore[arg-type]
+    directory = str(tmp_path / "s.sock.spool")
+    return Courier(store, directory), directory, store
+
+
+def test_a_report_spooled_while_a_pass_delivers_is_delivered_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pass lists the spool afresh. (The courier once skipped a pass when the
+    directory's mtime matched what it saw after the last one, which already counted an
+    entry written during it: that report waited for the next spooled one.)"""
+    courier, directory, store = _courier(tmp_path)
+    spool.keep(directory, os.urandom(16), ("first", "working", "/a"), 1.0)
+    real = store.once
+
+    def slow_once(*args: object) -> object:
+        if args[3] == "first":
+            spool.keep(directory, os.urandom(16), ("second", "attention", "/b"), 2.0)  # meanwhile
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "once", slow_once)
+    assert courier.deliver() == 1
+    assert courier.deliver() == 1
+    assert store.get("second") is not None
+    assert courier.deliver() == 0
+
+
+def test_an_entry_the_store_refuses_is_set_aside_and_the_rest_delivered(tmp_path: Path) -> None:
+    """A malformed entry (here one more argument than report takes, as a newer hook could
+    spool) is set aside once; the entries after it are delivered. (It once stopped the
+    whole spool, with a traceback every half second.)"""
+    courier, directory, store = _courier(tmp_path)
+    spool.keep(directory, os.urandom(16), ("bad", "working", "/a", *[None] * 20), 1.0)
+    [bad] = os.listdir(directory)
+    (Path(directory) / f"{bad}.bad").mkdir()  # the name it would be set aside as is taken
+    spool.keep(directory, os.urandom(16), ("good", "working", "/b"), 2.0)
+    assert courier.deliver() == 1
+    assert store.get("good") is not None
+    assert [p.name for p in Path(directory).iterdir() if p.name.endswith(".bad-1")]
+    assert courier.deliver() == 0
+
+
+def test_a_report_refused_because_the_store_is_full_stays_for_later(tmp_path: Path) -> None:
+    courier, directory, store = _courier(tmp_path, max_sessions=1)
+    store.report("taking-the-room", "working", "/a")
+    spool.keep(directory, os.urandom(16), ("waiting", "working", "/b"), 1.0)
+    assert courier.deliver() == 0
+    assert spool.counts(directory)["pending"] == 1
+    store.remove("taking-the-room")
+    assert courier.deliver() == 1
+    assert store.get("waiting") is not None
+
+
+def test_a_killed_hooks_temporary_file_is_cleared_once_old(tmp_path: Path) -> None:
+    courier, directory, _ = _courier(tmp_path)
+    spool.keep(directory, os.urandom(16), ("a", "working", "/a"), 1.0)
+    left = Path(directory) / ".0001-2-abcd.tmp"
+    left.write_bytes(b"half")
+    courier.deliver()
+    assert left.exists()  # a hook may be writing it now
+    os.utime(left, (time.time() - 3600, time.time() - 3600))
+    courier.deliver()
+    assert not left.exists()
+
+
+def test_a_hook_makes_the_runtime_directory_to_spool_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a reboot the runtime directory is not there until a manager makes it; a hook
+    that runs first keeps its report all the same. (It was lost: no such directory.)"""
+    runtime = tmp_path / "run-user"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    result = subprocess.run(
+        [PYTHON, "-m", "shmstore", "hook"], input=json.dumps(payload("Stop")).encode(), capture_output=True, timeout=30
+    )
+    assert b"kept in the spool" in result.stderr
+    assert stat.S_IMODE((runtime / "shmstore").stat().st_mode) == 0o700
+    assert spool.counts(str(runtime / "shmstore" / "store.sock.spool"))["pending"] == 1
+
+
+def test_a_spooled_agent_that_died_before_delivery_is_reaped(start_server: StartServer, sock_dir: Path) -> None:
+    """The hook records the agent's start time with the report: a session delivered from the
+    spool after its agent died is closed by the reaper, not kept for good. (The start time
+    was read at delivery, from a pid that was gone.)"""
+    agent = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
+    try:
+        result = hook(sock_dir / "s.sock", payload("SessionStart"), "--pid", str(agent.pid))
+        assert b"kept in the spool" in result.stderr
+    finally:
+        agent.kill()
+        agent.wait()
+    server = start_server("s.sock", reap_interval=0.1)
+    with shmstore.connect(server.address, server.authkey) as store:
+        wait_for(lambda: (s := store.get(SID)) is not None and s.closed)
+        assert store.get(SID).closed_reason == "agent_gone"  # type: ignore[union-attr]

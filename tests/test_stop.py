@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from helpers import PYTHON, serving
 
@@ -235,3 +236,74 @@ def test_a_stopping_manager_refuses_writes_with_a_typed_error_and_keeps_answerin
             getattr(store, write)(*args)
     assert store.revision() == revision
     assert store.get("s1") is not None
+
+
+def test_a_manager_started_on_a_state_file_another_holds_waits_for_its_final_save(sock_dir: Path) -> None:
+    """The state file is one manager's at a time: a second one on it (another socket, or
+    the same one once the first has let it go) waits for the first's final save, then
+    restores what it saved. (It once restored the file as it was, and its saves then wiped
+    the first's sessions.)"""
+    state = sock_dir / "state.json"
+    with serving(sock_dir / "a.sock", "--state", str(state), "--save-interval", "60") as first:
+        with connect(sock_dir / "a.sock") as store:
+            for n in range(50):
+                store.report(f"s{n}", Status.WORKING, "/src")
+        second = subprocess.Popen(
+            [PYTHON, "-m", "shmstore", "serve", "--address", str(sock_dir / "b.sock"), "--state", str(state)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert second.stderr is not None
+            assert "waiting for the manager that holds" in second.stderr.readline()
+            first.send_signal(signal.SIGTERM)
+            first.communicate(timeout=30)
+            seen = []
+            while "serving at" not in (line := second.stderr.readline()):
+                seen.append(line)
+                assert line, (second.wait(), seen)
+            with connect(sock_dir / "b.sock") as store:
+                assert len(store.list_all()) == 50
+        finally:
+            second.terminate()
+            second.communicate(timeout=30)
+
+
+def test_a_store_is_served_again_after_a_stop(sock_dir: Path) -> None:
+    store = shmstore.Store()
+    for round in range(2):
+        stop = threading.Event()
+        ready = threading.Event()
+        thread = threading.Thread(
+            target=shmstore.serve,
+            args=(sock_dir / "s.sock",),
+            kwargs={"store": store, "stop_event": stop, "on_ready": lambda _bound, event=ready: event.set()},
+        )
+        thread.start()
+        assert ready.wait(10)
+        with connect(sock_dir / "s.sock") as client:
+            client.report(f"round-{round}", Status.WORKING, "/src")  # refused as "stopping" before
+        stop.set()
+        thread.join(30)
+    assert sorted(orjson.loads(data)[0] for data in store.list_all()) == ["round-0", "round-1"]
+
+
+def test_stopping_a_started_manager_waits_for_a_whole_drain_and_save() -> None:
+    from shmstore.manager import keeper, launch, lifecycle
+
+    assert launch.STOP_TIMEOUT > lifecycle.DRAIN_TIMEOUT + 1.0 + keeper.SAVE_JOIN_TIMEOUT
+
+
+def test_a_rescue_file_that_cannot_be_used_is_said_and_kept_aside(sock_dir: Path, runtime_dir: Path) -> None:
+    from shmstore.manager import state as state_file
+
+    state = sock_dir / "state.json"
+    rescue = state_file.rescue_path(state, str(runtime_dir / "shmstore"))
+    rescue.parent.mkdir(mode=0o700)
+    rescue.write_bytes(b"{not a state file")
+    rescue.chmod(0o600)
+    with serving(sock_dir / "s.sock", "--state", str(state)) as proc:
+        pass
+    assert f"state file {rescue}: is not JSON" in proc.before
+    assert not rescue.exists()
+    assert [p.name.startswith(rescue.name + ".corrupt-") for p in rescue.parent.glob(rescue.name + "*")] == [True]

@@ -5,6 +5,7 @@ against real manager processes elsewhere."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,6 +27,7 @@ from shmstore.backend import Backend
 from shmstore.config import Limits
 from shmstore.feed import Snapshot
 from shmstore.record import public_json
+from shmstore.rules import LATE_WINDOW
 from shmstore.store import Store
 
 MakeBackend = Callable[..., Backend]
@@ -288,3 +290,14 @@ def test_a_report_without_an_event_time_is_applied_as_it_comes(make: MakeBackend
     store.report("a", "attention", "/a", at=50.0)
     assert public(store.report("a", "working", "/a"))["status"] == "working"
     assert public(store.get("a"))["last_event"] == 50.0
+
+
+def test_an_event_far_older_than_the_last_is_a_clock_that_stepped_back_and_is_applied(make: MakeBackend) -> None:
+    """A report older than the last event by more than LATE_WINDOW is taken as the agent's
+    clock having stepped back (NTP): applied, so the status does not freeze until the clock
+    catches up; and an event time far in the future does not freeze it for good."""
+    store = make()
+    store.report("a", "working", "/a", at=10_000.0)
+    assert public(store.report("a", "attention", "/a", at=10_000.0 - 2 * LATE_WINDOW))["status"] == "attention"
+    store.report("b", "working", "/b", at=time.time() + 80_000)  # a day ahead, at most
+    assert public(store.report("b", "question", "/b", at=time.time()))["status"] == "question"

@@ -191,10 +191,14 @@ def _strip(hooks: dict[str, Any], event: str) -> bool:
 
 
 def _read(path: Path) -> str:
+    """The settings file's text exactly as it is on disk (no newline translation: the
+    check before the rename compares it with the bytes there), or "" for none."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         return ""
+    except UnicodeDecodeError as exc:
+        raise ValidationError("settings", f"{path} is not UTF-8: {exc}") from None
     try:
         settings = json.loads(text) if text.strip() else {}
     except ValueError as exc:

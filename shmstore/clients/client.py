@@ -209,7 +209,7 @@ class Client:
             deadline = time.monotonic() + self.timeout + wait
             proxy = self._get_proxy(deadline)
             try:
-                return proxy.call(method, args, deadline)
+                return proxy.call(method, args, deadline, waits=wait > 0)
             except ShmstoreError:
                 raise
             except (EOFError, OSError, managers.RemoteError) as exc:
@@ -339,6 +339,7 @@ class Client:
         at: float | None = None,
         subagent: str | None = None,
         background: str | None = None,
+        pid_start: int | None = None,
     ) -> Session | None:
         """What an agent's hook reports, in one atomic step: create session ``id`` if it is
         new, else move it to ``status`` (recording a transition only if the status changed).
@@ -347,10 +348,11 @@ class Client:
         ``session_end:REASON`` given the agent's ``reason`` (e.g. ``logout``); one that
         closes a session the store does not hold changes nothing and returns None. ``at``
         is when the agent fired the event (epoch seconds), ``subagent`` the subagent that
-        fired it, ``background`` the agent's background job: see :meth:`Store.report`.
+        fired it, ``background`` the agent's background job, ``pid_start`` the agent's
+        start time as read when the event fired: see :meth:`Store.report`.
         """
         args: tuple[Any, ...] = (id, check_status(status), working_dir, pid, session_id, agent_type)
-        extra: tuple[Any, ...] = (reason, at, subagent, background)
+        extra: tuple[Any, ...] = (reason, at, subagent, background, pid_start)
         while extra and extra[-1] is None:  # only what is given, so that an older manager takes it
             extra = extra[:-1]
         data = self._call("report", *args, *extra)

@@ -49,11 +49,13 @@ class StoreProxy(managers.BaseProxy):
         # them, or counted in _opening while a thread opens it. It is held wherever a listed
         # connection is closed or shut down, so that close() never shuts down a descriptor
         # another thread has just closed (and the kernel may have handed to someone else).
-        # A connection in _busy is used by the one thread that took it.
+        # A connection in _busy is used by the one thread that took it, for a call that
+        # waits in the manager (True: changes() with a timeout) or not. Each kind has its own
+        # max_connections: calls that wait up to a minute must not starve those that do not.
         self._pool = threading.Condition(threading.Lock())
         self._idle: list[wire.Connection] = []  # the most recently used last
-        self._busy: set[wire.Connection] = set()
-        self._opening = 0
+        self._busy: dict[wire.Connection, bool] = {}
+        self._opening = {False: 0, True: 0}
         self._shut = False  # set by close(): connections given back are closed, not kept
 
     def _after_fork(self) -> None:
@@ -72,18 +74,20 @@ class StoreProxy(managers.BaseProxy):
                 inherited.close()
             self._own()
 
-    def _take(self, deadline: float) -> wire.Connection:
-        """A connection for one call: an idle one, else a new one if the pool has room,
-        else the first one given back before ``deadline``."""
+    def _take(self, deadline: float, waits: bool) -> wire.Connection:
+        """A connection for one call (``waits``: one that waits in the manager): an idle
+        one, else a new one if that kind has room, else the first given back by
+        ``deadline``."""
         self._forget_if_forked()
         with self._pool:
             while True:
                 if self._idle:
                     idle = self._idle.pop()
-                    self._busy.add(idle)
+                    self._busy[idle] = waits
                     return idle
-                if len(self._busy) + self._opening < self.max_connections:
-                    self._opening += 1
+                in_use = sum(1 for kind in self._busy.values() if kind is waits) + self._opening[waits]
+                if in_use < self.max_connections:
+                    self._opening[waits] += 1
                     break
                 if not self._pool.wait(seconds_left(deadline)) and time.monotonic() >= deadline:
                     where = addr.format_address(self._token.address)
@@ -102,26 +106,25 @@ class StoreProxy(managers.BaseProxy):
             raise
         finally:
             with self._pool:
-                self._opening -= 1
+                self._opening[waits] -= 1
                 if conn is not None and not conn.closed:
-                    self._busy.add(conn)
-                self._pool.notify()
+                    self._busy[conn] = waits
+                self._pool.notify_all()
         return conn
 
     def _give_back(self, conn: wire.Connection) -> None:
         with self._pool:
-            if conn in self._busy:
-                self._busy.discard(conn)
+            if self._busy.pop(conn, None) is not None:
                 if self._shut or conn.closed:
                     conn.close()
                 else:
                     self._idle.append(conn)
-            self._pool.notify()
+            self._pool.notify_all()
 
-    def call(self, method: str, args: tuple[Any, ...], deadline: float) -> Any:
+    def call(self, method: str, args: tuple[Any, ...], deadline: float, waits: bool = False) -> Any:
         """Call ``method`` in the manager; connecting and the reply must all be done by
-        ``deadline`` (``time.monotonic()``)."""
-        conn = self._take(deadline)
+        ``deadline`` (``time.monotonic()``). ``waits``: the call waits in the manager."""
+        conn = self._take(deadline, waits)
         conn.deadline = deadline
         try:
             conn.send((self._id, method, args, {}))
@@ -145,14 +148,14 @@ class StoreProxy(managers.BaseProxy):
 
     def _drop(self, conn: wire.Connection) -> None:
         with self._pool:
-            self._busy.discard(conn)
+            self._busy.pop(conn, None)
             conn.close()
-            self._pool.notify()
+            self._pool.notify_all()
 
     def connections(self) -> int:
         """How many connections this proxy holds now (idle, in use, and being opened)."""
         with self._pool:
-            return len(self._idle) + len(self._busy) + self._opening
+            return len(self._idle) + len(self._busy) + sum(self._opening.values())
 
     def retire(self) -> None:
         """Keep no connection from now on: idle ones are closed now, those in use when

@@ -20,7 +20,7 @@ import time
 from .. import agents, spool
 from ..clients.reporter import report
 from ..errors import AuthKeyError, StoreUnavailableError, ValidationError
-from ..procs import process_stat
+from ..procs import process_start, process_stat
 from ..transport import address as addr
 from .failures import note_failure
 
@@ -197,11 +197,12 @@ def _report(
             client.report(
                 said.session, said.status, said.cwd, pid=pid, session_id=said.session, agent_type=agent,
                 reason=said.reason, at=at, subagent=said.subagent, background=said.background,
+                pid_start=process_start(pid),
             )  # fmt: skip
         return None
     # Store.report's arguments, in its order.
     args: tuple[Any, ...] = (said.session, said.status, said.cwd, pid, said.session, agent, said.reason, at)
-    args += (said.subagent, said.background)
+    args += (said.subagent, said.background, process_start(pid))
     token = os.urandom(16)
     try:
         report(where, None, args, token=token, deadline=deadline - SPOOL_RESERVE)

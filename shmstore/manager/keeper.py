@@ -5,13 +5,15 @@ stop, and a rescue file when that last save fails.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ShmstoreError
+from ..errors import ShmstoreError, StoreUnavailableError
 from ..store import Store
 from ..transport import address as addr
 from . import state
@@ -19,6 +21,9 @@ from . import state
 log = logging.getLogger("shmstore.manager")
 
 
+#: How long a new manager waits for the one before it to finish its final save (its
+#: drain, 5 s at most, then the save) before it gives up on the state file.
+LOCK_WAIT = 30.0
 #: How long the final save waits for a periodic save in progress (one of 10,000 sessions
 #: took 90-190 ms, measured; a disk that takes longer than this is not one to wait for).
 SAVE_JOIN_TIMEOUT = 10.0
@@ -44,9 +49,45 @@ class StateKeeper:
         self.rescue = state.rescue_path(path, addr.runtime_dir())
         self._writing = threading.Lock()
         self._saved_revision = 0  # an empty store needs no file; restore() sets what it read
+        self._file_revision = 0  # what the state file itself holds (a rescue may hold more)
         self._rescued = False  # restored from the rescue file, which goes once saved
+        self._held: int | None = None  # the lock file's descriptor, while the state file is ours
         self._lock = threading.Lock()
         self._last: dict[str, Any] = {"saved": None, "sessions": 0, "ms": None, "error": None}
+
+    def lock(self, stop: threading.Event) -> None:
+        """Make the state file this manager's: hold an exclusive lock on ``FILE.lock``
+        (created 0600, never through a symlink) until :meth:`unlock`. A manager that still
+        stops holds it until its final save is done; this waits for that (up to
+        :data:`LOCK_WAIT`, or until ``stop``), else raises StoreUnavailableError: two
+        managers saving one file would each overwrite the other's sessions."""
+        path = self.path.with_name(self.path.name + ".lock")
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # where no lock can be made, no save can be either: it will say so
+            log.warning("cannot lock %s (%s): the state file is not kept from another manager", path, exc)
+            return
+        deadline, said = time.monotonic() + LOCK_WAIT, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._held = fd
+                return
+            except BlockingIOError:
+                if not said:
+                    log.info("waiting for the manager that holds %s to finish its final save", path)
+                    said = True
+                if time.monotonic() >= deadline or stop.wait(0.05):
+                    os.close(fd)
+                    raise StoreUnavailableError(
+                        f"the state file {self.path} is another manager's (it holds {path}); stop it first"
+                    ) from None
+
+    def unlock(self) -> None:
+        fd, self._held = self._held, None
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
 
     def restore(self) -> None:
         """Fill the (new) store from the state file, or from the rescue file when a
@@ -61,7 +102,8 @@ class StateKeeper:
         except state.StateFileError as exc:
             self._keep_aside(exc)
             saved = None
-        rescued = state.read_rescue(self.rescue)
+        self._file_revision = 0 if saved is None else saved.revision
+        rescued = self._read_rescue()
         source = self.path
         if rescued is not None and (saved is None or rescued.revision >= saved.revision):
             saved, source, self._rescued = rescued, self.rescue, True
@@ -84,6 +126,20 @@ class StateKeeper:
             revision,
             (time.perf_counter() - began) * 1000,
         )
+
+    def _read_rescue(self) -> state.Saved | None:
+        """The rescue file's sessions, or None. One that is there but cannot be used (not
+        ours, damaged) is said so and kept aside, never silently passed over."""
+        try:
+            return state.read_rescue(self.rescue)
+        except state.StateFileError as exc:
+            try:
+                aside = state.keep_aside(self.rescue)
+            except OSError as error:
+                log.warning("%s; not restored, and it could not be moved aside (%s)", exc, error)
+                return None
+            log.warning("%s; not restored: it is kept as %s", exc, aside)
+            return None
 
     def _keep_aside(self, exc: state.StateFileError) -> None:
         try:
@@ -119,7 +175,7 @@ class StateKeeper:
                 self._failed(str(exc))
                 return False
             ms = (time.perf_counter() - began) * 1000
-            self._saved_revision = revision
+            self._saved_revision = self._file_revision = revision
             if self._rescued:
                 self.rescue.unlink(missing_ok=True)
                 self._rescued = False
@@ -159,7 +215,7 @@ class StateKeeper:
         except (OSError, ShmstoreError) as exc:
             log.error("could not keep the sessions in %s either: %s", self.rescue, exc)
             rescue = None
-        error = state.StateNotSavedError(self.path, problem, saved_revision=max(0, self._saved_revision), rescue=rescue)
+        error = state.StateNotSavedError(self.path, problem, saved_revision=self._file_revision, rescue=rescue)
         log.error("%s", error)
         return error
 

@@ -21,9 +21,15 @@ from ..store import Store
 from ..transport import address as addr
 from ..transport import wire
 from . import state
-from .lifecycle import serve
+from .keeper import SAVE_JOIN_TIMEOUT
+from .lifecycle import DRAIN_TIMEOUT, serve
 
 log = logging.getLogger("shmstore.manager")
+
+
+#: How long :meth:`ServerProcess.stop` waits before it kills: the drain's deadline, a
+#: second more for its threads, and the final save's own wait for a save in progress.
+STOP_TIMEOUT = DRAIN_TIMEOUT + 1.0 + SAVE_JOIN_TIMEOUT + 4.0
 
 
 class ServerProcess:
@@ -41,8 +47,10 @@ class ServerProcess:
     def is_alive(self) -> bool:
         return bool(self.process.is_alive())
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM the manager and wait for it; SIGKILL it if it has not gone by ``timeout``."""
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM the manager and wait for it; SIGKILL it if it has not gone by ``timeout``
+        (the default leaves room for a whole drain and a slow final save: a manager killed
+        mid-save loses what it had not saved)."""
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout)

@@ -54,7 +54,7 @@ def serve(
     **changes: Any,
 ) -> None:
     """Serve ``store`` (a new, empty one by default) at ``address`` until ``stop_event``
-    is set, one of ``stop_signals`` arrives, or a ``shutdown`` call.
+    is set or one of ``stop_signals`` arrives; then stop as a drain (:func:`_stop`).
 
     Blocks the calling thread, which may be any thread. Only in the main thread of the
     main interpreter (where Python allows it) does it handle ``stop_signals``, and on
@@ -72,7 +72,10 @@ def serve(
     before clients can connect (with a new epoch, and the revision continued), and saved
     back every ``save_interval`` seconds when they changed and once more on the way out. A
     file that cannot be restored is renamed to ``FILE.corrupt-STAMP`` with a warning, and
-    the store starts empty.
+    the store starts empty. The state file is one manager's at a time (a lock beside it,
+    held from before the restore to after the final save): a manager started while another
+    still stops waits for its final save. The spool's reports are delivered before clients
+    are accepted, so that a report sent after them is applied after them.
     """
     options = changed(ServeOptions, options, changes, "options")
     address = addr.resolve(address)
@@ -103,10 +106,13 @@ def serve(
                 addr.ensure_private_dir(os.path.dirname(key_file))
             written = addr.create_key_file(key_file, key)  # we hold the address: a key file there is stale
             dispatcher.stop_event = stop
+            store.allow_writes()  # a store served before was stopped for writes
             keeper = StateKeeper(Path(options.state).expanduser(), store) if options.state else None
             if keeper is not None:
+                keeper.lock(stop)
                 keeper.restore()
             courier = Courier(store, spool.path_for(address))
+            courier.deliver()
             started = time.time()
             store.manager_info = lambda: {
                 "started": started,
@@ -125,6 +131,8 @@ def serve(
             _run(store, stop, keeper, options.save_interval, courier)
         finally:
             failed = _stop(dispatcher, store, keeper if serving else None, accepter if serving else None)
+            if keeper is not None:
+                keeper.unlock()
             if written is not None:
                 remove_key(key_file, key, written)
         log.info("stopped serving at %s", addr.format_address(address))

@@ -227,21 +227,20 @@ def rescue_path(path: Path, runtime_dir: str) -> Path:
     """Where a manager keeps its sessions when its final save to the state file at
     ``path`` fails (a full disk): in the user's private ``runtime_dir``, a memory
     filesystem that a full disk does not touch, named after the state file's absolute
-    path, where the next manager with that state file looks."""
-    digest = hashlib.sha256(os.path.abspath(path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    path (through any symlink), where the next manager with that state file looks."""
+    digest = hashlib.sha256(os.path.realpath(path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return Path(runtime_dir) / f"rescue-{digest}.json"
 
 
 def read_rescue(path: Path) -> Saved | None:
-    """The sessions kept at a rescue ``path``, if there is a file there that is ours
-    (a regular file of this user, mode 0600) and whole; else None."""
+    """The sessions kept at a rescue ``path``, or None when there is none; StateFileError
+    when a file there is not ours (a regular file of this user, mode 0600) or not whole."""
     try:
         info = path.lstat()
-    except OSError:
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise StateFileError(path, f"cannot be read: {exc.strerror or exc}") from None
     if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) != 0o600:
-        return None
-    try:
-        return read(path)
-    except StateFileError:
-        return None
+        raise StateFileError(path, "is not a rescue file of ours (a regular file of this user, mode 0600)")
+    return read(path)

@@ -35,7 +35,7 @@ class RedisProxy:
                 f"cannot use Redis at {where}: {_os_error(exc, address)}", address=where
             ) from None
 
-    def call(self, method: str, args: tuple[Any, ...], deadline: float) -> Any:
+    def call(self, method: str, args: tuple[Any, ...], deadline: float, waits: bool = False) -> Any:
         if method not in EXPOSED:
             raise ValidationError("method", f"{method!r} is not an operation of the store")
         try:

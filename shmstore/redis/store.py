@@ -359,11 +359,12 @@ class RedisStore:
         at: float | None = None,
         subagent: str | None = None,
         background: str | None = None,
+        pid_start: int | None = None,
         *,
         once: tuple[bytes, int] | None = None,
     ) -> bytes | None:
         said = rules.checked_report(
-            id, status, working_dir, pid, session_id, agent_type, reason, at, subagent, background,
+            id, status, working_dir, pid, session_id, agent_type, reason, at, subagent, background, pid_start,
             max_id_length=self.limits.max_id_length,
         )  # fmt: skip
         for _ in self._tries():
@@ -376,7 +377,8 @@ class RedisStore:
             record[HOST] = self.host
             # its start time from this host's /proc: the reporter runs beside the agent
             if pid is not None and moved:
-                record[PID], record[PID_START] = pid, rules.pid_start_for(pid, procs.process_start(pid), current)
+                start = said.pid_start if said.pid_start is not None else procs.process_start(pid)
+                record[PID], record[PID_START] = pid, rules.pid_start_for(pid, start, current)
             expected = 0 if current is None else orjson.loads(current)[REVISION]
             result = self._commit(once, record, expected, EventKind.REPORT, outside=current is None, lease=True)
             if result is not None:
