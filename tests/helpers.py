@@ -169,3 +169,19 @@ BAD_CALLS: list[tuple[str, tuple[object, ...]]] = [
     ("set", ({"id": "s1"}, None)),
     ("set", (make_session("s1").to_json(), -3)),
 ]
+
+
+def kept_in_spool(result: subprocess.CompletedProcess[bytes], address: object = None) -> bool:
+    """Did a hook keep its report in the spool, and say nothing on stderr (a report
+    delivered later is no error to show the agent's user)? Told by its failure log's last
+    line; or, given the ``address`` of a manager that cannot have taken it yet (a hook that
+    waited to its deadline may skip the log line), by the spool itself."""
+    from shmstore import spool
+    from shmstore.hook.failures import failure_log_path
+
+    if address is not None:
+        kept = spool.counts(spool.path_for(str(address)))["pending"] > 0
+    else:
+        with open(failure_log_path(), encoding="utf-8") as log:
+            kept = "kept in the spool" in log.read().splitlines()[-1]
+    return result.stderr == b"" and kept

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -242,6 +244,18 @@ def test_installed_command_works_as_claude_code_would_run_it(sock_dir: Path, ser
         session = store.get(SID)
         assert session is not None
         assert session.status is Status.WORKING
+
+
+def test_install_hooks_writes_the_address_out_so_hooks_need_no_environment_of_the_shell(sock_dir: Path) -> None:
+    # A background session's hooks run in Claude's daemon's environment, which need not have
+    # the XDG_RUNTIME_DIR or SHMSTORE_ADDRESS of the shell that installed them.
+    settings = sock_dir / "settings.json"
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(sock_dir / "run")}
+    env.pop("SHMSTORE_ADDRESS", None)
+    assert run("install-hooks", "--settings", str(settings), env=env).returncode == 0
+    [group] = json.loads(settings.read_text())["hooks"]["Stop"]
+    words = shlex.split(group["hooks"][0]["command"])
+    assert words[words.index("--address") + 1] == str(sock_dir / "run" / "shmstore" / "store.sock")
 
 
 def test_install_hooks_refuses_a_broken_settings_file(sock_dir: Path) -> None:

@@ -32,7 +32,10 @@ def install_hooks(args: argparse.Namespace) -> int:
                 "(?password_file=PATH, mode 0600) or in $SHMSTORE_REDIS_PASSWORD instead",
             )
     agent = agents.get(agents.DEFAULT)
-    command = args.hook_command or hook_command(args.address)
+    # The address is always written out: a background session's hooks run in Claude's
+    # daemon's environment, not the shell's, so a default read there could differ.
+    address = args.address or addr.format_address(addr.default_address())
+    command = args.hook_command or hook_command(address)
     path = args.settings or agent.default_settings()
     change = agent.install(path, command, dry_run=args.dry_run)
     return _report_change(change, args.dry_run, f"put `{command}` on")

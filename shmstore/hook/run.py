@@ -152,7 +152,8 @@ def run_hook(
     except Exception as exc:
         failure = f"not reported ({exc})"
     if failure is not None:
-        say(f"shmstore hook: {failure}; the agent carries on")
+        if not failure.startswith(KEPT):  # a kept report is delivered later: nothing to tell the agent
+            say(f"shmstore hook: {failure}; the agent carries on")
         note_failure(event, session, failure, deadline + LOG_GRACE)
     return 0
 
@@ -160,6 +161,8 @@ def run_hook(
 #: Of a hook's budget, what is kept back for writing its report to the spool when the
 #: manager does not answer in time (a write to the runtime directory, a tmpfs: ~0.2 ms).
 SPOOL_RESERVE = 0.05
+#: How a failure-log line about a report kept in the spool begins.
+KEPT = "kept in the spool"
 #: How long past its deadline a hook may still spend writing a line to its failure log,
 #: which may be on a slow (network) home; past it the line is skipped.
 LOG_GRACE = 0.05
@@ -212,7 +215,7 @@ def _report(
     directory = spool.path_for(where)
     try:
         if spool.keep(directory, token, args, at):
-            return f"kept in the spool {directory} for the manager to deliver ({why})"
+            return f"{KEPT} {directory} for the manager to deliver ({why})"
         return f"dropped: the spool {directory} is full ({spool.MAX_ENTRIES} reports) ({why})"
     except (OSError, StoreUnavailableError) as exc:
         return f"not reported ({why}); nor kept in the spool ({exc})"
