@@ -99,6 +99,48 @@ def test_every_mapped_event_has_a_sample() -> None:
         assert status_for(sample) == status, sample["hook_event_name"]
 
 
+def test_a_manual_compact_waits_for_the_user_and_an_automatic_one_works_on() -> None:
+    # Claude 2.1.332 fires no Stop after `/compact` typed at its prompt (tests/test_real_claude.py).
+    assert status_for(payload("PostCompact", trigger="manual")) == Status.ATTENTION
+    assert status_for(payload("PostCompact", trigger="auto")) == Status.WORKING
+
+
+SPARE = {"CLAUDE_CODE_AGENT": "claude", "CLAUDE_JOB_DIR": "/home/dev/.claude/jobs/d7cb55f0"}
+
+
+def test_a_spares_start_says_nothing_and_a_restarted_background_session_is_the_users() -> None:
+    start = payload("SessionStart", source="startup", agent_type="claude")
+    assert status_for(start, SPARE) is None  # the agent view's spare, with no task yet
+    assert status_for(start, {}) == Status.ATTENTION  # `claude --agent claude` in a terminal
+    assert status_for(payload("SessionStart", source="resume", agent_type="claude"), SPARE) == Status.ATTENTION
+    assert status_for(payload("UserPromptSubmit", agent_type="claude"), SPARE) == Status.WORKING
+
+
+def test_a_background_sessions_short_id_and_why_it_ended_come_from_its_job(tmp_path: Path) -> None:
+    from shmstore.agents.claude import read
+
+    job = tmp_path / "jobs" / "d7cb55f0"
+    job.mkdir(parents=True)
+    environ = {"CLAUDE_JOB_DIR": str(job)}
+    assert read(payload("Stop"), environ).background == "d7cb55f0"
+    assert read(payload("Stop"), {}).background is None
+    assert read(payload("SessionEnd", reason="other"), environ).reason == "other"  # no state.json yet
+    (job / "state.json").write_text(json.dumps({"state": "stopped", "detail": "stopped"}))
+    assert read(payload("SessionEnd", reason="other"), environ).reason == "stopped"
+    assert read(payload("SessionEnd", reason="clear"), environ).reason == "clear"  # the payload's own word first
+    (job / "state.json").write_text("{ not json")
+    assert read(payload("SessionEnd", reason="other"), environ).reason == "other"
+
+
+def test_a_subagents_events_name_it() -> None:
+    from shmstore.agents.claude import read
+
+    assert (
+        read(payload("PreToolUse", tool_name="Bash", agent_id="a2a5ecc2a629a6945"), {}).subagent == "a2a5ecc2a629a6945"
+    )
+    assert read(payload("PreToolUse", tool_name="Bash"), {}).subagent is None
+
+
 def test_every_event_of_the_hooks_reference_is_mapped_to_a_status_or_deliberately_quiet() -> None:
     assert set(EVENT_STATUS) | QUIET_EVENTS == REFERENCE_EVENTS
     assert not set(EVENT_STATUS) & QUIET_EVENTS

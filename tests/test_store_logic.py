@@ -301,3 +301,42 @@ def test_an_event_far_older_than_the_last_is_a_clock_that_stepped_back_and_is_ap
     assert public(store.report("a", "attention", "/a", at=10_000.0 - 2 * LATE_WINDOW))["status"] == "attention"
     store.report("b", "working", "/b", at=time.time() + 80_000)  # a day ahead, at most
     assert public(store.report("b", "question", "/b", at=time.time()))["status"] == "question"
+
+
+def test_a_subagents_work_never_takes_a_session_from_the_user(make: MakeBackend) -> None:
+    """Claude's Stop comes while a background subagent still works: the user has the prompt
+    (attention), and the subagent's events (working) leave it so; the main agent's own
+    next event moves it as ever."""
+    store = make()
+    store.report("a", "working", "/a")
+    store.report("a", "attention", "/a")  # the main agent's Stop
+    for _ in range(3):
+        store.report("a", "working", "/a", subagent="sub1")
+    assert public(store.get("a"))["status"] == "attention"
+    assert public(store.report("a", "working", "/a"))["status"] == "working"  # the main agent's turn
+    assert [h["to"] for h in public(store.get("a"))["history"]] == ["attention", "working"]  # type: ignore[union-attr]
+
+
+def test_a_subagents_question_is_ended_only_by_that_subagent(make: MakeBackend) -> None:
+    store = make()
+    store.report("a", "working", "/a")
+    asked = public(store.report("a", "question", "/a", subagent="sub1"))
+    assert (asked["status"], asked["asked_by"]) == ("question", "sub1")
+    assert public(store.report("a", "working", "/a", subagent="sub2"))["status"] == "question"  # another's work
+    answered = public(store.report("a", "working", "/a", subagent="sub1"))
+    assert (answered["status"], answered["asked_by"]) == ("working", None)
+    store.report("a", "question", "/a")  # the main agent asks
+    assert public(store.report("a", "working", "/a", subagent="sub1"))["status"] == "question"
+
+
+def test_the_end_of_a_session_the_store_does_not_hold_makes_nothing(make: MakeBackend) -> None:
+    store = make()
+    revision = store.revision()
+    assert store.report("ghost", "closed", "/a", reason="other") is None
+    assert (store.get("ghost"), store.revision(), store.list_all()) == (None, revision, [])
+
+
+def test_a_background_sessions_short_id_is_kept(make: MakeBackend) -> None:
+    store = make()
+    store.report("abc12345-0000", "working", "/a", background="abc12345")
+    assert public(store.report("abc12345-0000", "attention", "/a"))["background"] == "abc12345"

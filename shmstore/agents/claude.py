@@ -103,8 +103,13 @@ def is_spare(payload: Mapping[str, Any], environ: Mapping[str, str]) -> bool:
     agents``) keeps ready, which is no session of the user's until it is given a task
     (its first UserPromptSubmit): its payload names the ``claude`` agent, and its hook runs
     with ``CLAUDE_CODE_AGENT=claude`` (Claude Code 2.1.332; its session file says
-    ``"spare": true``)."""
-    return payload.get("agent_type") == "claude" and environ.get("CLAUDE_CODE_AGENT") == "claude"
+    ``"spare": true``). Only a ``startup``: a background session its daemon restarts
+    (``resume``) fires SessionStart in the same environment, and is the user's."""
+    return (
+        payload.get("source") == "startup"
+        and payload.get("agent_type") == "claude"
+        and environ.get("CLAUDE_CODE_AGENT") == "claude"
+    )
 
 
 def read(payload: Mapping[str, Any], environ: Mapping[str, str]) -> HookReport:
