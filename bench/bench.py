@@ -50,7 +50,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import hook_load  # bench/, beside this script
+import event_paths  # bench/, beside this script
+import hook_load
 import multiprocess
 import multiprocess.connection
 import orjson
@@ -661,6 +662,7 @@ def main() -> int:
         memory.update(bench_serve_pss(tmp))
         hook = hook_startup_ms(tmp, 20 if args.quick else 60)
         under_load = hook_load.run(**{**hook_load.RECIPE, "seconds": 4.0 if args.quick else 10.0})
+        paths = event_paths.run(2000 if args.quick else 6000, 3 if args.quick else 6)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -698,6 +700,23 @@ def main() -> int:
     goals["shm_list_all_100_vs_socket_get"] = goal(shm["shm_list_all_100_vs_socket_get"], "<=", 0.25, "wall, pinned")
     # Issue #19: no report lost while the agent waits on its hook (bench/hook_load.py's recipe).
     goals["hook_reports_lost_under_load"] = goal(under_load["lost"], "==", 0, f"hooks: {under_load['hooks']}")
+    # Issue #22: every event in, for almost nothing (bench/event_paths.py; the real CLI's runs
+    # are skipped where it is not installed).
+    cpu = paths["manager_cpu_us_per_event"]
+    goals["http_event_manager_cpu_us"] = goal(
+        cpu["http_event_manager_cpu_us"], "<=", 300, f"command hook: {cpu['command_event_manager_cpu_us']:.0f}"
+    )
+    real = paths["real_claude"]
+    if "http" in real:
+        http, command = real["http"], real["command"]
+        goals["processes_per_tool_call"] = goal(
+            http["processes_per_tool_call"], "==", 0, f"command: {command['processes_per_tool_call']}"
+        )
+        goals["hook_event_wall_ms_median"] = goal(
+            http["hook_event_wall_ms_median"], "<=", 5, f"command: {command['hook_event_wall_ms_median']:.0f}"
+        )
+        slowed = http["run_wall_ms_manager_down_median"] - http["run_wall_ms_median"]
+        goals["tool_call_slowed_manager_down_ms"] = goal(slowed, "<=", 50, "http, manager not running")
     results = {
         "quick": args.quick,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
@@ -717,6 +736,7 @@ def main() -> int:
         "memory": memory,
         "hook_startup_ms": hook,
         "hooks_under_load": under_load,
+        "event_paths": paths,
         "ratios": ratios,
         "ratios_cpu": ratios_cpu,
         "ratios_unpinned": ratios_unpinned,
@@ -805,6 +825,18 @@ def print_table(results: dict[str, Any]) -> None:
     print("\nhooks under load (bench/hook_load.py)")
     for name, value in results["hooks_under_load"].items():
         print(f"{name:<42}{value!s:>10}" if not isinstance(value, float) else f"{name:<42}{value:>10.1f}")
+    paths = results["event_paths"]
+    print("\nan event's way in (bench/event_paths.py)              manager cpu us")
+    for name, value in paths["manager_cpu_us_per_event"].items():
+        print(f"{name:<46}{value:>10.1f}")
+    real = paths["real_claude"]
+    if "skipped" in real:
+        print(f"real Claude Code: skipped: {real['skipped']}")
+    for via, figures in real.items():
+        if isinstance(figures, dict):
+            print(f"real Claude Code, one Bash call in print mode, hooks: {via}")
+            for name, value in figures.items():
+                print(f"  {name:<44}{'-' if value is None else f'{value:.1f}':>10}")
     _op_table(results["us_per_op_unpinned"], results["cpu_us_per_op_unpinned"], {}, "every CPU, noisy")
     print(f"\n{'ratio (one phase, one clock each)':<42}{'wall':>10}{'cpu':>10}  target met")
     pairs = [

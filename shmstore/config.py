@@ -133,6 +133,7 @@ class ServeOptions:
     # nothing while they do not (an unchanged store is not written).
     save_interval: float = _setting(5.0, "seconds between saves of the state file, when sessions changed", "SECONDS")
     log_level: str = _setting("info", f"what the manager logs to stderr: {', '.join(LOG_LEVELS)}", "LEVEL")
+    http: str = _setting("", "take agents' events over HTTP on 127.0.0.1:PORT ('auto': a free port)", "PORT")
 
     def __post_init__(self) -> None:
         if not isinstance(self.allow_remote, bool):
@@ -144,5 +145,11 @@ class ServeOptions:
             raise ValidationError("state", f"must be a file path, not {self.state!r:.80}")
         if not check_duration(self.save_interval, "save_interval"):
             raise ValidationError("save_interval", "must be more than 0")
+        if not isinstance(self.http, str) or not (self.http in ("", "auto") or _is_port(self.http)):
+            raise ValidationError("http", f"must be a TCP port (1-65535) or 'auto', not {self.http!r:.80}")
         if self.log_level not in LOG_LEVELS:
             raise ValidationError("log_level", f"must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r:.80}")
+
+
+def _is_port(text: str) -> bool:
+    return text.isdigit() and 0 < int(text) < 65536

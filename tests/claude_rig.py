@@ -36,10 +36,12 @@ def claude_binary() -> str | None:
 
 class Claude:
     """One home for Claude Code (``home``), a project directory in it (``project``), its
-    settings with shmstore's hooks for the manager at ``address``, and the environment it
-    runs in (``env``)."""
+    settings with shmstore's hooks for the manager at ``address`` (``via``: as
+    ``install-hooks --via`` makes them), and the environment it runs in (``env``)."""
 
-    def __init__(self, binary: str, root: Path, model_url: str, address: str, record: bool = False) -> None:
+    def __init__(
+        self, binary: str, root: Path, model_url: str, address: str, record: bool = False, via: str = "command"
+    ) -> None:
         self.binary, self.root, self.address = binary, root, address
         self.home = root / "home"
         self.project = root / "project"
@@ -47,7 +49,7 @@ class Claude:
         self.project.mkdir(parents=True)
         (self.home / ".claude").mkdir(parents=True)
         self.env = environment(self.home, model_url, root)
-        install = [sys.executable, "-m", "shmstore", "install-hooks", "--address", address]
+        install = [sys.executable, "-m", "shmstore", "install-hooks", "--address", address, "--via", via]
         install += ["--settings", str(self.settings)]
         subprocess.run(install, check=True, capture_output=True, env=self.env, timeout=60)
         trust = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import plistlib
+import re
 import shutil
 import subprocess
 import time
@@ -173,11 +174,15 @@ def test_the_launchd_agent_runs_this_python_at_load_and_again_after_a_failure(tm
 
 
 def test_dry_run_prints_the_unit_and_the_commands_and_writes_or_runs_nothing(home: Home) -> None:
-    result = home.run("install-service", "--dry-run")
+    result = home.run("install-service", "--dry-run", "--http", "47999")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == service.systemd_unit(PYTHON)
+    socket_unit = service.socket_path().name
+    assert result.stdout == service.systemd_unit(PYTHON, http="47999") + service.systemd_socket("47999")
     assert str(home.unit) in result.stderr
-    assert "systemctl --user daemon-reload\n  systemctl --user enable --now shmstore.service" in result.stderr
+    assert socket_unit in result.stderr
+    assert "  systemctl --user enable --now shmstore.socket\n  systemctl --user enable --now shmstore.service" in (
+        result.stderr
+    )
     assert home.files() == []
     assert home.calls() == []
 
@@ -195,13 +200,21 @@ def test_dry_run_for_launchd_on_linux_prints_the_agent_and_bootstrap_command(hom
 def test_install_writes_the_unit_then_reloads_and_enables_it_now(home: Home) -> None:
     result = home.run("install-service")
     assert result.returncode == 0, result.stderr
-    assert home.unit.read_text() == service.systemd_unit(PYTHON)
+    found = re.search(r'--http "(\d+)"', home.unit.read_text())
+    assert found is not None  # a port free at install time, kept in the unit for the http hooks
+    port = found[1]
+    assert home.unit.read_text() == service.systemd_unit(PYTHON, http=port)
     assert home.calls() == [
         "--user is-system-running",
         "--user daemon-reload",
+        "--user stop shmstore.service",  # it lets go of the port...
+        "--user enable --now shmstore.socket",  # ...which systemd holds for it from now on
         "--user enable --now shmstore.service",
     ]
     assert f"wrote {home.unit}" in result.stdout
+    socket_unit = home.unit.with_name("shmstore.socket").read_text()
+    assert f"ListenStream=127.0.0.1:{port}\n" in socket_unit
+    assert socket_unit == service.systemd_socket(port)
 
 
 def test_installing_again_keeps_the_same_unit_and_still_enables_it(home: Home) -> None:
@@ -227,9 +240,14 @@ def test_install_respects_xdg_config_home_and_defaults_to_dot_config(home: Home)
 
 def test_install_replaces_our_own_older_unit(home: Home) -> None:
     home.unit.parent.mkdir(parents=True)
-    home.unit.write_text(service.systemd_unit("/usr/bin/python3.9"))
+    home.unit.write_text(service.systemd_unit("/usr/bin/python3.9", http="47999"))
     result = home.run("install-service")
     assert result.returncode == 0, result.stderr
+    assert home.unit.read_text() == service.systemd_unit(PYTHON, http="47999")  # the port the hooks name, kept
+
+
+def test_install_without_http_gives_the_manager_none(home: Home) -> None:
+    assert home.run("install-service", "--http", "none").returncode == 0
     assert home.unit.read_text() == service.systemd_unit(PYTHON)
 
 
@@ -249,7 +267,7 @@ def test_a_failing_systemctl_is_reported_with_its_own_message(home: Home) -> Non
     result = home.run("install-service", FAKE_FAIL="enable", FAKE_MESSAGE=message)
     assert result.returncode == 1
     assert result.stderr == (
-        f"shmstore: error: `systemctl --user enable --now shmstore.service` failed (exit 1): {message}\n"
+        f"shmstore: error: `systemctl --user enable --now shmstore.socket` failed (exit 1): {message}\n"
     )
 
 
@@ -294,8 +312,10 @@ def test_uninstall_disables_the_service_removes_our_unit_and_reloads(home: Home)
     result = home.run("uninstall-service")
     assert result.returncode == 0, result.stderr
     assert not home.unit.exists()
+    assert not home.unit.with_name("shmstore.socket").exists()
     assert home.calls() == [
         "--user is-system-running",
+        "--user disable --now shmstore.socket",
         "--user disable --now shmstore.service",
         "--user daemon-reload",
     ]

@@ -184,15 +184,48 @@ def default_settings() -> Path:
     return Path.home() / ".claude" / "settings.json"
 
 
-def install(path: Path, command: str, *, dry_run: bool = False) -> Change:
-    """Make ``command`` the one shmstore hook of every event of :data:`EVENT_STATUS` in the
-    settings at ``path`` (see :mod:`shmstore.agents.settings` for what is kept)."""
+#: Seconds Claude Code gives an http hook (its least): a manager that is up answers in well
+#: under a millisecond; one that hangs then costs the agent at most this per event.
+HTTP_TIMEOUT = 1
+
+#: Events whose hook stays a command hook when the others go over HTTP: SessionStart
+#: (Claude refuses http hooks there), and every event that can leave the session waiting
+#: for the user or end it. A command hook's report is kept in the spool when the manager
+#: cannot take it; an http hook's is lost (Claude logs a non-blocking error and goes on).
+#: So with the manager restarting, the statuses a user acts on (question, attention,
+#: closed) still arrive; only working may come late, with the next event.
+COMMAND_EVENTS = frozenset(event for event, status in EVENT_STATUS.items() if status != WORKING) | {
+    "SessionStart",
+    "PostCompact",  # a manual one is attention (status_for)
+}
+
+
+def hook_groups(command: str, url: str | None) -> dict[str, list[dict[str, Any]]]:
+    """Our hooks, per event, as Claude Code's settings hold them: ``command`` on every
+    event, or with ``url`` (a manager's HTTP endpoint for this agent) an http hook on every
+    event but :data:`COMMAND_EVENTS`, and the command also on PreToolUse of the
+    AskUserQuestion tool (a question)."""
+    run = {"hooks": [{"type": "command", "command": command, "timeout": HOOK_TIMEOUT}]}
+    if url is None:
+        return {event: [run] for event in EVENT_STATUS}
+    post = {"hooks": [{"type": "http", "url": url, "timeout": HTTP_TIMEOUT}]}
+    groups: dict[str, list[dict[str, Any]]] = {
+        event: [run if event in COMMAND_EVENTS else post] for event in EVENT_STATUS
+    }
+    groups["PreToolUse"] = [post, {"matcher": ASK_TOOL, "hooks": run["hooks"]}]
+    return groups
+
+
+def install(path: Path, command: str, *, url: str | None = None, dry_run: bool = False) -> Change:
+    """Make shmstore's hooks (:func:`hook_groups`) the only ones of ours on every event of
+    :data:`EVENT_STATUS` in the settings at ``path`` (see :mod:`shmstore.agents.settings`
+    for what is kept)."""
     from . import settings
 
-    entry = {"type": "command", "command": command, "timeout": HOOK_TIMEOUT}
+    wanted = hook_groups(command, url)
 
     def change(document: dict[str, Any]) -> list[str]:
-        events = settings.install_in_table(settings.table(document), EVENT_STATUS, entry)
+        events = settings.install_in_table(settings.table(document), wanted)
         settings.drop_if_empty(document)
         return events
 

@@ -1,10 +1,11 @@
 """An agent's settings file, changed with care: what every adapter whose hooks live in a
 JSON file uses to put our hook command in and take it out.
 
-* Only our hook is touched: a hook command of ours is recognised by its shape
+* Only our hooks are touched: a hook command of ours is recognised by its shape
   (:func:`is_ours`: ``... -m shmstore hook ...``, or the ``shmstore hook`` script), whichever
   interpreter, ``--address`` or ``--agent`` it names, so that installing again from another
-  virtualenv replaces it; every other key and hook is left as it was.
+  virtualenv replaces it, and an http hook of ours by its path (:data:`HTTP_PATH`); every
+  other key and hook is left as it was.
 * A settings file that is a symlink stays one: the file it points to is rewritten
   (atomically, through a temporary file beside it).
 * A changed file is first copied to a backup beside it (``NAME.STAMP.bak``), created with
@@ -27,7 +28,8 @@ import os
 import shlex
 import stat
 import sys
-from collections.abc import Callable, Iterable, Mapping
+import urllib.parse
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,21 +130,22 @@ def drop_if_empty(settings: dict[str, Any], key: str = "hooks") -> None:
         del settings[key]
 
 
-def install_in_table(hooks: dict[str, Any], events: Iterable[str], entry: Mapping[str, Any]) -> list[str]:
-    """Make ``entry`` (our hook, as the table holds one) the one hook of ours on each of
-    ``events`` in the table ``hooks``, in that order, and on no other event; returns the
-    events changed."""
-    order = list(events)
+def install_in_table(hooks: dict[str, Any], wanted: Mapping[str, list[dict[str, Any]]]) -> list[str]:
+    """Make ``wanted`` (per event, the groups of our hooks, as the table holds them) the
+    only hooks of ours in the table ``hooks``: on each event of ``wanted``, after the
+    user's own groups, and on no other event. Returns the events changed; an event whose
+    hooks are already as wanted is left exactly as it is."""
+    order = list(wanted)
     changed = []
     for event in sorted(set(hooks) | set(order), key=lambda name: _order(order, name)):
-        groups = _groups(hooks, event)
-        ours = [h for g in groups for h in _entries(g) if is_ours(h.get("command"))]
-        wanted = event in order
-        if ours == [dict(entry)] or (not ours and not wanted):
+        old = _groups(hooks, event)
+        new = _without_ours(old)[0] + [json.loads(json.dumps(group)) for group in wanted.get(event, [])]
+        if new == old:
             continue
-        _strip(hooks, event)
-        if wanted:
-            hooks.setdefault(event, []).append({"hooks": [dict(entry)]})
+        if new:
+            hooks[event] = new  # an existing key keeps its place in the file
+        else:
+            del hooks[event]
         changed.append(event)
     return changed
 
@@ -150,6 +153,19 @@ def install_in_table(hooks: dict[str, Any], events: Iterable[str], entry: Mappin
 def strip_table(hooks: dict[str, Any]) -> list[str]:
     """Remove every hook of ours from the table ``hooks``; returns the events it was on."""
     return [event for event in list(hooks) if _strip(hooks, event)]
+
+
+def is_our_hook(entry: Mapping[str, Any]) -> bool:
+    """Is the hook ``entry`` ours: a ``shmstore hook`` command (:func:`is_ours`), or an
+    http hook posting to a manager's event path (:data:`HTTP_PATH`)?"""
+    if entry.get("type") == "http":
+        url = entry.get("url")
+        return isinstance(url, str) and urllib.parse.urlsplit(url).path.startswith(HTTP_PATH)
+    return is_ours(entry.get("command"))
+
+
+#: Where a manager takes agents' events over HTTP: ``/shmstore/hook/AGENT``.
+HTTP_PATH = "/shmstore/hook/"
 
 
 def _order(order: list[str], event: str) -> tuple[int, str]:
@@ -171,10 +187,20 @@ def _entries(group: object) -> list[dict[str, Any]]:
 def _strip(hooks: dict[str, Any], event: str) -> bool:
     """Remove our hooks from ``event`` (a group left empty goes, and then an event left
     empty); returns whether there were any."""
-    groups, kept, found = _groups(hooks, event), [], False
+    kept, found = _without_ours(_groups(hooks, event))
+    if found:
+        if kept:
+            hooks[event] = kept
+        else:
+            del hooks[event]
+    return found
+
+
+def _without_ours(groups: list[Any]) -> tuple[list[Any], bool]:
+    """``groups`` without our hooks (a group left empty goes), and whether there were any."""
+    kept, found = [], False
     for group in groups:
-        entries = _entries(group)
-        mine = [h for h in entries if is_ours(h.get("command"))]
+        mine = [h for h in _entries(group) if is_our_hook(h)]
         if not mine:
             kept.append(group)
             continue
@@ -182,12 +208,7 @@ def _strip(hooks: dict[str, Any], event: str) -> bool:
         rest = [h for h in group["hooks"] if h not in mine]
         if rest:
             kept.append({**group, "hooks": rest})
-    if found:
-        if kept:
-            hooks[event] = kept
-        else:
-            del hooks[event]
-    return found
+    return kept, found
 
 
 def _read(path: Path) -> str:

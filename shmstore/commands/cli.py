@@ -205,11 +205,19 @@ def _parser() -> argparse.ArgumentParser:
     cmd = command(
         "install-hooks",
         setup.install_hooks,
-        "make `shmstore hook` the one shmstore hook of each event in a Claude Code settings file",
+        "make shmstore's hooks the only ones of ours in a Claude Code settings file: http hooks to the manager "
+        "where Claude allows them and no status the user acts on depends on them, `shmstore hook` elsewhere",
         uses=[address],
     )
     setup.add_settings_file(cmd)
     cmd.add_argument("--command", dest="hook_command", help="the hook command to install (default: this Python's)")
+    cmd.add_argument(
+        "--via",
+        choices=("auto", "http", "command"),
+        default="auto",
+        help="how events reach the manager: http (it must serve with --http), command (a process per event), "
+        "or auto: http if the manager at --address takes events over HTTP, else command (default: %(default)s)",
+    )
 
     cmd = command(
         "uninstall-hooks", setup.uninstall_hooks, "remove every shmstore hook from a Claude Code settings file", uses=[]
@@ -224,6 +232,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     setup.add_service_flags(cmd)
     cmd.add_argument("--dry-run", action="store_true", help="print the unit file and the commands, change nothing")
+    cmd.add_argument(
+        "--http",
+        default="auto",
+        metavar="PORT",
+        help="the port on 127.0.0.1 where the manager takes agents' events over HTTP (install-hooks then "
+        "writes http hooks): a number, auto (one free now, kept in the unit) or none (default: %(default)s)",
+    )
 
     cmd = command(
         "uninstall-service",

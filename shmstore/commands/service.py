@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import plistlib
+import re
 import shlex
 import shutil
 import subprocess
@@ -25,6 +26,9 @@ from ..errors import ShmstoreError, ValidationError
 #: The line that marks a unit or plist as ours (a comment in either format).
 MARKER = "Written by `shmstore install-service`; `shmstore uninstall-service` removes it."
 UNIT_NAME = "shmstore.service"
+#: The socket unit that holds the manager's HTTP port for it (socket activation: systemd
+#: passes it to the service of the same name, and keeps it while the manager restarts).
+SOCKET_NAME = "shmstore.socket"
 #: launchd labels are reverse-DNS names; ``local.`` is the prefix for agents a user makes.
 LAUNCHD_LABEL = "local.shmstore"
 #: The state file in the unit: ``%S`` is the user's state directory ($XDG_STATE_HOME,
@@ -74,6 +78,8 @@ class Plan:
     after_removal: list[list[str]]
     #: Seconds each command may take.
     timeout: float = COMMAND_TIMEOUT
+    #: Other files of ours: each path and the text to write there (None: to remove, if ours).
+    extra: tuple[tuple[Path, str | None], ...] = ()
 
 
 def default_init(platform: str = sys.platform) -> str:
@@ -91,6 +97,29 @@ def unit_path() -> Path:
     return _xdg("XDG_CONFIG_HOME", ".config") / "systemd" / "user" / UNIT_NAME
 
 
+def socket_path() -> Path:
+    return unit_path().with_name(SOCKET_NAME)
+
+
+def systemd_socket(port: str) -> str:
+    """The text of the socket unit that listens on 127.0.0.1:``port`` for the manager."""
+    return "\n".join(
+        [
+            f"# {MARKER}",
+            "[Unit]",
+            "Description=shmstore: agents' events over HTTP, held while the manager restarts",
+            "",
+            "[Socket]",
+            f"ListenStream=127.0.0.1:{port}",
+            "FileDescriptorName=http",
+            "",
+            "[Install]",
+            "WantedBy=sockets.target",
+            "",
+        ]
+    )
+
+
 def plist_path() -> Path:
     return Path.home() / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
 
@@ -102,10 +131,11 @@ def state_file(init: str) -> Path:
     return _xdg("XDG_STATE_HOME", ".local/state") / "shmstore" / "state.json"
 
 
-def serve_argv(python: str, state: str, address: str | None = None) -> list[str]:
+def serve_argv(python: str, state: str, address: str | None = None, http: str | None = None) -> list[str]:
     """The manager's command line: ``python -m shmstore serve --state STATE``."""
     argv = [python, "-m", "shmstore", "serve", "--state", state]
-    return argv if address is None else [*argv, "--address", address]
+    argv += [] if address is None else ["--address", address]
+    return argv if http is None else [*argv, "--http", http]
 
 
 def exec_quote(arg: str, *, command: bool = False, field: str = "address") -> str:
@@ -130,13 +160,15 @@ def exec_quote(arg: str, *, command: bool = False, field: str = "address") -> st
     return f'"{escaped}"'
 
 
-def systemd_unit(python: str, address: str | None = None) -> str:
+def systemd_unit(python: str, address: str | None = None, http: str | None = None) -> str:
     """The text of the user unit that runs ``python -m shmstore serve``, for ``python``
     (absolute) and, when given, ``address``; the state file is :data:`UNIT_STATE`."""
     _check_python(python)
     words = [exec_quote(python, command=True, field="python"), "-m", "shmstore", "serve", "--state", UNIT_STATE]
     if address is not None:
         words += ["--address", exec_quote(address)]
+    if http is not None:
+        words += ["--http", exec_quote(http, field="http")]
     return "\n".join(
         [
             f"# {MARKER}",
@@ -159,14 +191,14 @@ def systemd_unit(python: str, address: str | None = None) -> str:
     )
 
 
-def launchd_plist(python: str, state: Path, log: Path, address: str | None = None) -> str:
+def launchd_plist(python: str, state: Path, log: Path, address: str | None = None, http: str | None = None) -> str:
     """The text of the launchd agent that runs ``python -m shmstore serve``: started at
     login (RunAtLoad), started again when it exits with a failure (KeepAlive), its stderr
     (the manager's log) in ``log``."""
     _check_python(python)
     agent = {
         "Label": LAUNCHD_LABEL,
-        "ProgramArguments": serve_argv(python, str(state), address),
+        "ProgramArguments": serve_argv(python, str(state), address, http),
         "RunAtLoad": True,
         "KeepAlive": {"SuccessfulExit": False},
         "StandardErrorPath": str(log),
@@ -182,7 +214,13 @@ def _check_python(python: str) -> None:
         raise ValidationError("python", f"{python!r} is not an absolute path; a service starts with no PATH of ours")
 
 
-def plan(init: str, python: str | None = None, address: str | None = None, timeout: float = COMMAND_TIMEOUT) -> Plan:
+def plan(
+    init: str,
+    python: str | None = None,
+    address: str | None = None,
+    timeout: float = COMMAND_TIMEOUT,
+    http: str | None = None,
+) -> Plan:
     """What installing the service for ``init`` (:data:`SYSTEMD` or :data:`LAUNCHD`) would
     write and run; ``python`` defaults to this interpreter (its path as started, so a
     virtualenv's interpreter stays the virtualenv's)."""
@@ -194,7 +232,7 @@ def plan(init: str, python: str | None = None, address: str | None = None, timeo
         return Plan(
             init=init,
             path=path,
-            text=launchd_plist(python, state_file(init), log, address),
+            text=launchd_plist(python, state_file(init), log, address, http),
             # bootout first: bootstrap refuses a label that is loaded already (a reinstall).
             commands=[
                 ["launchctl", "bootout", f"{domain}/{LAUNCHD_LABEL}"],
@@ -206,15 +244,34 @@ def plan(init: str, python: str | None = None, address: str | None = None, timeo
         )
     if init != SYSTEMD:
         raise ValidationError("init", f"{init!r} is not one of {', '.join(INITS)}")
+    systemctl = ["systemctl", "--user"]
+    commands = [[*systemctl, "daemon-reload"], [*systemctl, "enable", "--now", UNIT_NAME]]
+    if http is not None:
+        # The manager must let go of the port before systemd can listen on it; a stop is a
+        # drain that loses nothing, and the service starts again with the socket.
+        commands[1:1] = [[*systemctl, "stop", UNIT_NAME], [*systemctl, "enable", "--now", SOCKET_NAME]]
     return Plan(
         init=init,
         path=unit_path(),
-        text=systemd_unit(python, address),
-        commands=[["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", UNIT_NAME]],
-        stop_commands=[["systemctl", "--user", "disable", "--now", UNIT_NAME]],
-        after_removal=[["systemctl", "--user", "daemon-reload"]],
+        text=systemd_unit(python, address, http),
+        commands=commands,
+        stop_commands=[[*systemctl, "disable", "--now", SOCKET_NAME], [*systemctl, "disable", "--now", UNIT_NAME]],
+        after_removal=[[*systemctl, "daemon-reload"]],
         timeout=timeout,
+        extra=((socket_path(), None if http is None else systemd_socket(http)),),
     )
+
+
+def installed_http(init: str) -> str | None:
+    """The ``--http`` port that the service already installed for ``init`` gives its
+    manager, or None (no service, or one without it)."""
+    path = plist_path() if init == LAUNCHD else unit_path()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    found = re.search(r'--http(?:</string>\s*<string>|\s+"?)(\d+)', text)
+    return found[1] if found else None
 
 
 def advice(init: str, python: str | None = None, address: str | None = None) -> str:
@@ -271,9 +328,18 @@ def install(service: Plan) -> bool:
     """Write the service's file (unless a file that is not ours is there) and start it.
     Returns False when the file already held exactly this text (the commands still run)."""
     check_not_foreign(service.path)
+    for path, _ in service.extra:
+        check_not_foreign(path)
     changed = _read(service.path) != service.text
     if changed:
         _write(service.path, service.text)
+    for path, text in service.extra:
+        if text is None:
+            if is_ours(path):
+                path.unlink()  # a socket unit of an earlier install with --http
+        elif _read(path) != text:
+            _write(path, text)
+            changed = True
     for argv in service.commands:
         _run(argv, service.timeout, check=not _is_bootout(argv))
     return changed
@@ -287,8 +353,11 @@ def uninstall(service: Plan, manager: bool = True) -> bool:
     check_not_foreign(service.path)
     if manager:
         for argv in service.stop_commands:
-            _run(argv, service.timeout, check=not _is_bootout(argv))
+            _run(argv, service.timeout, check=not _is_bootout(argv) and SOCKET_NAME not in argv)
     service.path.unlink()
+    for path, _ in service.extra:
+        if is_ours(path):
+            path.unlink()
     if manager:
         for argv in service.after_removal:
             _run(argv, service.timeout)

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 from .. import agents
-from ..agents.settings import Change, hook_command
-from ..errors import ValidationError
+from ..agents.settings import HTTP_PATH, Change, hook_command
+from ..clients.client import Client
+from ..config import ServeOptions
+from ..errors import ShmstoreError, StoreUnavailableError, ValidationError
 from ..transport import address as addr
 from . import service
 
@@ -36,9 +38,30 @@ def install_hooks(args: argparse.Namespace) -> int:
     # daemon's environment, not the shell's, so a default read there could differ.
     address = args.address or addr.format_address(addr.default_address())
     command = args.hook_command or hook_command(address)
+    url = _event_url(args, agent.NAME)
     path = args.settings or agent.default_settings()
-    change = agent.install(path, command, dry_run=args.dry_run)
-    return _report_change(change, args.dry_run, f"put `{command}` on")
+    change = agent.install(path, command, url=url, dry_run=args.dry_run)
+    return _report_change(change, args.dry_run, f"put `{command}`{f' and {url}' if url else ''} on")
+
+
+def _event_url(args: argparse.Namespace, agent: str) -> str | None:
+    """Where http hooks post ``agent``'s events: the HTTP endpoint of the manager at
+    ``--address`` (``--via http``: it must have one; ``auto``: if it has), else None."""
+    if args.via == "command" or (args.address and addr.is_redis(args.address)):
+        return None
+    try:
+        with Client(args.address, timeout=2.0, shared_memory=False) as store:
+            http = store.info().get("http")
+    except ShmstoreError as exc:
+        http, why = None, f"the manager cannot be asked ({exc})"
+    else:
+        why = "the manager does not take events over HTTP (`serve --http PORT`)"
+    if http:
+        return f"http://127.0.0.1:{http['port']}{HTTP_PATH}{agent}"
+    if args.via == "http":
+        raise StoreUnavailableError(f"no http hooks: {why}; or install with --via command")
+    print(f"command hooks only: {why}", file=sys.stderr)
+    return None
 
 
 def uninstall_hooks(args: argparse.Namespace) -> int:
@@ -62,12 +85,14 @@ def _report_change(change: Change, dry_run: bool, done: str) -> int:
 
 
 def install_service(args: argparse.Namespace) -> int:
-    plan = service.plan(args.init, address=args.address, timeout=args.timeout)
+    plan = service.plan(args.init, address=args.address, timeout=args.timeout, http=_service_http(args))
     if args.dry_run:
         service.check_not_foreign(plan.path)
-        sys.stdout.write(plan.text)
+        written = [(plan.path, plan.text), *((path, text) for path, text in plan.extra if text is not None)]
+        sys.stdout.write("".join(text for _, text in written))
         commands = "".join(f"\n  {shlex.join(argv)}" for argv in plan.commands)
-        print(f"dry run: would write {plan.path} and run:{commands}", file=sys.stderr)
+        paths = " and ".join(str(path) for path, _ in written)
+        print(f"dry run: would write {paths} and run:{commands}", file=sys.stderr)
         return 0
     try:
         service.check_manager(args.init, address=args.address, timeout=args.timeout)
@@ -93,6 +118,27 @@ def uninstall_service(args: argparse.Namespace) -> int:
     else:
         print(f"removed {plan.path} (no {args.init} user manager is running, so none was told)")
     return 0
+
+
+def _service_http(args: argparse.Namespace) -> str | None:
+    """The ``--http`` port the service's manager is to take events on: ``none``, none;
+    ``auto``, the one the installed unit already names (the http hooks in the agents'
+    settings name it), else a port free now, written into the unit so that it stays the
+    same across restarts."""
+    http: str = args.http
+    if http == "none":
+        return None
+    if http == "auto":
+        kept = service.installed_http(args.init)
+        if kept is not None:
+            return kept
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return str(probe.getsockname()[1])
+    ServeOptions(http=http)  # a bad port is refused now, not when the service starts
+    return http
 
 
 def add_service_flags(cmd: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import spool
+from ..agents.settings import HTTP_PATH
 from ..config import ServeOptions, changed
 from ..errors import AddressInUseError, ShmstoreError, StoreUnavailableError
 from ..store import Store
@@ -37,6 +38,7 @@ from . import state
 from .claim import check_exposure, claim, remove_key
 from .courier import Courier
 from .dispatcher import Dispatcher, dispatcher_for
+from .http_events import EventServer, inherited_listener
 from .keeper import SAVE_JOIN_TIMEOUT, StateKeeper
 
 log = logging.getLogger("shmstore.manager")
@@ -99,6 +101,7 @@ def serve(
         written = None
         serving = False
         keeper = None
+        events = None
         try:
             if isinstance(address, str):
                 os.chmod(address, 0o600)
@@ -113,6 +116,7 @@ def serve(
                 keeper.restore()
             courier = Courier(store, spool.path_for(address))
             courier.deliver()
+            events = _event_server(store, options.http)
             started = time.time()
             store.manager_info = lambda: {
                 "started": started,
@@ -121,16 +125,19 @@ def serve(
                 "uss": _uss(),
                 "state": None if keeper is None else keeper.info(),
                 "spool": courier.info(),
+                "http": None if events is None else {"port": events.port, "events": events.events},
             }
             accepter = threading.Thread(target=dispatcher.accepter, name="shmstore-accept", daemon=True)
             accepter.start()
+            if events is not None:
+                threading.Thread(target=events.run, name="shmstore-http-accept", daemon=True).start()
             serving = True
             log.info("serving at %s (pid %d)", addr.format_address(dispatcher.address), os.getpid())
             if on_ready is not None:
                 on_ready(dispatcher.address)
             _run(store, stop, keeper, options.save_interval, courier)
         finally:
-            failed = _stop(dispatcher, store, keeper if serving else None, accepter if serving else None)
+            failed = _stop(dispatcher, store, keeper if serving else None, accepter if serving else None, events)
             if keeper is not None:
                 keeper.unlock()
             if written is not None:
@@ -141,14 +148,22 @@ def serve(
 
 
 def _stop(
-    dispatcher: Dispatcher, store: Store, keeper: StateKeeper | None, accepter: threading.Thread | None
+    dispatcher: Dispatcher,
+    store: Store,
+    keeper: StateKeeper | None,
+    accepter: threading.Thread | None,
+    events: EventServer | None = None,
 ) -> state.StateNotSavedError | None:
     """Stop as a drain, so that no write a client saw succeed is lost: stop accepting
     (the listener closes, and a unix socket goes), refuse every write from now on (a
     client sees an error, never a success that is then lost), let each connection's call
     in flight be answered and its thread end (within :data:`DRAIN_TIMEOUT`), then save
     (``keeper``: the final save, holding every write that was acknowledged). Returns the
-    error to raise if that save failed, once everything else is done."""
+    error to raise if that save failed, once everything else is done. Events coming over
+    HTTP (``events``) are drained first, while writes are still taken: an agent's event in
+    flight is applied, not refused (an http hook's event cannot be sent again)."""
+    if events is not None:
+        events.drain(time.monotonic() + DRAIN_TIMEOUT)
     dispatcher.listener.close()  # also unlinks the unix socket
     if accepter is not None:
         accepter.join(DRAIN_TIMEOUT)  # a close wakes its accept() at once
@@ -189,6 +204,21 @@ def _run(
         stop.set()
         for worker in workers:
             worker.join(SAVE_JOIN_TIMEOUT)
+
+
+def _event_server(store: Store, http: str) -> EventServer | None:
+    """The HTTP endpoint for agents' events on the loopback, when ``http`` names a port
+    (``auto``: a free one), else None."""
+    if not http:
+        return None
+    try:
+        events = EventServer(store, 0 if http == "auto" else int(http), listener=inherited_listener())
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUseError(f"127.0.0.1:{http} is already in use", address=f"127.0.0.1:{http}") from None
+        raise StoreUnavailableError(f"cannot take events over HTTP on 127.0.0.1:{http}: {exc}") from None
+    log.info("taking agents' events over HTTP at http://127.0.0.1:%d%s", events.port, HTTP_PATH)
+    return events
 
 
 def _uss() -> int | None:
