@@ -54,6 +54,8 @@ def test_an_event_is_applied_before_its_empty_200_answer(start_server: StartServ
         assert store.get(SID).status == "question"  # type: ignore[union-attr]
         assert post(port, event("InstructionsLoaded")) == (200, b"")  # says nothing of a status
         assert store.info()["http"]["events"] == 3  # taken, whether they moved a status or not
+    status = run("status", address=server.address)
+    assert f"http events: http://127.0.0.1:{port}/shmstore/hook/AGENT, 3 taken\n" in status.stdout, status.stderr
 
 
 def test_events_on_one_kept_connection_are_applied_in_order(start_server: StartServer) -> None:

@@ -222,9 +222,16 @@ def format_status(info: dict[str, Any], at: float | None = None) -> str:
         ("clients", f"{info.get('clients', '?')} connected (this one included)"),
         ("memory", "?" if uss is None else f"{uss / 2**20:.1f} MiB USS"),
         ("state file", _format_state(info.get("state"), at)),
+        ("http events", _format_http(info.get("http"))),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name + ':':<{width + 1}} {printable(str(value))}" for name, value in rows)
+
+
+def _format_http(http: dict[str, Any] | None) -> str:
+    if not http:
+        return "none (serve --http PORT takes agents' events over HTTP)"
+    return f"http://127.0.0.1:{http['port']}/shmstore/hook/AGENT, {http['events']} taken"
 
 
 def format_spool(counts: dict[str, int], path: str) -> str:

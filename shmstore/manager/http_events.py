@@ -261,10 +261,20 @@ def _read_body(conn: socket.socket, buffered: bytes, length: int) -> bytes:
     return b"".join(parts)
 
 
+#: Refusals answered at once (each lingers up to a second in a thread of its own); past
+#: this, a connection to refuse is closed without an answer, so that another user's process
+#: opening connections as fast as it can costs the manager no more than this many threads.
+MAX_REFUSING = 8
+_refusing = threading.BoundedSemaphore(MAX_REFUSING)
+
+
 def _refuse(conn: socket.socket, code: int, body: bytes) -> None:
     """Answer ``code`` and close, in a thread of its own: the request is not read, but up
     to :data:`MAX_HEAD` of it is taken in for a moment after the answer (closing with
     unread data would reset the connection, and the client would see that, not why)."""
+    if not _refusing.acquire(blocking=False):
+        conn.close()
+        return
 
     def refuse() -> None:
         try:
@@ -277,6 +287,7 @@ def _refuse(conn: socket.socket, code: int, body: bytes) -> None:
                     taken += len(chunk)
         finally:
             conn.close()
+            _refusing.release()
 
     threading.Thread(target=refuse, name="shmstore-http-refuse", daemon=True).start()
 
