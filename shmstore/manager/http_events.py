@@ -31,7 +31,7 @@ import time
 
 from .. import agents
 from ..agents.settings import HTTP_PATH
-from ..errors import ShmstoreError, StoreUnavailableError
+from ..errors import ShmstoreError, StoreFullError, StoreUnavailableError
 from ..store import Store
 from ..transport.peer import peer_uid
 
@@ -46,6 +46,9 @@ MAX_HEAD = 16 << 10
 #: Connections served at once; more are answered 503 and closed. An agent's client keeps
 #: one or a few; several agents, a few each.
 MAX_CONNECTIONS = 32
+#: How often the accepting thread looks whether the endpoint is being drained: closing a
+#: listener does not wake a thread in accept(), and one systemd shares must not be shut down.
+ACCEPT_POLL = 0.25
 #: Seconds a kept-alive connection may sit idle, and a request take to arrive whole.
 IDLE_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 5.0
@@ -70,7 +73,9 @@ class EventServer:
 
     def __init__(self, store: Store, port: int, host: str = "127.0.0.1", listener: socket.socket | None = None) -> None:
         self.store = store
+        self._owned = listener is None  # one systemd passed us is shared with it: never shut down
         self.listener = socket.create_server((host, port)) if listener is None else listener
+        self.listener.settimeout(ACCEPT_POLL)
         self.port: int = self.listener.getsockname()[1]
         self.events = 0
         # Protects _connections (each served connection's socket, and whether a request on
@@ -81,12 +86,20 @@ class EventServer:
         self._connections: dict[socket.socket, bool] = {}
         self._threads: list[threading.Thread] = []
         self._closing = False
+        self._accepter: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Accept connections in a thread of their own until :meth:`drain`."""
+        self._accepter = threading.Thread(target=self.run, name="shmstore-http-accept", daemon=True)
+        self._accepter.start()
 
     def run(self) -> None:
-        """Accept connections until the listener is closed (:meth:`drain`)."""
-        while True:
+        """Accept connections until :meth:`drain`."""
+        while not self._closing:
             try:
                 conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue  # look at _closing again
             except OSError:
                 return  # closed by drain()
             self._take(conn)
@@ -102,32 +115,33 @@ class EventServer:
             if not full:
                 self._connections[conn] = False
                 thread = threading.Thread(target=self._serve, args=(conn,), name="shmstore-http", daemon=True)
+                # Started under the lock: drain() joins every thread of the list, and
+                # joining one not yet started raises (found in review: the stop then
+                # failed before its final save).
+                thread.start()
                 self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         if full:
             _refuse(conn, 503, b"the manager is serving as many connections as it may\n")
-            return
-        thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
         """Answer the requests of one connection, in order, until it closes, idles past
-        :data:`IDLE_TIMEOUT`, sends something we cannot read, or the manager stops."""
+        :data:`IDLE_TIMEOUT`, sends something we cannot read, or the manager stops. A
+        request whose first byte has come must arrive whole within :data:`REQUEST_TIMEOUT`
+        (else ``408``), so a client that trickles cannot hold a connection for long."""
         try:
             buffered = b""
             while True:
-                conn.settimeout(IDLE_TIMEOUT)
                 try:
-                    head, buffered = _read_head(conn, buffered)
+                    head, buffered, deadline = _read_head(conn, buffered)
                 except (OSError, EOFError):
                     return
                 except RefusedRequestError as exc:
                     _answer(conn, exc.code, f"{exc}\n".encode(), close=True)
                     return
                 with self._lock:
-                    if self._closing:
-                        return
-                    self._connections[conn] = True
+                    self._connections[conn] = True  # a drain lets it finish: it is applied and answered
                 try:
-                    code, body, keep = self._one(conn, head, buffered)
+                    code, body, keep = self._one(conn, head, buffered, deadline)
                     buffered = b""
                 except RefusedRequestError as exc:
                     code, body, keep = exc.code, f"{exc}\n".encode(), False
@@ -144,7 +158,7 @@ class EventServer:
                 self._connections.pop(conn, None)
             conn.close()
 
-    def _one(self, conn: socket.socket, head: bytes, buffered: bytes) -> tuple[int, bytes, bool]:
+    def _one(self, conn: socket.socket, head: bytes, buffered: bytes, deadline: float) -> tuple[int, bytes, bool]:
         """Read the rest of one request (its head is ``head``) and apply it: the status
         code, the answer's body, and whether the connection may be kept."""
         method, path, version, headers = _parse_head(head)
@@ -154,8 +168,7 @@ class EventServer:
         length = _content_length(headers)
         if length > MAX_BODY:
             raise RefusedRequestError(413, f"an event of {length} bytes is over the {MAX_BODY} taken")
-        conn.settimeout(REQUEST_TIMEOUT)
-        body = _read_body(conn, buffered, length)
+        body = _read_body(conn, buffered, length, deadline)
         if method != "POST":
             raise RefusedRequestError(405, "events are POSTed")
         agent = path[len(HTTP_PATH) :] if path.startswith(HTTP_PATH) else ""
@@ -165,7 +178,7 @@ class EventServer:
             )
         try:
             self.apply(agent, body)
-        except StoreUnavailableError as exc:
+        except (StoreUnavailableError, StoreFullError) as exc:  # not the event's fault: 503, as for a stop
             return 503, f"{exc}\n".encode(), False
         return 200, b"", keep
 
@@ -174,8 +187,8 @@ class EventServer:
         at = time.time()
         try:
             payload = json.loads(body)
-        except ValueError as exc:
-            raise RefusedRequestError(400, f"the event is not JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested past the interpreter's depth
+            raise RefusedRequestError(400, f"the event is not JSON: {str(exc)[:200]}") from None
         if not isinstance(payload, dict):
             raise RefusedRequestError(400, "the event must be a JSON object")
         adapter = agents.get(agent)
@@ -186,7 +199,7 @@ class EventServer:
                     said.session, said.status, said.cwd, None, said.session, adapter.NAME, said.reason, at,
                     said.subagent, said.background,
                 )  # fmt: skip
-        except StoreUnavailableError:
+        except (StoreUnavailableError, StoreFullError):
             raise
         except ShmstoreError as exc:  # ValidationError, StoreFullError: the store is as it was
             raise RefusedRequestError(400, str(exc)) from None
@@ -196,9 +209,15 @@ class EventServer:
         """Stop taking events: close the listener, let each request being answered finish
         (its write is applied and answered), close idle connections, and wait for every
         connection's thread until ``deadline`` (``time.monotonic()``)."""
-        self.listener.close()
         with self._lock:
-            self._closing = True
+            self._closing = True  # run() sees it within ACCEPT_POLL
+        if self._owned:
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RDWR)  # no more connections queue; wakes accept() now
+        if self._accepter is not None:
+            self._accepter.join(max(0.0, deadline - time.monotonic()))
+        self.listener.close()  # a socket systemd holds stays open, its backlog kept for the next manager
+        with self._lock:
             idle = [conn for conn, busy in self._connections.items() if not busy]
             threads = list(self._threads)
         for conn in idle:
@@ -208,20 +227,44 @@ class EventServer:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def _read_head(conn: socket.socket, buffered: bytes) -> tuple[bytes, bytes]:
-    """The request line and headers of the next request, and what came after them."""
+def _read_head(conn: socket.socket, buffered: bytes) -> tuple[bytes, bytes, float]:
+    """The request line and headers of the next request, what came after them, and the
+    deadline (``time.monotonic()``) by which the whole request must have come: it starts
+    with the request's first byte, after up to :data:`IDLE_TIMEOUT` of waiting for one."""
     data = buffered
+    deadline = time.monotonic() + REQUEST_TIMEOUT
     while b"\r\n\r\n" not in data:
         if len(data) > MAX_HEAD:
             raise RefusedRequestError(431, "the request's head is too long")
-        chunk = conn.recv(65536)
+        if data:
+            _wait(conn, deadline)
+        else:
+            conn.settimeout(IDLE_TIMEOUT)
+        try:
+            chunk = conn.recv(65536)
+        except TimeoutError:
+            if data:
+                raise RefusedRequestError(
+                    408, f"the request did not arrive whole within {REQUEST_TIMEOUT:g} s"
+                ) from None
+            raise
         if not chunk:
             raise EOFError
+        if not data:
+            deadline = time.monotonic() + REQUEST_TIMEOUT
         data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
     if len(head) > MAX_HEAD:
         raise RefusedRequestError(431, "the request's head is too long")
-    return head, rest
+    return head, rest, deadline
+
+
+def _wait(conn: socket.socket, deadline: float) -> None:
+    """Give the next recv() what is left until ``deadline``; past it, ``408``."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise RefusedRequestError(408, f"the request did not arrive whole within {REQUEST_TIMEOUT:g} s")
+    conn.settimeout(left)
 
 
 def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
@@ -230,12 +273,15 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
         method, path, version = line.split(" ")
     except ValueError:
         raise RefusedRequestError(400, "not an HTTP request") from None
-    headers = {}
+    headers: dict[str, str] = {}
     for field in fields:
         name, colon, value = field.partition(":")
         if not colon:
             raise RefusedRequestError(400, "a header line without a colon")
-        headers[name.strip().lower()] = value.strip()
+        name, value = name.strip().lower(), value.strip()
+        if name == "content-length" and headers.get(name, value) != value:
+            raise RefusedRequestError(400, "two different Content-Length headers")
+        headers[name] = value
     return method, path.partition("?")[0], version, headers
 
 
@@ -243,17 +289,21 @@ def _content_length(headers: dict[str, str]) -> int:
     text = headers.get("content-length")
     if text is None:
         raise RefusedRequestError(411, "send the body with a Content-Length")
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # not "²": str.isdigit() takes it, int() does not
         raise RefusedRequestError(400, "Content-Length must be a number")
     return int(text)
 
 
-def _read_body(conn: socket.socket, buffered: bytes, length: int) -> bytes:
+def _read_body(conn: socket.socket, buffered: bytes, length: int, deadline: float) -> bytes:
     if len(buffered) > length:
         raise RefusedRequestError(400, "a request was sent before the answer to the one before it")
     parts, have = [buffered], len(buffered)
     while have < length:
-        chunk = conn.recv(min(length - have, 1 << 20))
+        _wait(conn, deadline)
+        try:
+            chunk = conn.recv(min(length - have, 1 << 20))
+        except TimeoutError:
+            raise RefusedRequestError(408, f"the request did not arrive whole within {REQUEST_TIMEOUT:g} s") from None
         if not chunk:
             raise EOFError
         parts.append(chunk)

@@ -130,7 +130,7 @@ def serve(
             accepter = threading.Thread(target=dispatcher.accepter, name="shmstore-accept", daemon=True)
             accepter.start()
             if events is not None:
-                threading.Thread(target=events.run, name="shmstore-http-accept", daemon=True).start()
+                events.start()
             serving = True
             log.info("serving at %s (pid %d)", addr.format_address(dispatcher.address), os.getpid())
             if on_ready is not None:

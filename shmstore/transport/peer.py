@@ -24,8 +24,9 @@ NLMSG_ERROR = 2
 NO_COOKIE = 0xFFFFFFFF
 #: Where the owner's uid is in a reply: after the netlink header (16 bytes) and, in
 #: struct inet_diag_msg, family/state/timer/retrans (4), the socket id (48), and
-#: expires/rqueue/wqueue (12).
+#: expires/rqueue/wqueue (12); the socket's inode follows it.
 UID_OFFSET = 16 + 4 + 48 + 12
+INODE_OFFSET = UID_OFFSET + 4
 
 
 def peer_uid(conn: socket.socket) -> int | None:
@@ -57,10 +58,32 @@ def _owner(family: int, src: str, sport: int, dst: str, dport: int) -> int | Non
             reply = link.recv(4096)
     except OSError:
         return None
-    if len(reply) < UID_OFFSET + 4 or struct.unpack_from("=H", reply, 4)[0] != SOCK_DIAG_BY_FAMILY:
+    if len(reply) < INODE_OFFSET + 4 or struct.unpack_from("=H", reply, 4)[0] != SOCK_DIAG_BY_FAMILY:
         return None  # NLMSG_ERROR: no such socket (the peer closed), or a kernel without it
-    uid: int = struct.unpack_from("=I", reply, UID_OFFSET)[0]
-    return uid
+    uid, inode = struct.unpack_from("=II", reply, UID_OFFSET)
+    if inode == 0:
+        # The peer closed and its socket lingers in TIME_WAIT: the kernel no longer knows
+        # whose it was and says uid 0 (found in review: a root manager took another
+        # user's events sent by a connect, send, close in a loop).
+        return None
+    if uid == _overflow_uid():
+        return None  # a uid this user namespace cannot map: nobody's we could tell
+    return int(uid)
+
+
+def _overflow_uid() -> int:
+    """The uid the kernel shows for one it cannot map into this user namespace (read once)."""
+    global _overflow
+    if _overflow is None:
+        try:
+            with open("/proc/sys/kernel/overflowuid", encoding="ascii") as value:
+                _overflow = int(value.read())
+        except (OSError, ValueError):
+            _overflow = 65534
+    return _overflow
+
+
+_overflow: int | None = None
 
 
 def _address(family: int, host: str) -> bytes:
