@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import select
 import shlex
@@ -278,3 +279,26 @@ def test_serve_never_imports_dill_and_still_serves_every_call(tmp_path: Path) ->
     assert "multiprocess.managers" in imported
     # The attempt is timed too ("dill", a few us); its modules are what loading it imports.
     assert [name for name in imported if name.startswith("dill.")] == []
+
+
+def test_each_commands_timeout_defaults_to_what_its_help_says() -> None:
+    """argparse shares a parent parser's actions among its children: a set_defaults() on
+    one command once changed every command's --timeout (status waited 30 s, not 5)."""
+    from shmstore.clients.client import DEFAULT_TIMEOUT
+    from shmstore.commands import cli, service
+    from shmstore.hook.run import HOOK_DEADLINE
+
+    parser = cli._parser()
+    required = {"get": ["x"], "set": ["x", "--dir", "/x"], "transition": ["x", "working"], "rm": ["x"]}
+    required["prune"] = ["--older-than", "1"]
+    special = {"hook": HOOK_DEADLINE, "install-service": service.COMMAND_TIMEOUT}
+    special["uninstall-service"] = service.COMMAND_TIMEOUT
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    seen = 0
+    for name in subcommands:
+        args = parser.parse_args([name, *required.get(name, [])])
+        if hasattr(args, "timeout"):
+            seen += 1
+            assert args.timeout == special.get(name, DEFAULT_TIMEOUT), name
+            assert f"(default: {args.timeout})" in " ".join(subcommands[name].format_help().split()), name
+    assert seen >= 10

@@ -27,7 +27,7 @@ from ..errors import NotFoundError, ShmstoreError, StoreUnavailableError, Valida
 from ..hook.run import HOOK_DEADLINE
 from ..model import AgentType, Status
 from ..transport import address as addr
-from . import running, sessions, setup
+from . import running, service, sessions, setup
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
@@ -132,10 +132,15 @@ def _parser() -> argparse.ArgumentParser:
     # manager takes both (the default); serve and install-hooks only --address; demo none.
     address = _Parser(add_help=False)
     address.add_argument("--address", help="unix socket path or host:port (default: the per-user socket)")
-    timeout = _Parser(add_help=False)
-    timeout.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait for the manager (default: %(default)s)"
-    )
+
+    def timeout(default: float = DEFAULT_TIMEOUT, what: str = "seconds to wait for the manager") -> _Parser:
+        # A parser of its own for each command: argparse shares a parent's actions with every
+        # child, so set_defaults() on one command changed the default of all (status waited
+        # 30 s, the service commands' default, instead of 5).
+        flag = _Parser(add_help=False)
+        flag.add_argument("--timeout", type=float, default=default, help=f"{what} (default: %(default)s)")
+        return flag
+
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print the session JSON the store itself uses")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -145,8 +150,9 @@ def _parser() -> argparse.ArgumentParser:
         run: Callable[[argparse.Namespace], int],
         help: str,
         *parents: _Parser,
-        uses: Sequence[_Parser] = (address, timeout),
+        uses: Sequence[_Parser] | None = None,
     ) -> Any:
+        uses = (address, timeout()) if uses is None else uses
         cmd = sub.add_parser(name, help=help, description=help, parents=[*uses, *parents])
         cmd.set_defaults(run=run)
         return cmd
@@ -194,13 +200,13 @@ def _parser() -> argparse.ArgumentParser:
         "report one agent hook payload (JSON on stdin); never fails the agent: gives up --timeout seconds "
         "(default 0.9) after its process started, keeps a report the manager did not take in its spool, and "
         "logs it to ~/.local/state/shmstore/hook.log",
+        # For the hook, --timeout is its whole budget, counted from the start of its process.
+        uses=[address, timeout(HOOK_DEADLINE, "seconds from the hook's process start to give up by")],
     )
     cmd.add_argument("--pid", type=int, help="the agent's process id (default: found from the parent processes)")
     cmd.add_argument(
         "--agent", choices=agents.names(), default=agents.DEFAULT, help="whose payload it is (default: %(default)s)"
     )
-    # For the hook, --timeout is its whole budget, counted from the start of its process.
-    cmd.set_defaults(timeout=HOOK_DEADLINE)
 
     cmd = command(
         "install-hooks",
@@ -229,6 +235,7 @@ def _parser() -> argparse.ArgumentParser:
         setup.install_service,
         "run the manager as a user service (systemd; launchd on macOS) that starts at login and restarts on "
         "failure; --address is passed on to `serve`, --timeout bounds each systemctl/launchctl command",
+        uses=[address, timeout(service.COMMAND_TIMEOUT, "seconds each systemctl/launchctl command may take")],
     )
     setup.add_service_flags(cmd)
     cmd.add_argument("--dry-run", action="store_true", help="print the unit file and the commands, change nothing")
@@ -244,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
         "uninstall-service",
         setup.uninstall_service,
         "stop the user service and remove its file (only ours)",
-        uses=[timeout],
+        uses=[timeout(service.COMMAND_TIMEOUT, "seconds each systemctl/launchctl command may take")],
     )
     setup.add_service_flags(cmd)
 

@@ -142,8 +142,6 @@ def _service_http(args: argparse.Namespace) -> str | None:
 
 
 def add_service_flags(cmd: argparse.ArgumentParser) -> None:
-    # --timeout bounds each systemctl/launchctl call; `enable --now` waits for the manager.
-    cmd.set_defaults(timeout=service.COMMAND_TIMEOUT)
     cmd.add_argument(
         "--init",
         choices=service.INITS,
