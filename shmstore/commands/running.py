@@ -11,6 +11,7 @@ from typing import Any
 from .. import spool
 from ..config import Limits, ServeOptions
 from ..errors import StoreUnavailableError, ValidationError
+from ..clients.follow import Backoff
 from ..hook import failures as failure_log
 from ..hook import run
 from ..manager import lifecycle, notify
@@ -79,19 +80,42 @@ def hook(args: argparse.Namespace) -> int:
 
 
 def reaper(args: argparse.Namespace) -> int:
+    """Reap this host's sessions every reap_interval, riding out a store that is away (a
+    Redis restart, a network blip): it says so once, tries again after a capped, jittered
+    back-off, and says when the store is back. It exited at the first error, and its host's
+    lease then lapsed, so another host's reaper would close this host's live sessions."""
     if isinstance(addr.resolve_any(args.address), str | tuple):
         raise ValidationError("address", "a manager reaps its own sessions; `shmstore reaper` is for a Redis store")
     with client_for(args) as store:
-        # The store's own interval: each pass renews this host's lease for three of them.
-        interval = float(store.info()["reap_interval"])
-        print(f"shmstore: reaper for this host at {addr.format_address(store.address)}", file=sys.stderr, flush=True)
+        interval, away = None, 0
+        where = addr.format_address(store.address)
+        print(f"shmstore: reaper for this host at {where}", file=sys.stderr, flush=True)
         while True:
-            changed = store.reap()
+            try:
+                # The store's own interval: each pass renews this host's lease for three of them.
+                interval = float(store.info()["reap_interval"]) if interval is None else interval
+                changed = store.reap()
+            except StoreUnavailableError as exc:
+                if args.once:
+                    raise
+                away += 1
+                if away == 1:
+                    print(f"shmstore: reaper: the store is away ({exc}); trying again", file=sys.stderr, flush=True)
+                time.sleep(REAPER_BACKOFF.delay(away))
+                continue
+            if away:
+                print(f"shmstore: reaper: the store is back after {away} tries", file=sys.stderr, flush=True)
+                away = 0
             if changed:
                 print(f"reaped: {changed} sessions changed", flush=True)
             if args.once:
                 return 0
             time.sleep(interval)
+
+
+#: The reaper's waits while the store is away: from 0.2 s, doubling, up to 5 s (the default
+#: reap_interval: a lease lasts three of them, so one missed pass costs it nothing).
+REAPER_BACKOFF = Backoff(first=0.2, cap=5.0)
 
 
 def demo(args: argparse.Namespace) -> int:

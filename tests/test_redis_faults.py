@@ -1,0 +1,107 @@
+"""The Redis backend under faults, each against a redis-server of the test's own that the test
+stops, starts again or changes (issue #23)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shmstore import Client, StoreUnavailableError
+from shmstore.config import Limits
+
+if shutil.which("redis-server") is None:
+    if os.environ.get("CI") == "true":
+        raise RuntimeError("redis-server is not installed (.ci/run installs Debian's redis-server)")
+    pytest.skip("redis-server is not installed", allow_module_level=True)
+
+from shmstore.redis.address import parse_redis
+from shmstore.redis.store import RedisStore
+
+
+class RedisServer:
+    """A redis-server on a unix socket in ``directory``, with an append-only file synced at
+    every write, so that a stop and a start lose nothing."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = str(directory / "r.sock")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        options = ["--port", "0", "--unixsocket", self.path, "--unixsocketperm", "700", "--dir", str(self.directory)]
+        options += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        self.process = subprocess.Popen(
+            ["redis-server", *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.path):
+            assert self.process.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> RedisServer:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server  # type: ignore[misc]
+    server.stop()
+
+
+def test_the_reaper_rides_out_a_redis_restart_and_its_hosts_sessions_stay(redis: RedisServer) -> None:
+    """A Redis restart of a second with nothing lost: the reaper says the store is away,
+    tries again, says it is back, and goes on renewing its host's lease; the host's live
+    session is untouched. (It exited with 3 at the first error, and its lease lapsed.)"""
+    url = f"redis+unix://{redis.path}?namespace=faults"
+    setup = RedisStore(parse_redis(url), 10.0, Limits(reap_interval=0.5))  # the namespace's limits: a fast reaper
+    agent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    reaper = subprocess.Popen(
+        [sys.executable, "-m", "shmstore", "reaper", "--address", url], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        setup.report("s1", "working", "/src/app", pid=agent.pid)
+        setup.close()
+        time.sleep(1.5)  # a few passes
+        redis.stop()
+        time.sleep(1.0)  # passes against no Redis at all
+        assert reaper.poll() is None
+        redis.start()
+        time.sleep(2.0)  # passes again
+        assert reaper.poll() is None, reaper.communicate()[1]
+    finally:
+        reaper.terminate()
+        _, said = reaper.communicate(timeout=30)
+        agent.kill()
+        agent.wait()
+    assert "the store is away" in said, said
+    assert "the store is back" in said, said
+    with Client(url) as store:
+        session = store.get("s1")
+        assert session is not None
+        assert (session.status, session.closed_reason) == ("working", None)
+
+
+def test_the_reaper_once_still_fails_when_the_store_is_away(tmp_path: Path) -> None:
+    url = f"redis+unix://{tmp_path / 'none.sock'}?namespace=faults"
+    ran = subprocess.run(
+        [sys.executable, "-m", "shmstore", "reaper", "--once", "--address", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 3, ran.stderr  # a single pass says the store was away, in its exit code
+    with pytest.raises(StoreUnavailableError):
+        Client(url, timeout=1).list_all()
