@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shmstore import Client, StoreUnavailableError
+from shmstore import Client, ShmstoreError, StoreUnavailableError
 from shmstore.config import Limits
 
 if shutil.which("redis-server") is None:
@@ -105,3 +105,23 @@ def test_the_reaper_once_still_fails_when_the_store_is_away(tmp_path: Path) -> N
     assert ran.returncode == 3, ran.stderr  # a single pass says the store was away, in its exit code
     with pytest.raises(StoreUnavailableError):
         Client(url, timeout=1).list_all()
+
+
+def test_a_lost_revisions_key_is_a_damaged_namespace_at_once(redis: RedisServer) -> None:
+    """With the namespace's revisions key deleted or evicted, a write to an existing session
+    looped at full speed until its deadline (5,831 script calls in 2 s) and failed as "the
+    session kept changing"; now it is the typed "damaged" error at once, and nothing changes."""
+    store = RedisStore(parse_redis(f"redis+unix://{redis.path}?namespace=revs"), 5.0)
+    try:
+        store.report("s1", "working", "/src/app")
+        revs = store._keys[4]
+        assert revs.endswith("revs")
+        store._redis.delete(revs)
+        before = store.get("s1"), store.revision()
+        started = time.monotonic()
+        with pytest.raises(ShmstoreError, match="damaged: a session's revision is missing"):
+            store.transition("s1", "attention")
+        assert time.monotonic() - started < 1.0
+        assert (store.get("s1"), store.revision()) == before
+    finally:
+        store.close()

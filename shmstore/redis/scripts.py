@@ -38,6 +38,9 @@ if ARGV[NUMBER] ~= '' then
 end
 local have = tonumber(redis.call('HGET', revs, id) or '0')
 if ARGV[2] ~= '' and have ~= tonumber(ARGV[2]) then
+  if have == 0 and (redis.call('HEXISTS', live, id) == 1 or redis.call('HEXISTS', closed, id) == 1) then
+    return {'damaged', 'revs'}
+  end
   return {'conflict', string.format('%d', have)}
 end
 local revision = string.format('%d', tonumber(redis.call('HGET', meta, 'revision') or '0') + 1)
@@ -154,11 +157,16 @@ OLD = ("old",)
 
 
 def damaged(address: RedisAddress, top: bytes) -> ShmstoreError:
-    """A namespace whose feed is ahead of its revision (its meta key was deleted or
-    replaced by hand): no write could be appended to the feed, so none is made."""
+    """A namespace whose keys do not agree: its feed ahead of its revision (its meta key
+    was deleted or replaced by hand), or a session without its revision (the ``revs`` key
+    deleted or evicted, ``top`` ``revs``): no write could be made consistent, so none is."""
+    if top == b"revs":
+        what = "a session's revision is missing (its revisions key was deleted or evicted)"
+    else:
+        what = f"its feed reaches {top.decode()}, past its revision"
     return ShmstoreError(
-        f"the namespace {address.namespace!r} at {address} is damaged: its feed reaches {top.decode()}, past its "
-        "revision; delete the namespace's keys (a new store) or restore them together"
+        f"the namespace {address.namespace!r} at {address} is damaged: {what}; delete the namespace's keys "
+        "(a new store) or restore them together"
     )
 
 
