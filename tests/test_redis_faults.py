@@ -125,3 +125,27 @@ def test_a_lost_revisions_key_is_a_damaged_namespace_at_once(redis: RedisServer)
         assert (store.get("s1"), store.revision()) == before
     finally:
         store.close()
+
+
+def test_a_write_the_acl_refuses_changes_nothing_and_is_not_tried_again(redis: RedisServer) -> None:
+    """An ACL user without +xadd: the write failed at XADD inside the script, after the
+    session was changed (a script is not undone), and the client tried it again as if the
+    connection broke: the session ended two revisions on, with no event, while the caller
+    was told it failed. Now the script checks its commands before its first change."""
+    url = f"redis+unix://{redis.path}?namespace=acl"
+    admin = RedisStore(parse_redis(url), 5.0)
+    try:
+        admin.report("s1", "working", "/src/app")
+        admin._redis.execute_command("ACL", "SETUSER", "noxadd", "on", ">secret", "~*", "+@all", "-xadd")
+        before = admin.get("s1"), admin.revision(), admin._redis.xlen(admin._keys[5])
+        with Client(f"redis+unix://noxadd:secret@{redis.path}?namespace=acl", timeout=5) as limited:
+            with pytest.raises(StoreUnavailableError, match="NOPERM.*XADD"):
+                limited.transition("s1", "attention")
+            with pytest.raises(StoreUnavailableError, match="NOPERM.*XADD"):
+                limited.report("s2", "working", "/src/other")
+            with pytest.raises(StoreUnavailableError, match="NOPERM.*XADD"):
+                limited.remove("s1")
+        assert (admin.get("s1"), admin.revision(), admin._redis.xlen(admin._keys[5])) == before
+        assert admin.get("s2") is None
+    finally:
+        admin.close()

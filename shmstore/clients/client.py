@@ -219,7 +219,10 @@ class Client:
                     if self._proxy is proxy:
                         self._proxy = None
                 proxy.retire()
-                if attempt == 2 or isinstance(exc, managers.RemoteError):
+                # Refused (NOPERM, a socket we may not open): trying again is refused again,
+                # and a write must never be sent twice on the strength of an error that says
+                # nothing about whether it was made.
+                if attempt == 2 or isinstance(exc, managers.RemoteError | PermissionError):
                     where = addr.format_address(self.address)
                     who = "Redis" if isinstance(self.address, RedisAddress) else "manager"
                     name = args[2] if method == "once" else method

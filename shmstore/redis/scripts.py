@@ -17,6 +17,23 @@ from .address import RedisAddress
 DONE_SECONDS = 300
 
 
+def _allowed(checks: str) -> str:
+    """Lua that refuses the write before its first change, {"noperm", COMMAND}, when the
+    ACL user may not run one of the write commands ``checks`` lists (each with its key):
+    a script is not undone when a command in it fails, so a refused XADD left the session
+    changed, two revisions on after the client's retry, with no event in the feed.
+    ``redis.acl_check_cmd`` is Redis 7's (Valkey's too); older servers skip the check."""
+    return f"""
+if redis.acl_check_cmd then
+  for _, check in ipairs({{{checks}}}) do
+    if not redis.acl_check_cmd(unpack(check)) then
+      return {{'noperm', check[1]}}
+    end
+  end
+end
+"""
+
+
 def _preamble(number: int, epoch: int) -> str:
     """The checks both scripts make, in Lua, before any change: the store's epoch (made on
     first use, from ARGV[epoch]); a client's retry (ARGV[number]: its request number, or
@@ -63,6 +80,7 @@ end
 # {"sessions", count} or {"bytes", total}: past a limit, nothing changed.
 COMMIT = """
 local meta, live, closed, order, revs, feed, done, lease = unpack(KEYS)
+ALLOWED
 PREAMBLE
 local data = ARGV[3] .. revision .. ARGV[4]
 local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
@@ -113,13 +131,21 @@ if ARGV[14] ~= '' then
   redis.call('SET', lease, '1', 'PX', ARGV[14])
 end
 return {'ok', revision, data, kind}
-""".replace("DONE_SECONDS", str(DONE_SECONDS)).replace("PREAMBLE", _preamble(11, 13))
+""".replace("DONE_SECONDS", str(DONE_SECONDS)).replace("PREAMBLE", _preamble(11, 13)).replace(
+    "ALLOWED",
+    _allowed(
+        "{'hsetnx', meta}, {'hset', meta}, {'hset', live}, {'hdel', live}, {'hset', closed}, {'hdel', closed}, "
+        "{'zadd', order}, {'zrem', order}, {'hset', revs}, {'hdel', revs}, {'xadd', feed}, {'hset', done}, "
+        "{'expire', done}, {'set', lease}"
+    ),
+)
 
 # KEYS as for COMMIT. ARGV: id, expected revision ("" = any), request number ("" = not
 # once), log_size, a new epoch. Returns {"ok", revision, record}, {"none"} (no such
 # session), {"done", revision, record} or {"old"} (as COMMIT), {"conflict", revision}.
 REMOVE = """
 local meta, live, closed, order, revs, feed, done = unpack(KEYS)
+ALLOWED
 PREAMBLE
 local data = redis.call('HGET', live, id)
 if data then
@@ -147,7 +173,21 @@ if ARGV[3] ~= '' then
   redis.call('EXPIRE', done, DONE_SECONDS)
 end
 return {'ok', revision, data}
-""".replace("DONE_SECONDS", str(DONE_SECONDS)).replace("PREAMBLE", _preamble(3, 5))
+""".replace("DONE_SECONDS", str(DONE_SECONDS)).replace("PREAMBLE", _preamble(3, 5)).replace(
+    "ALLOWED",
+    _allowed(
+        "{'hsetnx', meta}, {'hset', meta}, {'hincrby', meta}, {'hdel', live}, {'hdel', closed}, {'zrem', order}, "
+        "{'hdel', revs}, {'xadd', feed}, {'hset', done}, {'expire', done}"
+    ),
+)
+
+
+def refused(address: RedisAddress, command: bytes) -> PermissionError:
+    """A write the ACL user may not make (its script said so before changing anything)."""
+    return PermissionError(
+        f"Redis refused it (NOPERM): the user of {address} may not run {command.decode().upper()}, which a "
+        "write needs; nothing was changed (see README for the least-privilege ACL line)"
+    )
 
 
 # -- what the scripts answer --------------------------------------------------------------

@@ -84,7 +84,7 @@ from ..record import (
 )
 from .address import RedisAddress
 from .hosts import gone_since, lease_ms
-from .scripts import COMMIT, DONE_SECONDS, OLD, REMOVE, answer, damaged, earlier_answer
+from .scripts import COMMIT, DONE_SECONDS, OLD, REMOVE, answer, damaged, earlier_answer, refused
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +318,8 @@ class RedisStore:
             return reply[2] or None
         if status == "damaged":
             raise damaged(self.address, reply[1])
+        if status == "noperm":
+            raise refused(self.address, reply[1])
         if status == "conflict":
             raise ConflictError(id, expected or 0, int(reply[1]))
         return None
@@ -479,6 +481,8 @@ class RedisStore:
             return OLD
         if status == "damaged":
             raise damaged(self.address, reply[1])
+        if status == "noperm":
+            raise refused(self.address, reply[1])
         if status == "conflict":
             if conflict and expected is not None:
                 raise ConflictError(record[ID], expected, int(reply[1]))
