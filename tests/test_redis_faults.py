@@ -139,11 +139,11 @@ def test_a_write_the_acl_refuses_changes_nothing_and_is_not_tried_again(redis: R
         admin._redis.execute_command("ACL", "SETUSER", "noxadd", "on", ">secret", "~*", "+@all", "-xadd")
         before = admin.get("s1"), admin.revision(), admin._redis.xlen(admin._keys[5])
         with Client(f"redis+unix://noxadd:secret@{redis.path}?namespace=acl", timeout=5) as limited:
-            with pytest.raises(StoreUnavailableError, match="NOPERM.*XADD"):
+            with pytest.raises(StoreUnavailableError, match=r"NOPERM.*XADD"):
                 limited.transition("s1", "attention")
-            with pytest.raises(StoreUnavailableError, match="NOPERM.*XADD"):
+            with pytest.raises(StoreUnavailableError, match=r"NOPERM.*XADD"):
                 limited.report("s2", "working", "/src/other")
-            with pytest.raises(StoreUnavailableError, match="NOPERM.*XADD"):
+            with pytest.raises(StoreUnavailableError, match=r"NOPERM.*XADD"):
                 limited.remove("s1")
         assert (admin.get("s1"), admin.revision(), admin._redis.xlen(admin._keys[5])) == before
         assert admin.get("s2") is None

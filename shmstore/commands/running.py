@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 from .. import spool
+from ..clients.follow import Backoff
 from ..config import Limits, ServeOptions
 from ..errors import StoreUnavailableError, ValidationError
-from ..clients.follow import Backoff
 from ..hook import failures as failure_log
 from ..hook import run
 from ..manager import lifecycle, notify
