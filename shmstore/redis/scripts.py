@@ -78,7 +78,8 @@ end
 # Returns {"ok", revision, record, kind}, {"done", revision, record} (the client's retry of
 # a write already made), {"old"} (older than its newest), {"conflict", revision},
 # {"sessions", count} or {"bytes", total}: past a limit, nothing changed.
-COMMIT = """
+COMMIT = (
+    """
 local meta, live, closed, order, revs, feed, done, lease = unpack(KEYS)
 ALLOWED
 PREAMBLE
@@ -131,19 +132,23 @@ if ARGV[14] ~= '' then
   redis.call('SET', lease, '1', 'PX', ARGV[14])
 end
 return {'ok', revision, data, kind}
-""".replace("DONE_SECONDS", str(DONE_SECONDS)).replace("PREAMBLE", _preamble(11, 13)).replace(
-    "ALLOWED",
-    _allowed(
-        "{'hsetnx', meta}, {'hset', meta}, {'hset', live}, {'hdel', live}, {'hset', closed}, {'hdel', closed}, "
-        "{'zadd', order}, {'zrem', order}, {'hset', revs}, {'hdel', revs}, {'xadd', feed}, {'hset', done}, "
-        "{'expire', done}, {'set', lease}"
-    ),
+""".replace("DONE_SECONDS", str(DONE_SECONDS))
+    .replace("PREAMBLE", _preamble(11, 13))
+    .replace(
+        "ALLOWED",
+        _allowed(
+            "{'hsetnx', meta}, {'hset', meta}, {'hset', live}, {'hdel', live}, {'hset', closed}, {'hdel', closed}, "
+            "{'zadd', order}, {'zrem', order}, {'hset', revs}, {'hdel', revs}, {'xadd', feed}, {'hset', done}, "
+            "{'expire', done}, {'set', lease}"
+        ),
+    )
 )
 
 # KEYS as for COMMIT. ARGV: id, expected revision ("" = any), request number ("" = not
 # once), log_size, a new epoch. Returns {"ok", revision, record}, {"none"} (no such
 # session), {"done", revision, record} or {"old"} (as COMMIT), {"conflict", revision}.
-REMOVE = """
+REMOVE = (
+    """
 local meta, live, closed, order, revs, feed, done = unpack(KEYS)
 ALLOWED
 PREAMBLE
@@ -173,12 +178,15 @@ if ARGV[3] ~= '' then
   redis.call('EXPIRE', done, DONE_SECONDS)
 end
 return {'ok', revision, data}
-""".replace("DONE_SECONDS", str(DONE_SECONDS)).replace("PREAMBLE", _preamble(3, 5)).replace(
-    "ALLOWED",
-    _allowed(
-        "{'hsetnx', meta}, {'hset', meta}, {'hincrby', meta}, {'hdel', live}, {'hdel', closed}, {'zrem', order}, "
-        "{'hdel', revs}, {'xadd', feed}, {'hset', done}, {'expire', done}"
-    ),
+""".replace("DONE_SECONDS", str(DONE_SECONDS))
+    .replace("PREAMBLE", _preamble(3, 5))
+    .replace(
+        "ALLOWED",
+        _allowed(
+            "{'hsetnx', meta}, {'hset', meta}, {'hincrby', meta}, {'hdel', live}, {'hdel', closed}, {'zrem', order}, "
+            "{'hdel', revs}, {'xadd', feed}, {'hset', done}, {'expire', done}"
+        ),
+    )
 )
 
 
