@@ -225,7 +225,8 @@ def report_record(current: bytes | None, report: Report, at: float, max_history:
       :data:`LATE_WINDOW` (it arrived late: waited in a spool, or was overtaken), or
     * it is a subagent's (``report.subagent``) and would only move the session to working
       while the agent waits for the user (attention: a background subagent works on), or
-      waits on a question that is not that subagent's own.
+      waits on a question that is not that subagent's own, or
+    * it comes late from the agent process whose death closed the session (:func:`_from_the_dead`).
 
     The pid and its start time are the caller's to set (each backend knows them its own
     way), and only on a report that moved the session."""
@@ -241,6 +242,8 @@ def report_record(current: bytes | None, report: Report, at: float, max_history:
             return touch_record(record, at), False
         if report.subagent is not None and code == WORKING and _waits_on_another(record, report.subagent):
             return touch_record(record, at), False
+        if _from_the_dead(record, report):
+            return touch_record(record, at), False
         if status != code:
             transition_record(record, code, at, max_history, report.why)
         touch_record(record, at)
@@ -252,6 +255,20 @@ def report_record(current: bytes | None, report: Report, at: float, max_history:
     if report.background is not None:
         record[BACKGROUND] = report.background
     return record, True
+
+
+def _from_the_dead(record: Record, report: Report) -> bool:
+    """Whether ``report`` comes from the very agent process (pid and start time) whose
+    death closed the session: it fired before that death and arrives late (from a spool, or
+    a manager that was hung while the agent ended), so it must not bring back a session
+    whose agent is gone. A session that truly comes back does so in a new process."""
+    return bool(
+        record[STATUS] == CLOSED
+        and record[REASON] == ClosedReason.AGENT_GONE
+        and report.pid is not None
+        and report.pid_start is not None
+        and (report.pid, report.pid_start) == (record[PID], record[PID_START])
+    )
 
 
 def _waits_on_another(record: Record, subagent: str) -> bool:

@@ -128,6 +128,8 @@ def test_a_background_sessions_short_id_and_why_it_ended_come_from_its_job(tmp_p
     (job / "state.json").write_text(json.dumps({"state": "stopped", "detail": "stopped"}))
     assert read(payload("SessionEnd", reason="other"), environ).reason == "stopped"
     assert read(payload("SessionEnd", reason="clear"), environ).reason == "clear"  # the payload's own word first
+    (job / "state.json").write_text(json.dumps({"state": "working"}))  # not written yet: says nothing
+    assert read(payload("SessionEnd", reason="other"), environ).reason == "other"
     (job / "state.json").write_text("{ not json")
     assert read(payload("SessionEnd", reason="other"), environ).reason == "other"
 

@@ -327,3 +327,15 @@ def test_status_reads_a_failure_log_that_is_a_fifo_without_waiting(sock_dir: Pat
     os.mkfifo(log)
     result = run("status", address=sock_dir / "nobody.sock", timeout=10)
     assert result.returncode == 3
+
+
+def test_the_budget_counts_from_the_shell_the_agent_ran_the_hook_in() -> None:
+    """The agent times a hook from its spawn of ``/bin/sh -c COMMAND``; the hook's budget
+    counts from there too (on a loaded machine the shell took 20-50 ms of it), but not from
+    a shell that started long before (a user's, running the hook by hand)."""
+    code = "import time; from shmstore.hook import run; print(time.monotonic() - run.process_started(time.monotonic()))"
+    age = f"{PYTHON} -c '{code}'"
+    quick = subprocess.run(["sh", "-c", f"sleep 0.3; {age}"], capture_output=True, text=True, timeout=30)
+    assert 0.3 <= float(quick.stdout) < 1.0, quick.stderr  # from the shell's start, 0.3 s before
+    slow = subprocess.run(["sh", "-c", f"sleep 1.2; {age}"], capture_output=True, text=True, timeout=30)
+    assert float(slow.stdout) < 0.8, slow.stderr  # a shell 1.2 s older is not the agent's spawn

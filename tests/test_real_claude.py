@@ -272,8 +272,15 @@ def test_with_the_manager_stopped_claude_goes_on_and_every_report_arrives_later(
     assert max(timings) < 1000, timings  # Claude's own figures, per hook
     assert took < 2 + 1.0 * len(timings) + 1  # start-up, and each hook's budget at most
     id = rig.only_session()
-    line = rig.wait_seen(id, "closed:session_end:other")  # from the spool, in event order
-    assert line == ["attention", "working", "attention", "closed:session_end:other"]
+    line = wait_for(lambda: rig.seen()[id][-1].startswith("closed") and rig.seen()[id], 30, "its end")
+    # From the spool, in event order; or, when the manager's reaper ran before the spool
+    # was delivered (Claude had exited meanwhile), closed as agent_gone, and the late
+    # reports of the dead agent then never bring it back.
+    assert line in (
+        ["attention", "working", "attention", "closed:session_end:other"],
+        ["attention", "working", "closed:agent_gone"],
+        ["attention", "working", "attention", "closed:agent_gone"],
+    ), line
     log = (Path(os.environ["XDG_STATE_HOME"]) / "shmstore" / "hook.log").read_text()
     assert log.count("kept in the spool") >= len(timings)
 
@@ -282,16 +289,12 @@ def test_with_the_manager_down_for_a_turn_the_status_afterwards_is_right(rig: Ri
     """The manager stopped for one turn, then back: the command hooks' reports (SessionStart,
     Stop, SessionEnd: what the user acts on) wait in the spool and arrive; with http hooks,
     the working events of that turn are lost (Claude cannot keep them), and the status
-    afterwards is still right. A refused http hook costs Claude a few milliseconds."""
-    assert rig.claude.print_mode("hello").returncode == 0  # warm: the page cache, the CLI's own caches
-    started = time.monotonic()
+    afterwards is still right. (What a refused http hook costs Claude, bench/event_paths.py
+    measures: wall times of single runs on a loaded machine are no test.)"""
     assert rig.claude.print_mode("run: echo hi", "--allowedTools", "Bash").returncode == 0
-    up = time.monotonic() - started
     port = rig.store.info()["http"]["port"]
     rig.server.stop()
-    started = time.monotonic()
     result = rig.claude.print_mode("run: echo again", "--allowedTools", "Bash")
-    down = time.monotonic() - started
     assert result.returncode == 0
     assert "done" in result.stdout
     server = start_server(http=str(port))  # back, at the same address and port
@@ -301,7 +304,6 @@ def test_with_the_manager_down_for_a_turn_the_status_afterwards_is_right(rig: Ri
         line = rig.wait_seen(last, "closed:session_end:other")
     if rig.via == "http":
         assert line == ["attention", "closed:session_end:other"]  # the turn's working events were lost
-        assert down - up < 1.0, (up, down)  # four refused http hooks, and three spooled commands
     else:
         assert line == ["attention", "working", "attention", "closed:session_end:other"]
 
@@ -337,11 +339,14 @@ def test_a_background_session_its_wait_its_crash_its_respawn_and_its_stop(rig: R
 
     os.kill(agent_pid, signal.SIGKILL)  # its agent dies: the reaper closes it
     rig.wait_seen(id, "closed:agent_gone")
-    claude_command(rig, "respawn", short[1])  # the same session comes back
+    claude_command(rig, "respawn", short[1])  # the same session comes back (and may take its prompt again)
     rig.wait_seen(id, "closed:agent_gone", "attention")
     claude_command(rig, "stop", short[1])  # SessionEnd "other"; the job's state.json says stopped
-    line = rig.wait_seen(id, "closed:session_end:stopped")
-    assert line == ["attention", "working", "question", "closed:agent_gone", "attention", "closed:session_end:stopped"]
+    line = wait_for(lambda: rig.seen()[id][-1].startswith("closed:session_end") and rig.seen()[id], 30, "its end")
+    assert line[:5] == ["attention", "working", "question", "closed:agent_gone", "attention"]
+    # "stopped" when Claude's daemon wrote the job's state before the hook read it, else the
+    # payload's own "other" (the suite has seen both); never a state that is not an end.
+    assert line[-1] in ("closed:session_end:stopped", "closed:session_end:other"), line
     rig.check_every_payload()
 
 

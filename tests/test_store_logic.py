@@ -5,6 +5,7 @@ against real manager processes elsewhere."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -340,3 +341,26 @@ def test_a_background_sessions_short_id_is_kept(make: MakeBackend) -> None:
     store = make()
     store.report("abc12345-0000", "working", "/a", background="abc12345")
     assert public(store.report("abc12345-0000", "attention", "/a"))["background"] == "abc12345"
+
+
+def test_a_late_report_of_the_agent_whose_death_closed_the_session_does_not_bring_it_back(make: MakeBackend) -> None:
+    """A report its agent fired before dying, delivered after the reaper closed the session
+    (from the spool, or by a manager that was hung), must not reopen it: a ghost. The same
+    session in a new agent process (a resume, a respawn) does come back."""
+    import subprocess
+    import sys
+
+    from shmstore import procs
+
+    store = make()
+    agent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    start = procs.process_start(agent.pid)
+    store.report("a", "working", "/a", pid=agent.pid, pid_start=start, at=10.0)
+    agent.kill()
+    agent.wait()
+    store.reap()
+    assert (public(store.get("a"))["status"], public(store.get("a"))["closed_reason"]) == ("closed", "agent_gone")
+    late = public(store.report("a", "attention", "/a", pid=agent.pid, pid_start=start, at=11.0))
+    assert (late["status"], late["closed_reason"]) == ("closed", "agent_gone")
+    back = public(store.report("a", "attention", "/a", pid=os.getpid(), at=12.0))  # a new process: it is back
+    assert back["status"] == "attention"

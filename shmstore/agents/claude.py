@@ -146,7 +146,8 @@ def end_reason(payload: Mapping[str, Any], job: str = "") -> str | None:
     says which, and that is the reason given."""
     reason = payload.get("reason")
     if reason == "other" and job:
-        reason = _job_state(job) or reason
+        state = _job_state(job)
+        reason = state if state in ENDED_JOB_STATES else reason
     if not isinstance(reason, str) or not reason:
         return None
     try:
@@ -154,6 +155,12 @@ def end_reason(payload: Mapping[str, Any], job: str = "") -> str | None:
     except ValidationError:
         return None
     return reason
+
+
+#: The states of a background job's ``state.json`` that say how it ended. Its SessionEnd
+#: hook may run before Claude's daemon writes the new state (the suite saw "working" there
+#: at a ``claude stop``): any other state says nothing of the end, and "other" stays.
+ENDED_JOB_STATES = frozenset({"stopped", "failed", "done", "completed", "removed", "killed"})
 
 
 def _job_state(job: str) -> str | None:
