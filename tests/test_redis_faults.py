@@ -149,3 +149,36 @@ def test_a_write_the_acl_refuses_changes_nothing_and_is_not_tried_again(redis: R
         assert admin.get("s2") is None
     finally:
         admin.close()
+
+
+@pytest.mark.parametrize("command", ["reaper", "watch", "top"])
+def test_a_long_running_command_refuses_a_password_on_its_command_line(command: str, tmp_path: Path) -> None:
+    """`ps` shows every user a command line for as long as the command runs."""
+    url = f"redis+unix://user:s3cret-pass@{tmp_path / 'r.sock'}?namespace=x"
+    ran = subprocess.run(
+        [sys.executable, "-m", "shmstore", command, "--address", url], capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 2, ran.stderr
+    assert "password_file" in ran.stderr
+    assert "s3cret-pass" not in ran.stderr + ran.stdout
+
+
+def test_a_reaper_given_its_password_by_the_environment_shows_none_in_ps(redis: RedisServer) -> None:
+    admin = RedisStore(parse_redis(f"redis+unix://{redis.path}?namespace=pw"), 5.0)
+    admin._redis.config_set("requirepass", "s3cret-pass")
+    admin.close()
+    env = {**os.environ, "SHMSTORE_REDIS_PASSWORD": "s3cret-pass"}
+    reaper = subprocess.Popen(
+        [sys.executable, "-m", "shmstore", "reaper", "--address", f"redis+unix://{redis.path}?namespace=pw"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        assert reaper.poll() is None
+        assert b"s3cret-pass" not in Path(f"/proc/{reaper.pid}/cmdline").read_bytes()
+    finally:
+        reaper.terminate()
+        _, said = reaper.communicate(timeout=30)
+    assert "away" not in said, said  # it got in, with the password from its environment

@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        _no_password_in_argv(args)
         result: int = args.run(args)
         sys.stdout.flush()  # here, so that a reader gone early is seen below
         return result
@@ -59,6 +60,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _output_closed()
+
+
+#: The commands that run for long (and so sit in `ps` for anyone on the host to read).
+LONG_RUNNING = frozenset({"reaper", "watch", "top", "demo"})
+
+
+def _no_password_in_argv(args: argparse.Namespace) -> None:
+    """Refuse a Redis password on the command line of a long-running command: every user
+    of the host can read it in ``ps`` (``/proc/PID/cmdline``) for as long as it runs."""
+    address = getattr(args, "address", None)
+    if args.command in LONG_RUNNING and isinstance(address, str) and addr.is_redis(address):
+        from ..redis.address import password_in_url
+
+        if password_in_url(address):
+            raise ValidationError(
+                "address",
+                f"holds a password, which `ps` shows every user for as long as `shmstore {args.command}` runs: "
+                "put it in a file (?password_file=PATH, mode 0600) or in $SHMSTORE_REDIS_PASSWORD instead",
+            )
 
 
 def _output_closed() -> int:
@@ -127,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
         parser.print_help()
         return 2
 
-    parser.set_defaults(run=usage)
+    parser.set_defaults(run=usage, command=None)
     # Each command is offered only the flags it uses: a command that connects to the
     # manager takes both (the default); serve and install-hooks only --address; demo none.
     address = _Parser(add_help=False)
@@ -154,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     ) -> Any:
         uses = (address, timeout()) if uses is None else uses
         cmd = sub.add_parser(name, help=help, description=help, parents=[*uses, *parents])
-        cmd.set_defaults(run=run)
+        cmd.set_defaults(run=run, command=name)
         return cmd
 
     cmd = command(
