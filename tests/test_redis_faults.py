@@ -182,3 +182,28 @@ def test_a_reaper_given_its_password_by_the_environment_shows_none_in_ps(redis: 
         reaper.terminate()
         _, said = reaper.communicate(timeout=30)
     assert "away" not in said, said  # it got in, with the password from its environment
+
+
+def test_the_hook_ends_by_its_budget_against_a_paused_redis(redis: RedisServer) -> None:
+    """One deadline over importing the Redis client, connecting and every read: against a
+    paused Redis the hook took 1.12-1.23 s (each part had a timeout of its own)."""
+    import json
+
+    url = f"redis+unix://{redis.path}?namespace=hook"
+    payload = {"session_id": "h1", "cwd": "/src/app", "hook_event_name": "Stop"}
+    assert redis.process is not None
+    redis.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        ran = subprocess.run(
+            [sys.executable, "-m", "shmstore", "hook", "--address", url],
+            input=json.dumps(payload).encode(),
+            capture_output=True,
+            timeout=30,
+        )
+        took = time.monotonic() - started
+    finally:
+        redis.process.send_signal(signal.SIGCONT)
+    assert ran.returncode == 0
+    assert b"did not answer in time" in ran.stderr
+    assert took < 1.0, took  # 0.9 s from its start (0.75 given to Redis), and the exit
