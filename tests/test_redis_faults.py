@@ -207,3 +207,22 @@ def test_the_hook_ends_by_its_budget_against_a_paused_redis(redis: RedisServer) 
     assert ran.returncode == 0
     assert b"did not answer in time" in ran.stderr
     assert took < 1.0, took  # 0.9 s from its start (0.75 given to Redis), and the exit
+
+
+def test_a_session_set_by_a_host_whose_clock_runs_ahead_is_judged_by_redis_clock(redis: RedisServer) -> None:
+    """A session written with set() by a host an hour ahead had its last activity in every
+    reaper's future: never closed as host_gone. Its activity is Redis's clock at the latest."""
+    from shmstore import Session
+    from shmstore.record import session_from_store
+
+    url = f"redis+unix://{redis.path}?namespace=clock"
+    store = RedisStore(parse_redis(url), 5.0)
+    try:
+        ahead = time.time() + 3600
+        session = Session(id="s1", working_dir="/src/app", since=ahead, last_activity=ahead)
+        store.set(session.to_json())
+        stored = session_from_store(store.get("s1"))
+        assert stored.last_activity is not None
+        assert stored.last_activity <= store._time()
+    finally:
+        store.close()

@@ -300,6 +300,11 @@ class RedisStore:
         # this host's gets its start time from here, as a report's does.
         if record[PID] is not None and record[PID_START] is None and record[HOST] == self.host:
             record[PID_START] = procs.process_start(record[PID])
+        # Its last activity by Redis's clock at the latest: one from a writer whose clock runs
+        # ahead would be in every reaper's future, and its host's sessions never judged
+        # silent (a set() an hour ahead was never closed as host_gone; a report is stamped
+        # with Redis's clock already). No two hosts' clocks are compared.
+        record[ACTIVITY] = min(record[ACTIVITY], self._time())
         result = self._commit(once, record, expected_revision, EventKind.SET, outside=True, conflict=True)
         if result is OLD:
             return None  # type: ignore[return-value]  # as Store.once answers an old request
