@@ -226,3 +226,35 @@ def test_a_session_set_by_a_host_whose_clock_runs_ahead_is_judged_by_redis_clock
         assert stored.last_activity <= store._time()
     finally:
         store.close()
+
+
+def test_a_feed_past_the_revision_is_damage_readers_are_told_of_never_replayed(redis: RedisServer) -> None:
+    """With the namespace's meta key deleted while its feed kept revisions 1..N, reads made
+    meta anew at revision 0 under a new epoch, and changes(0) handed the old events out as
+    new (6 snapshots and 34 old events replayed in one run). Now every read says the
+    namespace is damaged, and a follower stops on it instead of replaying."""
+    from shmstore import EventKind, Follower
+
+    url = f"redis+unix://{redis.path}?namespace=meta"
+    store = RedisStore(parse_redis(url), 5.0)
+    try:
+        for n in range(3):
+            store.report(f"s{n}", "working", "/src/app")
+        store._redis.delete(store._keys[0])  # meta
+        for read in (lambda: store.changes(0), lambda: store.list_all(None, 0), store.snapshot, store.revision):
+            with pytest.raises(ShmstoreError, match="damaged: its feed reaches 3-0"):
+                read()
+    finally:
+        store.close()
+    with Client(url, timeout=5) as client:
+        with pytest.raises(ShmstoreError, match="damaged"):
+            client.changes(0)
+        events: list[object] = []
+        with pytest.raises(ShmstoreError, match="damaged"):
+            _follow(Follower(client), events)
+        assert not [event for event in events if getattr(event, "kind", None) is EventKind.REPORT]  # none replayed
+
+
+def _follow(follower: object, into: list[object]) -> None:
+    for event in follower:  # type: ignore[attr-defined]
+        into.append(event)

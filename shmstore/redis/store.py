@@ -193,7 +193,7 @@ class RedisStore:
         return [data for data in self._redis.hmget(self._closed, ids) if data is not None]
 
     def revision(self) -> int:
-        return int(self._redis.hget(self._meta, "revision") or 0)
+        return self._at_one_instant(lambda pipe: None)[1]  # with the check of a damaged namespace
 
     def info(self) -> dict[str, Any]:
         epoch, revision, (live, closed) = self._at_one_instant(
@@ -545,9 +545,16 @@ class RedisStore:
         pipe.hsetnx(self._meta, "epoch", _new_epoch())
         pipe.hget(self._meta, "epoch")
         pipe.hget(self._meta, "revision")
+        pipe.xrevrange(self._feed, "+", "-", count=1)
         read(pipe)
-        _, epoch, revision, *rest = pipe.execute()
-        return epoch.decode(), int(revision or 0), rest
+        _, epoch, revision, top, *rest = pipe.execute()
+        revision = int(revision or 0)
+        # A feed past the revision: the meta key was deleted or replaced (by hand, or lost)
+        # while the feed kept its entries. Read as it is, its old events came out as new
+        # ones, in a loop of snapshots; the namespace is damaged, for readers as for writers.
+        if top and int(top[0][0].split(b"-")[0]) > revision:
+            raise damaged(self.address, top[0][0])
+        return epoch.decode(), revision, rest
 
 
 def _pool(address: RedisAddress, options: dict[str, Any]) -> Any:
