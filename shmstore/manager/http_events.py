@@ -201,7 +201,7 @@ class EventServer:
                 )  # fmt: skip
         except (StoreUnavailableError, StoreFullError):
             raise
-        except ShmstoreError as exc:  # ValidationError, StoreFullError: the store is as it was
+        except ShmstoreError as exc:  # ValidationError: the event's fault, and the store is as it was
             raise RefusedRequestError(400, str(exc)) from None
         self.events += 1
 
@@ -232,39 +232,43 @@ def _read_head(conn: socket.socket, buffered: bytes) -> tuple[bytes, bytes, floa
     deadline (``time.monotonic()``) by which the whole request must have come: it starts
     with the request's first byte, after up to :data:`IDLE_TIMEOUT` of waiting for one."""
     data = buffered
-    deadline = time.monotonic() + REQUEST_TIMEOUT
+    deadline = time.monotonic() + REQUEST_TIMEOUT if data else None
     while b"\r\n\r\n" not in data:
         if len(data) > MAX_HEAD:
             raise RefusedRequestError(431, "the request's head is too long")
-        if data:
-            _wait(conn, deadline)
-        else:
-            conn.settimeout(IDLE_TIMEOUT)
-        try:
-            chunk = conn.recv(65536)
-        except TimeoutError:
-            if data:
-                raise RefusedRequestError(
-                    408, f"the request did not arrive whole within {REQUEST_TIMEOUT:g} s"
-                ) from None
-            raise
-        if not chunk:
-            raise EOFError
-        if not data:
-            deadline = time.monotonic() + REQUEST_TIMEOUT
-        data += chunk
+        data += _recv(conn, 65536, deadline)
+        deadline = time.monotonic() + REQUEST_TIMEOUT if deadline is None else deadline
     head, _, rest = data.partition(b"\r\n\r\n")
     if len(head) > MAX_HEAD:
         raise RefusedRequestError(431, "the request's head is too long")
+    assert deadline is not None  # set with the first byte
     return head, rest, deadline
 
 
-def _wait(conn: socket.socket, deadline: float) -> None:
-    """Give the next recv() what is left until ``deadline``; past it, ``408``."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise RefusedRequestError(408, f"the request did not arrive whole within {REQUEST_TIMEOUT:g} s")
-    conn.settimeout(left)
+def _recv(conn: socket.socket, size: int, deadline: float | None) -> bytes:
+    """Up to ``size`` bytes of a request: by ``deadline`` once it has begun (past it,
+    ``408``), or within :data:`IDLE_TIMEOUT` for its first byte (None: the connection idles,
+    and a timeout then just ends it). EOFError when the client closed."""
+    if deadline is None:
+        conn.settimeout(IDLE_TIMEOUT)
+    else:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _too_slow()
+        conn.settimeout(left)
+    try:
+        chunk = conn.recv(size)
+    except TimeoutError:
+        if deadline is None:
+            raise
+        raise _too_slow() from None
+    if not chunk:
+        raise EOFError
+    return chunk
+
+
+def _too_slow() -> RefusedRequestError:
+    return RefusedRequestError(408, f"the request did not arrive whole within {REQUEST_TIMEOUT:g} s")
 
 
 def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
@@ -299,15 +303,8 @@ def _read_body(conn: socket.socket, buffered: bytes, length: int, deadline: floa
         raise RefusedRequestError(400, "a request was sent before the answer to the one before it")
     parts, have = [buffered], len(buffered)
     while have < length:
-        _wait(conn, deadline)
-        try:
-            chunk = conn.recv(min(length - have, 1 << 20))
-        except TimeoutError:
-            raise RefusedRequestError(408, f"the request did not arrive whole within {REQUEST_TIMEOUT:g} s") from None
-        if not chunk:
-            raise EOFError
-        parts.append(chunk)
-        have += len(chunk)
+        parts.append(_recv(conn, min(length - have, 1 << 20), deadline))
+        have += len(parts[-1])
     return b"".join(parts)
 
 
