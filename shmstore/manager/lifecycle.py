@@ -93,10 +93,7 @@ def serve(
         except ShmstoreError:
             raise  # ours say what is wrong (and some are OSErrors)
         except OSError as exc:
-            where = addr.format_address(address)
-            if exc.errno == errno.EADDRINUSE:
-                raise AddressInUseError(f"{where} is already in use", address=where) from None
-            raise StoreUnavailableError(f"cannot listen on {where}: {exc}", address=where) from None
+            raise _cannot_listen(exc, addr.format_address(address)) from None
         key_file = addr.key_path(address)
         written = None
         serving = False
@@ -206,6 +203,13 @@ def _run(
             worker.join(SAVE_JOIN_TIMEOUT)
 
 
+def _cannot_listen(exc: OSError, where: str) -> ShmstoreError:
+    """Why the manager cannot listen at ``where``: in use by another, or ``exc``."""
+    if exc.errno == errno.EADDRINUSE:
+        return AddressInUseError(f"{where} is already in use", address=where)
+    return StoreUnavailableError(f"cannot listen on {where}: {exc}", address=where)
+
+
 def _event_server(store: Store, http: str) -> EventServer | None:
     """The HTTP endpoint for agents' events on the loopback, when ``http`` names a port
     (``auto``: a free one), else None."""
@@ -214,9 +218,7 @@ def _event_server(store: Store, http: str) -> EventServer | None:
     try:
         events = EventServer(store, 0 if http == "auto" else int(http), listener=inherited_listener())
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise AddressInUseError(f"127.0.0.1:{http} is already in use", address=f"127.0.0.1:{http}") from None
-        raise StoreUnavailableError(f"cannot take events over HTTP on 127.0.0.1:{http}: {exc}") from None
+        raise _cannot_listen(exc, f"127.0.0.1:{http}") from None
     log.info("taking agents' events over HTTP at http://127.0.0.1:%d%s", events.port, HTTP_PATH)
     return events
 
