@@ -62,22 +62,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _output_closed()
 
 
-#: The commands that run for long (and so sit in `ps` for anyone on the host to read).
-LONG_RUNNING = frozenset({"reaper", "watch", "top", "demo"})
+#: The commands that must not take a Redis password in their ``--address`` URL, and why.
+PASSWORD_SHOWN = {
+    "install-hooks": "would be written into Claude Code's settings",
+    # They run for long, and so sit in `ps` for anyone on the host to read.
+    **{name: f"`ps` shows every user for as long as `shmstore {name}` runs" for name in ("reaper", "watch", "top")},
+}
 
 
 def _no_password_in_argv(args: argparse.Namespace) -> None:
-    """Refuse a Redis password on the command line of a long-running command: every user
-    of the host can read it in ``ps`` (``/proc/PID/cmdline``) for as long as it runs."""
-    address = getattr(args, "address", None)
-    if args.command in LONG_RUNNING and isinstance(address, str) and addr.is_redis(address):
+    """Refuse a Redis password in the ``--address`` of a command of :data:`PASSWORD_SHOWN`."""
+    address, shown = getattr(args, "address", None), PASSWORD_SHOWN.get(args.command)
+    if shown and isinstance(address, str) and addr.is_redis(address):
         from ..redis.address import password_in_url
 
         if password_in_url(address):
             raise ValidationError(
                 "address",
-                f"holds a password, which `ps` shows every user for as long as `shmstore {args.command}` runs: "
-                "put it in a file (?password_file=PATH, mode 0600) or in $SHMSTORE_REDIS_PASSWORD instead",
+                f"holds a password, which {shown}: put it in a file (?password_file=PATH, mode 0600) or in "
+                "$SHMSTORE_REDIS_PASSWORD instead",
             )
 
 

@@ -12,7 +12,7 @@ from .. import agents
 from ..agents.settings import HTTP_PATH, Change, hook_command
 from ..clients.client import Client
 from ..config import ServeOptions
-from ..errors import ShmstoreError, StoreUnavailableError, ValidationError
+from ..errors import ShmstoreError, StoreUnavailableError
 from ..transport import address as addr
 from . import service
 
@@ -23,16 +23,10 @@ def add_settings_file(cmd: argparse.ArgumentParser) -> None:
 
 
 def install_hooks(args: argparse.Namespace) -> int:
-    if args.address and addr.is_redis(args.address):
-        from ..redis.address import parse_redis, password_in_url
+    if args.address and addr.is_redis(args.address):  # (cli refused a password in it)
+        from ..redis.address import parse_redis
 
         parse_redis(args.address)  # a bad URL is refused now, not at the agent's first event
-        if password_in_url(args.address):
-            raise ValidationError(
-                "address",
-                "holds a password, which would be written into Claude Code's settings: put it in a file "
-                "(?password_file=PATH, mode 0600) or in $SHMSTORE_REDIS_PASSWORD instead",
-            )
     agent = agents.get(agents.DEFAULT)
     # The address is always written out: a background session's hooks run in Claude's
     # daemon's environment, not the shell's, so a default read there could differ.
