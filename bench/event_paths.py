@@ -47,6 +47,10 @@ TOOL_EVENTS = ("PreToolUse", "PostToolUse", "PostToolBatch")
 
 
 def manager_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid``, ended threads included (/proc/PID/stat, 10 ms ticks:
+    run enough events). Not bench.py's schedstat reader, which sums the live threads only:
+    each command hook's report is served by a thread that has ended by the reading (that
+    reader gave -150 us per event)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
