@@ -175,12 +175,14 @@ def test_close_closes_the_clients_sockets(server: shmstore.ServerProcess) -> Non
 
 
 def test_a_write_that_timed_out_is_retried_and_applied_exactly_once(server: shmstore.ServerProcess) -> None:
-    store = shmstore.Client(server.address, server.authkey, timeout=0.3)
+    store = shmstore.Client(server.address, server.authkey, timeout=1.0)
     store.set(make_session("s1"))
     store.add_usage("s1", 1)
     os.kill(server.pid, signal.SIGSTOP)
     wait_until_stopped(server.pid)
-    timer = resume_after(server, 0.45)  # after the first try timed out, during the retry
+    # After the first try timed out, early in the retry: 0.8 s for the resumed manager to
+    # answer (with a 0.3 s timeout and 0.15 s of it, a loaded machine missed it).
+    timer = resume_after(server, 1.2)
     try:
         session = store.add_usage("s1", 100)
     finally:
