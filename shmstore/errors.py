@@ -71,8 +71,10 @@ class ConflictError(ShmstoreError):
 
 class ResyncRequiredError(ShmstoreError):
     """The change feed cannot continue after ``after_revision``: ``reason`` is ``epoch``
-    (the manager restarted), ``ahead`` (the revision is newer than the store's) or
-    ``compacted`` (the log moved on). Start again from a fresh ``snapshot()``."""
+    (the manager restarted), ``ahead`` (the revision is newer than the store's),
+    ``compacted`` (the log moved on) or ``history`` (Redis went back to older data and wrote
+    on: the event at ``after_revision`` is not the one the follower was given). Start again
+    from a fresh ``snapshot()``."""
 
     def __init__(self, message: str, *, reason: str, after_revision: int) -> None:
         super().__init__(message)

@@ -80,14 +80,23 @@ def encode_snapshot(epoch: str, revision: int, sessions: Iterable[bytes]) -> byt
 def encode_changes(epoch: str, events: Iterable[tuple[int, EventKind, str, bytes | None]], max_bytes: int) -> bytes:
     """A ``changes()`` reply: the epoch and ``events`` (revision, kind, id, session bytes),
     in order, as many as fit ``max_bytes`` of JSON (at least one)."""
+    return join_changes(epoch, fit_events((encode_event(*event) for event in events), max_bytes))
+
+
+def fit_events(encoded: Iterable[bytes], max_bytes: int) -> list[bytes]:
+    """The first of the ``encoded`` events that fit ``max_bytes`` of a reply (at least one)."""
     budget = max_bytes
-    encoded: list[bytes] = []
-    for event in events:
-        data = encode_event(*event)
+    fitted: list[bytes] = []
+    for data in encoded:
         budget -= len(data) + 1
-        if budget < 0 and encoded:
+        if budget < 0 and fitted:
             break
-        encoded.append(data)
+        fitted.append(data)
+    return fitted
+
+
+def join_changes(epoch: str, encoded: Iterable[bytes]) -> bytes:
+    """A ``changes()`` reply of events already encoded (:func:`encode_event`)."""
     return b'{"epoch":"%s","events":[%s]}' % (epoch.encode(), b",".join(encoded))
 
 
@@ -103,7 +112,10 @@ def encode_event(revision: int, kind: EventKind, id: str, session: bytes | None)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Changes:
-    """What one ``changes`` call returns: the store's epoch and the events it asked for."""
+    """What one ``changes`` call returns: the store's epoch and the events it asked for.
+    Pass ``epoch`` to the next call as it is: Redis's carries the follower's place in its
+    history too (``EPOCH.MARK``, see :mod:`shmstore.redis.store`), so it changes with the
+    events while the store stays the same one."""
 
     epoch: str
     events: tuple[Event, ...]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,17 +35,25 @@ class RedisServer:
         self.path = str(directory / "r.sock")
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, appendonly: bool = True) -> None:
         options = ["--port", "0", "--unixsocket", self.path, "--unixsocketperm", "700", "--dir", str(self.directory)]
-        options += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        options += ["--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always"]
         self.process = subprocess.Popen(
             ["redis-server", *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + 10
-        while not os.path.exists(self.path):
+        while not self._listening():  # its socket file comes before its listen(): refused in between
             assert self.process.poll() is None, "redis-server exited"
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.02)
+
+    def _listening(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(self.path)
+            except OSError:
+                return False
+            return True
 
     def stop(self) -> None:
         if self.process is not None:
@@ -119,7 +128,7 @@ def test_a_lost_revisions_key_is_a_damaged_namespace_at_once(redis: RedisServer)
         store._redis.delete(revs)
         before = store.get("s1"), store.revision()
         started = time.monotonic()
-        with pytest.raises(ShmstoreError, match="damaged: a session's revision is missing"):
+        with pytest.raises(ShmstoreError, match="damaged: the key of its sessions' revisions is gone"):
             store.transition("s1", "attention")
         assert time.monotonic() - started < 1.0
         assert (store.get("s1"), store.revision()) == before
@@ -242,7 +251,7 @@ def test_a_feed_past_the_revision_is_damage_readers_are_told_of_never_replayed(r
             store.report(f"s{n}", "working", "/src/app")
         store._redis.delete(store._keys[0])  # meta
         for read in (lambda: store.changes(0), lambda: store.list_all(None, 0), store.snapshot, store.revision):
-            with pytest.raises(ShmstoreError, match="damaged: its feed reaches 3-0"):
+            with pytest.raises(ShmstoreError, match="damaged: its feed reaches 3-"):
                 read()
     finally:
         store.close()
@@ -258,3 +267,62 @@ def test_a_feed_past_the_revision_is_damage_readers_are_told_of_never_replayed(r
 def _follow(follower: object, into: list[object]) -> None:
     for event in follower:  # type: ignore[attr-defined]
         into.append(event)
+
+
+def test_a_redis_gone_back_to_an_older_snapshot_is_noticed_by_a_follower(redis: RedisServer) -> None:
+    """Redis restarted from an older snapshot (two writes lost), then new writes took the
+    revision past the follower's: the follower missed changes and kept a session that no
+    longer existed, with no resync. Now the feed's event at the follower's revision is
+    another one (another mark), and it resyncs to exactly what the store holds."""
+    from shmstore.clients.client import Watch
+
+    url = f"redis+unix://{redis.path}?namespace=rollback"
+    store = RedisStore(parse_redis(url), 5.0)
+    try:
+        store.report("kept", "working", "/src/app")
+        store._redis.save()  # the snapshot Redis goes back to: revision 1
+        shutil.copy(redis.directory / "dump.rdb", redis.directory / "older.rdb")
+        store.report("lost", "working", "/src/app")  # revision 2: lost in the rollback
+        store.transition("kept", "attention")  # revision 3: lost too
+    finally:
+        store.close()
+    with Client(url, timeout=5) as client:
+        watch = Watch(client)
+        while watch.poll(0.5) is not None:
+            pass
+        assert (watch.revision, sorted(watch.sessions)) == (3, ["kept", "lost"])
+        redis.stop()
+        for name in os.listdir(redis.directory):
+            if name.startswith("appendonly") or name == "dump.rdb":
+                path = redis.directory / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.copy(redis.directory / "older.rdb", redis.directory / "dump.rdb")
+        redis.start(appendonly=False)
+        assert client.snapshot().revision == 1  # gone back
+        for n in range(3):  # revisions 2, 3, 4: past the follower's
+            client.report(f"new{n}", "question", "/src/app")
+        while watch.poll(0.5) is not None:
+            pass
+        assert watch.snapshots == 2  # it resynced, once
+        held = {s.id: s.status for s in client.snapshot().sessions}
+        assert {id: s.status for id, s in watch.sessions.items()} == held
+        assert "lost" not in watch.sessions
+        assert held["kept"] == "working"
+
+
+@pytest.mark.parametrize("key", ["live", "feed"])
+def test_a_key_evicted_whole_is_a_damaged_namespace_for_readers(redis: RedisServer, key: str) -> None:
+    """Under allkeys-lru every session was evicted with no event and no resync: a follower
+    kept 40 sessions, the store had 0. Redis evicts whole keys; one the others need (the
+    live sessions, the feed) gone is now a damaged namespace, which readers are told."""
+    url = f"redis+unix://{redis.path}?namespace=evicted"
+    store = RedisStore(parse_redis(url), 5.0)
+    try:
+        for n in range(3):
+            store.report(f"s{n}", "working", "/src/app")
+        store._redis.delete(f"{{evicted}}:{key}")  # as an eviction removes a key: whole
+        for read in (lambda: store.changes(3), store.snapshot, lambda: store.list_all(None, 0)):
+            with pytest.raises(ShmstoreError, match=r"is gone \(deleted, or evicted"):
+                read()
+    finally:
+        store.close()

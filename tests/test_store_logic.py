@@ -152,7 +152,7 @@ def test_a_snapshot_holds_the_live_sessions_at_one_revision(make: MakeBackend) -
     store.transition("b", Status.CLOSED)
     snapshot = Snapshot.from_json(store.snapshot())
     assert (snapshot.revision, [s.id for s in snapshot.sessions]) == (3, ["a"])
-    assert snapshot.epoch == store.info()["epoch"]
+    assert snapshot.epoch.partition(".")[0] == store.info()["epoch"]  # Redis adds its place: EPOCH.MARK
 
 
 def test_prune_forgets_only_the_closed_sessions_old_enough(make: MakeBackend) -> None:

@@ -34,7 +34,7 @@ def test_snapshot_and_changes(any_store: shmstore.Client) -> None:
     any_store.set(make_session("b"))
     any_store.remove("b")
     changes = any_store.changes(snap.revision)
-    assert changes.epoch == snap.epoch
+    assert changes.epoch.partition(".")[0] == snap.epoch.partition(".")[0]  # Redis adds its place: EPOCH.MARK
     assert [(e.revision, e.kind, e.id) for e in changes.events] == [
         (2, EventKind.TRANSITION, "a"),
         (3, EventKind.ADD_USAGE, "a"),

@@ -74,7 +74,8 @@ end
 # ARGV: id, expected revision ("" = any; "0" = none), record before the revision, record
 # after it, closing (1/0), kind, max_sessions, max_store_bytes, max_closed, log_size,
 # request number ("" = not once), keep its place among the closed (1/0), a new epoch, the
-# lease's lifetime in ms ("" = no lease).
+# lease's lifetime in ms ("" = no lease), the event's mark (its feed id's
+# second part: see :mod:`shmstore.redis.store`).
 # Returns {"ok", revision, record, kind}, {"done", revision, record} (the client's retry of
 # a write already made), {"old"} (older than its newest), {"conflict", revision},
 # {"sessions", count} or {"bytes", total}: past a limit, nothing changed.
@@ -123,7 +124,7 @@ else
 end
 redis.call('HSET', revs, id, revision)
 redis.call('HSET', meta, 'revision', revision, 'bytes', bytes)
-redis.call('XADD', feed, 'MAXLEN', ARGV[10], revision .. '-0', 'kind', kind, 'id', id, 'data', data)
+redis.call('XADD', feed, 'MAXLEN', ARGV[10], revision .. '-' .. ARGV[15], 'kind', kind, 'id', id, 'data', data)
 if ARGV[11] ~= '' then
   redis.call('HSET', done, 'number', ARGV[11], 'revision', revision, 'data', data)
   redis.call('EXPIRE', done, DONE_SECONDS)
@@ -145,7 +146,7 @@ return {'ok', revision, data, kind}
 )
 
 # KEYS as for COMMIT. ARGV: id, expected revision ("" = any), request number ("" = not
-# once), log_size, a new epoch. Returns {"ok", revision, record}, {"none"} (no such
+# once), log_size, a new epoch, the event's mark. Returns {"ok", revision, record}, {"none"} (no such
 # session), {"done", revision, record} or {"old"} (as COMMIT), {"conflict", revision}.
 REMOVE = (
     """
@@ -172,7 +173,7 @@ if not data then
 end
 redis.call('HDEL', revs, id)
 redis.call('HSET', meta, 'revision', revision)
-redis.call('XADD', feed, 'MAXLEN', ARGV[4], revision .. '-0', 'kind', 'remove', 'id', id)
+redis.call('XADD', feed, 'MAXLEN', ARGV[4], revision .. '-' .. ARGV[6], 'kind', 'remove', 'id', id)
 if ARGV[3] ~= '' then
   redis.call('HSET', done, 'number', ARGV[3], 'revision', revision, 'data', data)
   redis.call('EXPIRE', done, DONE_SECONDS)
@@ -204,12 +205,20 @@ def refused(address: RedisAddress, command: bytes) -> PermissionError:
 OLD = ("old",)
 
 
+_LOST = {
+    b"revs": "the key of its sessions' revisions",
+    b"feed": "its feed",
+    b"live": "the key of its live sessions",
+}
+
+
 def damaged(address: RedisAddress, top: bytes) -> ShmstoreError:
     """A namespace whose keys do not agree: its feed ahead of its revision (its meta key
-    was deleted or replaced by hand), or a session without its revision (the ``revs`` key
-    deleted or evicted, ``top`` ``revs``): no write could be made consistent, so none is."""
-    if top == b"revs":
-        what = "a session's revision is missing (its revisions key was deleted or evicted)"
+    was deleted or replaced by hand), or a key the others need deleted or evicted whole
+    (``top`` names it: ``revs``, ``feed`` or ``live``): no write could be made consistent,
+    and no read trusted, so none is."""
+    if top in _LOST:
+        what = f"{_LOST[top]} is gone (deleted, or evicted under a maxmemory-policy other than noeviction)"
     else:
         what = f"its feed reaches {top.decode()}, past its revision"
     return ShmstoreError(

@@ -12,7 +12,7 @@ Keys, all under one hash tag so that a cluster keeps them in one slot::
     {NS}:closed        hash: id -> record, the recently closed
     {NS}:closed_order  sorted set: id -> the revision it closed at (oldest first)
     {NS}:revs          hash: id -> the revision of its stored record
-    {NS}:feed          stream: one entry per change, id "<revision>-0": kind, id, data
+    {NS}:feed          stream: one entry per change, id "<revision>-<mark>": kind, id, data
     {NS}:done:TOKEN    hash: a client's newest write (number, revision, data), for one hour
 
 How a write is atomic without decoding JSON in Lua (Redis 7.0's cjson turns ``[]`` into
@@ -24,6 +24,9 @@ is still the one read, and else changes nothing and says so (the write is tried 
 within the call's deadline). The script checks the limits, counts the revision, writes
 the record with it, moves it between the live and the closed, and appends the feed entry,
 all or nothing: every check comes before the first change. Two round trips a write.
+
+A follower's place in the history it follows, and why a Redis gone back to older data is
+noticed: :mod:`shmstore.redis.history`.
 
 Several hosts: each session carries the host its agent runs on (``Session.host``,
 :func:`procs.host_id`), and a pid with the start time that host's /proc gave, so a pid is
@@ -46,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, overload
@@ -65,7 +67,7 @@ from ..backend import DEFAULT_CHANGES_LIMIT, Listing
 from ..checks import MAX_WAIT, check_count, check_duration, check_id, check_positive
 from ..config import Limits
 from ..errors import ConflictError, NotFoundError, StoreFullError, ValidationError
-from ..feed import EventKind, encode_changes, encode_snapshot
+from ..feed import EventKind, encode_event, encode_snapshot, fit_events, join_changes
 from ..model import AgentType, ClosedReason, check_status
 from ..record import (
     ACTIVITY,
@@ -82,7 +84,9 @@ from ..record import (
     Record,
     trim,
 )
+from . import history
 from .address import RedisAddress
+from .connection import connection_pool
 from .hosts import gone_since, lease_ms
 from .scripts import COMMIT, DONE_SECONDS, OLD, REMOVE, answer, damaged, earlier_answer, refused
 
@@ -110,7 +114,7 @@ class RedisStore:
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
         }
-        self._redis: Any = redis.Redis(connection_pool=_pool(address, options))
+        self._redis: Any = redis.Redis(connection_pool=connection_pool(address, options))
         tag = "{" + address.namespace + "}"
         self._keys = [f"{tag}:{name}" for name in ("meta", "live", "closed", "closed_order", "revs", "feed")]
         self._meta, self._live, self._closed, self._order, self._revs, self._feed = self._keys
@@ -178,7 +182,7 @@ class RedisStore:
             return list(self._redis.hvals(self._live))
         check_count(revision, "revision")
         rules.check_epoch(epoch)
-        now_epoch, now_revision, (live,) = self._at_one_instant(lambda pipe: pipe.hgetall(self._live))
+        now_epoch, now_revision, _, (live,) = self._at_one_instant(lambda pipe: pipe.hgetall(self._live))
         if epoch == now_epoch and revision == now_revision:
             return None
         ids = [id.decode() for id in live]
@@ -196,7 +200,7 @@ class RedisStore:
         return self._at_one_instant(lambda pipe: None)[1]  # with the check of a damaged namespace
 
     def info(self) -> dict[str, Any]:
-        epoch, revision, (live, closed) = self._at_one_instant(
+        epoch, revision, _, (live, closed) = self._at_one_instant(
             lambda pipe: (pipe.hlen(self._live), pipe.hlen(self._closed))
         )
         return {
@@ -211,8 +215,8 @@ class RedisStore:
         }
 
     def snapshot(self) -> bytes:
-        epoch, revision, (live,) = self._at_one_instant(lambda pipe: pipe.hvals(self._live))
-        return encode_snapshot(epoch, revision, live)
+        epoch, revision, mark, (live,) = self._at_one_instant(lambda pipe: pipe.hvals(self._live))
+        return encode_snapshot(history.marked(epoch, mark), revision, live)
 
     def changes(
         self, after_revision: int, timeout: float = 0.0, epoch: str | None = None, limit: int = DEFAULT_CHANGES_LIMIT
@@ -220,34 +224,40 @@ class RedisStore:
         check_count(after_revision, "after_revision")
         wait = check_duration(timeout, "timeout", MAX_WAIT)
         rules.check_epoch(epoch)
+        asked, seen = history.place(epoch)
         limit = min(check_positive(limit, "limit"), self.limits.log_size)
         start, waited_until = f"{after_revision + 1}-0", time.monotonic() + wait
+        at = history.entries_at(after_revision)
         while True:
-            now_epoch, revision, (oldest, entries) = self._at_one_instant(
+            now_epoch, revision, _, (oldest, there, entries) = self._at_one_instant(
                 lambda pipe: (
                     pipe.xrange(self._feed, "-", "+", count=1),
+                    pipe.xrange(self._feed, *at, count=1),
                     pipe.xrange(self._feed, start, "+", count=limit),
                 )
             )
             first = int(oldest[0][0].split(b"-")[0]) if oldest else revision + 1
-            rules.check_feed(now_epoch, revision, first, after_revision, epoch, "Redis lost or replaced its data")
+            rules.check_feed(now_epoch, revision, first, after_revision, asked, "Redis lost or replaced its data")
+            mark = history.check_place(there[0][0] if there else None, seen, after_revision)
             left = waited_until - time.monotonic()
             if entries or left <= 0:
                 break
             # Nothing yet: wait in Redis for the next entry (in slices shorter than the
             # socket's timeout, so a stopped Redis fails the call within it), then read it as
             # above: the wait may end on an entry of a store that was emptied and began again.
-            self._redis.xread({self._feed: f"{after_revision}-0"}, count=1, block=_slice_ms(left, self.timeout))
-        events = (
-            (
+            self._redis.xread({self._feed: at[1]}, count=1, block=_slice_ms(left, self.timeout))
+        events = [
+            encode_event(
                 int(entry_id.split(b"-")[0]),
                 EventKind(fields[b"kind"].decode()),
                 fields[b"id"].decode(),
                 fields.get(b"data"),
             )
             for entry_id, fields in entries
-        )
-        return encode_changes(now_epoch, events, self.limits.max_store_bytes)
+        ]
+        given = fit_events(events, self.limits.max_store_bytes)
+        mark = history.mark_of(entries[len(given) - 1][0]) if given else mark
+        return join_changes(history.marked(now_epoch, mark), given)
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -314,9 +324,10 @@ class RedisStore:
     def remove(self, id: str, *, once: tuple[bytes, int] | None = None, expected: int | None = None) -> bytes | None:
         check_id(id, max_length=self.limits.max_id_length)
         token, number = self._once_keys(once)
+        fresh = history.new_epoch(), history.new_mark()
         reply = self._remove_script(
             keys=[*self._keys, token],
-            args=[id, "" if expected is None else expected, number, self.limits.log_size, _new_epoch()],
+            args=[id, "" if expected is None else expected, number, self.limits.log_size, *fresh],
         )
         status = reply[0].decode()
         if status in ("ok", "done"):
@@ -475,8 +486,9 @@ class RedisStore:
                 limits.log_size,
                 number,
                 "1" if keep_place else "0",
-                _new_epoch(),
+                history.new_epoch(),
                 lease_ms(self.limits) if lease else "",
+                history.new_mark(),
             ],
         )
         status = reply[0].decode()
@@ -538,36 +550,31 @@ class RedisStore:
         token, number = once
         return f"{{{self.address.namespace}}}:done:{token.hex()}", str(number)
 
-    def _at_one_instant(self, read: Callable[[Any], Any]) -> tuple[str, int, list[Any]]:
-        """The store's epoch (made on first use) and revision, and what ``read`` queues on
-        the same transaction (MULTI/EXEC: one instant of the store)."""
+    def _at_one_instant(self, read: Callable[[Any], Any]) -> tuple[str, int, str, list[Any]]:
+        """The store's epoch (made on first use), revision and the mark of its newest event
+        ("" for none), and what ``read`` queues on the same transaction (MULTI/EXEC: one
+        instant of the store)."""
         pipe = self._redis.pipeline(transaction=True)
-        pipe.hsetnx(self._meta, "epoch", _new_epoch())
-        pipe.hget(self._meta, "epoch")
-        pipe.hget(self._meta, "revision")
+        pipe.hsetnx(self._meta, "epoch", history.new_epoch())
+        pipe.hmget(self._meta, "epoch", "revision", "bytes")
         pipe.xrevrange(self._feed, "+", "-", count=1)
+        pipe.exists(self._live)
         read(pipe)
-        _, epoch, revision, top, *rest = pipe.execute()
+        _, (epoch, revision, live_bytes), top, live, *rest = pipe.execute()
         revision = int(revision or 0)
         # A feed past the revision: the meta key was deleted or replaced (by hand, or lost)
         # while the feed kept its entries. Read as it is, its old events came out as new
         # ones, in a loop of snapshots; the namespace is damaged, for readers as for writers.
         if top and int(top[0][0].split(b"-")[0]) > revision:
             raise damaged(self.address, top[0][0])
-        return epoch.decode(), revision, rest
-
-
-def _pool(address: RedisAddress, options: dict[str, Any]) -> Any:
-    """A connection pool to ``address``: its unix socket, or TCP, with TLS (and the URL's
-    TLS files; the server's certificate and host name are always checked) for rediss://."""
-    if address.path is not None:
-        return redis.ConnectionPool(connection_class=redis.UnixDomainSocketConnection, path=address.path, **options)
-    if address.tls:
-        secure: dict[str, Any] = dict(options, **address.tls_options())
-        return redis.ConnectionPool(
-            connection_class=redis.SSLConnection, host=address.host, port=address.port, **secure
-        )
-    return redis.ConnectionPool(connection_class=redis.Connection, host=address.host, port=address.port, **options)
+        # A key evicted (maxmemory-policy allkeys-*) or deleted whole: the feed, which a
+        # write never leaves empty, or the live sessions, which meta still counts bytes of.
+        # Read as they are, a follower kept every session the store no longer had.
+        if revision and not top:
+            raise damaged(self.address, b"feed")
+        if int(live_bytes or 0) > 0 and not live:
+            raise damaged(self.address, b"live")
+        return epoch.decode(), revision, history.mark_of(top[0][0]) if top else "", rest
 
 
 def _slice_ms(left: float, timeout: float) -> int:
@@ -579,10 +586,6 @@ def _slice_ms(left: float, timeout: float) -> int:
 def _clock(seconds: int, micros: int) -> float:
     """Redis's TIME as epoch seconds to the millisecond, as :func:`checks.now` gives them."""
     return round(seconds + micros / 1e6, 3)
-
-
-def _new_epoch() -> str:
-    return os.urandom(8).hex()
 
 
 if TYPE_CHECKING:
