@@ -45,6 +45,11 @@ class AgentType(enum.StrEnum):
     """Which coding agent runs the session."""
 
     CLAUDE_CODE = "claude_code"
+    CODEX = "codex"
+    GEMINI_CLI = "gemini_cli"
+    COPILOT_CLI = "copilot_cli"
+    CURSOR = "cursor"
+    OPENCODE = "opencode"
 
 
 def check_status(value: object, field: str = "status") -> Status:

@@ -145,6 +145,7 @@ HOOK_MODULES = {
     "shmstore.agents",
     "shmstore.agents.base",
     "shmstore.agents.claude",
+    "shmstore.agents.fields",
     "shmstore.checks",
     "shmstore.clients",
     "shmstore.clients.reporter",

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 #: Each agent's name (its AgentType value) and the module of this package that adapts it.
 ADAPTERS = {
     "claude_code": "claude",
+    "codex": "codex",
+    "gemini_cli": "gemini",
+    "copilot_cli": "copilot",
+    "cursor": "cursor",
+    "opencode": "opencode",
 }
 #: The agent a hook reports for when none is named.
 DEFAULT = "claude_code"

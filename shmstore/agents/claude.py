@@ -16,8 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..checks import check_closed_reason, check_dir, check_id
-from ..errors import ValidationError
+from . import fields
 from .base import ATTENTION, CLOSED, QUESTION, WORKING, HookReport
 
 TYPE_CHECKING = False  # as typing's, without importing typing (~4 ms of the hook's start-up)
@@ -116,45 +115,31 @@ def read(payload: Mapping[str, Any], environ: Mapping[str, str]) -> HookReport:
     """What a Claude Code hook payload, and the environment its hook runs in, say;
     ValidationError names a field that is missing or wrong (``session_id``, ``cwd``,
     ``hook_event_name``). Events of subagents carry ``agent_id``; a background session's
-    hooks run with ``CLAUDE_JOB_DIR=~/.claude/jobs/SHORT``."""
-    session = check_id(payload.get("session_id"), "session_id")
-    cwd = check_dir(payload.get("cwd"), "cwd")
-    event = payload.get("hook_event_name")
-    if not isinstance(event, str):
-        raise ValidationError("hook_event_name", "is missing")
+    hooks run with ``CLAUDE_JOB_DIR=~/.claude/jobs/SHORT``. Another agent running the hooks
+    of Claude's settings (Copilot CLI does, with ``COPILOT_CLI=1``; Cursor, with its
+    third-party hooks on, sends ``cursor_version``) says nothing of a Claude session: its
+    own adapter reports it."""
+    session, cwd = fields.session_and_cwd(payload, "session_id", payload.get("cwd"))
+    event = fields.event_name(payload.get("hook_event_name"), "hook_event_name")
+    if environ.get("COPILOT_CLI") == "1" or "cursor_version" in payload:
+        return HookReport(event, session, None, cwd)
     status = status_for(payload, environ)
     job = environ.get("CLAUDE_JOB_DIR", "")
-    background = _an_id(job.rstrip("/").rpartition("/")[2]) if job else None
+    background = fields.an_id(job.rstrip("/").rpartition("/")[2]) if job else None
     reason = end_reason(payload, job) if status == CLOSED else None
-    return HookReport(event, session, status, cwd, reason, _an_id(payload.get("agent_id")), background)
-
-
-def _an_id(value: object) -> str | None:
-    """``value`` if it is an id the store takes, else None (never fail a report for it)."""
-    try:
-        return check_id(value) if value else None
-    except ValidationError:
-        return None
+    return HookReport(event, session, status, cwd, reason, fields.an_id(payload.get("agent_id")), background)
 
 
 def end_reason(payload: Mapping[str, Any], job: str = "") -> str | None:
     """Claude Code's word for why a session ended (``logout``, ``clear``, ...), when the
-    store takes it as ``session_end:REASON`` (its own check, :func:`check_closed_reason`):
-    anything else is dropped rather than fail the report, so that the session is closed
-    whatever the reason looks like. A background session ends with ``other`` whether it
-    was stopped, removed or respawned; its job's ``state.json`` (``job``: its directory)
-    says which, and that is the reason given."""
+    store takes it (:func:`fields.end_reason`). A background session ends with ``other``
+    whether it was stopped, removed or respawned; its job's ``state.json`` (``job``: its
+    directory) says which, and that is the reason given."""
     reason = payload.get("reason")
     if reason == "other" and job:
         state = _job_state(job)
         reason = state if state in ENDED_JOB_STATES else reason
-    if not isinstance(reason, str) or not reason:
-        return None
-    try:
-        check_closed_reason(f"session_end:{reason}", "reason")  # what Store.report makes of it
-    except ValidationError:
-        return None
-    return reason
+    return fields.end_reason(reason)
 
 
 #: The states of a background job's ``state.json`` that say how it ended. Its SessionEnd
@@ -229,26 +214,26 @@ def install(path: Path, command: str, *, url: str | None = None, dry_run: bool =
     for what is kept)."""
     from . import settings
 
-    wanted = hook_groups(command, url)
-
-    def change(document: dict[str, Any]) -> list[str]:
-        events = settings.install_in_table(settings.table(document), wanted)
-        settings.drop_if_empty(document)
-        return events
-
-    return settings.rewrite(path, change, dry_run=dry_run)
+    return settings.install_hooks(path, hook_groups(command, url), dry_run=dry_run)
 
 
 def uninstall(path: Path, *, dry_run: bool = False) -> Change:
     """Remove every shmstore hook from the settings at ``path``, and nothing else."""
     from . import settings
 
-    def change(document: dict[str, Any]) -> list[str]:
-        events = settings.strip_table(settings.table(document))
-        settings.drop_if_empty(document)
-        return events
+    return settings.uninstall_hooks(path, dry_run=dry_run)
 
-    return settings.rewrite(path, change, dry_run=dry_run)
+
+#: Whether the agent takes http hooks that a manager's HTTP endpoint can answer.
+TAKES_HTTP = True
+
+
+def found() -> bool:
+    """Whether this machine has the agent: its own directory in the home, or its command."""
+    import shutil
+    from pathlib import Path
+
+    return (Path.home() / ".claude").is_dir() or shutil.which("claude") is not None
 
 
 if TYPE_CHECKING:

@@ -14,7 +14,8 @@ JSON file uses to put our hook command in and take it out.
   and changed again (:data:`TRIES` times), never overwritten.
 
 The hooks table that Claude Code's settings hold (``{"Event": [{"matcher": ..., "hooks":
-[{"type": "command", "command": ...}]}]}``, which other agents copied) is edited by
+[{"type": "command", "command": ...}]}]}``, which Gemini CLI and Codex copied), and the
+flat one of Cursor and Copilot CLI (``{"Event": [{"command": ...}]}``), are edited by
 :func:`install_in_table` and :func:`strip_table`.
 """
 
@@ -77,17 +78,19 @@ class Change:
     after: str
     #: The copy of the old file, when one was written.
     backup: Path | None = None
+    #: A second file changed with it (Codex's config.toml, which trusts its hooks).
+    also: Change | None = None
 
     def diff(self) -> str:
-        """A unified diff from the file as it was to the file as it is (or would be)."""
-        return "".join(
-            difflib.unified_diff(
-                self.before.splitlines(keepends=True),
-                self.after.splitlines(keepends=True),
-                fromfile=str(self.path),
-                tofile=str(self.path),
-            )
+        """A unified diff from the file as it was to the file as it is (or would be), and
+        of the second file changed with it."""
+        lines = difflib.unified_diff(
+            self.before.splitlines(keepends=True),
+            self.after.splitlines(keepends=True),
+            fromfile=str(self.path),
+            tofile=str(self.path),
         )
+        return "".join(lines) + (self.also.diff() if self.also is not None else "")
 
 
 def rewrite(path: Path, change: Callable[[dict[str, Any]], list[str]], *, dry_run: bool) -> Change:
@@ -110,6 +113,35 @@ def rewrite(path: Path, change: Callable[[dict[str, Any]], list[str]], *, dry_ru
         except ChangedMeanwhileError:
             continue
     raise ChangedMeanwhileError(str(path))
+
+
+def install_hooks(
+    path: Path, wanted: Mapping[str, list[dict[str, Any]]], *, dry_run: bool, head: Mapping[str, Any] | None = None
+) -> Change:
+    """Make ``wanted`` our only hooks in the ``hooks`` table of the JSON file at ``path``
+    (:func:`install_in_table`); ``head``: keys the file must have too when it holds hooks
+    (Cursor's and Copilot CLI's ``"version": 1``), set only where missing."""
+
+    def change(document: dict[str, Any]) -> list[str]:
+        events = install_in_table(table(document), wanted)
+        for key, value in (head or {}).items():
+            if events and key not in document:
+                document[key] = value
+        drop_if_empty(document)
+        return events
+
+    return rewrite(path, change, dry_run=dry_run)
+
+
+def uninstall_hooks(path: Path, *, dry_run: bool) -> Change:
+    """Remove every hook of ours from the ``hooks`` table of the JSON file at ``path``."""
+
+    def change(document: dict[str, Any]) -> list[str]:
+        events = strip_table(table(document))
+        drop_if_empty(document)
+        return events
+
+    return rewrite(path, change, dry_run=dry_run)
 
 
 #: How many times a settings file that another program writes meanwhile is read again.
@@ -161,7 +193,7 @@ def is_our_hook(entry: Mapping[str, Any]) -> bool:
     if entry.get("type") == "http":
         url = entry.get("url")
         return isinstance(url, str) and urllib.parse.urlsplit(url).path.startswith(HTTP_PATH)
-    return is_ours(entry.get("command"))
+    return is_ours(entry.get("command")) or is_ours(entry.get("bash"))  # Copilot CLI's is "bash"
 
 
 #: Where a manager takes agents' events over HTTP: ``/shmstore/hook/AGENT``.
@@ -197,9 +229,14 @@ def _strip(hooks: dict[str, Any], event: str) -> bool:
 
 
 def _without_ours(groups: list[Any]) -> tuple[list[Any], bool]:
-    """``groups`` without our hooks (a group left empty goes), and whether there were any."""
+    """``groups`` without our hooks (a group left empty goes), and whether there were any.
+    A table may hold the hooks themselves instead of groups of them (Cursor's and Copilot
+    CLI's ``{"Event": [{"command": ...}]}``): one of ours there goes whole."""
     kept, found = [], False
     for group in groups:
+        if isinstance(group, dict) and "hooks" not in group and is_our_hook(group):
+            found = True
+            continue
         mine = [h for h in _entries(group) if is_our_hook(h)]
         if not mine:
             kept.append(group)
@@ -227,6 +264,26 @@ def _read(path: Path) -> str:
     if not isinstance(settings, dict):
         raise ValidationError("settings", f"{path} must hold a JSON object")
     return text
+
+
+def rewrite_text(path: Path, change: Callable[[str], str], *, dry_run: bool) -> Change:
+    """Rewrite the text file at ``path`` (none: "") with ``change``, as :func:`rewrite` does
+    a JSON one: atomically, backed up, and read again when another program wrote it."""
+    for _ in range(TRIES):
+        try:
+            before = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            before = ""
+        except UnicodeDecodeError as exc:
+            raise ValidationError("settings", f"{path} is not UTF-8: {exc}") from None
+        after = change(before)
+        if after == before or dry_run:
+            return Change(path, [path.name] if after != before else [], before, after)
+        try:
+            return Change(path, [path.name], before, after, _write(path, before, after))
+        except ChangedMeanwhileError:
+            continue
+    raise ChangedMeanwhileError(str(path))
 
 
 def _write(path: Path, before: str, after: str) -> Path | None:

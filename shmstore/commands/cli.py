@@ -234,11 +234,13 @@ def _parser() -> argparse.ArgumentParser:
     cmd = command(
         "install-hooks",
         setup.install_hooks,
-        "make shmstore's hooks the only ones of ours in a Claude Code settings file: http hooks to the manager "
-        "where Claude allows them and no status the user acts on depends on them, `shmstore hook` elsewhere",
+        "make shmstore's hooks the only ones of ours in an agent's settings (Claude Code's by default): for "
+        "Claude, http hooks to the manager where Claude allows them and no status the user acts on depends on "
+        "them, `shmstore hook` elsewhere; for the other agents, `shmstore hook --agent NAME`",
         uses=[address],
     )
     setup.add_settings_file(cmd)
+    setup.add_agent_choice(cmd)
     cmd.add_argument("--command", dest="hook_command", help="the hook command to install (default: this Python's)")
     cmd.add_argument(
         "--via",
@@ -249,9 +251,13 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     cmd = command(
-        "uninstall-hooks", setup.uninstall_hooks, "remove every shmstore hook from a Claude Code settings file", uses=[]
+        "uninstall-hooks",
+        setup.uninstall_hooks,
+        "remove every shmstore hook from an agent's settings (Claude Code's by default)",
+        uses=[],
     )
     setup.add_settings_file(cmd)
+    setup.add_agent_choice(cmd)
 
     cmd = command(
         "install-service",

@@ -51,6 +51,7 @@ _SEEN: _Column = ("LAST SEEN", lambda s, at: age(at - (s.last_activity or s.sinc
 _TOKENS: _Column = ("TOKENS IN/OUT", lambda s, at: "-" if s.api_usage is None else _tokens(s.api_usage))
 _CHANGES: _Column = ("CHANGES", lambda s, at: str(len(s.history)))
 _REV: _Column = ("REV", lambda s, at: str(s.revision))
+_AGENT: _Column = ("AGENT", lambda s, at: s.agent_type.value)
 _RESUME: _Column = ("RESUME", lambda s, at: "-" if s.session_id is None else printable(s.session_id))
 _DIR: _Column = ("WORKING DIR", lambda s, at: printable(s.working_dir))
 
@@ -64,10 +65,13 @@ def status_text(session: Session) -> str:
 
 
 def format_table(sessions: Sequence[Session], at: float | None = None, *, resume: bool = False) -> str:
-    """Sessions as an aligned text table, newest change first. The tokens column is left
-    out when no session has usage; ``resume=True`` adds the agent's resume id."""
+    """Sessions as an aligned text table, newest change first. The agent column is left out
+    when every session is Claude Code's, the tokens column when no session has usage;
+    ``resume=True`` adds the agent's resume id."""
     at = time.time() if at is None else at
     columns = [_ID, _STATUS, _FOR, _SEEN]
+    if any(s.agent_type is not AgentType.CLAUDE_CODE for s in sessions):
+        columns.insert(1, _AGENT)  # only Claude Code's: the column says nothing
     if any(s.api_usage is not None for s in sessions):
         columns.append(_TOKENS)
     columns += [_CHANGES, _REV]

@@ -12,14 +12,37 @@ from .. import agents
 from ..agents.settings import HTTP_PATH, Change, hook_command
 from ..clients.client import Client
 from ..config import ServeOptions
-from ..errors import ShmstoreError, StoreUnavailableError
+from ..errors import ShmstoreError, StoreUnavailableError, ValidationError
 from ..transport import address as addr
 from . import service
 
 
 def add_settings_file(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--settings", type=Path, default=None, help="the settings file (default: ~/.claude/settings.json)")
+    cmd.add_argument(
+        "--settings", type=Path, default=None, help="the settings file (default: the agent's own, as README lists them)"
+    )
     cmd.add_argument("--dry-run", action="store_true", help="print a diff of the settings file, write nothing")
+
+
+def add_agent_choice(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--agent",
+        choices=[*agents.names(), "all"],
+        default=agents.DEFAULT,
+        help="whose settings: an agent, or all (every agent found on this machine) (default: %(default)s)",
+    )
+
+
+def _chosen(args: argparse.Namespace) -> list[str]:
+    """The agents ``--agent`` names: one, or with ``all`` each one this machine has."""
+    if args.agent != "all":
+        return [args.agent]
+    if args.settings is not None:
+        raise ValidationError("--settings", "names one agent's file: give --agent NAME with it, not all")
+    found = [name for name in agents.names() if agents.get(name).found()]
+    if not found:
+        raise ValidationError("--agent", "all: no agent was found on this machine (see README: Agents)")
+    return found
 
 
 def install_hooks(args: argparse.Namespace) -> int:
@@ -27,15 +50,21 @@ def install_hooks(args: argparse.Namespace) -> int:
         from ..redis.address import parse_redis
 
         parse_redis(args.address)  # a bad URL is refused now, not at the agent's first event
-    agent = agents.get(agents.DEFAULT)
     # The address is always written out: a background session's hooks run in Claude's
     # daemon's environment, not the shell's, so a default read there could differ.
     address = args.address or addr.format_address(addr.default_address())
-    command = args.hook_command or hook_command(address)
-    url = _event_url(args, agent.NAME)
-    path = args.settings or agent.default_settings()
-    change = agent.install(path, command, url=url, dry_run=args.dry_run)
-    return _report_change(change, args.dry_run, f"put `{command}`{f' and {url}' if url else ''} on")
+    for name in _chosen(args):
+        agent = agents.get(name)
+        command = args.hook_command or hook_command(address, None if name == agents.DEFAULT else name)
+        if args.via == "http" and not agent.TAKES_HTTP:
+            raise ValidationError("--via", f"http: {agent.TITLE} has command hooks only; install with --via command")
+        if args.via == "http" and args.address and addr.is_redis(args.address):
+            raise ValidationError("--via", "http: a Redis store takes command hooks only (http hooks go to a manager)")
+        url = _event_url(args, agent.NAME) if agent.TAKES_HTTP else None
+        path = args.settings or agent.default_settings()
+        change = agent.install(path, command, url=url, dry_run=args.dry_run)
+        _report_change(change, args.dry_run, f"put `{command}`{f' and {url}' if url else ''} on")
+    return 0
 
 
 def _event_url(args: argparse.Namespace, agent: str) -> str | None:
@@ -59,10 +88,11 @@ def _event_url(args: argparse.Namespace, agent: str) -> str | None:
 
 
 def uninstall_hooks(args: argparse.Namespace) -> int:
-    agent = agents.get(agents.DEFAULT)
-    path = args.settings or agent.default_settings()
-    change = agent.uninstall(path, dry_run=args.dry_run)
-    return _report_change(change, args.dry_run, "removed the shmstore hook from")
+    for name in _chosen(args):
+        agent = agents.get(name)
+        path = args.settings or agent.default_settings()
+        _report_change(agent.uninstall(path, dry_run=args.dry_run), args.dry_run, "removed the shmstore hook from")
+    return 0
 
 
 def _report_change(change: Change, dry_run: bool, done: str) -> int:

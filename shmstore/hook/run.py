@@ -86,10 +86,14 @@ def _reader_by(stream: BinaryIO, deadline: float) -> Callable[[int], bytes]:
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "fish"})
 
 
-def agent_pid() -> int:
+def agent_pid() -> int | None:
     """The agent's process: our parent, or its parent when the parent is the shell the
-    agent ran the hook command in."""
+    agent ran the hook command in; None for a hook whose agent is gone already (its parent
+    is init: Gemini CLI 0.61.0 fires SessionEnd three times at exit, and runs the last
+    after it has exited)."""
     pid = os.getppid()
+    if pid <= 1:
+        return None
     for _ in range(3):
         stat = process_stat(pid)
         if stat is None:
@@ -160,6 +164,8 @@ def run_hook(
         said = adapter.read(read_payload(stream, deadline), os.environ)
         event, session = said.event, said.session
         failure = _report(said, adapter.NAME, address, pid, deadline, at)
+        if said.transcript is not None and hasattr(adapter, "settled") and (failure or KEPT).startswith(KEPT):
+            _watch_question(adapter.NAME, address, said, pid or agent_pid())
     except Exception as exc:
         failure = f"not reported ({exc})"
     if failure is not None:
@@ -167,6 +173,23 @@ def run_hook(
             say(f"shmstore hook: {failure}; the agent carries on")
         note_failure(event, session, failure, deadline + LOG_GRACE)
     return 0
+
+
+def _watch_question(agent: str, address: str | None, said: HookReport, pid: int | None) -> None:
+    """Start :mod:`shmstore.hook.settle` on the transcript of the question ``said``, for an
+    agent that may leave it without an event: detached, in a session of its own, so that
+    neither the agent's terminal nor the hook's pipes are held (one fork and exec)."""
+    import subprocess
+
+    assert said.transcript is not None
+    try:
+        offset = os.stat(said.transcript).st_size
+    except OSError:
+        offset = 0
+    argv = [sys.executable, "-m", "shmstore.hook.settle", agent, address or "", said.session, said.cwd]
+    argv += [said.transcript, str(offset), str(pid or 0)]
+    null = subprocess.DEVNULL
+    subprocess.Popen(argv, stdin=null, stdout=null, stderr=null, start_new_session=True, close_fds=True)
 
 
 #: Of a hook's budget, what is kept back for writing its report to the spool when the
@@ -211,7 +234,7 @@ def _report(
         return _report_to_redis(where, said, agent, pid, deadline - SPOOL_RESERVE, at)
     # Store.report's arguments, in its order.
     args: tuple[Any, ...] = (said.session, said.status, said.cwd, pid, said.session, agent, said.reason, at)
-    args += (said.subagent, said.background, process_start(pid))
+    args += (said.subagent, said.background, pid and process_start(pid))
     token = os.urandom(16)
     try:
         report(where, None, args, token=token, deadline=deadline - SPOOL_RESERVE)
@@ -227,7 +250,9 @@ def _report(
         return f"not reported ({why}); nor kept in the spool ({exc})"
 
 
-def _report_to_redis(where: Any, said: HookReport, agent: str, pid: int, deadline: float, at: float) -> str | None:
+def _report_to_redis(
+    where: Any, said: HookReport, agent: str, pid: int | None, deadline: float, at: float
+) -> str | None:
     """Report to a Redis store by ``deadline``, whatever Redis does: importing the client
     and redis-py (~0.17 s), connecting and every read each took a timeout of their own, and
     against a paused Redis the hook ran 1.12-1.23 s (issue #23). The report runs in a
@@ -248,7 +273,7 @@ def _report_to_redis(where: Any, said: HookReport, agent: str, pid: int, deadlin
                 client.report(
                     said.session, status, said.cwd, pid=pid, session_id=said.session, agent_type=agent,
                     reason=said.reason, at=at, subagent=said.subagent, background=said.background,
-                    pid_start=process_start(pid),
+                    pid_start=pid and process_start(pid),
                 )  # fmt: skip
             failed.append(None)
         except BaseException as exc:  # handed to the hook's thread, which says what it was

@@ -1,0 +1,289 @@
+"""Each agent's payloads, as its documentation gives them (cited at each table) and as its
+real CLI sent them where it could be run here (tests/test_real_agents.py drives those), and
+each agent's settings file as install-hooks writes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shmstore import ValidationError, agents
+from shmstore.agents import claude, codex, copilot, cursor, gemini
+
+CMD = "/usr/bin/python3 -m shmstore hook --agent NAME --address /run/s.sock"
+
+
+def said(adapter: Any, payload: dict[str, Any], environ: dict[str, str] | None = None) -> tuple[Any, ...]:
+    report = adapter.read(payload, environ or {})
+    return report.event, report.session, report.status, report.cwd, report.reason
+
+
+# -- Codex ----------------------------------------------------------------------------------
+# https://developers.openai.com/codex/hooks: common fields session_id, transcript_path, cwd,
+# hook_event_name, model; as Codex 0.171.0 sent them (SessionEnd's reason is always "other").
+CODEX_COMMON = {"session_id": "01a24570-b071-7dd0-81ee-fbccce9f4fbf", "cwd": "/src/app", "transcript_path": None}
+
+
+@pytest.mark.parametrize(
+    ("event", "extra", "status"),
+    [
+        ("SessionStart", {"source": "startup"}, "attention"),
+        ("UserPromptSubmit", {"prompt": "fix it"}, "working"),
+        ("PreToolUse", {"tool_name": "Bash", "tool_input": {"command": "ls"}}, "working"),
+        ("PermissionRequest", {"tool_name": "Bash", "tool_input": {"command": "ls", "description": "?"}}, "question"),
+        ("PostToolUse", {"tool_name": "Bash", "tool_response": "hi\n"}, "working"),
+        ("Stop", {"stop_hook_active": False, "last_assistant_message": "done"}, "attention"),
+        ("Interrupt", {}, "attention"),
+        ("SessionEnd", {"reason": "other"}, "closed"),
+    ],
+)
+def test_codex_events_make_these_statuses(event: str, extra: dict[str, Any], status: str) -> None:
+    payload = {**CODEX_COMMON, "hook_event_name": event, **extra}
+    reason = "other" if status == "closed" else None
+    assert said(codex, payload) == (event, CODEX_COMMON["session_id"], status, "/src/app", reason)
+
+
+def test_codex_trust_hashes_are_those_codex_computes() -> None:
+    """Hashes Codex 0.171.0 wrote itself into config.toml ("Trust all and continue") for
+    hooks of a recorder, timeout 10: SessionEnd's clamped to 3, as Codex takes it."""
+    command = "python3 /work/scratch/codex/recorder.py /work/scratch/codex/run2/payloads.jsonl {}"
+    written = {
+        "SessionStart": "sha256:2d119b9c34dea93a708ddc168cd789685b2603eaa7b7c9443d57a48bb846c0e3",
+        "Stop": "sha256:0f4b8a3e7e4c63b5d783ca316fc75c3e4a6b511ab8962301cf534687bf069bf7",
+        "SessionEnd": "sha256:6d248ce6872c25bc869bce8d6a49faf35aab3787382706ed6d6cf83b99d4034c",
+    }
+    for event, digest in written.items():
+        assert codex.trust_hash(event, command.format(event), 10) == digest
+
+
+def test_codex_install_trusts_our_hooks_only_and_uninstall_takes_only_that_trust_back(tmp_path: Path) -> None:
+    hooks, config = tmp_path / "hooks.json", tmp_path / "config.toml"
+    theirs = {"type": "command", "command": "notify-me", "timeout": 10}
+    hooks.write_text(json.dumps({"hooks": {"Stop": [{"hooks": [theirs]}]}}))
+    user_config = 'model = "o9"\n\n[hooks.state."/elsewhere/hooks.json:stop:0:0"]\ntrusted_hash = "sha256:1"\n'
+    config.write_text(user_config)
+    change = codex.install(hooks, CMD)
+    assert change.also is not None
+    assert change.also.path == config
+    table = json.loads(hooks.read_text())["hooks"]
+    assert table["Stop"][0]["hooks"] == [theirs]  # theirs first, untouched, and not trusted by us
+    text = config.read_text()
+    assert text.startswith(user_config)
+    assert f'[hooks.state."{hooks}:stop:1:0"]' in text
+    assert f'[hooks.state."{hooks}:stop:0:0"]' not in text
+    assert text.count("[hooks.state.") == 1 + len(codex.EVENT_STATUS)
+    assert codex.install(hooks, CMD).events == []  # once is enough: nothing rewritten
+    codex.install(hooks, CMD.replace("/run/s.sock", "/run/t.sock"))  # another address: trusted anew
+    assert config.read_text().count("[hooks.state.") == 1 + len(codex.EVENT_STATUS)
+    assert codex.trust_hash("Stop", CMD.replace("/run/s.sock", "/run/t.sock"), 5) in config.read_text()
+    codex.uninstall(hooks)
+    assert config.read_text() == user_config
+    assert json.loads(hooks.read_text()) == {"hooks": {"Stop": [{"hooks": [theirs]}]}}
+
+
+def test_codex_dry_run_shows_both_files_and_writes_neither(tmp_path: Path) -> None:
+    hooks = tmp_path / "hooks.json"
+    diff = codex.install(hooks, CMD, dry_run=True).diff()
+    assert "hooks.json" in diff
+    assert "config.toml" in diff
+    assert "trusted_hash" in diff
+    assert not hooks.exists()
+    assert not (tmp_path / "config.toml").exists()
+
+
+# -- Gemini CLI -----------------------------------------------------------------------------
+# https://geminicli.com/docs/hooks/reference: base fields session_id, transcript_path, cwd,
+# hook_event_name, timestamp; Notification's notification_type ToolPermission, message and
+# details; SessionEnd's reason (exit, clear), as Gemini CLI 0.61.0 sent them.
+GEMINI_COMMON = {
+    "session_id": "9d6b1c1e-3f1a-4f7e-9b0e-1f2d3c4b5a69",
+    "transcript_path": "/home/u/.gemini/tmp/app/chats/session-2026-12-05T09-01-9d6b1c1e.jsonl",
+    "cwd": "/src/app",
+    "timestamp": "2026-12-05T09:01:53.123Z",
+}
+
+
+@pytest.mark.parametrize(
+    ("event", "extra", "status"),
+    [
+        ("SessionStart", {"source": "startup"}, "attention"),
+        ("BeforeAgent", {"prompt": "fix it"}, "working"),
+        ("BeforeTool", {"tool_name": "run_shell_command", "tool_input": {"command": "ls"}}, "working"),
+        (
+            "Notification",
+            {
+                "notification_type": "ToolPermission",
+                "message": "Tool Confirm Shell Command requires execution",
+                "details": {"type": "exec", "title": "Confirm Shell Command", "command": "ls"},
+            },
+            "question",
+        ),
+        ("Notification", {"notification_type": "SomethingNew", "message": "?"}, "attention"),
+        ("AfterTool", {"tool_name": "run_shell_command", "tool_response": {"llmContent": "x"}}, "working"),
+        ("AfterAgent", {"prompt": "fix it", "prompt_response": "done", "stop_hook_active": False}, "attention"),
+        ("SessionEnd", {"reason": "exit"}, "closed"),
+        ("PreCompress", {"trigger": "auto"}, None),
+        ("AfterModel", {"llm_request": {}, "llm_response": {}}, None),
+    ],
+)
+def test_gemini_events_make_these_statuses(event: str, extra: dict[str, Any], status: str | None) -> None:
+    payload = {**GEMINI_COMMON, "hook_event_name": event, **extra}
+    reason = "exit" if status == "closed" else None
+    assert said(gemini, payload) == (event, GEMINI_COMMON["session_id"], status, "/src/app", reason)
+
+
+def test_gemini_hooks_are_named_and_timed_in_milliseconds(tmp_path: Path) -> None:
+    settings = tmp_path / "settings.json"
+    settings.write_text(
+        json.dumps({"ui": {"theme": "Default"}, "hooks": {"AfterModel": [{"hooks": [{"command": "x"}]}]}})
+    )
+    gemini.install(settings, CMD)
+    document = json.loads(settings.read_text())
+    assert document["ui"] == {"theme": "Default"}
+    assert document["hooks"]["AfterModel"] == [{"hooks": [{"command": "x"}]}]  # theirs
+    assert set(document["hooks"]) == {"AfterModel", *gemini.EVENT_STATUS}  # none on the per-chunk events
+    entry = document["hooks"]["AfterAgent"][0]["hooks"][0]
+    assert entry == {"type": "command", "name": "shmstore", "command": CMD, "timeout": 5000}
+
+
+# -- Copilot CLI ----------------------------------------------------------------------------
+# https://docs.github.com/en/copilot/reference/copilot-cli-reference/cli-hooks-reference,
+# "Hook event input payloads": sessionId, timestamp (ms), cwd and the event's own fields; a
+# camelCase event's payload does not name it (the installed entry's env does).
+COPILOT_COMMON = {"sessionId": "df6ffaaa-a777-4c0b-8710-dec18e4948d6", "timestamp": 1796461324723, "cwd": "/src/app"}
+
+
+@pytest.mark.parametrize(
+    ("event", "extra", "status"),
+    [
+        ("sessionStart", {"source": "new", "initialPrompt": "fix it"}, "working"),
+        ("userPromptSubmitted", {"prompt": "fix it"}, "working"),
+        ("preToolUse", {"toolName": "bash", "toolArgs": {"command": "ls"}}, "working"),
+        ("preToolUse", {"toolName": "ask_user", "toolArgs": {"message": "which colour?"}}, "question"),
+        ("notification", {"notification_type": "permission_prompt", "message": "Run command: ls"}, "question"),
+        ("notification", {"notification_type": "elicitation_dialog", "message": "Information requested"}, "question"),
+        ("notification", {"notification_type": "shell_completed", "message": "done"}, None),
+        ("postToolUse", {"toolName": "bash", "toolResult": {"resultType": "success"}}, "working"),
+        ("agentStop", {"transcriptPath": "/x/events.jsonl", "stopReason": "end_turn"}, "attention"),
+        ("errorOccurred", {"errorContext": "model_call", "recoverable": True, "error": {"message": "x"}}, "attention"),
+        ("errorOccurred", {"errorContext": "tool_execution", "recoverable": True, "error": {"message": "x"}}, None),
+        ("sessionEnd", {"reason": "user_exit"}, "closed"),
+    ],
+)
+def test_copilot_events_make_these_statuses(event: str, extra: dict[str, Any], status: str | None) -> None:
+    payload = {**COPILOT_COMMON, **extra}
+    if event == "notification":
+        payload["hook_event_name"] = "Notification"  # the one camelCase payload that names its event
+    reason = "user_exit" if status == "closed" else None
+    assert said(copilot, payload, {"SHMSTORE_EVENT": event}) == (
+        event,
+        COPILOT_COMMON["sessionId"],
+        status,
+        "/src/app",
+        reason,
+    )
+
+
+def test_copilot_refuses_a_payload_whose_event_nobody_named() -> None:
+    with pytest.raises(ValidationError, match="SHMSTORE_EVENT"):
+        copilot.read(COPILOT_COMMON, {})
+
+
+def test_copilot_hooks_file_is_ours_and_names_each_event(tmp_path: Path) -> None:
+    path = tmp_path / "hooks" / "shmstore.json"
+    path.parent.mkdir()
+    copilot.install(path, CMD)
+    document = json.loads(path.read_text())
+    assert document["version"] == 1
+    assert document["hooks"]["agentStop"] == [
+        {"type": "command", "bash": CMD, "env": {"SHMSTORE_EVENT": "agentStop"}, "timeoutSec": 5}
+    ]
+    assert "permissionRequest" not in document["hooks"]  # it fires when every tool is allowed too
+    copilot.uninstall(path)
+    assert json.loads(path.read_text()) == {"version": 1}
+
+
+# -- Cursor ---------------------------------------------------------------------------------
+# https://cursor.com/docs/agent/hooks: hooks.json version 1; common fields conversation_id,
+# generation_id, hook_event_name, workspace_roots, cursor_version; sessionEnd's reason and
+# stop's status as captured from its CLI 2026.02.13 (entireio/cli, agent/cursor/AGENT.md).
+CURSOR_COMMON = {
+    "conversation_id": "4f9b2a1c-7d3e-4a8b-9c0d-1e2f3a4b5c6d",
+    "generation_id": "8a7b6c5d-4e3f-2a1b-0c9d-8e7f6a5b4c3d",
+    "workspace_roots": ["/src/app"],
+    "cursor_version": "2026.02.13-41ac335",
+    "transcript_path": None,
+}
+
+
+@pytest.mark.parametrize(
+    ("event", "extra", "status"),
+    [
+        ("sessionStart", {"session_id": "4f9b2a1c", "is_background_agent": False}, "attention"),
+        ("beforeSubmitPrompt", {"prompt": "fix it"}, "working"),
+        ("preToolUse", {"tool_name": "Write", "tool_input": {"file_path": "/src/app/a"}}, "working"),
+        ("stop", {"status": "aborted", "loop_count": 0}, "attention"),
+        ("sessionEnd", {"reason": "completed", "final_status": "completed"}, "closed"),
+        ("afterAgentResponse", {"text": "done"}, None),
+    ],
+)
+def test_cursor_events_make_these_statuses(event: str, extra: dict[str, Any], status: str | None) -> None:
+    payload = {**CURSOR_COMMON, "hook_event_name": event, **extra}
+    reason = "completed" if status == "closed" else None
+    assert said(cursor, payload) == (event, CURSOR_COMMON["conversation_id"], status, "/src/app", reason)
+
+
+def test_cursor_hooks_file_holds_flat_entries_beside_the_users(tmp_path: Path) -> None:
+    path = tmp_path / "hooks.json"
+    theirs = {"command": ".cursor/hooks/on-stop.sh", "loop_limit": 5}
+    path.write_text(json.dumps({"version": 1, "hooks": {"stop": [theirs]}}))
+    cursor.install(path, CMD)
+    document = json.loads(path.read_text())
+    assert document["hooks"]["stop"] == [theirs, {"command": CMD}]
+    assert cursor.install(path, CMD).events == []
+    cursor.uninstall(path)
+    assert json.loads(path.read_text()) == {"version": 1, "hooks": {"stop": [theirs]}}
+
+
+# -- Claude Code's hooks, run by another agent ----------------------------------------------
+
+
+def test_claude_hooks_run_by_copilot_or_cursor_say_nothing_of_a_claude_session() -> None:
+    """Copilot CLI runs a project's .claude/settings.json hooks (with COPILOT_CLI=1), Cursor
+    ~/.claude/settings.json's when its third-party hooks are on: their own adapters report."""
+    payload = {"session_id": "s1", "cwd": "/src/app", "hook_event_name": "Stop"}
+    assert claude.read(payload, {}).status == "attention"
+    assert claude.read(payload, {"COPILOT_CLI": "1"}).status is None
+    assert claude.read({**payload, "cursor_version": "2.0.77"}, {}).status is None
+
+
+# -- install-hooks --agent all ----------------------------------------------------------------
+
+
+def test_install_hooks_for_all_puts_ours_in_each_agent_found_and_no_other(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    for found in (".gemini", ".codex"):
+        (home / found).mkdir(parents=True)
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(sys.path)}
+    if any(agents.get(name).found() for name in ("cursor", "copilot_cli")) and os.path.exists("/usr/bin/cursor-agent"):
+        pytest.skip("an agent's command is in /usr/bin")
+    argv = [sys.executable, "-m", "shmstore", "install-hooks", "--agent", "all", "--address", str(tmp_path / "s.sock")]
+    ran = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert (home / ".gemini" / "settings.json").exists()
+    assert (home / ".codex" / "hooks.json").exists()
+    assert (home / ".codex" / "config.toml").exists()
+    assert not (home / ".claude").exists()
+    assert not (home / ".cursor").exists()
+    gemini_hooks = json.loads((home / ".gemini" / "settings.json").read_text())["hooks"]
+    assert "--agent gemini_cli" in gemini_hooks["AfterAgent"][0]["hooks"][0]["command"]
+    ran = subprocess.run([*argv[:3], "uninstall-hooks", "--agent", "all"], env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert "hooks" not in json.loads((home / ".gemini" / "settings.json").read_text())
+    assert "[hooks.state." not in (home / ".codex" / "config.toml").read_text()
