@@ -27,7 +27,7 @@ from ..clients.client import Client
 from ..config import DEFAULT_MAX_STORE_BYTES, MIN_RECORD_BYTES
 from ..errors import StoreUnavailableError, ValidationError
 from ..manager.launch import start_server
-from ..model import Session, Status
+from ..model import AgentType, Session, Status
 from ..redis.address import RedisAddress
 from ..store import Store
 from ..transport import address as addr
@@ -198,8 +198,11 @@ def _worker(address: Any, authkey: bytes, worker: int, agents: int, deadline: fl
     counts = {"worker": worker, "transitions": 0, "input_tokens": 0, "output_tokens": 0, "errors": 0}
     with Client(address, authkey) as store:
         ids = [f"agent-{worker}-{k}" for k in range(agents)]
+        kinds = list(AgentType)  # the agents a developer runs side by side, in turn
         for k, id in enumerate(ids):
-            store.set(Session(id=id, working_dir=f"/home/demo/project-{worker}-{k}", session_id=f"resume-{worker}-{k}"))
+            agent = kinds[(worker * agents + k) % len(kinds)]
+            directory = f"/home/demo/project-{worker}-{k}"
+            store.set(Session(id=id, agent_type=agent, working_dir=directory, session_id=f"resume-{worker}-{k}"))
         statuses, weights = list(_WEIGHTS), list(_WEIGHTS.values())
         while time.time() < deadline and not stop.is_set():
             id = rng.choice(ids)
