@@ -130,7 +130,7 @@ def test_enum_values_as_strings_are_accepted() -> None:
         ({"working_dir": None}, "working_dir"),
         ({"status": "sleeping"}, "status"),
         ({"status": 1}, "status"),
-        ({"agent_type": "cursor"}, "agent_type"),
+        ({"agent_type": "aider"}, "agent_type"),
         ({"since": -1.0}, "since"),
         ({"since": math.nan}, "since"),
         ({"since": "yesterday"}, "since"),
