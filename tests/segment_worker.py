@@ -19,6 +19,8 @@ import socket
 import sys
 import time
 
+import dev_shm
+
 from shmstore.transport.segment import Mark, Segment, SegmentBusyError, SegmentMovedError, receive_segment, send_segment
 
 EPOCH = b"epoch-01"
@@ -110,7 +112,7 @@ def main() -> None:
         return
     socks = [socket.socket(fileno=int(fd)) for fd in args[-1 if mode == "reader" else 1 :]]
     result = writer(float(args[0]), socks) if mode == "writer" else reader(float(args[0]), args[1] == "1", socks[0])
-    result.update(fds_before=before, fds_after=fds())
+    result.update(fds_before=before, fds_after=fds(), dev_shm=dev_shm.held())
     print(json.dumps(result), flush=True)
 
 

@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+import dev_shm
+
 import shmstore
 from shmstore import Session
 from shmstore.manager.lifecycle import serve
@@ -103,7 +105,7 @@ def main() -> None:
             client._shared._check_sequence = check != ["0"]
             result = reader(client, float(seconds))
             result["attached"] = client._shared._reader is not None
-    result.update(fds_before=before, fds_after=len(os.listdir("/proc/self/fd")))
+    result.update(fds_before=before, fds_after=len(os.listdir("/proc/self/fd")), dev_shm=dev_shm.held())
     print(json.dumps(result), flush=True)
 
 

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import dev_shm
 import multiprocess
 import pytest
 from helpers import PYTHON, StartServer, make_session, same_views
@@ -118,7 +119,6 @@ def race(sock_dir: Path, check: bool, seconds: float = 3.0) -> tuple[dict, list[
 
 
 def test_reader_processes_never_see_a_torn_session_from_a_writer_at_full_speed(sock_dir: Path) -> None:
-    names = sorted(os.listdir("/dev/shm"))
     writer, readers = race(sock_dir, check=True)
     assert writer["writes"] > 500, writer
     for reader in readers:
@@ -127,7 +127,7 @@ def test_reader_processes_never_see_a_torn_session_from_a_writer_at_full_speed(s
         assert reader["socket"] < reader["reads"] / 10, reader  # nearly all from shared memory
         assert reader["violations"] == 0, reader
         assert reader["fds_after"] == reader["fds_before"], reader
-    assert sorted(os.listdir("/dev/shm")) == names
+    assert [report["dev_shm"] for report in [writer, *readers]] == [[], [], []]
 
 
 def test_readers_without_the_sequence_check_do_see_torn_sessions(sock_dir: Path) -> None:
@@ -165,7 +165,7 @@ def test_closing_a_client_leaves_no_fd_no_map_and_nothing_in_dev_shm(server: shm
     # test would close (seen once: 20 fds before, 18 after): collected first. Not after:
     # close() must let go of everything without the collector's help.
     gc.collect()
-    names, fds = sorted(os.listdir("/dev/shm")), len(os.listdir("/proc/self/fd"))
+    names, fds = dev_shm.held(), len(os.listdir("/proc/self/fd"))
     with shmstore.Client(server.address, server.authkey) as client:
         client.report("s1", "working", "/p")
         assert client.get("s1") is not None
@@ -173,7 +173,7 @@ def test_closing_a_client_leaves_no_fd_no_map_and_nothing_in_dev_shm(server: shm
         assert mapped()
     assert len(os.listdir("/proc/self/fd")) == fds
     assert not mapped()
-    assert sorted(os.listdir("/dev/shm")) == names
+    assert dev_shm.held() == names
 
 
 def test_a_recently_closed_session_is_read_over_the_socket(store: shmstore.Client) -> None:
