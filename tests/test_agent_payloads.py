@@ -4,6 +4,7 @@ each agent's settings file as install-hooks writes it."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -85,6 +86,58 @@ def test_codex_install_trusts_our_hooks_only_and_uninstall_takes_only_that_trust
     codex.uninstall(hooks)
     assert config.read_text() == user_config
     assert json.loads(hooks.read_text()) == {"hooks": {"Stop": [{"hooks": [theirs]}]}}
+
+
+def trust_tables(config: Path) -> dict[str, str]:
+    """Each ``[hooks.state."KEY"]`` table of a config.toml: its key -> its trusted hash."""
+    lines = config.read_text().splitlines()
+    return {
+        line[len('[hooks.state."') : -2]: nxt
+        for line, nxt in itertools.pairwise(lines)
+        if line.startswith("[hooks.state.")
+    }
+
+
+@pytest.mark.parametrize("then", ["reinstall", "uninstall"])
+def test_codex_a_users_hook_after_ours_keeps_its_trust_where_it_moves(tmp_path: Path, then: str) -> None:
+    # Codex keys a hook's trust by its group's place in the event; ours come first on Stop
+    # here, and a reinstall (ours go after theirs) or an uninstall moves the user's hook.
+    hooks, config = tmp_path / "hooks.json", tmp_path / "config.toml"
+    codex.install(hooks, CMD)
+    table = json.loads(hooks.read_text())
+    table["hooks"]["Stop"].append({"hooks": [{"type": "command", "command": "notify-me"}]})
+    hooks.write_text(json.dumps(table))
+    config.write_text(config.read_text() + f'\n[hooks.state."{hooks}:stop:1:0"]\ntrusted_hash = "sha256:theirs"\n')
+    if then == "reinstall":
+        codex.install(hooks, CMD.replace("/run/s.sock", "/run/t.sock"))
+    else:
+        codex.uninstall(hooks)
+    tables = trust_tables(config)
+    assert tables[f"{hooks}:stop:0:0"] == 'trusted_hash = "sha256:theirs"'
+    assert json.loads(hooks.read_text())["hooks"]["Stop"][0]["hooks"][0]["command"] == "notify-me"
+    assert len(tables) == (1 + len(codex.EVENT_STATUS) if then == "reinstall" else 1)
+    assert config.read_text().count("[hooks.state.") == len(tables)  # no key twice
+
+
+def test_codex_a_move_onto_a_key_the_user_still_has_leaves_that_hook_untrusted(tmp_path: Path) -> None:
+    # Two tables of one key would make config.toml unreadable to Codex; the user's entry at
+    # the new key is not ours to drop: the moved hook goes untrusted (Codex asks again).
+    config = tmp_path / "config.toml"
+    config.write_text('[hooks.state."a"]\ntrusted_hash = "1"\n\n[hooks.state."b"]\ntrusted_hash = "2"\n')
+    assert codex.renamed(config.read_text(), {"a": "b"}) == config.read_text()
+    assert codex.renamed(config.read_text(), {"a": "b", "b": "c"}).count('"b"]') == 1  # b moves away first
+
+
+def test_codex_trusts_a_hooks_file_by_its_real_path(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    hooks = tmp_path / "linked" / "hooks.json"
+    codex.install(hooks, CMD)
+    keys = trust_tables(tmp_path / "real" / "config.toml")
+    assert len(keys) == len(codex.EVENT_STATUS)
+    assert all(key.startswith(f"{tmp_path.resolve()}/real/hooks.json:") for key in keys)
+    codex.uninstall(hooks)
+    assert trust_tables(tmp_path / "real" / "config.toml") == {}
 
 
 def test_codex_dry_run_shows_both_files_and_writes_neither(tmp_path: Path) -> None:

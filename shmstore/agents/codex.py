@@ -32,7 +32,7 @@ from .base import ATTENTION, CLOSED, QUESTION, WORKING, HookReport
 
 TYPE_CHECKING = False  # as typing's, without importing typing (~4 ms of the hook's start-up)
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
     from pathlib import Path
     from typing import Any
 
@@ -94,14 +94,20 @@ def install(path: Path, command: str, *, url: str | None = None, dry_run: bool =
     file at ``path``, and trust it in the ``config.toml`` beside it. Codex has command
     hooks only: ``url`` is not used."""
     import dataclasses
-    import json
 
     from . import settings
 
+    before = _hooks_of(path.read_text() if path.exists() else "")
     change = settings.install_hooks(path, hook_groups(command), dry_run=dry_run)
-    document = json.loads(change.after) if change.after.strip() else {}
-    wanted = trust_entries(path, document.get("hooks", {}))
-    config = settings.rewrite_text(path.with_name("config.toml"), lambda text: trusted(text, wanted), dry_run=dry_run)
+    after = _hooks_of(change.after)
+    wanted, moved = trust_entries(path, after), moved_keys(path, before, after)
+    # Our old entries go first where they changed: a hook of the user's may move to the key.
+    stale = {key: digest for key, digest in trust_entries(path, before).items() if wanted.get(key) != digest}
+
+    def rewrite(text: str) -> str:
+        return trusted(renamed(untrusted(text, stale), moved), wanted)
+
+    config = settings.rewrite_text(path.with_name("config.toml"), rewrite, dry_run=dry_run)
     return dataclasses.replace(change, events=change.events or config.events, also=config)
 
 
@@ -109,15 +115,40 @@ def uninstall(path: Path, *, dry_run: bool = False) -> Change:
     """Remove every shmstore hook from the hooks file at ``path``, and their trust entries
     from the ``config.toml`` beside it."""
     import dataclasses
-    import json
 
     from . import settings
 
-    before = json.loads(path.read_text()) if path.exists() and path.read_text().strip() else {}
-    ours = trust_entries(path, before.get("hooks", {}))
+    before = _hooks_of(path.read_text() if path.exists() else "")
+    ours = trust_entries(path, before)
     change = settings.uninstall_hooks(path, dry_run=dry_run)
-    config = settings.rewrite_text(path.with_name("config.toml"), lambda text: untrusted(text, ours), dry_run=dry_run)
+    moved = moved_keys(path, before, _hooks_of(change.after))
+    config = settings.rewrite_text(
+        path.with_name("config.toml"), lambda text: renamed(untrusted(text, ours), moved), dry_run=dry_run
+    )
     return dataclasses.replace(change, events=change.events or config.events, also=config)
+
+
+def _hooks_of(text: str) -> Mapping[str, Any]:
+    """The ``hooks`` table of a hooks file's text (empty for an empty file)."""
+    import json
+
+    document = json.loads(text) if text.strip() else {}
+    hooks = document.get("hooks") if isinstance(document, dict) else None
+    return hooks if isinstance(hooks, dict) else {}
+
+
+def _handlers(path: Path, hooks: Mapping[str, Any]) -> Iterator[tuple[str, str, dict[str, Any], bool]]:
+    """Each handler of the table ``hooks`` as (event, its ``[hooks.state]`` key, the
+    handler, whether its group has a matcher). Codex keys a hook's trust by its file's
+    real path (a symlinked ``~/.codex`` is trusted under the path it points to; checked
+    with 0.171.0), the event in snake case, and the group's and the handler's places."""
+    real = path.resolve()
+    for event, groups in hooks.items():
+        for g, group in enumerate(groups if isinstance(groups, list) else []):
+            handlers = group.get("hooks") if isinstance(group, dict) else None
+            for h, handler in enumerate(handlers if isinstance(handlers, list) else []):
+                if isinstance(handler, dict):
+                    yield event, f"{real}:{_snake(event)}:{g}:{h}", handler, "matcher" in group
 
 
 def trust_entries(path: Path, hooks: Mapping[str, Any]) -> dict[str, str]:
@@ -126,15 +157,28 @@ def trust_entries(path: Path, hooks: Mapping[str, Any]) -> dict[str, str]:
     snake case, and the group's and the handler's places in it."""
     from .settings import is_our_hook
 
-    found = {}
-    for event, groups in hooks.items():
-        for g, group in enumerate(groups if isinstance(groups, list) else []):
-            handlers = group.get("hooks") if isinstance(group, dict) else None
-            for h, handler in enumerate(handlers if isinstance(handlers, list) else []):
-                if isinstance(handler, dict) and is_our_hook(handler) and "matcher" not in group:
-                    timeout = handler.get("timeout", 600)
-                    found[f"{path.absolute()}:{_snake(event)}:{g}:{h}"] = trust_hash(event, handler["command"], timeout)
-    return found
+    return {
+        key: trust_hash(event, handler["command"], handler.get("timeout", 600))
+        for event, key, handler, matched in _handlers(path, hooks)
+        if is_our_hook(handler) and not matched
+    }
+
+
+def moved_keys(path: Path, before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, str]:
+    """Old key -> new key of each of the user's own hooks that our change to the hooks file
+    moved (ours go after theirs, or go): its trust moves with it, since a hook's hash does
+    not hold its place. Ours are only added or removed, so the user's keep their order."""
+    from .settings import is_our_hook
+
+    def theirs(hooks: Mapping[str, Any]) -> dict[str, list[str]]:
+        keys: dict[str, list[str]] = {}
+        for event, key, handler, _ in _handlers(path, hooks):
+            if not is_our_hook(handler):
+                keys.setdefault(event, []).append(key)
+        return keys
+
+    old, new = theirs(before), theirs(after)
+    return {a: b for event in old for a, b in zip(old[event], new.get(event, []), strict=False) if a != b}
 
 
 def trust_hash(event: str, command: str, timeout: int) -> str:
@@ -155,6 +199,23 @@ def _snake(event: str) -> str:
     import re
 
     return re.sub(r"(?<!^)(?=[A-Z])", "_", event).lower()
+
+
+def renamed(text: str, moved: Mapping[str, str]) -> str:
+    """``config.toml``'s ``text`` with each trust table of a key in ``moved`` under its new
+    key (every header is renamed once, so keys that trade places stay apart)."""
+    if not moved:
+        return text
+    lines = text.splitlines(keepends=True)
+    keys = {_state_key(line) for line in lines}
+    for i, line in enumerate(lines):
+        key = _state_key(line)
+        # A table already at the new key that is not moving away is not ours to drop, and
+        # two tables of one key would make the file unreadable: that hook stays untrusted
+        # (Codex asks the user to review it) rather than either.
+        if key is not None and key in moved and (moved[key] not in keys or moved[key] in moved):
+            lines[i] = f"[hooks.state.{_toml_string(moved[key])}]\n"
+    return "".join(lines)
 
 
 def trusted(text: str, wanted: Mapping[str, str]) -> str:
