@@ -151,6 +151,38 @@ def test_codex_dry_run_shows_both_files_and_writes_neither(tmp_path: Path) -> No
 
 
 # -- Gemini CLI -----------------------------------------------------------------------------
+
+#: What Gemini CLI 0.61.0 wrote to its transcript at Esc on its permission dialog (seen in
+#: tests/test_real_gemini.py; long fields cut), in order.
+GEMINI_ESC_LINES = [
+    b'{"id":"4783","timestamp":"2026-12-05T13:03:19.557Z","type":"gemini","content":"","toolCalls":'
+    b'[{"id":"run_shell_command_0","name":"run_shell_command","status":"cancelled"}]}',
+    b'{"id":"348d","timestamp":"2026-12-05T13:03:19.927Z","type":"info","content":"Request cancelled."}',
+    b'{"$set":{"lastUpdated":"2026-12-05T13:03:19.927Z"}}',
+    b'{"id":"69f5","timestamp":"2026-12-05T13:03:19.927Z","type":"user","content":[{"text":"<session_context>\\nThis'
+    b' is the Gemini CLI."},{"text":"run: echo no > refused.txt"}]}',
+    b'{"$set":{"messages":[],"lastUpdated":"2026-12-05T13:03:19.927Z"}}',
+]
+
+
+def test_gemini_esc_at_its_dialog_is_back_at_the_prompt_whatever_it_writes_after() -> None:
+    verdicts = [gemini.settled(line) for line in GEMINI_ESC_LINES]
+    assert verdicts == [None, True, None, None, None]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"type":"gemini","content":"done","toolCalls":[{"name":"run_shell_command","status":"success"}]}',
+        b'{"type":"gemini","content":"Here it is."}',
+        b'{"type":"user","content":[{"text":"and now the tests"}]}',
+    ],
+    ids=["the-tool-ran", "a-reply", "the-next-prompt"],
+)
+def test_gemini_a_tool_run_a_reply_or_a_prompt_says_it_went_on(line: bytes) -> None:
+    assert gemini.settled(line) is False
+
+
 # https://geminicli.com/docs/hooks/reference: base fields session_id, transcript_path, cwd,
 # hook_event_name, timestamp; Notification's notification_type ToolPermission, message and
 # details; SessionEnd's reason (exit, clear), as Gemini CLI 0.61.0 sent them.

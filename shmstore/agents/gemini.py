@@ -62,21 +62,39 @@ def read(payload: Mapping[str, Any], environ: Mapping[str, str]) -> HookReport:
 
 
 def settled(line: bytes) -> bool | None:
-    """What a line the transcript gained while the permission dialog was up says: Esc or
-    "No" there writes ``{"type": "info", "content": "Request cancelled."}`` and fires no
-    event (0.61.0): back at the prompt (True); the tool's call or result, or a new
-    message: it went on (False)."""
+    """What a line the transcript gained while the permission dialog was up says. Esc or
+    "No" there fires no event (0.61.0); in the same few milliseconds the CLI writes the
+    model's turn again with its tool call ``cancelled``, ``{"type": "info", "content":
+    "Request cancelled."}``, ``$set`` lines (the file's metadata, or every message again)
+    and the history again as a ``user`` line (its context, then the earlier prompt): the
+    info line says it is back at its prompt (True), the others nothing (None). A tool call
+    that ran, a reply, or the user's next prompt: it went on (False)."""
     import json
 
     try:
         entry = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(entry, dict):
+    if not isinstance(entry, dict) or "$set" in entry:
         return None
-    if entry.get("type") == "info":
+    kind = entry.get("type")
+    if kind == "info":
         return True if entry.get("content") == "Request cancelled." else None
-    return False
+    if kind == "gemini":
+        calls = entry.get("toolCalls") or []
+        cancelled = any(isinstance(call, dict) and call.get("status") == "cancelled" for call in calls)
+        return None if cancelled else False
+    if kind == "user":
+        return None if _is_context(entry.get("content")) else False
+    return None
+
+
+def _is_context(content: object) -> bool:
+    """Whether a ``user`` line is the history the CLI writes again after a cancel: its
+    session context first, then the earlier prompt (a prompt of the user's has no context)."""
+    first = content[0] if isinstance(content, list) and content else None
+    text = first.get("text") if isinstance(first, dict) else None
+    return isinstance(text, str) and text.startswith("<session_context>")
 
 
 # -- the settings file ---------------------------------------------------------------------
