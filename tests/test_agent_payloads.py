@@ -372,3 +372,31 @@ def test_install_hooks_for_all_puts_ours_in_each_agent_found_and_no_other(tmp_pa
     assert ran.returncode == 0, ran.stderr
     assert "hooks" not in json.loads((home / ".gemini" / "settings.json").read_text())
     assert "[hooks.state." not in (home / ".codex" / "config.toml").read_text()
+
+
+def test_install_hooks_for_codex_says_which_file_it_wrote(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True)
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [
+        sys.executable,
+        "-m",
+        "shmstore",
+        "install-hooks",
+        "--agent",
+        "codex",
+        "--address",
+        str(tmp_path / "s.sock"),
+    ]
+
+    def install() -> str:
+        ran = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0, ran.stderr
+        return ran.stdout
+
+    first = install()
+    assert f"events in {home}/.codex/hooks.json" in first
+    assert f"rewrote {home}/.codex/config.toml" in first
+    assert install() == f"{home}/.codex/hooks.json is as it should be; nothing changed\n"
+    (home / ".codex" / "config.toml").write_text("")  # the user took the trust away: only config.toml changes
+    assert install() == f"rewrote {home}/.codex/config.toml\n"

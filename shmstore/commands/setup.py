@@ -96,15 +96,20 @@ def uninstall_hooks(args: argparse.Namespace) -> int:
 
 
 def _report_change(change: Change, dry_run: bool, done: str) -> int:
+    """Say what ``change`` did to each file it names (a second one: Codex's config.toml)."""
+    also = change.also
     if dry_run:
         sys.stdout.write(change.diff())
         print(f"dry run, nothing written; it would have {done} {len(change.events)} events", file=sys.stderr)
-    elif not change.events:
+    elif change.before == change.after and (also is None or also.before == also.after):
         print(f"{change.path} is as it should be; nothing changed")
     else:
-        print(f"{done} {len(change.events)} events in {change.path}")
-        if change.backup is not None:
-            print(f"the old file is kept as {change.backup}")
+        for each in (change, also):
+            if each is None or each.before == each.after:
+                continue
+            print(f"{done} {len(each.events)} events in {each.path}" if each is change else f"rewrote {each.path}")
+            if each.backup is not None:
+                print(f"the old file is kept as {each.backup}")
     return 0
 
 
