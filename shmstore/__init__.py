@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ i
     from .feed import Changes, Event, EventKind, Snapshot
     from .manager.launch import ServerProcess, start_server
     from .manager.lifecycle import serve
-    from .model import AgentType, ApiUsage, Session, StateTransition, Status
+    from .model import AgentType, ApiUsage, Session, StateTransition, Status, Terminal
     from .store import Store
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "Status",
     "Store",
     "StoreFullError",
+    "Terminal",
     "StoreUnavailableError",
     "ValidationError",
     "Watch",
@@ -98,6 +99,7 @@ _SOURCES = {
     "Session": "model",
     "StateTransition": "model",
     "Status": "model",
+    "Terminal": "model",
     "ServerProcess": "manager.launch",
     "serve": "manager.lifecycle",
     "start_server": "manager.launch",

@@ -91,6 +91,7 @@ class Backend(Protocol):
         subagent: str | None = None,
         background: str | None = None,
         pid_start: int | None = None,
+        terminal: list[str | None] | None = None,
     ) -> bytes | None: ...
 
     def prune(self, older_than: float) -> int: ...

@@ -30,6 +30,8 @@ from .checks import (
     now,
 )
 from .errors import ValidationError
+from .terminal import FIELDS as TERMINAL_FIELDS
+from .terminal import check_terminal
 
 
 class Status(enum.StrEnum):
@@ -125,6 +127,34 @@ class ApiUsage:
         return cls(fields["input_tokens"], fields["output_tokens"])
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Terminal:
+    """Where a session's agent runs (what the hook read from its environment and /proc): its
+    tmux pane and tmux server's socket, its tty, and its WezTerm pane, kitty window or
+    iTerm2 session; None for each one not known. ``shmstore go`` jumps to the tmux pane."""
+
+    tmux_pane: str | None = None
+    tmux_socket: str | None = None
+    tty: str | None = None
+    wezterm_pane: str | None = None
+    kitty_window_id: str | None = None
+    iterm_session_id: str | None = None
+
+    def __post_init__(self) -> None:
+        check_terminal(self.as_list())
+
+    def as_list(self) -> list[str | None]:
+        """The terminal as a record and a report hold it (:data:`shmstore.terminal.FIELDS`)."""
+        return [getattr(self, name) for name in TERMINAL_FIELDS]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in TERMINAL_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Terminal:
+        return cls(**_fields(data, "terminal", (), optional=TERMINAL_FIELDS))
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Session:
     """The state of one agent session, as the store holds it.
@@ -171,6 +201,9 @@ class Session:
     ``background`` is set when the agent runs in the background, detached from any
     terminal (Claude Code's ``claude --bg`` and agent view): its job's short id, what
     ``claude attach`` takes. None for an agent in a terminal.
+
+    ``terminal`` is where the agent runs (:class:`Terminal`), as its hook last read it;
+    None when nothing identified one.
     """
 
     id: str
@@ -191,6 +224,7 @@ class Session:
     last_event: float | None = None
     asked_by: str | None = None
     background: str | None = None
+    terminal: Terminal | None = None
 
     def __post_init__(self) -> None:
         check_id(self.id)
@@ -227,6 +261,8 @@ class Session:
                 )
         if self.background is not None:
             check_id(self.background, "background")
+        if self.terminal is not None and not isinstance(self.terminal, Terminal):
+            raise ValidationError("terminal", f"must be a Terminal or None, not {type(self.terminal).__name__}")
 
     @property
     def closed(self) -> bool:
@@ -256,6 +292,7 @@ class Session:
             "last_event": self.last_event,
             "asked_by": self.asked_by,
             "background": self.background,
+            "terminal": None if self.terminal is None else self.terminal.to_dict(),
         }
 
     def to_json(self) -> bytes:
@@ -287,6 +324,7 @@ class Session:
             last_event=fields.get("last_event"),
             asked_by=fields.get("asked_by"),
             background=fields.get("background"),
+            terminal=None if fields.get("terminal") is None else Terminal.from_dict(fields["terminal"]),
         )
         if "closed" in fields and fields["closed"] is not session.closed:
             raise ValidationError("closed", f"must be {session.closed} when status is {session.status}")
@@ -316,6 +354,7 @@ _SESSION_OPTIONAL = (
     "last_event",
     "asked_by",
     "background",
+    "terminal",
 )
 
 

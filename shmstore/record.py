@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from .errors import ValidationError
-from .model import AgentType, ApiUsage, Session, StateTransition, Status, loads
+from .model import AgentType, ApiUsage, Session, StateTransition, Status, Terminal, loads
 
 _new = object.__new__
 
@@ -45,8 +45,8 @@ _new = object.__new__
 
 #: Positions in a record.
 (ID, AGENT, STATUS, DIR, SINCE, ACTIVITY, HISTORY, USAGE, STALE, RESUME, PID, PID_START, REVISION, REASON, HOST,
- LAST_EVENT, ASKED_BY, BACKGROUND) = range(18)  # fmt: skip
-RECORD_LENGTH = 18
+ LAST_EVENT, ASKED_BY, BACKGROUND, TERMINAL) = range(19)  # fmt: skip
+RECORD_LENGTH = 19
 #: Records as shorter versions of this module wrote them (in a state file, a Redis
 #: namespace, or sent by an older client) are read with the later fields None: fields are
 #: only ever added at the end. Records are written without trailing nulls past this
@@ -169,6 +169,7 @@ def _record(session: Session, history: list[Any] | tuple[Any, ...]) -> Record:
         session.last_event,
         session.asked_by,
         session.background,
+        None if session.terminal is None else session.terminal.as_list(),
     ]
 
 
@@ -221,7 +222,7 @@ def dump(record: Record) -> bytes:
 
 def trim(record: Record) -> Record:
     """``record`` without the nulls it ends with past :data:`OLDEST_RECORD_LENGTH` (a
-    session with no event time, subagent question or background job costs no byte for
+    session with no event time, subagent question, background job or terminal costs no byte for
     them; decoding pads them back); ``record`` itself when it ends with none."""
     end = len(record)
     while end > OLDEST_RECORD_LENGTH and record[end - 1] is None:
@@ -247,6 +248,7 @@ def new_record(id: str, agent: AgentType, status: Status, working_dir: str, at: 
         None,
         0,
         reason,
+        None,
         None,
         None,
         None,
@@ -296,6 +298,7 @@ _set_host = _setters(Session, "host")[0]
 _set_last_event = _setters(Session, "last_event")[0]
 _set_asked_by = _setters(Session, "asked_by")[0]
 _set_background = _setters(Session, "background")[0]
+_set_terminal = _setters(Session, "terminal")[0]
 _ENTRY_SET = _setters(StateTransition, *(field.name for field in dataclasses.fields(StateTransition)))
 _USAGE_SET = _setters(ApiUsage, "input_tokens", "output_tokens")
 #: A history entry's code -> its (from, to) statuses.
@@ -324,6 +327,7 @@ def _stored_session(record: Record) -> Session:
         last_event,
         asked_by,
         background,
+        terminal,
     ) = record
     session = _new(Session)
     _set_id(session, id)
@@ -350,6 +354,7 @@ def _stored_session(record: Record) -> Session:
     _set_last_event(session, last_event)
     _set_asked_by(session, asked_by)
     _set_background(session, background)
+    _set_terminal(session, None if terminal is None else Terminal(*terminal))
     return session
 
 
@@ -448,4 +453,5 @@ def restamped(session: Session, revision: int, pid_start: int | None) -> Session
     _set_last_event(copy, session.last_event)
     _set_asked_by(copy, session.asked_by)
     _set_background(copy, session.background)
+    _set_terminal(copy, session.terminal)
     return copy

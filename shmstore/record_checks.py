@@ -26,6 +26,7 @@ from .model import (
     _SESSION_OPTIONAL,
     AgentType,
     Status,
+    Terminal,
     _check_agent_pid,
     _fields,
     check_agent_type,
@@ -61,11 +62,13 @@ from .record import (
     STATUS,
     STATUS_CODE,
     STATUSES,
+    TERMINAL,
     USAGE,
     Entry,
     Record,
     flat_history,
 )
+from .terminal import check_terminal
 
 # -- checking what a client sends, without building a Session ------------------------------
 #
@@ -139,6 +142,7 @@ def checked_record(record: list[Any], max_id_length: int = MAX_ID_LENGTH) -> Rec
             )
     if record[BACKGROUND] is not None:
         check_id(record[BACKGROUND], "background")
+    check_terminal(record[TERMINAL])
     return record
 
 
@@ -236,6 +240,8 @@ def session_record(data: object, max_id_length: int = MAX_ID_LENGTH) -> Record:
             raise ValidationError("asked_by", f"is only for a session that has a question, not {status}")
     if background is not None:
         check_id(background, "background")
+    terminal = fields.get("terminal")
+    terminal = None if terminal is None else Terminal.from_dict(terminal).as_list()
     closed = status is Status.CLOSED
     if "closed" in fields and fields["closed"] is not closed:
         raise ValidationError("closed", f"must be {closed} when status is {status}")
@@ -258,6 +264,7 @@ def session_record(data: object, max_id_length: int = MAX_ID_LENGTH) -> Record:
         last_event,
         asked_by,
         background,
+        terminal,
     ]
 
 

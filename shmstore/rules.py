@@ -51,6 +51,7 @@ from .record import (
     STALE,
     STATUS,
     STATUS_CODE,
+    TERMINAL,
     USAGE,
     WORKING,
     Record,
@@ -62,6 +63,7 @@ from .record import (
     new_record,
 )
 from .record_checks import stored_record
+from .terminal import check_terminal
 
 
 def pid_start_for(pid: int, fresh: int | None, current: bytes | None) -> int | None:
@@ -170,6 +172,7 @@ class Report(NamedTuple):
     subagent: str | None  # the subagent of the session's agent that fired it
     background: str | None  # the background job the agent runs as
     pid_start: int | None  # the agent's start time, as the reporter read it
+    terminal: list[str | None] | None  # where the agent runs (shmstore.terminal.FIELDS)
 
 
 def checked_report(
@@ -184,6 +187,7 @@ def checked_report(
     subagent: object = None,
     background: object = None,
     pid_start: object = None,
+    terminal: object = None,
     *,
     max_id_length: int,
 ) -> Report:
@@ -209,7 +213,8 @@ def checked_report(
         if pid is None:
             raise ValidationError("pid_start", "is the start time of the process pid, so it needs a pid")
     event = None if at is None else check_time(at, "at")
-    return Report(id, to, working_dir, agent, why, pid, session_id, event, subagent, background, pid_start)  # type: ignore[arg-type]
+    where = check_terminal(terminal)
+    return Report(id, to, working_dir, agent, why, pid, session_id, event, subagent, background, pid_start, where)  # type: ignore[arg-type]
 
 
 def report_record(current: bytes | None, report: Report, at: float, max_history: int) -> tuple[Record | None, bool]:
@@ -254,6 +259,8 @@ def report_record(current: bytes | None, report: Report, at: float, max_history:
         record[LAST_EVENT] = report.event
     if report.background is not None:
         record[BACKGROUND] = report.background
+    if report.terminal is not None:
+        record[TERMINAL] = report.terminal
     return record, True
 
 

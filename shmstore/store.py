@@ -298,6 +298,7 @@ class Store:
         subagent: str | None = None,
         background: str | None = None,
         pid_start: int | None = None,
+        terminal: list[str | None] | None = None,
     ) -> bytes | None:
         """What an agent's hook says, in one step (:func:`rules.report_record` has the
         rules): create the session if it is new, else count the report as activity and
@@ -307,7 +308,9 @@ class Store:
         report on a recently closed session brings it back; the end of a session the store
         does not hold changes nothing (None). A report that closes the session records its
         ``closed_reason`` as ``session_end`` (``session_end:REASON`` with the agent's
-        ``reason``, e.g. ``logout``); ``background`` is the agent's background job.
+        ``reason``, e.g. ``logout``); ``background`` is the agent's background job, and
+        ``terminal`` where it runs (:data:`shmstore.terminal.FIELDS`; kept until a report
+        names another).
 
         The agent is identified by ``pid`` and its start time: ``pid_start`` as the
         reporter read it when the event fired (a report delivered from a spool comes late),
@@ -317,7 +320,7 @@ class Store:
         """
         said = rules.checked_report(
             id, status, working_dir, pid, session_id, agent_type, reason, at, subagent, background, pid_start,
-            max_id_length=self.limits.max_id_length,
+            terminal, max_id_length=self.limits.max_id_length,
         )  # fmt: skip
         same_namespace, fresh = procs.seen_by_caller(pid, said.pid_start)
         fresh = said.pid_start if fresh is None else fresh

@@ -20,7 +20,7 @@ MOST_LINES = 600
 #: The layers, lowest first: a module may import modules of its own layer or of a lower one.
 #: Names are modules or packages under shmstore (a package's rank is its modules').
 LAYERS = [
-    ["errors", "checks"],
+    ["errors", "checks", "terminal"],
     ["model"],
     [
         "record",
@@ -155,6 +155,7 @@ HOOK_MODULES = {
     "shmstore.hook.run",
     "shmstore.procs",
     "shmstore.spool",
+    "shmstore.terminal",
     "shmstore.transport",
     "shmstore.transport.address",
     "shmstore.transport.protocol",

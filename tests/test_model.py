@@ -76,6 +76,7 @@ def test_json_encoding_is_exact() -> None:
         "last_event",
         "asked_by",
         "background",
+        "terminal",
     ]
     assert data["history"][0] == {"timestamp": 100.0, "from": "working", "to": "attention", "duration": 5.5}
     assert data["api_usage"] == {"input_tokens": 1200, "output_tokens": 340}

@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import signal
+import statistics
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from model_stub import ModelStub
 
 import shmstore
 from shmstore.agents import claude as adapter
+from shmstore.hook.run import HOOK_DEADLINE
 
 BINARY = claude_binary()
 if BINARY is None:
@@ -268,7 +270,14 @@ def test_with_the_manager_stopped_claude_goes_on_and_every_report_arrives_later(
     assert "done" in result.stdout
     timings = rig.claude.hook_timings()
     assert len(timings) >= 6, timings
-    assert max(timings) < 1000, timings  # Claude's own figures, per hook
+    log = (Path(os.environ["XDG_STATE_HOME"]) / "shmstore" / "hook.log").read_text()
+    own = [float(took) for took in re.findall(r"kept in the spool .*\((\d+\.\d+) s into the hook\)", log)]
+    assert len(own) >= len(timings), log
+    # The hook's promise: done by HOOK_DEADLINE from its process's start, with room to exit.
+    assert max(own) < HOOK_DEADLINE - 0.05, own
+    # Claude's own figures add its start of the shell and the interpreter before that:
+    # 772-820 ms, and once 1001 ms with the suite's other agents on both CPUs.
+    assert statistics.median(timings) < 1000, timings
     assert took < 2 + 1.0 * len(timings) + 1  # start-up, and each hook's budget at most
     id = rig.only_session()
     line = wait_for(lambda: rig.seen()[id][-1].startswith("closed") and rig.seen()[id], 30, "its end")
@@ -280,7 +289,6 @@ def test_with_the_manager_stopped_claude_goes_on_and_every_report_arrives_later(
         ["attention", "working", "closed:agent_gone"],
         ["attention", "working", "attention", "closed:agent_gone"],
     ), line
-    log = (Path(os.environ["XDG_STATE_HOME"]) / "shmstore" / "hook.log").read_text()
     assert log.count("kept in the spool") >= len(timings)
 
 

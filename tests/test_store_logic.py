@@ -364,3 +364,26 @@ def test_a_late_report_of_the_agent_whose_death_closed_the_session_does_not_brin
     assert (late["status"], late["closed_reason"]) == ("closed", "agent_gone")
     back = public(store.report("a", "attention", "/a", pid=os.getpid(), at=12.0))  # a new process: it is back
     assert back["status"] == "attention"
+
+
+def test_where_the_agent_runs_is_kept_until_a_report_names_another(make: MakeBackend) -> None:
+    store = make()
+    here = ["%3", "/tmp/tmux-1000/default", "/dev/pts/4", None, None, None]
+    store.report("a", "working", "/a", terminal=here)
+    assert public(store.report("a", "attention", "/a"))["terminal"]["tmux_pane"] == "%3"
+    there = ["%9", "/tmp/tmux-1000/work", None, None, None, None]
+    assert public(store.report("a", "working", "/a", terminal=there))["terminal"]["tmux_pane"] == "%9"
+
+
+@pytest.mark.parametrize(
+    "terminal",
+    [["%3"], [None] * 6, ["3", None, None, None, None, None], [None, "relative/sock", None, None, None, None], "%3"],
+    ids=["too-short", "names-nothing", "not-a-pane", "relative-socket", "not-a-list"],
+)
+def test_a_bad_terminal_is_refused_and_the_store_left_as_it_was(make: MakeBackend, terminal: object) -> None:
+    store = make()
+    store.report("a", "working", "/a")
+    revision, before = store.revision(), store.get("a")
+    with pytest.raises(ValidationError, match="terminal"):
+        store.report("a", "attention", "/a", terminal=terminal)  # type: ignore[arg-type]
+    assert (store.revision(), store.get("a")) == (revision, before)

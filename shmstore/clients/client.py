@@ -30,7 +30,7 @@ from ..backend import WRITES
 from ..checks import MAX_WAIT
 from ..errors import ResyncRequiredError, ShmstoreError, StoreUnavailableError, ValidationError
 from ..feed import Changes, Event, EventKind, Snapshot
-from ..model import AgentType, Session, Status, check_status
+from ..model import AgentType, Session, Status, Terminal, check_status
 from ..record import pack, restamped, session_from_store
 from ..redis.address import RedisAddress
 from ..transport import address as addr
@@ -53,7 +53,8 @@ class _Listing(NamedTuple):
     sessions: list[Session]
 
 
-#: The types a call's arguments may have: what the manager can unpickle and validate.
+#: The types a call's arguments may have: what the manager can unpickle and validate (and
+#: a flat list of them: a report's terminal).
 _SENDABLE = frozenset({str, int, float, bool, bytes, type(None), Status, AgentType})
 
 
@@ -200,7 +201,7 @@ class Client:
         answers it). Each try, connecting included, has ``timeout`` (plus ``wait``) in all,
         so a call gives up after at most twice that."""
         for arg in args:
-            if type(arg) not in _SENDABLE:
+            if type(arg) not in _SENDABLE and not (type(arg) is list and all(type(item) in _SENDABLE for item in arg)):
                 raise ValidationError("arguments", f"{method}() takes plain values, not {type(arg).__name__}")
         if method in WRITES:  # sent through the manager's once()
             args = (*self._next_request(), method, *args)
@@ -343,6 +344,7 @@ class Client:
         subagent: str | None = None,
         background: str | None = None,
         pid_start: int | None = None,
+        terminal: Terminal | None = None,
     ) -> Session | None:
         """What an agent's hook reports, in one atomic step: create session ``id`` if it is
         new, else move it to ``status`` (recording a transition only if the status changed).
@@ -352,10 +354,12 @@ class Client:
         closes a session the store does not hold changes nothing and returns None. ``at``
         is when the agent fired the event (epoch seconds), ``subagent`` the subagent that
         fired it, ``background`` the agent's background job, ``pid_start`` the agent's
-        start time as read when the event fired: see :meth:`Store.report`.
+        start time as read when the event fired, ``terminal`` where the agent runs: see
+        :meth:`Store.report`.
         """
         args: tuple[Any, ...] = (id, check_status(status), working_dir, pid, session_id, agent_type)
-        extra: tuple[Any, ...] = (reason, at, subagent, background, pid_start)
+        where = None if terminal is None else terminal.as_list()
+        extra: tuple[Any, ...] = (reason, at, subagent, background, pid_start, where)
         while extra and extra[-1] is None:  # only what is given, so that an older manager takes it
             extra = extra[:-1]
         data = self._call("report", *args, *extra)

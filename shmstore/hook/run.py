@@ -17,7 +17,7 @@ import select  # imported by the protocol anyway
 import sys
 import time
 
-from .. import agents, spool
+from .. import agents, spool, terminal
 from ..clients.reporter import report
 from ..errors import AuthKeyError, StoreUnavailableError, ValidationError
 from ..procs import process_start, process_stat
@@ -163,29 +163,37 @@ def run_hook(
         adapter = agents.get(agent)
         said = adapter.read(read_payload(stream, deadline), os.environ)
         event, session = said.event, said.session
+        # Where the transcript is before the question is told: the user may dismiss it the
+        # instant a display shows it, before this process runs again (seen under load).
+        watched = _size(said.transcript) if said.transcript is not None and hasattr(adapter, "settled") else None
         failure = _report(said, adapter.NAME, address, pid, deadline, at)
-        if said.transcript is not None and hasattr(adapter, "settled") and (failure or KEPT).startswith(KEPT):
-            _watch_question(adapter.NAME, address, said, pid or agent_pid())
+        if watched is not None and (failure or KEPT).startswith(KEPT):
+            _watch_question(adapter.NAME, address, said, pid or agent_pid(), watched)
     except Exception as exc:
         failure = f"not reported ({exc})"
     if failure is not None:
+        failure += f" ({time.monotonic() - began:.2f} s into the hook)"
         if not failure.startswith(KEPT):  # a kept report is delivered later: nothing to tell the agent
             say(f"shmstore hook: {failure}; the agent carries on")
         note_failure(event, session, failure, deadline + LOG_GRACE)
     return 0
 
 
-def _watch_question(agent: str, address: str | None, said: HookReport, pid: int | None) -> None:
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _watch_question(agent: str, address: str | None, said: HookReport, pid: int | None, offset: int) -> None:
     """Start :mod:`shmstore.hook.settle` on the transcript of the question ``said``, for an
     agent that may leave it without an event: detached, in a session of its own, so that
-    neither the agent's terminal nor the hook's pipes are held (one fork and exec)."""
+    neither the agent's terminal nor the hook's pipes are held (one fork and exec). It
+    reads the transcript from ``offset``."""
     import subprocess
 
     assert said.transcript is not None
-    try:
-        offset = os.stat(said.transcript).st_size
-    except OSError:
-        offset = 0
     argv = [sys.executable, "-m", "shmstore.hook.settle", agent, address or "", said.session, said.cwd]
     argv += [said.transcript, str(offset), str(pid or 0)]
     null = subprocess.DEVNULL
@@ -234,7 +242,7 @@ def _report(
         return _report_to_redis(where, said, agent, pid, deadline - SPOOL_RESERVE, at)
     # Store.report's arguments, in its order.
     args: tuple[Any, ...] = (said.session, said.status, said.cwd, pid, said.session, agent, said.reason, at)
-    args += (said.subagent, said.background, pid and process_start(pid))
+    args += (said.subagent, said.background, pid and process_start(pid), terminal.of_agent(os.environ, pid))
     token = os.urandom(16)
     try:
         report(where, None, args, token=token, deadline=deadline - SPOOL_RESERVE)
@@ -268,12 +276,15 @@ def _report_to_redis(
     def send() -> None:
         try:
             from ..clients.client import Client
+            from ..model import Terminal
+
+            found = terminal.of_agent(os.environ, pid)
 
             with Client(where, timeout=max(0.001, deadline - time.monotonic())) as client:
                 client.report(
                     said.session, status, said.cwd, pid=pid, session_id=said.session, agent_type=agent,
                     reason=said.reason, at=at, subagent=said.subagent, background=said.background,
-                    pid_start=pid and process_start(pid),
+                    pid_start=pid and process_start(pid), terminal=None if found is None else Terminal(*found),
                 )  # fmt: skip
             failed.append(None)
         except BaseException as exc:  # handed to the hook's thread, which says what it was

@@ -378,12 +378,13 @@ class RedisStore:
         subagent: str | None = None,
         background: str | None = None,
         pid_start: int | None = None,
+        terminal: list[str | None] | None = None,
         *,
         once: tuple[bytes, int] | None = None,
     ) -> bytes | None:
         said = rules.checked_report(
             id, status, working_dir, pid, session_id, agent_type, reason, at, subagent, background, pid_start,
-            max_id_length=self.limits.max_id_length,
+            terminal, max_id_length=self.limits.max_id_length,
         )  # fmt: skip
         for _ in self._tries():
             current, now, done = self._read(id, once)
