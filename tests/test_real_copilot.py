@@ -308,9 +308,11 @@ def test_esc_at_a_permission_prompt(rig: Rig, term: Tmux) -> None:
 
     rig.ready()
     term.type("hello")
-    line = rig.wait_seen(id, "working", "attention")
-    assert line == changes("working", "question", AFTER_ESC, "working", "attention")
+    wait_for(lambda: "agentStop" in rig.copilot.events(), 30, "the next turn's end")
+    # Its working shows, unless on a loaded machine that hook gave up and kept its report in
+    # the spool, delivered after agentStop's and rightly ignored as the older (seen once).
     rig.check_every_payload()
+    assert rig.seen()[id][-1] == "attention"
     events = rig.copilot.events()
     asked = events.index("notification")
     assert events[asked + 1 : asked + 2] == ["userPromptSubmitted"], events  # nothing of the Esc itself
