@@ -17,11 +17,16 @@ detached (a process group and session of its own) and given at most :data:`CAP` 
 before the next starts. While one runs, a session's later event replaces its waiting one
 (opencode sends ``session.status`` busy 4-6 times a turn: a backlog of hooks was still
 queued when ``opencode run`` exited, and the turn's end was lost), so each session's latest
-event always gets through; a ``permission.asked`` is replaced only by a later event of the
-same session. opencode awaits ``dispose()`` at every clean exit (the end of ``opencode run``,
-ctrl+c in the TUI, a SIGHUP): the plugin then drops what still waits and reports
-``plugin.dispose`` (an event of its own) for each top-level session it saw, which closes
-it (``session_end:exit``).
+event gets through; a ``permission.asked`` is replaced only by a later event of the same
+session. opencode awaits ``dispose()`` at every clean exit (the end of ``opencode run``,
+ctrl+c in the TUI, a SIGHUP): the plugin then drops what still waits (the close replaces
+it) and reports ``plugin.dispose`` (an event of its own) for each top-level session it saw,
+which closes it (``session_end:exit``), started at least a clock tick after the last hook so
+that this one, if it lands later, is older and cannot reopen the session.
+
+A subagent's events are its parent session's, from that subagent (:func:`read`): its
+permission or question is the user's (question), the rest working, its end included (the
+parent's turn goes on around its ``task`` call; the parent's own idle ends the turn).
 
 What it gives no event for: opencode killed (SIGKILL: the reaper closes its sessions when
 its process is gone); the TUI before its first prompt (no session exists yet); a session
