@@ -345,7 +345,10 @@ def test_with_the_manager_stopped_opencode_goes_on_and_the_reports_arrive_later(
     assert result.returncode == 0, result.stderr[-2000:]
     id = the_session(rig)
     line = rig.wait_seen(id, "closed:session_end:exit")
-    assert line in A_TURN, rig.why()
+    # Each hook waits out its budget, so the turn may be over before the first report
+    # (session.created) gives up: its working then still waited at the exit, and the close
+    # replaced it.
+    assert line in (*A_TURN, ["attention", "closed:session_end:exit"]), rig.why()
     log = (Path(os.environ["XDG_STATE_HOME"]) / "shmstore" / "hook.log").read_text()
     assert "kept in the spool" in log
 
