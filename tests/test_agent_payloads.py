@@ -7,15 +7,17 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shmstore import ValidationError, agents
-from shmstore.agents import claude, codex, copilot, cursor, gemini
+from shmstore.agents import claude, codex, copilot, cursor, gemini, opencode
 
 CMD = "/usr/bin/python3 -m shmstore hook --agent NAME --address /run/s.sock"
 
@@ -334,6 +336,148 @@ def test_cursor_hooks_file_holds_flat_entries_beside_the_users(tmp_path: Path) -
     assert cursor.install(path, CMD).events == []
     cursor.uninstall(path)
     assert json.loads(path.read_text()) == {"version": 1, "hooks": {"stop": [theirs]}}
+
+
+# -- opencode -------------------------------------------------------------------------------
+# https://opencode.ai/docs/plugins: the plugin's payload, made of the bus events of its SDK
+# (@opencode-ai/sdk 1.18.33, v2 types) as opencode 1.18.33 sent them (tests/test_real_opencode.py).
+OPENCODE_COMMON = {"session_id": "ses_2464e241dffeABCDEF0123456789", "cwd": "/src/app", "pid": 4242, "time": 1}
+
+
+@pytest.mark.parametrize(
+    ("event", "extra", "status"),
+    [
+        ("session.created", {}, "attention"),
+        ("session.status", {"status": "busy"}, "working"),
+        ("session.status", {"status": "retry"}, "working"),
+        ("session.status", {"status": "idle"}, "attention"),
+        ("session.idle", {}, "attention"),
+        ("session.error", {"error": "MessageAbortedError"}, "attention"),
+        ("permission.asked", {}, "question"),
+        ("permission.replied", {"reply": "once"}, "working"),
+        ("permission.replied", {"reply": "reject"}, "working"),  # session.idle follows
+        ("question.asked", {}, "question"),
+        ("question.replied", {}, "working"),
+        ("question.rejected", {}, "working"),
+        ("session.deleted", {}, "closed"),
+        ("plugin.dispose", {}, "closed"),  # the plugin's own: opencode exits
+        ("session.compacted", {}, None),  # not one the plugin sends
+    ],
+)
+def test_opencode_events_make_these_statuses(event: str, extra: dict[str, Any], status: str | None) -> None:
+    payload = {**OPENCODE_COMMON, "hook_event_name": event, **extra}
+    reason = {"session.deleted": "deleted", "plugin.dispose": "exit"}.get(event)
+    assert said(opencode, payload) == (event, OPENCODE_COMMON["session_id"], status, "/src/app", reason)
+    assert opencode.read(payload, {}).subagent is None
+
+
+@pytest.mark.parametrize(
+    ("event", "extra", "status"),
+    [
+        ("session.created", {}, "working"),  # the parent is in its task tool call
+        ("session.status", {"status": "busy"}, "working"),
+        ("session.status", {"status": "idle"}, "working"),  # the subagent's end: the parent goes on
+        ("session.idle", {}, "working"),
+        ("session.error", {"error": "APIError"}, "working"),
+        ("permission.asked", {}, "question"),  # the user's to answer, for the subagent
+        ("question.asked", {}, "question"),
+        ("permission.replied", {"reply": "once"}, "working"),
+        ("session.deleted", {}, None),  # may come after its parent closed: it must not reopen it
+    ],
+)
+def test_opencode_a_subagents_events_are_its_parents_and_never_hand_it_to_the_user(
+    event: str, extra: dict[str, Any], status: str | None
+) -> None:
+    payload = {**OPENCODE_COMMON, "hook_event_name": event, "parent_id": "ses_parent", **extra}
+    report = opencode.read(payload, {})
+    assert (report.event, report.session, report.status, report.reason) == (event, "ses_parent", status, None)
+    assert report.subagent == OPENCODE_COMMON["session_id"]
+
+
+def test_opencode_plugin_is_ours_runs_the_command_and_reports_only_bus_events(tmp_path: Path) -> None:
+    path = tmp_path / "plugins" / "shmstore.js"
+    opencode.install(path, CMD)
+    text = path.read_text()
+    assert text.startswith(opencode.MARK)
+    assert f"const COMMAND = {json.dumps(CMD)}\n" in text
+    assert "const TAKES_PID = true " in text  # shmstore hook is told opencode's pid
+    events = json.loads(text.split("const EVENTS = new Set(")[1].split(")\n")[0])
+    assert set(events) == set(opencode.EVENT_STATUS) - {"plugin.dispose"}  # that one is the plugin's own
+    assert "const TAKES_PID = false " in opencode.plugin("notify-me")  # another command is run as it is
+    path.write_text("// the user's plugin\n")
+    with pytest.raises(ValidationError, match="not shmstore's plugin"):
+        opencode.install(path, CMD)
+
+
+#: Drives the plugin in node as opencode would (its event hook, then dispose), with a hook
+#: command that takes HOOK_SLEEP seconds: what reaches the hook, in order.
+PLUGIN_DRIVER = """
+const { Shmstore } = await import(process.argv[2])
+const hooks = await Shmstore({ directory: "/src/app" })
+const fire = (type, properties) => hooks.event({ event: { type, properties } })
+const pause = (ms) => new Promise((r) => setTimeout(r, ms))
+fire("session.created", { sessionID: "s1", info: { id: "s1", directory: "/src/app" } })
+for (let i = 0; i < 5; i++) fire("session.status", { sessionID: "s1", status: { type: "busy" } })
+fire("session.created", { sessionID: "c1", info: { id: "c1", parentID: "s1", directory: "/src/app" } })
+fire("message.updated", { sessionID: "s1", info: { id: "m2", sessionID: "s1", parentID: "m1" } })
+fire("session.status", { sessionID: "c1", status: { type: "busy" } })
+fire("permission.asked", { id: "per_1", sessionID: "s1", permission: "bash" })
+fire("session.updated", { sessionID: "s1", info: { id: "s1" } })
+await pause(1500)
+fire("permission.replied", { sessionID: "s1", requestID: "per_1", reply: "once" })
+fire("session.status", { sessionID: "s1", status: { type: "idle" } })
+fire("session.idle", { sessionID: "s1" })
+const started = Date.now()
+await hooks.dispose()
+console.log(Date.now() - started)
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed (.ci/run installs npm, with it)")
+def test_opencode_plugin_coalesces_each_session_and_closes_at_dispose(tmp_path: Path) -> None:
+    """One hook at a time; meanwhile a session's later event replaces its waiting one (the
+    busy repeats are dropped, the permission.asked arrives); a message's parentID makes no
+    subagent; at dispose what waits is dropped and the top-level session is closed, with
+    dispose waiting for no hook (they are detached)."""
+    record = tmp_path / "record.jsonl"
+    hook = tmp_path / "hook.py"
+    hook.write_text(
+        "import json, sys, time\n"
+        "payload = json.load(sys.stdin)\n"
+        "time.sleep(0.3)\n"
+        f"with open({str(record)!r}, 'a') as out:\n"
+        "    out.write(json.dumps({'payload': payload, 'argv': sys.argv[1:]}) + '\\n')\n"
+    )
+    module = tmp_path / "shmstore.mjs"
+    module.write_text(opencode.plugin(f"{sys.executable} {hook} -m shmstore hook"))
+    driver = tmp_path / "driver.mjs"
+    driver.write_text(PLUGIN_DRIVER)
+    done = subprocess.run(["node", str(driver), str(module)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 2000  # dispose waits for no hook (each takes 0.3 s and more)
+
+    def reports() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+
+    deadline = time.monotonic() + 10
+    while len(reports()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # and nothing more comes
+    got = reports()
+    seen = [
+        (row["payload"]["hook_event_name"], row["payload"]["session_id"], row["payload"].get("parent_id"))
+        for row in got
+    ]
+    assert seen[:3] == [
+        ("session.created", "s1", None),  # started at once
+        ("session.status", "c1", "s1"),  # it waited behind s1's, which s1's later events put back last
+        ("permission.asked", "s1", None),  # the busy repeats were replaced by it
+    ], got
+    # Then the reply, started at once, and the close beside it (each hook runs detached): the
+    # idle still waiting was dropped, and c1, a subagent, is no session to close.
+    assert sorted(seen[3:]) == [("permission.replied", "s1", None), ("plugin.dispose", "s1", None)], got
+    assert all(row["argv"] == ["-m", "shmstore", "hook", "--pid", str(got[0]["payload"]["pid"])] for row in got)
+    assert {row["payload"]["cwd"] for row in got} == {"/src/app"}
 
 
 # -- Claude Code's hooks, run by another agent ----------------------------------------------
