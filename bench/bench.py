@@ -154,6 +154,15 @@ def hook_startup_ms(tmp: Path, rounds: int) -> dict[str, float]:
             [sys.executable, "-m", "shmstore", "hook", "--address", str(tmp / "hook.sock"), "--timeout", "30"],
             body,
         ),
+        # Issue #25: `status --line` for a status bar, 50 ms from fork to exit, up or down.
+        "status_line": (
+            [sys.executable, "-m", "shmstore", "status", "--line", "--address", str(tmp / "hook.sock")],
+            b"",
+        ),
+        "status_line_down": (
+            [sys.executable, "-m", "shmstore", "status", "--line", "--address", str(tmp / "none.sock")],
+            b"",
+        ),
     }
     wall: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
@@ -166,7 +175,7 @@ def hook_startup_ms(tmp: Path, rounds: int) -> dict[str, float]:
             for name, (argv, stdin) in runs.items():
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 started = time.perf_counter()
-                result = subprocess.run(argv, input=stdin, capture_output=True, check=True)
+                result = subprocess.run(argv, input=stdin, capture_output=True, check=name != "status_line_down")
                 wall[name].append(time.perf_counter() - started)
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
@@ -691,6 +700,8 @@ def main() -> int:
         "bytes_per_session_10k": goal(memory["bytes_per_session_10k"], "<=", 500, "USS delta"),
         "manager_uss_100_mib": goal(memory["manager_uss_100_mib"], "<", 5, "embedded, USS"),
         "serve_pss_total_mib": goal(memory["serve_pss_total_mib"], "<=", 12, "shmstore serve, PSS"),
+        "status_line_ms": goal(hook["status_line"], "<=", 50, "wall, fork to exit, every CPU"),
+        "status_line_down_ms": goal(hook["status_line_down"], "<=", 50, "wall, fork to exit, every CPU"),
     }
     shm, shm_targets = shm_ratios(us, cpu_us)  # issue #12's shared reads: pinned phase
     ratios.update({name: value for name, value in shm.items() if not name.startswith("cpu.")})

@@ -4,7 +4,8 @@
 :mod:`shmstore.hook.run` and what that needs, never the command line's parser and the whole
 package behind it (``multiprocess``, ``dill``, ``orjson``: ~100 ms of start-up). Anything
 but the plain ``hook [--address A] [--timeout T] [--pid N]`` (``--help``, a bad value)
-goes to the full parser.
+goes to the full parser. ``status --line`` takes one too, for a status bar
+(:mod:`shmstore.commands.status_line`).
 """
 
 import time
@@ -20,6 +21,12 @@ def main() -> int:
         from .hook.run import main as hook
 
         code = hook(argv[1:], STARTED)
+        if code is not None:
+            return code
+    if argv[:1] == ["status"] and "--line" in argv:
+        from .commands.status_line import fast
+
+        code = fast(argv[1:], STARTED)
         if code is not None:
             return code
     if argv[:1] == ["serve"]:

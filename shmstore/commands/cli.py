@@ -187,6 +187,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_settings(cmd, ServeOptions)
 
     cmd = command("status", running.status, "is the manager up, and how is it (exit code 0 up, 3 down)")
+    cmd.add_argument(
+        "--line",
+        action="store_true",
+        help="one short line for a status bar or a prompt: sessions by status and the oldest question; "
+        "from a manager within 50 ms, or 'shmstore: no answer' (exit 3); --timeout is then the budget",
+    )
     cmd.epilog = EXIT_CODES_HELP
 
     cmd = command("ls", sessions.ls, "list the live sessions (--status closed: the recently closed ones)", json_flag)

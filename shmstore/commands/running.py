@@ -19,6 +19,7 @@ from ..manager.state import StateNotSavedError
 from ..store import Store
 from ..transport import address as addr
 from . import demo as demos
+from . import status_line
 from .common import EXIT_ERROR, EXIT_OK, EXIT_UNAVAILABLE, client_for, settings_from
 from .render import format_spool, format_status, printable
 
@@ -50,6 +51,8 @@ def _log_to_stderr(level: str) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
+    if args.line:
+        return _status_line(args)
     address = addr.resolve_any(args.address)
     where = addr.format_address(address)  # a Redis URL without its password
     try:
@@ -73,6 +76,22 @@ def status(args: argparse.Namespace) -> int:
         print(f"recent hook failures (newest last; all in {failure_log.failure_log_path()}):")
         print("\n".join("  " + printable(line) for line in failures))
     return code
+
+
+def _status_line(args: argparse.Namespace) -> int:
+    """``status --line`` as the full parser runs it: a manager by the fast path's function,
+    with ``--timeout``; a Redis store through the full client."""
+    address = addr.resolve_any(args.address)
+    if isinstance(address, str | tuple):
+        return status_line.show(address, time.monotonic() + args.timeout)
+    try:
+        with client_for(args) as store:
+            sessions = store.list_all()
+    except StoreUnavailableError:
+        print(status_line.NO_ANSWER)
+        return status_line.EXIT_NO_ANSWER
+    print(status_line.summary(((s.status.value, s.since, s.working_dir) for s in sessions), time.time()))
+    return EXIT_OK
 
 
 def hook(args: argparse.Namespace) -> int:

@@ -121,8 +121,8 @@ class Dispatcher(managers.Server):
                 self.serve_calls(conn)
             elif name == "segment":
                 self._share_segment(conn)
-            elif name == "once":  # one write on a connection of its own: a hook's report
-                _reply(conn, self._answer("once", args, kwds))
+            elif name in _ONE_SHOT:  # one call on a connection of its own: a hook's report, a glance
+                _reply(conn, self._answer(name, args, kwds))
             else:
                 conn.send(("#RETURN", self.create(conn, *args, **kwds)))
         except Exception as exc:  # an authenticated client's bad request, or its connection failing
@@ -266,7 +266,10 @@ def _why(exc: BaseException) -> str:
 
 #: What a new connection may ask first: a client's proxy (``create``, then a lasting
 #: connection with ``accept_connection``), the shared segment, or one write (``once``).
-_FIRST_REQUESTS = frozenset({"create", "accept_connection", "segment", "once"})
+#: What a connection of its own may ask once, with no proxy made for it: a hook's report
+#: (``once``) and ``status --line``'s listing (:mod:`shmstore.clients.glance`).
+_ONE_SHOT = frozenset({"once", "list_all"})
+_FIRST_REQUESTS = frozenset({"create", "accept_connection", "segment"}) | _ONE_SHOT
 #: First requests after which a connection stays open for as long as its client likes.
 _LASTING = frozenset({"accept_connection", "segment"})
 _EXPOSED = frozenset(EXPOSED)
