@@ -168,7 +168,10 @@ class Tmux:
 
     def start(self, claude: Claude, *flags: str, name: str = "agent") -> None:
         env = [f"{key}={value}" for key, value in claude.env.items()]
-        argv = ["env", "-i", *env, claude.binary, "--debug-file", str(claude.debug_log), *flags]
+        # Claude's environment only, but for the pane's own ids, which tmux gives the pane's
+        # process: what the hook records as the session's terminal.
+        keep = 'exec env -i TMUX="$TMUX" TMUX_PANE="$TMUX_PANE" "$@"'
+        argv = ["sh", "-c", keep, "sh", *env, claude.binary, "--debug-file", str(claude.debug_log), *flags]
         self("new-session", "-d", "-s", name, "-x", "160", "-y", "48", "-c", str(claude.project), *argv)
 
     def screen(self, name: str = "agent") -> str:

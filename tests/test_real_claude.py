@@ -175,6 +175,10 @@ def test_an_interactive_session_shows_each_wait_for_the_user(rig: Rig, term: Tmu
     term.start(rig.claude, *ASKING)
     id = rig.only_session()
     rig.wait_seen(id, "attention")
+    pane, tty = term("display-message", "-p", "-t", "agent", "#{pane_id} #{pane_tty}").split()
+    where = rig.store.get(id).terminal  # type: ignore[union-attr]
+    assert where is not None
+    assert (where.tmux_pane, where.tmux_socket, where.tty) == (pane, term.socket, tty)
 
     term.type("run: touch made.txt")  # a command that writes asks first
     rig.wait_seen(id, "working", "question")

@@ -344,11 +344,16 @@ def test_with_the_manager_stopped_opencode_goes_on_and_the_reports_arrive_later(
         os.kill(rig.server.pid, signal.SIGCONT)
     assert result.returncode == 0, result.stderr[-2000:]
     id = the_session(rig)
-    line = rig.wait_seen(id, "closed:session_end:exit")
+    line = wait_for(lambda: rig.seen()[id][-1].startswith("closed") and rig.seen()[id], 30, "its end")
     # Each hook waits out its budget, so the turn may be over before the first report
     # (session.created) gives up: its working then still waited at the exit, and the close
-    # replaced it.
-    assert line in (*A_TURN, ["attention", "closed:session_end:exit"]), rig.why()
+    # replaced it. And the close, sent as opencode exits, races the manager's reaper once
+    # it runs again: the reaper may close the session first (agent_gone; seen once under
+    # load), and the late reports of an agent that is gone never bring it back.
+    ends = (["closed:session_end:exit"], ["closed:agent_gone"])
+    assert line in (*A_TURN, *[["attention", *end] for end in ends], ["attention", "working", "closed:agent_gone"]), (
+        rig.why()
+    )
     log = (Path(os.environ["XDG_STATE_HOME"]) / "shmstore" / "hook.log").read_text()
     assert "kept in the spool" in log
 
