@@ -27,7 +27,7 @@ from ..errors import NotFoundError, ShmstoreError, StoreUnavailableError, Valida
 from ..hook.run import HOOK_DEADLINE
 from ..model import AgentType, Status
 from ..transport import address as addr
-from . import running, service, sessions, setup
+from . import notify, running, service, sessions, setup
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
@@ -66,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 PASSWORD_SHOWN = {
     "install-hooks": "would be written into Claude Code's settings",
     # They run for long, and so sit in `ps` for anyone on the host to read.
-    **{name: f"`ps` shows every user for as long as `shmstore {name}` runs" for name in ("reaper", "watch", "top")},
+    **{
+        name: f"`ps` shows every user for as long as `shmstore {name}` runs"
+        for name in ("reaper", "watch", "top", "notify")
+    },
 }
 
 
@@ -311,6 +314,15 @@ def _parser() -> argparse.ArgumentParser:
         "--after-revision", type=int, help="continue after this revision instead of from a snapshot", metavar="REV"
     )
     cmd.add_argument("--limit", type=int, help="stop after this many lines")
+
+    cmd = command(
+        "notify",
+        notify.run,
+        "tell the user when a session enters question or attention (not the ones already waiting): a desktop "
+        "notification, a terminal bell, an HTTP POST or a command of theirs; follows the change feed until "
+        "interrupted, through manager restarts, as watch does",
+    )
+    notify.add_flags(cmd)
 
     command(
         "top",
