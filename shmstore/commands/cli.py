@@ -266,7 +266,8 @@ def _parser() -> argparse.ArgumentParser:
         "install-service",
         setup.install_service,
         "run the manager as a user service (systemd; launchd on macOS) that starts at login and restarts on "
-        "failure; --address is passed on to `serve`, --timeout bounds each systemctl/launchctl command",
+        "failure, and with --notify `shmstore notify` beside it; --address is passed on to both, --timeout "
+        "bounds each systemctl/launchctl command",
         uses=[address, timeout(service.COMMAND_TIMEOUT, "seconds each systemctl/launchctl command may take")],
     )
     setup.add_service_flags(cmd)
@@ -277,6 +278,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="the port on 127.0.0.1 where the manager takes agents' events over HTTP (install-hooks then "
         "writes http hooks): a number, auto (one free now, kept in the unit) or none (default: %(default)s)",
+    )
+    cmd.add_argument(
+        "--notify",
+        nargs="?",
+        const="",
+        metavar="FLAGS",
+        help="also run `shmstore notify` as a second user service (shmstore-notify.service; launchd: "
+        "local.shmstore.notify), given FLAGS (--notify='--on question --url URL'); without --notify, a "
+        "notifier service of an earlier install is stopped and removed",
     )
 
     cmd = command(

@@ -68,6 +68,20 @@ def add_flags(cmd: argparse.ArgumentParser) -> None:
     )
 
 
+def check_flags(words: list[str]) -> None:
+    """Refuse with a ValidationError on ``field`` what ``shmstore notify`` would not take
+    among ``words`` (its flags but --address and --timeout), as its parser would."""
+    parser = argparse.ArgumentParser(prog="shmstore notify", add_help=False, exit_on_error=False)
+    add_flags(parser)
+    try:
+        args, unknown = parser.parse_known_args(words)
+    except argparse.ArgumentError as exc:
+        raise ValidationError("--notify", str(exc)) from None
+    if unknown:
+        raise ValidationError("--notify", f"shmstore notify does not take {' '.join(unknown)} here")
+    _statuses(args.on)
+
+
 def _statuses(text: str) -> list[Status]:
     chosen = []
     for word in filter(None, (w.strip() for w in text.split(","))):
