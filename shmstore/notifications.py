@@ -19,10 +19,12 @@ never raising it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -173,20 +175,43 @@ class Channel(Protocol):
         """Deliver ``alerts``; raise (anything) on failure."""
 
 
+#: The process groups of the programs running now (each one's pid), for :func:`kill_running`.
+_running: set[int] = set()
+
+
+def kill_running() -> None:
+    """Kill every program a channel is running now, with its children (on the way out)."""
+    for pid in list(_running):
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+
+
 def _run(argv: Sequence[str], env: Mapping[str, str] | None = None, shell: bool = False) -> None:
-    result = subprocess.run(
-        argv if not shell else argv[0],
+    """Run ``argv`` (with ``shell``: ``argv[0]`` through ``sh -c``) for at most
+    :data:`CALL_TIMEOUT` seconds, in a process group of its own that is killed whole on a
+    timeout (a shell's children too); raise RuntimeError if it fails or takes too long."""
+    with subprocess.Popen(
+        argv[0] if shell else list(argv),
         shell=shell,
         env=env,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL if not shell else None,
+        stdout=None if shell else subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        timeout=CALL_TIMEOUT,
-        check=False,
-    )
-    if result.returncode != 0:
-        said = result.stderr.decode(errors="replace").strip()
-        raise RuntimeError(f"exit {result.returncode}{': ' + said if said else ''}")
+        start_new_session=True,
+    ) as proc:
+        _running.add(proc.pid)
+        try:
+            _, err = proc.communicate(timeout=CALL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()  # not its pipe: a process that left the group may hold it open
+            raise RuntimeError(f"did not finish within {CALL_TIMEOUT:g} s") from None
+        finally:
+            _running.discard(proc.pid)
+    if proc.returncode != 0:
+        said = err.decode(errors="replace").strip()
+        raise RuntimeError(f"exit {proc.returncode}{': ' + said[-500:] if said else ''}")
 
 
 @dataclasses.dataclass
@@ -319,10 +344,12 @@ class Dispatcher:
         if alerts:
             self._queue.put(alerts)
 
-    def close(self, timeout: float = CALL_TIMEOUT) -> None:
-        """Deliver what is queued (for up to ``timeout`` seconds), then stop."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Deliver what is queued for up to ``timeout`` seconds, then kill what a channel
+        still runs (a user's command and its children) and stop."""
         self._queue.put(None)
         self._thread.join(timeout)
+        kill_running()
 
     def _loop(self) -> None:
         while (alerts := self._queue.get()) is not None:

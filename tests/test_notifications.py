@@ -475,3 +475,81 @@ def socketserver_port() -> Any:
             yield probe.getsockname()[1]
 
     return port()
+
+
+def test_a_command_that_hangs_is_killed_with_its_children_after_the_timeout_and_at_a_stop(
+    server: Any, store: shmstore.Client, notify: Any, tmp_path: Path
+) -> None:
+    pids = tmp_path / "pids"
+    runner = notify(server.address, "--coalesce", "0", "--command", f"sleep 60 & echo $! >> {pids}; wait")
+    store.report("h1", Status.QUESTION, "/w")
+    runner.wait_for_calls(1)
+    store.report("h2", Status.QUESTION, "/w")  # its turn comes once the command gave up
+    started = time.monotonic()
+    runner.wait_for_calls(2, timeout=30)
+    assert time.monotonic() - started < 10
+    runner.err.wait_for("the command channel failed: h1: did not finish within 5 s")
+    sleeper = int(pids.read_text().split()[0])
+    deadline = time.monotonic() + 10
+    while _alive(sleeper):
+        assert time.monotonic() < deadline, "the command's child outlived it"
+        time.sleep(0.05)
+    assert runner.proc.poll() is None
+    # Stopped (as a service is, with SIGTERM) while h2's command hangs: it ends at once, with 0,
+    # and takes that command's children with it.
+    while len(pids.read_text().split()) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    runner.proc.terminate()
+    assert runner.proc.wait(10) == 0
+    second = int(pids.read_text().split()[1])
+    while _alive(second):
+        assert time.monotonic() < deadline, "the command's child outlived the notifier"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_bell_goes_to_a_given_tty(server: Any, store: shmstore.Client, notify: Any) -> None:
+    master, slave = pty.openpty()
+    try:
+        runner = notify(server.address, "--coalesce", "0", "--bell", os.ttyname(slave), desktop=False)
+        store.report("t", Status.QUESTION, "/w")
+        seen = b""
+        deadline = time.monotonic() + 20
+        while not seen.endswith(b"\x07") or len(seen) < 2:
+            assert time.monotonic() < deadline, seen
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+        assert seen == b"\x07\x1b]9;shmstore: claude_code asks a question: t (claude_code) asks a question in /w\x07"
+        assert runner.out.read() == ""  # nothing on stdout
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_the_desktop_channel_on_macos_runs_osascript(tmp_path: Path) -> None:
+    from shmstore.notifications import Alert, Desktop
+
+    script = tmp_path / "osascript"
+    script.write_text(STAND_IN)
+    script.chmod(0o755)
+    log = tmp_path / "calls"
+    os.environ["NOTIFY_LOG"] = str(log)
+    try:
+        alert = Alert(shmstore.Session(id='say "hi" \\', working_dir="/w", status=Status.QUESTION), None, 0.0)
+        Desktop(str(script)).send([alert])
+    finally:
+        del os.environ["NOTIFY_LOG"]
+    argv = log.read_text().split("\x1d")[0].split("\x1e")[1:-1]
+    assert argv == [
+        "-e",
+        'display notification "say \\"hi\\" \\\\ (claude_code) asks a question in /w" '
+        'with title "shmstore: claude_code asks a question"',
+    ]

@@ -5,6 +5,7 @@ channels of :mod:`shmstore.notifications`."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -112,6 +113,14 @@ def channels(args: argparse.Namespace) -> list[n.Channel]:
     return found
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _count(sessions: int) -> str:
+    return f"{sessions} session{'' if sessions == 1 else 's'}"
+
+
 def run(args: argparse.Namespace) -> int:
     on = _statuses(args.on)
     if not 0 <= args.coalesce <= 600:
@@ -120,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     coalescer = n.Coalescer(on, args.coalesce)
     dispatcher = n.Dispatcher(through, skip=(lambda s: False) if args.tell_looked_at else n.looked_at)
     ready = False
+    # SIGTERM (a service's stop) ends it as Ctrl-C does: what a channel runs is killed too.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         with client_for(args) as store, Follower(store) as follow:
             while True:
@@ -136,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
                         where = addr.format_address(follow.client.address)
                         names = ", ".join(channel.name for channel in through)
                         print(
-                            f"shmstore: notify: following {printable(where)} ({len(follow.sessions)} sessions); "
+                            f"shmstore: notify: following {printable(where)} ({_count(len(follow.sessions))}); "
                             f"telling {', '.join(on)} through {names}",
                             file=sys.stderr,
                             flush=True,
