@@ -347,3 +347,120 @@ def test_install_and_uninstall_through_launchctl(tmp_path: Path) -> None:
     assert home.run("uninstall-service", "--init", "launchd").returncode == 0
     assert not plist.exists()
     assert home.calls() == [f"bootout {domain}/local.shmstore"]
+
+
+# -- the notifier beside the manager (--notify) ----------------------------------------------------
+
+
+def test_the_notify_unit_runs_shmstore_notify_with_its_flags_after_the_manager() -> None:
+    unit = service.systemd_notify_unit(PYTHON, "/tmp/a b.sock", ["--on", "question", "--command", 'echo "$X" 5%'])
+    assert unit.splitlines()[0] == f"# {service.MARKER}"
+    keys = _keys(unit)
+    assert (keys["Wants"], keys["After"]) == ("shmstore.service", "shmstore.service")
+    assert keys["ExecStart"] == (
+        f'"{PYTHON}" -m shmstore notify --address "/tmp/a b.sock" "--on" "question" "--command" "echo \\"$$X\\" 5%%"'
+    )
+    assert (keys["Restart"], keys["RestartPreventExitStatus"]) == ("on-failure", "2")  # bad flags: no restart loop
+    assert keys["WantedBy"] == "default.target"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verifies_the_notify_unit(tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    unit = tmp_path / "units" / "shmstore-notify.service"
+    unit.parent.mkdir()
+    unit.write_text(service.systemd_notify_unit(PYTHON, "/tmp/a b/%d $x.sock", ["--url", "https://ntfy.sh/a%20b"]))
+    (unit.parent / "shmstore.service").write_text(service.systemd_unit(PYTHON))
+    result = verify(unit, runtime)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_install_with_notify_writes_the_notifier_unit_and_starts_it_after_the_manager(home: Home) -> None:
+    result = home.run("install-service", "--http", "none", "--notify=--on attention --bell")
+    assert result.returncode == 0, result.stderr
+    notify_unit = home.unit.with_name("shmstore-notify.service")
+    assert notify_unit.read_text() == service.systemd_notify_unit(PYTHON, None, ["--on", "attention", "--bell"])
+    assert home.calls() == [
+        "--user is-system-running",
+        "--user daemon-reload",
+        "--user enable --now shmstore.service",
+        "--user enable shmstore-notify.service",
+        "--user restart shmstore-notify.service",  # a notifier already running takes its new flags
+    ]
+    assert f"runs beside it ({notify_unit})" in result.stdout
+    # Its flags as the unit gives them are ones `shmstore notify` takes.
+    exec_start = _keys(notify_unit.read_text())["ExecStart"]
+    assert exec_start.endswith('notify "--on" "attention" "--bell"')
+
+
+def test_installing_again_without_notify_stops_the_notifier_and_removes_its_unit(home: Home) -> None:
+    assert home.run("install-service", "--http", "none", "--notify").returncode == 0
+    notify_unit = home.unit.with_name("shmstore-notify.service")
+    assert _keys(notify_unit.read_text())["ExecStart"] == f'"{PYTHON}" -m shmstore notify'
+    home.log.unlink()
+    result = home.run("install-service", "--http", "none")
+    assert result.returncode == 0, result.stderr
+    assert not notify_unit.exists()
+    assert home.unit.is_file()
+    assert home.calls() == [
+        "--user is-system-running",
+        "--user disable --now shmstore-notify.service",  # before its file goes
+        "--user daemon-reload",
+        "--user enable --now shmstore.service",
+    ]
+
+
+def test_uninstall_stops_and_removes_the_notifier_too(home: Home) -> None:
+    assert home.run("install-service", "--http", "none", "--notify").returncode == 0
+    home.log.unlink()
+    assert home.run("uninstall-service").returncode == 0
+    assert not home.unit.with_name("shmstore-notify.service").exists()
+    assert home.calls()[:2] == ["--user is-system-running", "--user disable --now shmstore-notify.service"]
+    assert home.files() == []
+
+
+def test_notify_refuses_a_notifier_unit_that_is_not_ours(home: Home) -> None:
+    notify_unit = home.unit.with_name("shmstore-notify.service")
+    notify_unit.parent.mkdir(parents=True)
+    notify_unit.write_text(FOREIGN_UNIT)
+    for args in (["install-service", "--notify"], ["install-service", "--notify", "--dry-run"]):
+        result = home.run(*args)
+        assert result.returncode == 1, args
+        assert f"{notify_unit} was not written by shmstore" in result.stderr
+    assert notify_unit.read_text() == FOREIGN_UNIT
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        ("--bogus", "shmstore notify does not take --bogus here"),
+        ("--address /x", "shmstore notify does not take --address /x here"),  # install-service's own --address
+        ("--on working", "'working' is not one of question, attention"),
+        ("--coalesce soon", "invalid float value: 'soon'"),
+        ("--command 'unclosed", "No closing quotation"),
+    ],
+)
+def test_notify_flags_that_notify_would_refuse_are_refused_at_install(home: Home, flags: str, said: str) -> None:
+    result = home.run("install-service", "--dry-run", f"--notify={flags}")
+    assert result.returncode == 2
+    assert said in result.stderr
+    assert home.files() == []
+
+
+def test_install_and_uninstall_the_notifier_through_launchctl(tmp_path: Path) -> None:
+    home = Home(tmp_path, tool="launchctl")
+    agents = Path(home.env["HOME"]) / "Library" / "LaunchAgents"
+    domain = f"gui/{os.getuid()}"
+    assert home.run("install-service", "--init", "launchd", "--notify=--url https://ntfy.sh/t").returncode == 0
+    agent = plistlib.loads((agents / "local.shmstore.notify.plist").read_bytes())
+    assert agent["ProgramArguments"] == [PYTHON, "-m", "shmstore", "notify", "--url", "https://ntfy.sh/t"]
+    assert agent["KeepAlive"] == {"SuccessfulExit": False}
+    assert home.calls()[2:] == [
+        f"bootout {domain}/local.shmstore.notify",
+        f"bootstrap {domain} {agents / 'local.shmstore.notify.plist'}",
+    ]
+    home.log.unlink()
+    assert home.run("uninstall-service", "--init", "launchd").returncode == 0
+    assert sorted(agents.iterdir()) == []
+    assert home.calls() == [f"bootout {domain}/local.shmstore.notify", f"bootout {domain}/local.shmstore"]

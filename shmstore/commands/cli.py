@@ -27,7 +27,7 @@ from ..errors import NotFoundError, ShmstoreError, StoreUnavailableError, Valida
 from ..hook.run import HOOK_DEADLINE
 from ..model import AgentType, Status
 from ..transport import address as addr
-from . import running, service, sessions, setup
+from . import notify, running, service, sessions, setup
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_CODES_HELP,
@@ -66,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 PASSWORD_SHOWN = {
     "install-hooks": "would be written into Claude Code's settings",
     # They run for long, and so sit in `ps` for anyone on the host to read.
-    **{name: f"`ps` shows every user for as long as `shmstore {name}` runs" for name in ("reaper", "watch", "top")},
+    **{
+        name: f"`ps` shows every user for as long as `shmstore {name}` runs"
+        for name in ("reaper", "watch", "top", "notify")
+    },
 }
 
 
@@ -269,7 +272,8 @@ def _parser() -> argparse.ArgumentParser:
         "install-service",
         setup.install_service,
         "run the manager as a user service (systemd; launchd on macOS) that starts at login and restarts on "
-        "failure; --address is passed on to `serve`, --timeout bounds each systemctl/launchctl command",
+        "failure, and with --notify `shmstore notify` beside it; --address is passed on to both, --timeout "
+        "bounds each systemctl/launchctl command",
         uses=[address, timeout(service.COMMAND_TIMEOUT, "seconds each systemctl/launchctl command may take")],
     )
     setup.add_service_flags(cmd)
@@ -280,6 +284,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="the port on 127.0.0.1 where the manager takes agents' events over HTTP (install-hooks then "
         "writes http hooks): a number, auto (one free now, kept in the unit) or none (default: %(default)s)",
+    )
+    cmd.add_argument(
+        "--notify",
+        nargs="?",
+        const="",
+        metavar="FLAGS",
+        help="also run `shmstore notify` as a second user service (shmstore-notify.service; launchd: "
+        "local.shmstore.notify), given FLAGS (--notify='--on question --url URL'); without --notify, a "
+        "notifier service of an earlier install is stopped and removed",
     )
 
     cmd = command(
@@ -317,6 +330,15 @@ def _parser() -> argparse.ArgumentParser:
         "--after-revision", type=int, help="continue after this revision instead of from a snapshot", metavar="REV"
     )
     cmd.add_argument("--limit", type=int, help="stop after this many lines")
+
+    cmd = command(
+        "notify",
+        notify.run,
+        "tell the user when a session enters question or attention (not the ones already waiting): a desktop "
+        "notification, a terminal bell, an HTTP POST or a command of theirs; follows the change feed until "
+        "interrupted, through manager restarts, as watch does",
+    )
+    notify.add_flags(cmd)
 
     command(
         "top",

@@ -1,5 +1,6 @@
 """Running the manager as a per-user service that starts at login and restarts on failure:
-a systemd user unit on Linux, a launchd agent on macOS.
+a systemd user unit on Linux, a launchd agent on macOS; and, when asked, ``shmstore notify``
+beside it as a second one (:data:`NOTIFY_UNIT_NAME`, :data:`NOTIFY_LABEL`).
 
 The file's text is made by pure functions (:func:`systemd_unit`, :func:`launchd_plist`);
 :func:`plan` says what installing would write and run, and :func:`install` /
@@ -31,6 +32,12 @@ UNIT_NAME = "shmstore.service"
 SOCKET_NAME = "shmstore.socket"
 #: launchd labels are reverse-DNS names; ``local.`` is the prefix for agents a user makes.
 LAUNCHD_LABEL = "local.shmstore"
+#: The unit (launchd: the agent) that runs ``shmstore notify`` beside the manager.
+NOTIFY_UNIT_NAME = "shmstore-notify.service"
+NOTIFY_LABEL = "local.shmstore.notify"
+#: What ``shmstore notify`` exits with when its flags cannot work (no channel, a bad value):
+#: not a failure a restart would mend.
+_BAD_INPUT = 2
 #: The state file in the unit: ``%S`` is the user's state directory ($XDG_STATE_HOME,
 #: default ~/.local/state), which ``StateDirectory=shmstore`` creates for the service.
 UNIT_STATE = "%S/shmstore/state.json"
@@ -80,6 +87,9 @@ class Plan:
     timeout: float = COMMAND_TIMEOUT
     #: Other files of ours: each path and the text to write there (None: to remove, if ours).
     extra: tuple[tuple[Path, str | None], ...] = ()
+    #: Run (and allowed to fail) before any file is written: to stop a service of ours
+    #: whose file this install removes.
+    before: list[list[str]] = dataclasses.field(default_factory=list)
 
 
 def default_init(platform: str = sys.platform) -> str:
@@ -99,6 +109,51 @@ def unit_path() -> Path:
 
 def socket_path() -> Path:
     return unit_path().with_name(SOCKET_NAME)
+
+
+def notify_unit_path() -> Path:
+    return unit_path().with_name(NOTIFY_UNIT_NAME)
+
+
+def notify_plist_path() -> Path:
+    return plist_path().with_name(f"{NOTIFY_LABEL}.plist")
+
+
+def notify_argv(python: str, address: str | None = None, flags: Sequence[str] = ()) -> list[str]:
+    """The notifier's command line: ``python -m shmstore notify [--address A] FLAGS...``."""
+    argv = [python, "-m", "shmstore", "notify"]
+    argv += [] if address is None else ["--address", address]
+    return [*argv, *flags]
+
+
+def systemd_notify_unit(python: str, address: str | None = None, flags: Sequence[str] = ()) -> str:
+    """The text of the user unit that runs ``shmstore notify`` (with ``flags``) beside the
+    manager's unit: started after it, restarted on failure but not when its flags cannot
+    work (exit 2). It follows the manager through restarts itself."""
+    _check_python(python)
+    words = [exec_quote(python, command=True, field="python"), "-m", "shmstore", "notify"]
+    if address is not None:
+        words += ["--address", exec_quote(address)]
+    words += [exec_quote(flag, field="notify") for flag in flags]
+    return "\n".join(
+        [
+            f"# {MARKER}",
+            "[Unit]",
+            "Description=shmstore notify: tells you when an agent session waits for you",
+            f"Wants={UNIT_NAME}",
+            f"After={UNIT_NAME}",
+            "",
+            "[Service]",
+            f"ExecStart={' '.join(words)}",
+            "Restart=on-failure",
+            "RestartSec=5",
+            f"RestartPreventExitStatus={_BAD_INPUT}",
+            "",
+            "[Install]",
+            "WantedBy=default.target",
+            "",
+        ]
+    )
 
 
 def systemd_socket(port: str) -> str:
@@ -209,6 +264,24 @@ def launchd_plist(python: str, state: Path, log: Path, address: str | None = Non
     return f"{head}<!-- {MARKER} -->\n{sep}{body}"
 
 
+def launchd_notify_plist(python: str, log: Path, address: str | None = None, flags: Sequence[str] = ()) -> str:
+    """The text of the launchd agent that runs ``shmstore notify`` (with ``flags``): at
+    login, and again when it exits with a failure; its stderr in ``log``."""
+    _check_python(python)
+    agent = {
+        "Label": NOTIFY_LABEL,
+        "ProgramArguments": notify_argv(python, address, flags),
+        "RunAtLoad": True,
+        "KeepAlive": {"SuccessfulExit": False},
+        "ThrottleInterval": 5,
+        "StandardErrorPath": str(log),
+        "ProcessType": "Interactive",
+    }
+    text = plistlib.dumps(agent, sort_keys=False).decode()
+    head, sep, body = text.partition("<plist")
+    return f"{head}<!-- {MARKER} -->\n{sep}{body}"
+
+
 def _check_python(python: str) -> None:
     if not os.path.isabs(python):
         raise ValidationError("python", f"{python!r} is not an absolute path; a service starts with no PATH of ours")
@@ -220,27 +293,42 @@ def plan(
     address: str | None = None,
     timeout: float = COMMAND_TIMEOUT,
     http: str | None = None,
+    notify: Sequence[str] | None = None,
 ) -> Plan:
     """What installing the service for ``init`` (:data:`SYSTEMD` or :data:`LAUNCHD`) would
     write and run; ``python`` defaults to this interpreter (its path as started, so a
-    virtualenv's interpreter stays the virtualenv's)."""
+    virtualenv's interpreter stays the virtualenv's). ``notify``, when not None, adds a
+    second service running ``shmstore notify`` with those flags; when None, a notifier
+    service of an earlier install is stopped and removed."""
     python = os.path.abspath(python or sys.executable)
     if init == LAUNCHD:
-        path = plist_path()
+        path, notify_path = plist_path(), notify_plist_path()
         domain = f"gui/{os.getuid()}"
-        log = Path.home() / "Library" / "Logs" / "shmstore.log"
+        logs = Path.home() / "Library" / "Logs"
+        notify_text = (
+            None if notify is None else launchd_notify_plist(python, logs / "shmstore-notify.log", address, notify)
+        )
+        # bootout first: bootstrap refuses a label that is loaded already (a reinstall).
+        commands = [
+            ["launchctl", "bootout", f"{domain}/{LAUNCHD_LABEL}"],
+            ["launchctl", "bootstrap", domain, str(path)],
+        ]
+        if notify is not None:
+            commands += [
+                ["launchctl", "bootout", f"{domain}/{NOTIFY_LABEL}"],
+                ["launchctl", "bootstrap", domain, str(notify_path)],
+            ]
+        notify_stop = ["launchctl", "bootout", f"{domain}/{NOTIFY_LABEL}"]
         return Plan(
             init=init,
             path=path,
-            text=launchd_plist(python, state_file(init), log, address, http),
-            # bootout first: bootstrap refuses a label that is loaded already (a reinstall).
-            commands=[
-                ["launchctl", "bootout", f"{domain}/{LAUNCHD_LABEL}"],
-                ["launchctl", "bootstrap", domain, str(path)],
-            ],
-            stop_commands=[["launchctl", "bootout", f"{domain}/{LAUNCHD_LABEL}"]],
+            text=launchd_plist(python, state_file(init), logs / "shmstore.log", address, http),
+            commands=commands,
+            stop_commands=[*_if_ours(notify_path, notify_stop), ["launchctl", "bootout", f"{domain}/{LAUNCHD_LABEL}"]],
             after_removal=[],
             timeout=timeout,
+            extra=((notify_path, notify_text),),
+            before=[] if notify is not None else _if_ours(notify_path, notify_stop),
         )
     if init != SYSTEMD:
         raise ValidationError("init", f"{init!r} is not one of {', '.join(INITS)}")
@@ -250,16 +338,33 @@ def plan(
         # The manager must let go of the port before systemd can listen on it; a stop is a
         # drain that loses nothing, and the service starts again with the socket.
         commands[1:1] = [[*systemctl, "stop", UNIT_NAME], [*systemctl, "enable", "--now", SOCKET_NAME]]
+    notify_stop = [*systemctl, "disable", "--now", NOTIFY_UNIT_NAME]
+    if notify is not None:
+        # restart, not just enable --now: a running notifier takes its new flags.
+        commands += [[*systemctl, "enable", NOTIFY_UNIT_NAME], [*systemctl, "restart", NOTIFY_UNIT_NAME]]
     return Plan(
         init=init,
         path=unit_path(),
         text=systemd_unit(python, address, http),
         commands=commands,
-        stop_commands=[[*systemctl, "disable", "--now", SOCKET_NAME], [*systemctl, "disable", "--now", UNIT_NAME]],
+        stop_commands=[
+            *_if_ours(notify_unit_path(), notify_stop),
+            [*systemctl, "disable", "--now", SOCKET_NAME],
+            [*systemctl, "disable", "--now", UNIT_NAME],
+        ],
         after_removal=[[*systemctl, "daemon-reload"]],
         timeout=timeout,
-        extra=((socket_path(), None if http is None else systemd_socket(http)),),
+        extra=(
+            (socket_path(), None if http is None else systemd_socket(http)),
+            (notify_unit_path(), None if notify is None else systemd_notify_unit(python, address, notify)),
+        ),
+        before=[] if notify is not None else _if_ours(notify_unit_path(), notify_stop),
     )
+
+
+def _if_ours(path: Path, argv: list[str]) -> list[list[str]]:
+    """``[argv]`` when ``path`` is a file of ours (a notifier an earlier install made), else ``[]``."""
+    return [argv] if is_ours(path) else []
 
 
 def installed_http(init: str) -> str | None:
@@ -330,13 +435,16 @@ def install(service: Plan) -> bool:
     check_not_foreign(service.path)
     for path, _ in service.extra:
         check_not_foreign(path)
+    for argv in service.before:
+        _run(argv, service.timeout, check=False)
     changed = _read(service.path) != service.text
     if changed:
         _write(service.path, service.text)
     for path, text in service.extra:
         if text is None:
             if is_ours(path):
-                path.unlink()  # a socket unit of an earlier install with --http
+                path.unlink()  # a socket unit of an earlier install with --http, or a notifier's
+                changed = True
         elif _read(path) != text:
             _write(path, text)
             changed = True
@@ -353,7 +461,8 @@ def uninstall(service: Plan, manager: bool = True) -> bool:
     check_not_foreign(service.path)
     if manager:
         for argv in service.stop_commands:
-            _run(argv, service.timeout, check=not _is_bootout(argv) and SOCKET_NAME not in argv)
+            # The socket and the notifier may not be there (an install without them).
+            _run(argv, service.timeout, check=not _is_bootout(argv) and not {SOCKET_NAME, NOTIFY_UNIT_NAME} & {*argv})
     service.path.unlink()
     for path, _ in service.extra:
         if is_ours(path):

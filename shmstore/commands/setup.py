@@ -114,12 +114,14 @@ def _report_change(change: Change, dry_run: bool, done: str) -> int:
 
 
 def install_service(args: argparse.Namespace) -> int:
-    plan = service.plan(args.init, address=args.address, timeout=args.timeout, http=_service_http(args))
+    notify = None if args.notify is None else _notify_flags(args.notify)
+    plan = service.plan(args.init, address=args.address, timeout=args.timeout, http=_service_http(args), notify=notify)
     if args.dry_run:
-        service.check_not_foreign(plan.path)
+        for path in (plan.path, *(path for path, _ in plan.extra)):
+            service.check_not_foreign(path)
         written = [(plan.path, plan.text), *((path, text) for path, text in plan.extra if text is not None)]
         sys.stdout.write("".join(text for _, text in written))
-        commands = "".join(f"\n  {shlex.join(argv)}" for argv in plan.commands)
+        commands = "".join(f"\n  {shlex.join(argv)}" for argv in [*plan.before, *plan.commands])
         paths = " and ".join(str(path) for path, _ in written)
         print(f"dry run: would write {paths} and run:{commands}", file=sys.stderr)
         return 0
@@ -130,6 +132,9 @@ def install_service(args: argparse.Namespace) -> int:
         raise
     changed = service.install(plan)
     print(f"{'wrote' if changed else 'kept'} {plan.path}; the {args.init} user service is enabled and started")
+    if notify is not None:
+        where = next(path for path, text in plan.extra if text is not None and "notify" in path.name)
+        print(f"and `shmstore notify` runs beside it ({where})")
     return 0
 
 
@@ -147,6 +152,19 @@ def uninstall_service(args: argparse.Namespace) -> int:
     else:
         print(f"removed {plan.path} (no {args.init} user manager is running, so none was told)")
     return 0
+
+
+def _notify_flags(text: str) -> list[str]:
+    """The flags of ``--notify=FLAGS`` as words, refused now if ``shmstore notify`` would
+    refuse them when the service starts."""
+    from . import notify
+
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ValidationError("--notify", f"{text!r}: {exc}") from None
+    notify.check_flags(words)
+    return words
 
 
 def _service_http(args: argparse.Namespace) -> str | None:
