@@ -211,6 +211,8 @@ def _tmux(id: str, socket: str, environ: Mapping[str, str], timeout: float, *arg
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=dict(environ), check=False)
     except FileNotFoundError:
         raise JumpRefusedError(id, "tmux_failed", "tmux is not installed (not on $PATH)") from None
+    except OSError as exc:
+        raise JumpRefusedError(id, "tmux_failed", f"tmux could not be run: {exc}") from None
     except subprocess.TimeoutExpired:
         raise JumpRefusedError(
             id, "tmux_failed", f"tmux did not answer within {timeout:g} s: {shlex.join(args)}"
