@@ -106,3 +106,20 @@ class AddressInUseError(ShmstoreError):
     def __init__(self, message: str, *, address: str | None = None) -> None:
         super().__init__(message)
         self.address = address
+
+
+class JumpRefusedError(ShmstoreError):
+    """``shmstore go`` did not switch to the terminal of session ``id``, because it could
+    not be sure the terminal is still that agent's (or there is none to switch to).
+    ``reason`` says why, as a word a script can test: ``closed`` (the session ended),
+    ``no_tmux`` (its terminal is not a tmux pane), ``unverified`` (no agent pid the store
+    could check), ``other_host`` (the agent runs on another host), ``agent_gone`` (its
+    process exited, or its pid now names another process), ``server_gone`` (the tmux
+    server is not running), ``pane_gone`` (the pane was closed), ``pane_reused`` (the pane
+    now runs another program than the agent), ``tmux_failed`` (tmux is missing, failed or
+    did not answer in time)."""
+
+    def __init__(self, id: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.id = id
+        self.reason = reason

@@ -289,7 +289,7 @@ def test_each_commands_timeout_defaults_to_what_its_help_says() -> None:
     from shmstore.hook.run import HOOK_DEADLINE
 
     parser = cli._parser()
-    required = {"get": ["x"], "set": ["x", "--dir", "/x"], "transition": ["x", "working"], "rm": ["x"]}
+    required = {"get": ["x"], "set": ["x", "--dir", "/x"], "transition": ["x", "working"], "rm": ["x"], "go": ["x"]}
     required["prune"] = ["--older-than", "1"]
     special = {"hook": HOOK_DEADLINE, "install-service": service.COMMAND_TIMEOUT}
     special["uninstall-service"] = service.COMMAND_TIMEOUT

@@ -20,6 +20,7 @@ EXAMPLES = [
     errors.StoreUnavailableError("down", address="/run/x.sock"),
     errors.AuthKeyError("refused", address="/run/x.sock"),
     errors.AddressInUseError("taken", address="/run/x.sock"),
+    errors.JumpRefusedError("s1", "pane_gone", "tmux pane %3 of session 's1' is gone"),
 ]
 
 

@@ -23,7 +23,7 @@ from .. import __doc__ as package_doc
 from .. import __version__, agents
 from ..clients.client import DEFAULT_TIMEOUT
 from ..config import Limits, ServeOptions
-from ..errors import NotFoundError, ShmstoreError, StoreUnavailableError, ValidationError
+from ..errors import JumpRefusedError, NotFoundError, ShmstoreError, StoreUnavailableError, ValidationError
 from ..hook.run import HOOK_DEADLINE
 from ..model import AgentType, Status
 from ..transport import address as addr
@@ -33,6 +33,7 @@ from .common import (
     EXIT_CODES_HELP,
     EXIT_ERROR,
     EXIT_NOT_FOUND,
+    EXIT_REFUSED,
     EXIT_UNAVAILABLE,
 )
 from .render import printable
@@ -106,6 +107,8 @@ def exit_code(exc: ShmstoreError) -> int:
         return EXIT_UNAVAILABLE
     if isinstance(exc, NotFoundError):
         return EXIT_NOT_FOUND
+    if isinstance(exc, JumpRefusedError):
+        return EXIT_REFUSED
     return EXIT_ERROR
 
 
@@ -215,6 +218,19 @@ def _parser() -> argparse.ArgumentParser:
     cmd = command("transition", sessions.transition, "move a session to a new status", json_flag)
     cmd.add_argument("id")
     cmd.add_argument("status", choices=STATUSES)
+
+    cmd = command(
+        "go",
+        sessions.go,
+        "switch to the tmux pane a session's agent runs in (inside tmux: this client switches to it, across "
+        "tmux sessions; outside: the pane is made current for the next attach, and how to attach is printed); "
+        "refused (exit code 5, nothing switched) when the session is closed, not in tmux, or its pane is gone "
+        "or no longer runs the agent (the pane's process must be the agent or an ancestor of it, and the "
+        "agent's pid must still be the process that reported)",
+        uses=[address, timeout(what="seconds to wait for the manager, and for each tmux command")],
+    )
+    cmd.add_argument("id", help="the session's id, or a prefix of it that only one session has")
+    cmd.epilog = EXIT_CODES_HELP
 
     cmd = command(
         "closed",

@@ -17,9 +17,11 @@ EXIT_ERROR = 1  # any other error of ours
 EXIT_BAD_INPUT = 2  # usage, or a ValidationError
 EXIT_UNAVAILABLE = 3  # no manager running or reachable: StoreUnavailableError
 EXIT_NOT_FOUND = 4  # no such session: NotFoundError
+EXIT_REFUSED = 5  # `go` would not switch to the session's terminal: JumpRefusedError
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 any other error; 2 bad input (usage or an invalid value); "
-    "3 the manager is not running or cannot be reached; 4 no such session; 130/143 interrupted "
+    "3 the manager is not running or cannot be reached; 4 no such session; 5 `go` refused to switch "
+    "(the pane is no longer the agent's, or there is none); 130/143 interrupted "
     "(SIGINT/SIGTERM; serve stops so, with 0); 141 the reader of the output went away (as if "
     "killed by SIGPIPE)."
 )

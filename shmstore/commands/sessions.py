@@ -1,5 +1,5 @@
 """The commands on sessions: ``ls``, ``get``, ``set``, ``transition``, ``rm``, ``closed``,
-``prune``, ``watch`` and ``top``."""
+``prune``, ``watch``, ``top`` and ``go``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import io
 import sys
 from collections.abc import Sequence
 
+from ..clients.client import Client
 from ..clients.follow import Follower, Link, Notice
-from ..errors import NotFoundError
+from ..errors import NotFoundError, ValidationError
 from ..model import Session, Status
 from .common import client_for
 from .render import format_closed, format_event, format_session, format_table, printable
@@ -113,3 +114,33 @@ def top(args: argparse.Namespace) -> int:
 
     with client_for(args) as store:
         return top.run(store)
+
+
+def go(args: argparse.Namespace) -> int:
+    from .. import tmux  # here: only `go` (and top) runs tmux
+
+    with client_for(args) as store:
+        session = find(store, args.id)
+    print(printable(tmux.jump(session, timeout=args.timeout).message()))
+    return 0
+
+
+def find(store: Client, id: str) -> Session:
+    """The session ``id`` names: the live or recently closed session with that id, else the
+    only one whose id starts with it (a live one before a closed one of the same id)."""
+    session = store.get(id)
+    if session is not None:
+        return session
+    found: dict[str, Session] = {}
+    for candidate in [*store.recently_closed(), *store.list_all()]:  # a live one replaces a closed one
+        if candidate.id.startswith(id):
+            found[candidate.id] = candidate
+    if not found:
+        raise NotFoundError(id, f"no session with id {id!r} or an id starting with it")
+    if len(found) > 1:
+        names = ", ".join(repr(name) for name in sorted(found)[:5])
+        raise ValidationError(
+            "id",
+            f"{id!r} starts {len(found)} session ids ({names}{', ...' if len(found) > 5 else ''}): give more of it",
+        )
+    return next(iter(found.values()))
