@@ -219,7 +219,9 @@ def _tmux(id: str, socket: str, environ: Mapping[str, str], timeout: float, *arg
         ) from None
     if done.returncode != 0:
         problem = done.stderr.strip() or f"exit status {done.returncode}"
-        if "no server running" in problem or "error connecting to" in problem:
+        # The last two: a server that exits while it takes the call (right after kill-server).
+        gone = ("no server running", "error connecting to", "server exited unexpectedly", "lost server")
+        if any(words in problem for words in gone):
             raise JumpRefusedError(id, "server_gone", f"the tmux server of session {id!r} is gone ({problem})")
         raise JumpRefusedError(id, "tmux_failed", f"tmux {args[0]} failed: {problem}")
     return done.stdout
