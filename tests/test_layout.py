@@ -35,7 +35,7 @@ LAYERS = [
         "redis.history",
     ],
     ["config", "transport.address", "transport.wire"],
-    ["backend", "rules", "listing", "mirror", "retries", "spool"],
+    ["backend", "rules", "listing", "mirror", "retries", "spool", "tmux", "notifications"],
     ["store", "redis.store", "redis.scripts", "redis.proxy", "redis.hosts", "redis.connection"],
     ["agents"],
     ["manager", "clients"],
