@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 from typing import Any
+
+from loopback import JsonHandler, LoopbackServer
 
 #: Gemini CLI's shell tool, the one ``run:`` calls.
 SHELL_TOOL = "run_shell_command"
@@ -38,26 +39,12 @@ SHELL_TOOL = "run_shell_command"
 FIELD_VALUES = {"next_speaker": "user", "model_choice": "flash", "complexity_score": 10}
 
 
-class GeminiStub:
+class GeminiStub(LoopbackServer):
     """The stand-in server, serving from a thread of the test's process until ``close()``."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> GeminiStub:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._serve(_handler(self))
 
     def answer(self, path: str, request: dict[str, Any]) -> tuple[int, dict[str, Any], bool]:
         """The status, body and framing (server-sent events or not) for one POST to ``path``."""
@@ -76,9 +63,7 @@ class GeminiStub:
 def _handler(stub: GeminiStub) -> type[http.server.BaseHTTPRequestHandler]:
     """The request handler class, bound to ``stub`` (the server makes one per connection)."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # the SDK keeps its connection open between requests
-
+    class Handler(JsonHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             try:
@@ -93,16 +78,6 @@ def _handler(stub: GeminiStub) -> type[http.server.BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             self._send(200, "application/json; charset=UTF-8", b'{"models": []}')  # GET /v1beta/models
-
-        def _send(self, code: int, kind: str, data: bytes) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # the test's output is for its failures
 
     return Handler
 

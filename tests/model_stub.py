@@ -20,26 +20,24 @@ Every request is kept (``requests``) for a test to look at.
 
 from __future__ import annotations
 
-import http.server
 import itertools
 import json
-import threading
 import time
 from typing import Any
+
+from loopback import JsonHandler, LoopbackServer
 
 _ids = itertools.count(1)
 
 
-class ModelStub:
+class ModelStub(LoopbackServer):
     """The stand-in server, serving from a thread of the test's process until ``close()``."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         stub = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(JsonHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 try:
@@ -57,32 +55,7 @@ class ModelStub:
             def do_HEAD(self) -> None:
                 self._json(200, {})
 
-            def _json(self, code: int, value: object) -> None:
-                data = json.dumps(value).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> ModelStub:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._serve(Handler)
 
     # -- the script ------------------------------------------------------------------------
 

@@ -32,16 +32,17 @@ Every request is kept (``requests``) for a test to look at.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import itertools
 import json
 import threading
 from typing import Any
 
+from loopback import JsonHandler, LoopbackServer
+
 _ids = itertools.count(1)
 
 
-class ResponsesStub:
+class ResponsesStub(LoopbackServer):
     """The stand-in server, serving from a thread of the test's process until ``close()``;
     ``url`` is the base URL to give Codex (it appends ``/responses``)."""
 
@@ -50,9 +51,7 @@ class ResponsesStub:
         self._closing = threading.Event()
         stub = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(JsonHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 try:
@@ -67,33 +66,11 @@ class ResponsesStub:
             def do_GET(self) -> None:
                 self._json(404, _error("no such endpoint"))
 
-            def _json(self, code: int, value: object) -> None:
-                data = json.dumps(value).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._serve(Handler, "/v1")
 
     def close(self) -> None:
         self._closing.set()  # a slow reply still waiting gives up
-        self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> ResponsesStub:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
     # -- the script ------------------------------------------------------------------------
 
