@@ -192,6 +192,18 @@ class Tmux:
         self("kill-server", check=False)
 
 
+def pids_with_environ(entry: bytes) -> set[int]:
+    """The processes whose environment holds ``entry`` (``NAME=VALUE``) exactly."""
+    found = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{name}/environ", "rb") as environ:
+            if entry in environ.read().split(b"\0"):
+                found.add(int(name))
+    return found
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "it") -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import claude_rig
-from claude_rig import wait_for
+from claude_rig import pids_with_environ, wait_for
 
 from shmstore.agents import codex as adapter
 
@@ -157,7 +157,7 @@ class Codex:
         ``CODEX_HOME`` (Codex, its hooks: Codex adds it to theirs); without the ``updater``
         loop, which runs until it is killed."""
         mark = f"CODEX_HOME={self.home}".encode()
-        found = set(self.daemon_pids()) | _pids_with_environ(mark)
+        found = set(self.daemon_pids()) | pids_with_environ(mark)
         if not updater:
             found -= {pid for pid, argv in _processes() if "pid-update-loop" in argv}
         return found - {os.getpid()}
@@ -245,16 +245,4 @@ def _processes() -> list[tuple[int, list[str]]]:
             continue
         with contextlib.suppress(OSError), open(f"/proc/{name}/cmdline", "rb") as cmdline:
             found.append((int(name), [arg.decode(errors="replace") for arg in cmdline.read().split(b"\0") if arg]))
-    return found
-
-
-def _pids_with_environ(entry: bytes) -> set[int]:
-    """The processes whose environment holds ``entry`` (``NAME=VALUE``) exactly."""
-    found = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        with contextlib.suppress(OSError), open(f"/proc/{name}/environ", "rb") as environ:
-            if entry in environ.read().split(b"\0"):
-                found.add(int(name))
     return found

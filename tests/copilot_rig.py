@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import claude_rig
-from claude_rig import wait_for
+from claude_rig import pids_with_environ, wait_for
 
 #: The version the event table in README.md was checked against; .ci/run installs it.
 VERSION = "1.0.102"
@@ -171,10 +171,10 @@ class Copilot:
         they end with the CLI, within a quarter of a second), found by the ``COPILOT_HOME``
         in their environment. Never by a name pattern: other tests run Copilot at once."""
         mark = f"COPILOT_HOME={self.copilot_home}".encode()
-        for pid in _pids_with_environ(mark) - {os.getpid()}:
+        for pid in pids_with_environ(mark) - {os.getpid()}:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not _pids_with_environ(mark), 10, "the home's processes to end")
+        wait_for(lambda: not pids_with_environ(mark), 10, "the home's processes to end")
 
 
 def environment(home: Path, copilot_home: Path, model_url: str) -> dict[str, str]:
@@ -235,15 +235,3 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 def log_time(entry: dict[str, Any]) -> float:
     """An event log entry's ``timestamp`` (ISO 8601, UTC) as epoch seconds."""
     return datetime.datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
-
-
-def _pids_with_environ(entry: bytes) -> set[int]:
-    """The processes whose environment holds ``entry`` (``NAME=VALUE``) exactly."""
-    found = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        with contextlib.suppress(OSError), open(f"/proc/{name}/environ", "rb") as environ:
-            if entry in environ.read().split(b"\0"):
-                found.add(int(name))
-    return found
