@@ -12,7 +12,7 @@ on macOS), :class:`TerminalBell` (BEL and an OSC 9 or OSC 777 escape to a tty or
 :class:`Url` (an ntfy-style HTTP POST) and :class:`Command` (a user's command, once per
 session, with the session's fields in ``SHMSTORE_*`` variables). Each external call has a
 timeout; :class:`Dispatcher` delivers from a thread of its own so that the follower never
-waits for a channel, skips the sessions the user is looking at (:func:`looked_at`: the
+waits for a channel, skips the sessions the user is looking at (:func:`shmstore.tmux.looked_at`: the
 active pane of an attached tmux session), and logs a channel's first failure to stderr,
 never raising it.
 """
@@ -33,13 +33,12 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, TextIO
 
+from . import tmux
 from .feed import Event, EventKind
 from .model import Session, Status
 
 #: Seconds each external call (a notifier program, a POST, a user's command, tmux) may take.
 CALL_TIMEOUT = 5.0
-#: Seconds ``tmux display`` may take to say whether a pane is looked at.
-TMUX_TIMEOUT = 2.0
 DEFAULT_ON = (Status.QUESTION, Status.ATTENTION)
 DEFAULT_COALESCE = 2.0
 
@@ -299,28 +298,6 @@ class Command:
             raise RuntimeError("; ".join(failures))
 
 
-# -- who is looking ------------------------------------------------------------------------
-
-
-def looked_at(session: Session, timeout: float = TMUX_TIMEOUT) -> bool:
-    """Whether the user is looking at ``session``'s agent: its tmux pane is the active pane
-    of the active window of a tmux session with a client attached. False when that cannot
-    be known (no tmux pane, no tmux, the server does not answer in ``timeout`` seconds)."""
-    terminal = session.terminal
-    if terminal is None or not terminal.tmux_pane or not terminal.tmux_socket:
-        return False
-    argv = ["tmux", "-S", terminal.tmux_socket, "display", "-p", "-t", terminal.tmux_pane]
-    argv.append("#{pane_active} #{window_active} #{session_attached}")
-    try:
-        result = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    fields = result.stdout.split()
-    return result.returncode == 0 and len(fields) == 3 and fields[:2] == ["1", "1"] and fields[2] not in ("", "0")
-
-
 class Dispatcher:
     """Delivers batches through ``channels`` from a thread of its own, in order, skipping
     the sessions ``skip`` says the user looks at. A channel's failure is logged to
@@ -329,7 +306,7 @@ class Dispatcher:
     def __init__(
         self,
         channels: Sequence[Channel],
-        skip: Callable[[Session], bool] = looked_at,
+        skip: Callable[[Session], bool] = tmux.looked_at,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.channels = list(channels)

@@ -225,3 +225,26 @@ def _tmux(id: str, socket: str, environ: Mapping[str, str], timeout: float, *arg
             raise JumpRefusedError(id, "server_gone", f"the tmux server of session {id!r} is gone ({problem})")
         raise JumpRefusedError(id, "tmux_failed", f"tmux {args[0]} failed: {problem}")
     return done.stdout
+
+
+#: Seconds ``tmux display`` may take to say whether a pane is looked at (shmstore notify).
+LOOK_TIMEOUT = 2.0
+
+
+def looked_at(session: Session, timeout: float = LOOK_TIMEOUT) -> bool:
+    """Whether the user is looking at ``session``'s agent: its tmux pane is the active pane
+    of the active window of a tmux session with a client attached. False when that cannot
+    be known (no tmux pane, no tmux, the server does not answer in ``timeout`` seconds)."""
+    terminal = session.terminal
+    if terminal is None or not terminal.tmux_pane or not terminal.tmux_socket:
+        return False
+    argv = ["tmux", "-S", terminal.tmux_socket, "display", "-p", "-t", terminal.tmux_pane]
+    argv.append("#{pane_active} #{window_active} #{session_attached}")
+    try:
+        result = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    fields = result.stdout.split()
+    return result.returncode == 0 and len(fields) == 3 and fields[:2] == ["1", "1"] and fields[2] not in ("", "0")

@@ -10,6 +10,7 @@ import sys
 import time
 
 from .. import notifications as n
+from .. import tmux
 from ..clients.follow import Follower, Link, Notice
 from ..errors import ValidationError
 from ..model import Status
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValidationError("--coalesce", f"must be seconds in [0, 600]; got {args.coalesce!r}")
     through = channels(args)
     coalescer = n.Coalescer(on, args.coalesce)
-    dispatcher = n.Dispatcher(through, skip=(lambda s: False) if args.tell_looked_at else n.looked_at)
+    dispatcher = n.Dispatcher(through, skip=(lambda s: False) if args.tell_looked_at else tmux.looked_at)
     ready = False
     # SIGTERM (a service's stop) ends it as Ctrl-C does: what a channel runs is killed too.
     signal.signal(signal.SIGTERM, _interrupt)
