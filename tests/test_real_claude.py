@@ -248,7 +248,9 @@ def test_a_subagent_at_work_in_the_background_leaves_the_session_with_the_user(r
     id = rig.only_session()
     term.type("delegate: run: sleep 3")
     term.wait_for("finished")
-    line = rig.wait_seen(id, "working", "attention")
+    # "finished" is on screen as the subagent ends, which may be before Claude's own next
+    # turn has reported: wait for the whole line, or the first turn's end would pass for it.
+    line = rig.wait_seen(id, "attention", "working", "attention", "working", "attention")
     payloads = [seen["payload"] for seen in rig.claude.payloads()]
     events = [(p["hook_event_name"], p.get("agent_id") is not None) for p in payloads]
     first_stop = events.index(("Stop", False))
