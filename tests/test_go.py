@@ -142,6 +142,36 @@ def test_go_outside_tmux_makes_the_pane_current_and_says_how_to_attach(store: sh
     assert result.stdout.strip().endswith(f"attach with: tmux -S {tmux.socket} attach-session -t '{work}'")
 
 
+def test_enter_in_top_switches_the_client_top_runs_in_to_the_selected_sessions_pane(
+    store: shmstore.Client, tmux: Server, sock_dir: Path
+) -> None:
+    report(store, "3f2a8c1e-agent", tmux.agent, tmux.terminal())
+    store.report("q-other", Status.QUESTION, "/src/other")  # a question: the first row
+    viewer = Server.__new__(Server)
+    viewer.socket, viewer.env = str(sock_dir / "viewer"), tmux.env
+    attach = shlex.join(["env", "-u", "TMUX", "tmux", "-S", tmux.socket, "attach-session", "-t", "home"])
+    viewer("new-session", "-d", "-s", "screen", "-x", "120", "-y", "30", attach)
+    try:
+        wait_for(lambda: tmux("list-clients", "-F", "#{client_session}").split() == ["home"], "the client to attach")
+        # The user runs `shmstore top` in home's shell, inside the tmux server the agent is in.
+        top = shlex.join([PYTHON, "-m", "shmstore", "top", "--address", str(store.address)])
+        tmux("send-keys", "-t", "home", f"exec {top}", "Enter")
+
+        def screen() -> str:
+            return tmux("capture-pane", "-p", "-t", "home")
+
+        wait_for(lambda: "webapp" in screen() and "other" in screen(), "top to show both sessions")
+        tmux("send-keys", "-t", "home", "j")
+        wait_for(lambda: any(line.startswith("> ") and "webapp" in line for line in screen().splitlines()), "a row")
+        assert tmux("list-clients", "-F", "#{client_session}").split() == ["home"]
+        tmux("send-keys", "-t", "home", "Enter")
+        wait_for(lambda: tmux("list-clients", "-F", "#{client_session}").split() == ["work"], "the client to switch")
+        assert tmux.current() == (tmux.agent_window, tmux.agent_pane)
+        wait_for(lambda: f"switched to tmux pane {tmux.agent_pane}" in screen(), "top to say where it went")
+    finally:
+        viewer.kill()
+
+
 def test_the_function_top_calls_jumps_to_the_pane_when_the_agent_is_a_panes_own_process(
     store: shmstore.Client, tmux: Server
 ) -> None:

@@ -20,7 +20,7 @@ from rich.console import Console
 
 import shmstore
 from shmstore import ApiUsage, Session, Status
-from shmstore.commands.top import Frame, cells, columns, ordered, view
+from shmstore.commands.top import FOOTER, Frame, Note, cells, columns, moved, ordered, pressed, rows, selected, view
 
 AT = 1_000_000.0
 
@@ -30,9 +30,9 @@ def _session(id: str, status: Status, active: float, **fields: object) -> Sessio
     return make_session(id, status=status, since=AT - 100, last_activity=AT - active, **fields)
 
 
-def _screen(frame: Frame, width: int = 120, height: int = 30) -> str:
+def _screen(frame: Frame, width: int = 120, height: int = 30, **options: object) -> str:
     console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
-    console.print(view(frame, AT, width, height))
+    console.print(view(frame, AT, width, height, **options))  # type: ignore[arg-type]
     return console.file.getvalue()  # type: ignore[attr-defined,no-any-return]
 
 
@@ -106,7 +106,7 @@ def test_rows_that_do_not_fit_are_counted_not_drawn() -> None:
     sessions = tuple(_session(f"s{n:02}", Status.WORKING, n) for n in range(40))
     screen = _screen(Frame("/s", sessions, 40, "live"), height=20)
     assert len(screen.splitlines()) <= 20
-    assert "\u2026 and 27 more" in screen
+    assert "\u2026 and 28 more" in screen  # a line kept for what a jump did
     assert "s00" in screen  # the last active first
     assert "s39" not in screen
 
@@ -117,6 +117,54 @@ def test_text_from_the_store_is_shown_literally() -> None:
     assert "[bold]x" in screen  # not rich markup
     assert "[red]proj" in screen
     assert "/s[/]" in screen
+
+
+# -- choosing a row, and the jump's keys ----------------------------------------------------------
+
+
+def test_keys_are_read_from_what_the_terminal_sends_in_either_cursor_mode() -> None:
+    assert pressed(b"\x1b[B\x1bOBj\x1b[A\x1bOAk") == ["down", "down", "down", "up", "up", "up"]
+    assert pressed(b"\n") == pressed(b"\r") == pressed(b"g") == ["go"]
+    assert pressed(b"x\x1b[5~jq") == ["down", "quit"]  # other keys (Page Up here) do nothing
+    assert pressed(b"") == []
+
+
+def test_the_selection_starts_on_the_first_row_moves_and_stops_at_either_end() -> None:
+    shown = ordered([_session(id, Status.WORKING, n) for n, id in enumerate(["a", "b", "c"])])
+    assert selected(shown, None) is shown[0]
+    assert moved(shown, None, 1) == "b"
+    assert moved(shown, "b", 1) == "c"
+    assert moved(shown, "c", 1) == "c"
+    assert moved(shown, "a", -1) == "a"
+    assert selected([], "a") is None
+    assert moved([], None, 1) is None
+
+
+def test_the_selection_follows_its_session_as_rows_reorder_and_falls_back_to_the_first() -> None:
+    b = _session("b", Status.WORKING, 2)
+    before = ordered([_session("a", Status.WORKING, 1), b])
+    assert moved(before, None, 1) == "b"
+    after = ordered([_session("a", Status.WORKING, 1), _session("b", Status.QUESTION, 2)])  # b now first
+    assert selected(after, "b").id == "b"  # type: ignore[union-attr]
+    assert selected(after[1:], "b").id == "a"  # type: ignore[union-attr]  # b gone: the first row
+
+
+def test_only_rows_on_screen_can_be_selected() -> None:
+    sessions = [_session(f"s{n:02}", Status.WORKING, n) for n in range(40)]
+    shown = rows(sessions, 20)
+    assert len(shown) == 12  # the other 28 are counted on the line below them
+    assert moved(shown, shown[-1].id, 1) == shown[-1].id
+
+
+def test_the_selected_row_is_marked_and_the_footer_says_the_keys_and_what_a_jump_did() -> None:
+    frame = Frame("/s", (_session("alpha", Status.ATTENTION, 1), _session("bravo", Status.WORKING, 2)), 2, "live")
+    lines = _screen(frame, choice="bravo").splitlines()
+    assert next(line for line in lines if "alpha" in line).startswith("  ")
+    assert next(line for line in lines if "bravo" in line).startswith("> ")
+    assert lines[-1] == FOOTER
+    refused = Note("not switching: session 'bravo' does not run in tmux", True, 0)
+    assert _screen(frame, note=refused).splitlines()[-2:] == [FOOTER, refused.text]
+    assert ">" not in _screen(frame, keys=False)  # top printed once has no selection
 
 
 def test_top_without_a_terminal_prints_the_table_once_without_escape_codes(store: shmstore.Client) -> None:
@@ -247,7 +295,7 @@ def test_top_in_a_terminal_quits_on_ctrl_c_or_sigterm_and_restores_the_terminal(
     server: shmstore.ServerProcess, terminal: Callable[[Path], Pane], how: str
 ) -> None:
     pane = terminal(Path(server.address))
-    pane.shows("live", "0 sessions")
+    pane.shows("live", "0 sessions", FOOTER)
     if how == "ctrl-c":
         pane.keys("C-c")
     else:
@@ -257,3 +305,21 @@ def test_top_in_a_terminal_quits_on_ctrl_c_or_sigterm_and_restores_the_terminal(
     screen = pane.shows("top exited", "tty-")
     assert "top exited 0" in screen
     assert "tty-restored" in screen
+
+
+def test_enter_on_a_session_not_in_tmux_says_why_in_the_footer_and_top_goes_on(
+    store: shmstore.Client, terminal: Callable[[Path], Pane]
+) -> None:
+    store.report("bg-job", Status.ATTENTION, "/src/alpha")  # no terminal: a background agent
+    store.report("q-1", Status.QUESTION, "/src/bravo")
+    pane = terminal(store.address)
+    pane.shows("live", "alpha", "bravo")
+    pane.keys("Down")
+    pane.wait_for(lambda text: _row(text, "alpha").startswith("> "), "alpha selected")
+    pane.keys("Enter")
+    screen = pane.shows("not switching: session 'bg-job' does not run in tmux")
+    assert "2 sessions" in screen  # still drawing, live
+    store.report("w-1", Status.WORKING, "/src/charlie")
+    pane.shows("charlie", "3 sessions")
+    pane.keys("q")
+    assert "top exited 0" in pane.shows("top exited", "tty-")

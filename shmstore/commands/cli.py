@@ -360,7 +360,8 @@ def _parser() -> argparse.ArgumentParser:
         "top",
         sessions.top,
         "a live full-screen table of the sessions, those waiting for you first, kept up to date from the change "
-        "feed and through manager restarts; q or Ctrl-C quits (without a terminal: prints the table once)",
+        "feed and through manager restarts; the arrow keys or j/k select a row, Enter or g switches to its "
+        "session's tmux pane (as `go` does), q or Ctrl-C quits (without a terminal: prints the table once)",
     )
 
     cmd = command(

@@ -14,6 +14,11 @@ a byte to when something changed, and on a one-second tick that ages the times s
 and redraws. Nothing polls the store. ``q`` or Ctrl-C quits (SIGTERM and SIGHUP too),
 and the terminal is restored on every way out.
 
+One row is selected (marked ``>``; the arrow keys or ``j``/``k`` move it), and Enter or
+``g`` switches to that session's tmux pane with :func:`shmstore.tmux.jump`, the check and
+switch ``shmstore go`` makes: a pane that is no longer the agent's is refused, and the
+footer says why. The selection follows the session, not the line, as rows reorder.
+
 Without a terminal on stdin and stdout, ``top`` prints the table once, without escape
 codes, and exits, like ``top -b -n 1``: a script or a pipe gets the same view.
 """
@@ -39,8 +44,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .. import tmux
 from ..clients.client import Client
 from ..clients.follow import Follower, Link, Notice
+from ..errors import JumpRefusedError
 from ..feed import Event
 from ..model import Session, Status
 from ..transport import address as addr
@@ -60,8 +67,27 @@ WIDE = 100
 #: Seconds the header says "resynced" after the follower started again from a snapshot.
 RESYNCED_FOR = 10.0
 #: Lines of the screen that are not session rows: header (two while reconnecting), blank,
-#: column names, rule, footer.
-CHROME = 6
+#: column names, rule, footer, the last jump's message.
+CHROME = 7
+#: Seconds the footer shows what the last jump did, unless a key clears it sooner.
+NOTE_FOR = 10.0
+#: The keys ``top`` reads, as the bytes a terminal sends for them (the cursor keys in both
+#: of its modes, normal and application), and what each does.
+KEYS = {
+    b"\x1b[A": "up",
+    b"\x1bOA": "up",
+    b"k": "up",
+    b"\x1b[B": "down",
+    b"\x1bOB": "down",
+    b"j": "down",
+    b"\r": "go",
+    b"\n": "go",
+    b"g": "go",
+    b"q": "quit",
+    b"Q": "quit",
+}
+#: What the footer says the keys do.
+FOOTER = "\u2191\u2193/jk select  enter/g go to its tmux pane  q quit"
 
 
 # -- what is shown: pure functions ------------------------------------------------------------
@@ -147,28 +173,93 @@ def header(frame: Frame, at: float, *, live: bool = True) -> Text:
     return text.append(f"rev {frame.revision}  {summary(frame.sessions)}")
 
 
-def view(frame: Frame, at: float, width: int, height: int, *, keys: bool = True) -> RenderableType:
-    """The whole screen for ``frame`` at time ``at`` on a ``width`` x ``height`` terminal
-    (with the keys to press at the foot if ``keys``)."""
+def rows(sessions: Iterable[Session], height: int) -> list[Session]:
+    """The sessions that have a row on a screen ``height`` lines high, in order (when some
+    do not fit, the last line counts them instead)."""
+    listed = ordered(sessions)
+    room = max(1, height - CHROME)
+    return listed if len(listed) <= room else listed[: room - 1]
+
+
+def selected(shown: Sequence[Session], choice: str | None) -> Session | None:
+    """The session of the selected row: the one ``choice`` names while it has a row, else
+    the first row (None when there is none)."""
+    return next((s for s in shown if s.id == choice), shown[0] if shown else None)
+
+
+def moved(shown: Sequence[Session], choice: str | None, by: int) -> str | None:
+    """The id the selection names after moving ``by`` rows, stopping at the first and last."""
+    current = selected(shown, choice)
+    if current is None:
+        return None
+    index = min(max(shown.index(current) + by, 0), len(shown) - 1)
+    return shown[index].id
+
+
+def pressed(typed: bytes) -> list[str]:
+    """What the bytes read from the keyboard ask for, in order (see :data:`KEYS`); bytes of
+    other keys are skipped."""
+    actions, at = [], 0
+    while at < len(typed):
+        for size in (3, 1):
+            action = KEYS.get(typed[at : at + size])
+            if action is not None:
+                actions.append(action)
+                at += size
+                break
+        else:
+            at += 1
+    return actions
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Note:
+    """What the footer says after a jump: ``text``, a refusal if ``refused``, until ``until``
+    (``time.monotonic()``)."""
+
+    text: str
+    refused: bool
+    until: float
+
+
+def view(
+    frame: Frame,
+    at: float,
+    width: int,
+    height: int,
+    *,
+    keys: bool = True,
+    choice: str | None = None,
+    note: Note | None = None,
+) -> RenderableType:
+    """The whole screen for ``frame`` at time ``at`` on a ``width`` x ``height`` terminal:
+    with ``keys``, the selected row (``choice``, see :func:`selected`) marked, the keys to
+    press at the foot, and ``note`` (what the last jump did) under them."""
     sessions = ordered(frame.sessions)
     names = columns(sessions, width)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False, header_style="bold")
+    if keys:
+        table.add_column("", no_wrap=True, width=1)
     for name in names:
         table.add_column(name, no_wrap=True, overflow="ellipsis", max_width=32 if name == "PROJECT" else None)
-    room = max(1, height - CHROME)
-    shown = sessions if len(sessions) <= room else sessions[: room - 1]
+    shown = rows(sessions, height)
+    mark = selected(shown, choice) if keys else None
     for session in shown:
         style = "dim" if session.stale or frame.link == Link.RECONNECTING else STYLE[session.status]
         row = [Text(cell) for cell in cells(session, names, at)]
         row[0].stylize(style)
-        table.add_row(*row)
+        if keys:
+            row.insert(0, Text(">" if session is mark else " ", style="bold"))
+        table.add_row(*row, style="reverse" if session is mark else None)
     parts: list[RenderableType] = [header(frame, at, live=keys), Text(""), table]
     if len(shown) < len(sessions):
         parts.append(Text(f"\u2026 and {len(sessions) - len(shown)} more", style="dim"))
     elif not sessions and frame.link == Link.LIVE:
         parts.append(Text("no live sessions", style="dim"))
     if keys:
-        parts.append(Text("q quit", style="dim"))
+        parts.append(Text(FOOTER, style="dim"))
+        if note is not None:
+            parts.append(Text(printable(note.text), style="bold red" if note.refused else "bold"))
     return Group(*parts)
 
 
@@ -302,6 +393,8 @@ def run(client: Client) -> int:
 def _show(board: Board, thread: threading.Thread, keys: int) -> None:
     """Draw until ``q``: on every change, key press and second."""
     console = Console(highlight=False)
+    choice: str | None = None  # the id of the selected session
+    note: Note | None = None
     with _cbreak(keys), Live(console=console, screen=True, auto_refresh=False, redirect_stderr=False) as live:
         thread.start()
         while True:
@@ -309,15 +402,40 @@ def _show(board: Board, thread: threading.Thread, keys: int) -> None:
             if error is not None:
                 raise error
             width, height = console.size
-            live.update(view(board.frame(), time.time(), width, height), refresh=True)
+            frame = board.frame()
+            if note is not None and time.monotonic() >= note.until:
+                note = None
+            live.update(view(frame, time.time(), width, height, choice=choice, note=note), refresh=True)
             tick = 1.0 - time.time() % 1.0  # ages change on the second
             ready, _, _ = select.select([keys, board.wake], [], [], tick)
             if board.wake in ready:
                 board.drain()
-            if keys in ready:
-                typed = os.read(keys, 1024)
-                if not typed or b"q" in typed.lower():
+            if keys not in ready:
+                continue
+            typed = os.read(keys, 1024)
+            if not typed:
+                return
+            note = None
+            for action in pressed(typed):
+                sessions = rows(frame.sessions, height)
+                if action == "quit":
                     return
+                if action == "go":
+                    note = _go(selected(sessions, choice))
+                else:
+                    choice = moved(sessions, choice, -1 if action == "up" else 1)
+
+
+def _go(session: Session | None) -> Note | None:
+    """Switch to ``session``'s tmux pane (top's own ``$TMUX`` names the client to switch);
+    what the footer says of it."""
+    if session is None:
+        return None
+    try:
+        done = tmux.jump(session, os.environ)
+    except JumpRefusedError as refused:
+        return Note(f"not switching: {refused}", True, time.monotonic() + NOTE_FOR)
+    return Note(done.message(), False, time.monotonic() + NOTE_FOR)
 
 
 def print_once(client: Client) -> int:
