@@ -329,7 +329,7 @@ def test_a_session_in_the_tmux_pane_the_user_looks_at_is_not_told(
     tmux = ["tmux", "-f", "/dev/null", "-S", socket]
     subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", "80", "-y", "24"], check=True, timeout=20)
     try:
-        subprocess.run([*tmux, "new-window", "-d", "-t", "t"], check=True, timeout=20)  # not the active window
+        subprocess.run([*tmux, "new-window", "-d", "-t", "t:"], check=True, timeout=20)  # not the active window
         panes = subprocess.run(
             [*tmux, "list-panes", "-s", "-t", "t", "-F", "#{pane_id}"], capture_output=True, text=True, timeout=20
         ).stdout.split()
