@@ -203,12 +203,20 @@ def _check_owner(id: str, pane: Pane, agent: int, agent_start: int | None) -> No
     )
 
 
+def _run(socket: str, environ: Mapping[str, str], timeout: float, *args: str) -> subprocess.CompletedProcess[str]:
+    """``tmux -S SOCKET ARGS...`` in ``environ``, its output captured, killed at ``timeout``
+    (``subprocess.TimeoutExpired``); OSError when tmux cannot be run."""
+    argv = ["tmux", "-S", socket, *args]
+    return subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, env=dict(environ), check=False
+    )
+
+
 def _tmux(id: str, socket: str, environ: Mapping[str, str], timeout: float, *args: str) -> str:
     """Run ``tmux -S SOCKET ARGS...``; its stdout. A server that cannot be reached is
     ``server_gone``; any other failure, or no answer within ``timeout``, ``tmux_failed``."""
-    argv = ["tmux", "-S", socket, *args]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=dict(environ), check=False)
+        done = _run(socket, environ, timeout, *args)
     except FileNotFoundError:
         raise JumpRefusedError(id, "tmux_failed", "tmux is not installed (not on $PATH)") from None
     except OSError as exc:
@@ -238,12 +246,9 @@ def looked_at(session: Session, timeout: float = LOOK_TIMEOUT) -> bool:
     terminal = session.terminal
     if terminal is None or not terminal.tmux_pane or not terminal.tmux_socket:
         return False
-    argv = ["tmux", "-S", terminal.tmux_socket, "display", "-p", "-t", terminal.tmux_pane]
-    argv.append("#{pane_active} #{window_active} #{session_attached}")
+    shown = "#{pane_active} #{window_active} #{session_attached}"
     try:
-        result = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False
-        )
+        result = _run(terminal.tmux_socket, os.environ, timeout, "display", "-p", "-t", terminal.tmux_pane, shown)
     except (OSError, subprocess.SubprocessError):
         return False
     fields = result.stdout.split()
