@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 
-from ..errors import ShmstoreError, StoreUnavailableError
+from ..errors import ShmstoreError
 from ..transport import address as addr
 from ..transport.protocol import Address
-from .reporter import _describe, _dispatch, _open
+from .reporter import one_call, unavailable
 
 TYPE_CHECKING = False  # as typing's, without importing typing
 if TYPE_CHECKING:
@@ -32,11 +32,9 @@ def live_records(address: Address, authkey: bytes | None, deadline: float) -> li
     :class:`StoreUnavailableError` when the manager does not answer by then."""
     key = addr.read_key(address) if authkey is None else authkey
     try:
-        with _open(address, key, deadline) as conn:
-            records = _dispatch(conn, None, "list_all", (), address)
-    except ShmstoreError:
+        records = one_call(address, key, "list_all", (), deadline)
+    except ShmstoreError:  # the manager's own (StoreUnavailableError is an OSError too)
         raise
     except (EOFError, OSError) as exc:
-        where = addr.format_address(address)
-        raise StoreUnavailableError(f"manager at {where}: {_describe(exc)}", address=where) from None
+        raise unavailable(address, "list_all", exc) from None
     return [json.loads(record) for record in records]

@@ -53,19 +53,15 @@ def report(
     while args and args[-1] is None:  # only what is given, so that an older manager takes it
         args = args[:-1]
     request = (token or os.urandom(16), 1, "report", *args)
-    where = addr.format_address(address)
     for attempt in range(1, TRIES + 1):
         try:
-            with _open(address, key, deadline) as conn:
-                reply = _dispatch(conn, None, "once", request, address)
-                return None if reply is None else bytes(reply)
-        except ShmstoreError:
+            reply = one_call(address, key, "once", request, deadline)
+            return None if reply is None else bytes(reply)
+        except ShmstoreError:  # the manager's own (StoreUnavailableError is an OSError too)
             raise
         except (EOFError, OSError) as exc:
             if isinstance(exc, TimeoutError) or attempt == TRIES or time.monotonic() + RETRY_PAUSE >= deadline:
-                raise StoreUnavailableError(
-                    f"manager at {where} failed during report(): {_describe(exc)}", address=where
-                ) from None
+                raise unavailable(address, "report", exc) from None
             time.sleep(RETRY_PAUSE)
     raise AssertionError("unreachable")
 
@@ -77,10 +73,22 @@ TRIES = 4
 RETRY_PAUSE = 0.05
 
 
-def _open(address: Address, key: bytes, deadline: float) -> Channel:
+def one_call(address: Address, key: bytes, method: str, args: tuple[Any, ...], deadline: float) -> Any:
+    """The manager's answer to ``method(*args)``, asked as the first and only request of a
+    connection of its own, by ``deadline`` (the manager serves ``once`` and ``list_all`` so,
+    without a proxy). Raises the manager's own errors
+    as they come, and EOFError or OSError (TimeoutError at the deadline) as the connection
+    failed: the caller says what that means (:func:`unavailable`)."""
     conn = open_authenticated(address, key, max(0.001, deadline - time.monotonic()), Channel)
     conn.deadline = deadline
-    return conn
+    with conn:
+        return _dispatch(conn, None, method, args, address)
+
+
+def unavailable(address: Address, method: str, exc: BaseException) -> StoreUnavailableError:
+    """The error of a call to ``method`` whose connection failed with ``exc``."""
+    where = addr.format_address(address)
+    return StoreUnavailableError(f"manager at {where} failed during {method}(): {_describe(exc)}", address=where)
 
 
 def _dispatch(conn: Channel, ident: str | None, method: str, args: tuple[Any, ...], address: Address) -> Any:
