@@ -241,3 +241,48 @@ def timelines(store: Any) -> dict[str, list[str]]:
         if not line or line[-1] != shown:
             line.append(shown)
     return seen
+
+
+class AgentRig:
+    """What the rig of every real-agent test shares (a manager's ``store``, the agent's
+    terminal ``term`` when it runs in one): the timelines the store shows, and waits that
+    say, when they fail, what there was to see. An agent's rig adds its CLI, its model
+    stand-in and its own steps, and names the agent's own record of events (:meth:`events`)."""
+
+    store: Any
+    term: Tmux | None = None
+
+    def events(self) -> object:
+        """The agent's side of a failure: what it fired, as its rig records it."""
+        return []
+
+    def seen(self) -> dict[str, list[str]]:
+        return timelines(self.store)
+
+    def hook_log(self) -> str:
+        """What our hooks logged of reports not taken at once (the test's own state directory)."""
+        log = Path(os.environ["XDG_STATE_HOME"]) / "shmstore" / "hook.log"
+        return log.read_text() if log.exists() else ""
+
+    def why(self) -> str:
+        """What a failure shows: the store's timelines, the agent's events, the hook's log, the screen."""
+        screen = self.term.screen() if self.term is not None else ""
+        return f"seen {self.seen()}; events {self.events()}; hook.log:\n{self.hook_log()[-2000:]}\n{screen}"
+
+    def wait_seen(self, id: str, *statuses: str, timeout: float = 30) -> list[str]:
+        """Wait until session ``id`` has shown ``statuses`` last; its whole timeline."""
+        want = list(statuses)
+        try:
+            return wait_for(
+                lambda: self.seen().get(id, [])[-len(want) :] == want and self.seen()[id], timeout, str(want)
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {self.why()}") from None
+
+    def only_session(self) -> str:
+        """The id of the one session the store holds, once there is one."""
+        try:
+            [id] = wait_for(lambda: list(self.seen()), 30, "a session")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {self.why()}") from None
+        return str(id)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from claude_rig import Claude, Tmux, claude_binary, timelines, tmux, wait_for
+from claude_rig import AgentRig, Claude, Tmux, claude_binary, tmux, wait_for
 from helpers import StartServer
 from model_stub import ModelStub
 
@@ -41,28 +41,15 @@ if BINARY is None:
 ASKING = ("--permission-mode", "default")
 
 
-class Rig:
+class Rig(AgentRig):
     """A manager, the model stand-in, and a Claude home whose hooks report to the manager."""
 
     def __init__(self, server: shmstore.ServerProcess, stub: ModelStub, claude: Claude, store: shmstore.Client):
         self.server, self.stub, self.claude, self.store = server, stub, claude, store
         self.via = "command"
-        self.term: Tmux | None = None
 
-    def seen(self) -> dict[str, list[str]]:
-        return timelines(self.store)
-
-    def wait_seen(self, id: str, *statuses: str, timeout: float = 30) -> list[str]:
-        """Wait until session ``id`` has shown ``statuses`` last; its whole timeline."""
-        want = list(statuses)
-        try:
-            return wait_for(
-                lambda: self.seen().get(id, [])[-len(want) :] == want and self.seen()[id], timeout, str(want)
-            )
-        except AssertionError as exc:
-            events = [seen["payload"]["hook_event_name"] for seen in self.claude.payloads()]
-            screen = self.term.screen() if self.term is not None else ""
-            raise AssertionError(f"{exc}; seen {self.seen()}; events {events}\n{screen}") from None
+    def events(self) -> list[str]:
+        return [seen["payload"]["hook_event_name"] for seen in self.claude.payloads()]
 
     def answer(self, id: str, choice: str) -> None:
         """Take the dialog's first choice (Enter) once ``choice`` is on screen. A dialog
@@ -76,10 +63,6 @@ class Rig:
                 wait_for(lambda: self.seen()[id][-1] != "question", 2, "an answer")
                 return
         raise AssertionError(f"the dialog took no answer\n{self.term.screen()}")
-
-    def only_session(self) -> str:
-        [id] = wait_for(lambda: list(self.seen()), 30, "a session")
-        return str(id)
 
     def check_every_payload(self) -> None:
         """Every payload Claude gave a hook is one shmstore knows, and names the session,

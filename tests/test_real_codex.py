@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from claude_rig import timelines, wait_for
+from claude_rig import AgentRig, timelines, wait_for
 from codex_rig import VERSION, Codex, Tmux, codex_binary, tmux
 from helpers import StartServer
 from responses_stub import ResponsesStub
@@ -48,32 +48,16 @@ REVIEW = "Hooks need review"
 INSTALL_ONLY = {"record": False}
 
 
-class Rig:
+class Rig(AgentRig):
     """A manager, the model stand-in, and a Codex home whose hooks report to the manager."""
+
+    term: Tmux | None
 
     def __init__(self, server: shmstore.ServerProcess, stub: ResponsesStub, codex: Codex, store: shmstore.Client):
         self.server, self.stub, self.codex, self.store = server, stub, codex, store
-        self.term: Tmux | None = None
 
-    def seen(self) -> dict[str, list[str]]:
-        return timelines(self.store)
-
-    def wait_seen(self, id: str, *statuses: str, timeout: float = 30) -> list[str]:
-        """Wait until session ``id`` has shown ``statuses`` last; its whole timeline."""
-        want = list(statuses)
-        try:
-            return wait_for(
-                lambda: self.seen().get(id, [])[-len(want) :] == want and self.seen()[id], timeout, str(want)
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; {self.state()}") from None
-
-    def state(self) -> str:
-        """What a failure shows: the store, the events, the hook's failure log, the screen."""
-        log = Path(os.environ["XDG_STATE_HOME"]) / "shmstore" / "hook.log"
-        failures = log.read_text()[-2000:] if log.exists() else ""
-        screen = self.term.screen() if self.term is not None else ""
-        return f"seen {self.seen()}; events {self.codex.events()}; hook.log:\n{failures}\n{screen}"
+    def events(self) -> object:
+        return self.codex.events()
 
     def wait_events(self, *events: str, timeout: float = 10) -> None:
         """Wait until the recorder has seen exactly ``events``: it runs beside our hook, so
@@ -81,14 +65,7 @@ class Rig:
         try:
             wait_for(lambda: self.codex.events() == list(events), timeout, f"the events {list(events)}")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; {self.state()}") from None
-
-    def only_session(self) -> str:
-        try:
-            [id] = wait_for(lambda: list(self.seen()), 30, "a session")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; {self.state()}") from None
-        return str(id)
+            raise AssertionError(f"{exc}; {self.why()}") from None
 
     def start(self, *flags: str) -> Tmux:
         """The TUI in the test's tmux, once it takes input: its status line names the model
@@ -146,7 +123,7 @@ class Rig:
         try:
             wait_for(lambda: self.codex.payloads() and self.seen() == self.expected(), 10, "every payload in the store")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}: payloads call for {self.expected()}; {self.state()}") from None
+            raise AssertionError(f"{exc}: payloads call for {self.expected()}; {self.why()}") from None
         for seen in self.codex.payloads():
             payload = seen["payload"]
             event = payload["hook_event_name"]

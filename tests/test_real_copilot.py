@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from claude_rig import timelines, wait_for
+from claude_rig import AgentRig, wait_for
 from copilot_rig import EVENTS, VERSION, Copilot, Tmux, copilot_binary, tmux, unpack
 from helpers import StartServer
 from openai_chat_stub import ChatStub
@@ -45,30 +45,14 @@ if BINARY is None:
 AFTER_ESC = "attention"
 
 
-class Rig:
+class Rig(AgentRig):
     """A manager, the model stand-in, and a Copilot home whose hooks report to the manager."""
 
     def __init__(self, server: shmstore.ServerProcess, stub: ChatStub, copilot: Copilot, store: shmstore.Client):
         self.server, self.stub, self.copilot, self.store = server, stub, copilot, store
-        self.term: Tmux | None = None
 
-    def seen(self) -> dict[str, list[str]]:
-        return timelines(self.store)
-
-    def wait_seen(self, id: str, *statuses: str, timeout: float = 30) -> list[str]:
-        """Wait until session ``id`` has shown ``statuses`` last; its whole timeline."""
-        want = list(statuses)
-        try:
-            return wait_for(
-                lambda: self.seen().get(id, [])[-len(want) :] == want and self.seen()[id], timeout, str(want)
-            )
-        except AssertionError as exc:
-            screen = self.term.screen() if self.term is not None else ""
-            raise AssertionError(f"{exc}; seen {self.seen()}; events {self.copilot.events()}\n{screen}") from None
-
-    def only_session(self) -> str:
-        [id] = wait_for(lambda: list(self.seen()), 30, "a session")
-        return str(id)
+    def events(self) -> object:
+        return self.copilot.events()
 
     def ready(self) -> None:
         """Wait for the TUI's prompt: keys sent before it are lost (or answer a dialog)."""

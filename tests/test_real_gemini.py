@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from claude_rig import timelines, wait_for
+from claude_rig import AgentRig, wait_for
 from gemini_rig import VERSION, Gemini, Tmux, environment, gemini_binary, tmux
 from gemini_stub import GeminiStub
 from helpers import StartServer
@@ -46,34 +46,16 @@ DIALOG = "Allow once"
 REPLY = "✦"
 
 
-class Rig:
+class Rig(AgentRig):
     """A manager, the model stand-in, and a Gemini home whose hooks report to the manager."""
+
+    term: Tmux | None
 
     def __init__(self, server: shmstore.ServerProcess, stub: GeminiStub, gemini: Gemini, store: shmstore.Client):
         self.server, self.stub, self.gemini, self.store = server, stub, gemini, store
-        self.term: Tmux | None = None
 
-    def seen(self) -> dict[str, list[str]]:
-        return timelines(self.store)
-
-    def wait_seen(self, id: str, *statuses: str, timeout: float = 30) -> list[str]:
-        """Wait until session ``id`` has shown ``statuses`` last; its whole timeline."""
-        want = list(statuses)
-        try:
-            return wait_for(
-                lambda: self.seen().get(id, [])[-len(want) :] == want and self.seen()[id], timeout, str(want)
-            )
-        except AssertionError as exc:
-            screen = self.term.screen() if self.term is not None else ""
-            raise AssertionError(f"{exc}; seen {self.seen()}; events {self.gemini.events()}\n{screen}") from None
-
-    def only_session(self) -> str:
-        try:
-            [id] = wait_for(lambda: list(self.seen()), 30, "a session")
-        except AssertionError as exc:
-            screen = self.term.screen() if self.term is not None else ""
-            raise AssertionError(f"{exc}; events {self.gemini.events()}; log {self.hook_log()}\n{screen}") from None
-        return str(id)
+    def events(self) -> object:
+        return self.gemini.events()
 
     def start(self) -> str:
         """The interactive CLI in the test's tmux, once it takes a prompt (SessionStart
@@ -152,11 +134,6 @@ class Rig:
             assert session is not None
             assert session.working_dir == payload["cwd"] == str(self.gemini.project)
             assert str(session.agent_type) == adapter.NAME
-
-    def hook_log(self) -> str:
-        """What our hooks logged of reports not taken at once (the test's own state directory)."""
-        log = Path(os.environ["XDG_STATE_HOME"]) / "shmstore" / "hook.log"
-        return log.read_text() if log.exists() else ""
 
     def closed_reports(self, id: str) -> int:
         """How many reports the store took for session ``id`` once it was closed (each is

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from claude_rig import ROOT, Tmux, timelines, tmux, wait_for
+from claude_rig import ROOT, AgentRig, Tmux, tmux, wait_for
 from helpers import StartServer
 from model_stub import ModelStub, last_user_text, text_block, tool_block
 
@@ -168,33 +168,15 @@ class Opencode:
         return [row for row in rows if row["type"] in BUS_EVENTS]
 
 
-class Rig:
+class Rig(AgentRig):
     """A manager, the model stand-in, and an opencode home whose plugin reports to the manager."""
 
     def __init__(self, server: shmstore.ServerProcess, opencode: Opencode, store: shmstore.Client) -> None:
         self.server, self.opencode, self.store = server, opencode, store
-        self.term: Tmux | None = None
 
-    def seen(self) -> dict[str, list[str]]:
-        return timelines(self.store)
-
-    def wait_seen(self, id: str, *statuses: str, timeout: float = 30) -> list[str]:
-        """Wait until session ``id`` has shown ``statuses`` last; its whole timeline."""
-        want = list(statuses)
-        try:
-            return wait_for(
-                lambda: self.seen().get(id, [])[-len(want) :] == want and self.seen()[id], timeout, str(want)
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; {self.why()}") from None
-
-    def why(self) -> str:
-        """What a failure shows: the store's timelines, opencode's bus, the screen, the hook's log."""
-        events = [(row["type"], row["session"], row.get("parent"), row.get("status")) for row in self.opencode.events()]
-        screen = self.term.screen() if self.term is not None else ""
-        log = Path(os.environ["XDG_STATE_HOME"]) / "shmstore" / "hook.log"
-        failures = log.read_text() if log.exists() else ""
-        return f"seen {self.seen()}; bus {events}\n{screen}\nhook log: {failures}"
+    def events(self) -> object:
+        """opencode's bus, as the plugin saw it."""
+        return [(row["type"], row["session"], row.get("parent"), row.get("status")) for row in self.opencode.events()]
 
     def top_sessions(self) -> list[str]:
         """The top-level sessions of opencode's bus, in order."""
