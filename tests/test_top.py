@@ -19,8 +19,22 @@ from helpers import PYTHON, StartServer, make_session, run
 from rich.console import Console
 
 import shmstore
-from shmstore import ApiUsage, Session, Status
-from shmstore.commands.top import FOOTER, Frame, Note, cells, columns, moved, ordered, pressed, rows, selected, view
+from shmstore import ApiUsage, Session, Status, Terminal
+from shmstore.commands.top import (
+    CHROME,
+    FOOTER,
+    Frame,
+    Note,
+    cells,
+    columns,
+    moved,
+    ordered,
+    pressed,
+    room,
+    rows,
+    selected,
+    view,
+)
 
 AT = 1_000_000.0
 
@@ -105,8 +119,8 @@ def test_the_screen_says_when_it_is_reconnecting_and_when_it_resynced() -> None:
 def test_rows_that_do_not_fit_are_counted_not_drawn() -> None:
     sessions = tuple(_session(f"s{n:02}", Status.WORKING, n) for n in range(40))
     screen = _screen(Frame("/s", sessions, 40, "live"), height=20)
-    assert len(screen.splitlines()) <= 20
-    assert "\u2026 and 28 more" in screen  # a line kept for what a jump did
+    assert len(screen.splitlines()) == 20
+    assert "\u2026 and 26 more" in screen
     assert "s00" in screen  # the last active first
     assert "s39" not in screen
 
@@ -127,6 +141,15 @@ def test_keys_are_read_from_what_the_terminal_sends_in_either_cursor_mode() -> N
     assert pressed(b"\n") == pressed(b"\r") == pressed(b"g") == ["go"]
     assert pressed(b"x\x1b[5~jq") == ["down", "quit"]  # other keys (Page Up here) do nothing
     assert pressed(b"") == []
+
+
+def test_other_keys_escape_sequences_are_skipped_whole_not_read_as_letters() -> None:
+    assert pressed(b"\x1bOQ") == []  # F2, not q
+    assert pressed(b"\x1bOq\x1bOj\x1bOk") == []  # keypad 1, 2, 3 in application mode
+    assert pressed(b"\x1bq\x1bg") == []  # Alt-q, Alt-g
+    assert pressed(b"\x1b[1;5A\x1b[15~j") == ["down"]  # Ctrl-Up, F5, then j
+    assert pressed(b"\x1b[<0;12;7Mq") == ["quit"]  # a mouse click, then q
+    assert pressed(b"j\x1b") == ["down"]  # a lone Esc does nothing
 
 
 def test_the_selection_starts_on_the_first_row_moves_and_stops_at_either_end() -> None:
@@ -151,9 +174,35 @@ def test_the_selection_follows_its_session_as_rows_reorder_and_falls_back_to_the
 
 def test_only_rows_on_screen_can_be_selected() -> None:
     sessions = [_session(f"s{n:02}", Status.WORKING, n) for n in range(40)]
-    shown = rows(sessions, 20)
-    assert len(shown) == 12  # the other 28 are counted on the line below them
+    shown = rows(sessions, 15)
+    assert len(shown) == 14  # the other 26 are counted on the line below them
     assert moved(shown, shown[-1].id, 1) == shown[-1].id
+
+
+def test_a_terminal_with_room_for_one_row_shows_one_not_only_a_count() -> None:
+    sessions = [_session(f"s{n:02}", Status.WORKING, n) for n in range(3)]
+    assert [s.id for s in rows(sessions, 1)] == ["s00"]
+    assert rows(sessions, 0) == []
+    assert len(rows(sessions, 3)) == 3
+
+
+@pytest.mark.parametrize("link", ["live", "reconnecting"])
+def test_every_selectable_row_is_drawn_however_narrow_or_short_the_terminal(link: str) -> None:
+    """The header, the message of a reconnect and the footer are one line each, so the
+    rows :func:`rows` lets the user select are all on screen: the last one is marked."""
+    sessions = tuple(
+        _session(f"session-{n}", Status.WORKING, n, working_dir=f"/src/a-long-project-name-{n}") for n in range(6)
+    )
+    frame = Frame("/run/user/1000/shmstore/" + "x" * 60 + ".sock", sessions, 9, link, message="refused " * 20)
+    note = Note("not switching: " + "a long reason " * 10, True, 0)
+    for width in (20, 30, 50, 80, 120):
+        for height in range(CHROME + 1, 16):
+            shown = rows(sessions, room(frame, height))
+            assert shown, (width, height)  # one row at least, as soon as there is room for it
+            for footer in (None, note):
+                screen = _screen(frame, width, height, choice=shown[-1].id, note=footer).splitlines()
+                assert len(screen) <= height, (width, height, screen)
+                assert sum(line.startswith(">") for line in screen) == 1, (width, height, screen)
 
 
 def test_the_selected_row_is_marked_and_the_footer_says_the_keys_and_what_a_jump_did() -> None:
@@ -163,7 +212,7 @@ def test_the_selected_row_is_marked_and_the_footer_says_the_keys_and_what_a_jump
     assert next(line for line in lines if "bravo" in line).startswith("> ")
     assert lines[-1] == FOOTER
     refused = Note("not switching: session 'bravo' does not run in tmux", True, 0)
-    assert _screen(frame, note=refused).splitlines()[-2:] == [FOOTER, refused.text]
+    assert _screen(frame, note=refused).splitlines()[-1] == refused.text  # in place of the keys
     assert ">" not in _screen(frame, keys=False)  # top printed once has no selection
 
 
@@ -323,3 +372,35 @@ def test_enter_on_a_session_not_in_tmux_says_why_in_the_footer_and_top_goes_on(
     pane.shows("charlie", "3 sessions")
     pane.keys("q")
     assert "top exited 0" in pane.shows("top exited", "tty-")
+
+
+def test_a_jump_to_a_hung_tmux_server_says_so_while_it_waits_and_drops_keys_typed_meanwhile(
+    store: shmstore.Client, terminal: Callable[[Path], Pane], sock_dir: Path
+) -> None:
+    hung = sock_dir / "hung"
+    tmux = ["tmux", "-S", str(hung), "-f", "/dev/null"]
+    subprocess.run([*tmux, "new-session", "-d", "sleep 600"], check=True, timeout=10)
+    server = int(subprocess.run([*tmux, "display", "-p", "#{pid}"], capture_output=True, timeout=10).stdout)
+    agent = subprocess.Popen(["sleep", "600"])
+    try:
+        on_hung = Terminal(tmux_pane="%0", tmux_socket=str(hung))
+        store.report("hung-1", Status.QUESTION, "/src/alpha", pid=agent.pid, terminal=on_hung)
+        store.report("w-1", Status.WORKING, "/src/bravo")
+        pane = terminal(store.address)
+        pane.shows("live", "alpha", "bravo")
+        os.kill(server, signal.SIGSTOP)
+        pane.keys("Enter")
+        pane.shows("switching to hung-1\u2026")  # said before the wait, not after it
+        pane.keys("j")  # typed blind while the screen stands still
+        screen = pane.shows("not switching: tmux did not answer within 2 s")
+        time.sleep(0.5)  # the j, had it been kept, is read by now
+        screen = pane.text()
+        assert "not switching: tmux did not answer within 2 s" in screen  # not cleared by it
+        assert _row(screen, "alpha").startswith("> ")  # nor moved by it
+        pane.keys("q")
+        assert "top exited 0" in pane.shows("top exited", "tty-")
+    finally:
+        os.kill(server, signal.SIGCONT)
+        subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10)
+        agent.kill()
+        agent.wait()

@@ -17,7 +17,8 @@ and the terminal is restored on every way out.
 One row is selected (marked ``>``; the arrow keys or ``j``/``k`` move it), and Enter or
 ``g`` switches to that session's tmux pane with :func:`shmstore.tmux.jump`, the check and
 switch ``shmstore go`` makes: a pane that is no longer the agent's is refused, and the
-footer says why. The selection follows the session, not the line, as rows reorder.
+footer says why. The selection follows the session, not the line, as rows reorder. Every
+line but the rows is kept to one line, so the rows that can be selected are the rows drawn.
 
 Without a terminal on stdin and stdout, ``top`` prints the table once, without escape
 codes, and exits, like ``top -b -n 1``: a script or a pipe gets the same view.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import select
 import signal
@@ -66,11 +68,16 @@ STYLE = {
 WIDE = 100
 #: Seconds the header says "resynced" after the follower started again from a snapshot.
 RESYNCED_FOR = 10.0
-#: Lines of the screen that are not session rows: header (two while reconnecting), blank,
-#: column names, rule, footer, the last jump's message.
-CHROME = 7
+#: Lines of the screen that are not session rows, at most: the header (a second line while
+#: reconnecting), a blank, the column names, the rule under them, and the footer (the keys,
+#: or what the last jump did). Each is kept to one line, cut short with "…" on a narrow
+#: terminal, so that this count holds and every row that is selectable is drawn.
+CHROME = 6
 #: Seconds the footer shows what the last jump did, unless a key clears it sooner.
 NOTE_FOR = 10.0
+#: Seconds top waits for each tmux call of a jump (``shmstore go`` waits 5): the screen
+#: stands still meanwhile, and a tmux server that answers at all answers in milliseconds.
+JUMP_TIMEOUT = 2.0
 #: The keys ``top`` reads, as the bytes a terminal sends for them (the cursor keys in both
 #: of its modes, normal and application), and what each does.
 KEYS = {
@@ -151,34 +158,42 @@ class Frame:
 
 
 def header(frame: Frame, at: float, *, live: bool = True) -> Text:
-    """The first lines: where, the state of the connection (if ``live``), how many of each.
-    While reconnecting, a second line says what failed; the table below is then the last
-    one seen."""
-    text = Text(f"shmstore top  {printable(frame.address)}  ")
+    """The first line: the state of the connection (if ``live``), how many of each, and
+    where (last: a narrow screen cuts it first). While reconnecting, a second line says
+    what failed; the table below is then the last one seen."""
+    text = Text("shmstore top  ", no_wrap=True, overflow="ellipsis")
+    where = f"  {printable(frame.address)}"
     if frame.link == Link.RECONNECTING:
         text.append("reconnecting\u2026", style="bold red")
         if frame.revision is None:
-            text.append("  (nothing seen yet)\n")
+            text.append(f"  (nothing seen yet){where}\n")
         else:
-            text.append(f"  (last seen: rev {frame.revision}, {summary(frame.sessions)})\n")
+            text.append(f"  (last seen: rev {frame.revision}, {summary(frame.sessions)}){where}\n")
         text.append(printable(frame.message), style="red")
         return text
     if frame.link != Link.LIVE:
-        return text.append("connecting\u2026", style="yellow")
+        return text.append("connecting\u2026", style="yellow").append(where)
     if live:
         text.append("live", style="green")
         if frame.resynced_at is not None and at - frame.resynced_at < RESYNCED_FOR:
             text.append(" (resynced)", style="cyan")
         text.append("  ")
-    return text.append(f"rev {frame.revision}  {summary(frame.sessions)}")
+    return text.append(f"rev {frame.revision}  {summary(frame.sessions)}{where}")
 
 
-def rows(sessions: Iterable[Session], height: int) -> list[Session]:
-    """The sessions that have a row on a screen ``height`` lines high, in order (when some
-    do not fit, the last line counts them instead)."""
+def room(frame: Frame, height: int) -> int:
+    """The lines left for rows on a screen ``height`` lines high showing ``frame``."""
+    return height - CHROME + (frame.link != Link.RECONNECTING)
+
+
+def rows(sessions: Iterable[Session], lines: int) -> list[Session]:
+    """The sessions that have a row in ``lines`` lines (see :func:`room`), in order. When
+    some do not fit, the last line counts them instead, unless there is room for one row
+    only: that row is shown rather than none."""
     listed = ordered(sessions)
-    room = max(1, height - CHROME)
-    return listed if len(listed) <= room else listed[: room - 1]
+    if len(listed) <= lines:
+        return listed
+    return listed[: max(lines - 1, min(lines, 1))]
 
 
 def selected(shown: Sequence[Session], choice: str | None) -> Session | None:
@@ -197,19 +212,31 @@ def moved(shown: Sequence[Session], choice: str | None, by: int) -> str | None:
 
 
 def pressed(typed: bytes) -> list[str]:
-    """What the bytes read from the keyboard ask for, in order (see :data:`KEYS`); bytes of
-    other keys are skipped."""
+    """What the bytes read from the keyboard ask for, in order (see :data:`KEYS`); other
+    keys are skipped whole, escape sequences included (F2 sends ``ESC O Q``, which is not
+    ``q``)."""
     actions, at = [], 0
     while at < len(typed):
-        for size in (3, 1):
-            action = KEYS.get(typed[at : at + size])
-            if action is not None:
-                actions.append(action)
-                at += size
-                break
-        else:
-            at += 1
+        size = _key_size(typed, at)
+        action = KEYS.get(typed[at : at + size])
+        if action is not None:
+            actions.append(action)
+        at += size
     return actions
+
+
+def _key_size(typed: bytes, at: int) -> int:
+    """How many bytes the key starting at ``at`` sent: ESC ``[`` up to a final byte (0x40 to
+    0x7E, as ECMA-48 ends a control sequence), ESC ``O`` and one more (SS3: the cursor and
+    keypad keys in application mode, F1 to F4), ESC and one more (Alt and a key); else one."""
+    if typed[at] != 0x1B or at + 1 == len(typed):
+        return 1
+    if typed[at + 1] == ord("["):
+        end = at + 2
+        while end < len(typed) and not 0x40 <= typed[end] <= 0x7E:
+            end += 1
+        return min(end + 1, len(typed)) - at
+    return min(3 if typed[at + 1] == ord("O") else 2, len(typed) - at)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -233,34 +260,45 @@ def view(
     note: Note | None = None,
 ) -> RenderableType:
     """The whole screen for ``frame`` at time ``at`` on a ``width`` x ``height`` terminal:
-    with ``keys``, the selected row (``choice``, see :func:`selected`) marked, the keys to
-    press at the foot, and ``note`` (what the last jump did) under them."""
+    with ``keys``, the selected row (``choice``, see :func:`selected`) marked, and at the
+    foot ``note`` (what the last jump did) or, without one, the keys to press."""
     sessions = ordered(frame.sessions)
     names = columns(sessions, width)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False, header_style="bold")
-    if keys:
-        table.add_column("", no_wrap=True, width=1)
     for name in names:
-        table.add_column(name, no_wrap=True, overflow="ellipsis", max_width=32 if name == "PROJECT" else None)
-    shown = rows(sessions, height)
+        first = keys and name == names[0]  # its cells begin with the mark: "> "
+        table.add_column(
+            f"  {name}" if first else name,
+            no_wrap=True,
+            overflow="ellipsis",
+            min_width=3 if first else None,
+            max_width=32 if name == "PROJECT" else None,
+        )
+    lines = room(frame, height)
+    shown = rows(sessions, lines)
     mark = selected(shown, choice) if keys else None
     for session in shown:
         style = "dim" if session.stale or frame.link == Link.RECONNECTING else STYLE[session.status]
         row = [Text(cell) for cell in cells(session, names, at)]
         row[0].stylize(style)
-        if keys:
-            row.insert(0, Text(">" if session is mark else " ", style="bold"))
+        if keys:  # the mark leads the first cell, which a narrow screen cuts at its end
+            row[0] = Text.assemble((">" if session is mark else " ", "bold"), " ", row[0])
         table.add_row(*row, style="reverse" if session is mark else None)
     parts: list[RenderableType] = [header(frame, at, live=keys), Text(""), table]
-    if len(shown) < len(sessions):
-        parts.append(Text(f"\u2026 and {len(sessions) - len(shown)} more", style="dim"))
+    if len(shown) < len(sessions) and len(shown) < lines:
+        parts.append(_line(f"\u2026 and {len(sessions) - len(shown)} more", "dim"))
     elif not sessions and frame.link == Link.LIVE:
-        parts.append(Text("no live sessions", style="dim"))
-    if keys:
-        parts.append(Text(FOOTER, style="dim"))
-        if note is not None:
-            parts.append(Text(printable(note.text), style="bold red" if note.refused else "bold"))
+        parts.append(_line("no live sessions", "dim"))
+    if keys and note is None:
+        parts.append(_line(FOOTER, "dim"))
+    elif keys and note is not None:
+        parts.append(_line(printable(note.text), "bold red" if note.refused else "bold"))
     return Group(*parts)
+
+
+def _line(text: str, style: str) -> Text:
+    """``text`` on one line, cut short with "…" where the screen is narrower."""
+    return Text(text, style=style, no_wrap=True, overflow="ellipsis")
 
 
 # -- the board: what the follower's thread has seen --------------------------------------------
@@ -396,6 +434,10 @@ def _show(board: Board, thread: threading.Thread, keys: int) -> None:
     choice: str | None = None  # the id of the selected session
     note: Note | None = None
     with _cbreak(keys), Live(console=console, screen=True, auto_refresh=False, redirect_stderr=False) as live:
+
+        def draw() -> None:
+            live.update(view(frame, time.time(), width, height, choice=choice, note=note), refresh=True)
+
         thread.start()
         while True:
             error = board.error()
@@ -405,7 +447,7 @@ def _show(board: Board, thread: threading.Thread, keys: int) -> None:
             frame = board.frame()
             if note is not None and time.monotonic() >= note.until:
                 note = None
-            live.update(view(frame, time.time(), width, height, choice=choice, note=note), refresh=True)
+            draw()
             tick = 1.0 - time.time() % 1.0  # ages change on the second
             ready, _, _ = select.select([keys, board.wake], [], [], tick)
             if board.wake in ready:
@@ -416,23 +458,28 @@ def _show(board: Board, thread: threading.Thread, keys: int) -> None:
             if not typed:
                 return
             note = None
+            shown = rows(frame.sessions, room(frame, height))  # what is on the screen now
             for action in pressed(typed):
-                sessions = rows(frame.sessions, height)
                 if action == "quit":
                     return
-                if action == "go":
-                    note = _go(selected(sessions, choice))
-                else:
-                    choice = moved(sessions, choice, -1 if action == "up" else 1)
+                if action != "go":
+                    choice = moved(shown, choice, -1 if action == "up" else 1)
+                    continue
+                target = selected(shown, choice)
+                if target is None:
+                    continue
+                note = Note(f"switching to {short_id(target.id)}\u2026", False, math.inf)
+                draw()  # the screen stands still while tmux answers: say why
+                note = _go(target)
+                termios.tcflush(keys, termios.TCIFLUSH)  # keys typed blind meanwhile are dropped
+                break
 
 
-def _go(session: Session | None) -> Note | None:
+def _go(session: Session) -> Note:
     """Switch to ``session``'s tmux pane (top's own ``$TMUX`` names the client to switch);
     what the footer says of it."""
-    if session is None:
-        return None
     try:
-        done = tmux.jump(session, os.environ)
+        done = tmux.jump(session, os.environ, JUMP_TIMEOUT)
     except JumpRefusedError as refused:
         return Note(f"not switching: {refused}", True, time.monotonic() + NOTE_FOR)
     return Note(done.message(), False, time.monotonic() + NOTE_FOR)
