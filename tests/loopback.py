@@ -5,6 +5,7 @@ answers in JSON and logs nothing (the test's output is for its failures)."""
 from __future__ import annotations
 
 import http.server
+import sys
 import threading
 from typing import Any, Self
 
@@ -28,12 +29,22 @@ class JsonHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """An agent a test kills mid-reply (a terminal closed mid-turn) closes its end of the
+        stream: that is the test's doing, not a failure of the stand-in, and is not printed."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 class LoopbackServer:
     """A stand-in's server; ``url`` is its base URL (with ``path``)."""
 
     def _serve(self, handler: type[http.server.BaseHTTPRequestHandler], path: str = "") -> None:
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}{path}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
