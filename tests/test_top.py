@@ -20,6 +20,7 @@ from rich.console import Console
 
 import shmstore
 from shmstore import ApiUsage, Session, Status, Terminal
+from shmstore.commands.keyboard import Keyboard, pressed
 from shmstore.commands.top import (
     CHROME,
     FOOTER,
@@ -27,13 +28,13 @@ from shmstore.commands.top import (
     Note,
     cells,
     columns,
+    fitting,
     moved,
     ordered,
-    pressed,
     room,
-    rows,
     selected,
     view,
+    window,
 )
 
 AT = 1_000_000.0
@@ -150,6 +151,24 @@ def test_other_keys_escape_sequences_are_skipped_whole_not_read_as_letters() -> 
     assert pressed(b"\x1b[1;5A\x1b[15~j") == ["down"]  # Ctrl-Up, F5, then j
     assert pressed(b"\x1b[<0;12;7Mq") == ["quit"]  # a mouse click, then q
     assert pressed(b"j\x1b") == ["down"]  # a lone Esc does nothing
+    assert pressed(b"\x1bO1;2Q\x1bO2Qj") == ["down"]  # Shift-F2 in SS3 form (older VTE, Konsole)
+
+
+def test_a_key_split_across_reads_is_one_key_and_a_paste_is_not_keys() -> None:
+    keyboard = Keyboard()
+    assert keyboard.feed(b"j\x1b") == ["down"]
+    assert keyboard.holding  # F2's first byte: the rest may follow
+    assert keyboard.feed(b"OQ") == []  # F2, not q
+    assert keyboard.feed(b"\x1b[") == []
+    assert keyboard.holding
+    assert keyboard.feed(b"B") == ["down"]
+    keyboard.feed(b"\x1b")
+    keyboard.drop()  # nothing followed: the Esc key, which does nothing
+    assert keyboard.feed(b"q") == ["quit"]
+    assert keyboard.feed(b"\x1b[200~the jjj kgk q") == []  # a paste, until its end marker
+    assert not keyboard.holding
+    assert keyboard.feed(b"ggq\x1b[20") == []  # the end marker split across reads
+    assert keyboard.feed(b"1~j") == ["down"]
 
 
 def test_the_selection_starts_on_the_first_row_moves_and_stops_at_either_end() -> None:
@@ -172,18 +191,31 @@ def test_the_selection_follows_its_session_as_rows_reorder_and_falls_back_to_the
     assert selected(after[1:], "b").id == "a"  # type: ignore[union-attr]  # b gone: the first row
 
 
-def test_only_rows_on_screen_can_be_selected() -> None:
-    sessions = [_session(f"s{n:02}", Status.WORKING, n) for n in range(40)]
-    shown = rows(sessions, 15)
-    assert len(shown) == 14  # the other 26 are counted on the line below them
-    assert moved(shown, shown[-1].id, 1) == shown[-1].id
+def test_the_rows_drawn_scroll_as_little_as_keeps_the_selection_in_view() -> None:
+    listed = ordered([_session(f"s{n:02}", Status.WORKING, n) for n in range(40)])
+    assert window(listed, 15, None) == (0, listed[:14])  # the other 26 counted on the line below
+    assert window(listed, 15, "s13") == (0, listed[:14])
+    assert window(listed, 15, "s14") == (1, listed[1:15])  # one past the last row: one down
+    assert window(listed, 15, "s20", start=1) == (7, listed[7:21])
+    assert window(listed, 15, "s15", start=7) == (7, listed[7:21])  # in view: nothing moves
+    assert window(listed, 15, "s03", start=7) == (3, listed[3:17])
+    assert window(listed[:10], 15, "s03", start=7) == (0, listed[:10])  # all fit again
+    assert window(listed, 15, "gone", start=7) == (0, listed[:14])  # back to the first
+
+
+def test_a_scrolled_screen_counts_the_rows_above_and_below() -> None:
+    frame = Frame("/s", tuple(_session(f"s{n:02}", Status.WORKING, n) for n in range(40)), 40, "live")
+    screen = _screen(frame, height=20, choice="s20", start=0)
+    assert "\u2026 7 above, 19 below" in screen
+    assert next(line for line in screen.splitlines() if "s20" in line).startswith("> ")
+    assert "s06" not in screen
 
 
 def test_a_terminal_with_room_for_one_row_shows_one_not_only_a_count() -> None:
-    sessions = [_session(f"s{n:02}", Status.WORKING, n) for n in range(3)]
-    assert [s.id for s in rows(sessions, 1)] == ["s00"]
-    assert rows(sessions, 0) == []
-    assert len(rows(sessions, 3)) == 3
+    assert fitting(3, 1) == 1
+    assert fitting(3, 0) == 0
+    assert fitting(3, 3) == 3
+    assert fitting(4, 3) == 2
 
 
 @pytest.mark.parametrize("link", ["live", "reconnecting"])
@@ -197,7 +229,7 @@ def test_every_selectable_row_is_drawn_however_narrow_or_short_the_terminal(link
     note = Note("not switching: " + "a long reason " * 10, True, 0)
     for width in (20, 30, 50, 80, 120):
         for height in range(CHROME + 1, 16):
-            shown = rows(sessions, room(frame, height))
+            _, shown = window(sessions, room(frame, height), None)
             assert shown, (width, height)  # one row at least, as soon as there is room for it
             for footer in (None, note):
                 screen = _screen(frame, width, height, choice=shown[-1].id, note=footer).splitlines()
@@ -404,3 +436,56 @@ def test_a_jump_to_a_hung_tmux_server_says_so_while_it_waits_and_drops_keys_type
         subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10)
         agent.kill()
         agent.wait()
+
+
+def test_text_the_terminal_counts_wider_than_rich_is_cut_not_wrapped_and_the_screen_stays(
+    store: shmstore.Client, terminal: Callable[[Path], Pane]
+) -> None:
+    """Devanagari's vowel signs are 0 cells to rich and 1 to the terminal (glibc's wcwidth):
+    a row rich thought fit was wrapped by the terminal, which scrolled the whole screen up
+    (the header gone, rows left twice). Top turns off the terminal's wrap while it runs."""
+    store.report("a1", Status.QUESTION, "/src/" + "\u0915\u093e\u0930\u094d\u092f\u093e\u0932\u092f" * 8)
+    store.report("b2", Status.WORKING, "/src/beta")
+    store.report("c3", Status.WORKING, "/home/me/a-rather-long-project-name")
+    pane = terminal(store.address)
+    pane.shows("live", "beta")
+    assert pane.tmux("display-message", "-p", "-t", "top", "#{wrap_flag}").strip() == "0"
+    pane.tmux("resize-window", "-t", "top", "-x", "50", "-y", "10")
+    screen = pane.wait_for(lambda text: "a-rather-long" in text and len(text.splitlines()[0]) <= 50, "50 columns")
+    time.sleep(1.2)  # a redraw on the next second, were the screen scrolling
+    lines = pane.text().splitlines()
+    assert lines[0].startswith("shmstore top  live"), screen
+    assert sum("beta" in line for line in lines) == 1, lines
+    pane.keys("q")
+    assert "top exited 0" in pane.shows("top exited", "tty-")
+    assert pane.tmux("display-message", "-p", "-t", "top", "#{wrap_flag}").strip() == "1"  # restored
+
+
+def test_ctrl_z_and_a_paste_are_not_keys_and_top_goes_on(store: shmstore.Client, sock_dir: Path) -> None:
+    """Run from an interactive shell (job control: Ctrl-Z would stop top, and ``fg`` gave it
+    back a terminal in line mode, deaf until Enter)."""
+    if shutil.which("tmux") is None or shutil.which("bash") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("tmux or bash is not installed (.ci/run installs tmux)")
+        pytest.skip("tmux or bash is not installed")
+    store.report("q-1", Status.QUESTION, "/src/alpha")
+    store.report("w-1", Status.WORKING, "/src/bravo")
+    pane = Pane(sock_dir / "tmux-shell", "env PS1='$ ' bash --norc --noprofile -i")
+    try:
+        pane.shows("$")
+        top = shlex.join([PYTHON, "-m", "shmstore", "top", "--address", str(store.address)])
+        pane.keys(f"{top}; echo top'' exited $?", "Enter")  # the line typed does not say it
+        pane.shows("live", "alpha", "bravo")
+        pane.keys("C-z")
+        pane.keys("j")
+        pane.wait_for(lambda text: _row(text, "bravo").startswith("> "), "bravo selected after Ctrl-Z")
+        pane.tmux("set-buffer", "-b", "clip", "the kkk g q")
+        pane.tmux("paste-buffer", "-p", "-b", "clip", "-t", "top")  # bracketed, as top asked
+        time.sleep(0.5)
+        screen = pane.text()
+        assert _row(screen, "bravo").startswith("> "), screen  # the paste's k, g and q did nothing
+        assert "switching" not in screen
+        pane.keys("q")
+        assert "top exited 0" in pane.shows("top exited")
+    finally:
+        pane.close()

@@ -17,8 +17,10 @@ and the terminal is restored on every way out.
 One row is selected (marked ``>``; the arrow keys or ``j``/``k`` move it), and Enter or
 ``g`` switches to that session's tmux pane with :func:`shmstore.tmux.jump`, the check and
 switch ``shmstore go`` makes: a pane that is no longer the agent's is refused, and the
-footer says why. The selection follows the session, not the line, as rows reorder. Every
-line but the rows is kept to one line, so the rows that can be selected are the rows drawn.
+footer says why. The selection follows the session, not the line, as rows reorder, and the
+rows scroll to keep it in view. Every line is kept to one line (and the terminal's wrap is
+off), so the row selected is always a row drawn. The keys are read by
+:mod:`shmstore.commands.keyboard`.
 
 Without a terminal on stdin and stdout, ``top`` prints the table once, without escape
 codes, and exits, like ``top -b -n 1``: a script or a pipe gets the same view.
@@ -39,6 +41,7 @@ import time
 import tty
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import FrameType
+from typing import IO
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -53,6 +56,7 @@ from ..errors import JumpRefusedError
 from ..feed import Event
 from ..model import Session, Status
 from ..transport import address as addr
+from .keyboard import REST_OF_SEQUENCE, Keyboard
 from .render import age, printable, project, short_id, tokens
 
 #: The order of the groups: what needs the user first.
@@ -78,21 +82,8 @@ NOTE_FOR = 10.0
 #: Seconds top waits for each tmux call of a jump (``shmstore go`` waits 5): the screen
 #: stands still meanwhile, and a tmux server that answers at all answers in milliseconds.
 JUMP_TIMEOUT = 2.0
-#: The keys ``top`` reads, as the bytes a terminal sends for them (the cursor keys in both
-#: of its modes, normal and application), and what each does.
-KEYS = {
-    b"\x1b[A": "up",
-    b"\x1bOA": "up",
-    b"k": "up",
-    b"\x1b[B": "down",
-    b"\x1bOB": "down",
-    b"j": "down",
-    b"\r": "go",
-    b"\n": "go",
-    b"g": "go",
-    b"q": "quit",
-    b"Q": "quit",
-}
+#: Columns a narrow screen may not squeeze below these widths.
+MIN_WIDTH = {"STATUS": 9, "ID": 8}
 #: What the footer says the keys do.
 FOOTER = "\u2191\u2193/jk select  enter/g go to its tmux pane  q quit"
 
@@ -186,57 +177,39 @@ def room(frame: Frame, height: int) -> int:
     return height - CHROME + (frame.link != Link.RECONNECTING)
 
 
-def rows(sessions: Iterable[Session], lines: int) -> list[Session]:
-    """The sessions that have a row in ``lines`` lines (see :func:`room`), in order. When
-    some do not fit, the last line counts them instead, unless there is room for one row
-    only: that row is shown rather than none."""
-    listed = ordered(sessions)
-    if len(listed) <= lines:
-        return listed
-    return listed[: max(lines - 1, min(lines, 1))]
+def fitting(count: int, lines: int) -> int:
+    """How many of ``count`` rows are drawn in ``lines`` lines (see :func:`room`): all when
+    they fit; else one line fewer, which counts the others, unless there is room for one
+    row only: that row is drawn rather than none."""
+    return count if count <= lines else max(lines - 1, min(lines, 1))
 
 
-def selected(shown: Sequence[Session], choice: str | None) -> Session | None:
-    """The session of the selected row: the one ``choice`` names while it has a row, else
-    the first row (None when there is none)."""
-    return next((s for s in shown if s.id == choice), shown[0] if shown else None)
+def selected(listed: Sequence[Session], choice: str | None) -> Session | None:
+    """The selected session: the one ``choice`` names while it is listed, else the first
+    (None when there is none)."""
+    return next((s for s in listed if s.id == choice), listed[0] if listed else None)
 
 
-def moved(shown: Sequence[Session], choice: str | None, by: int) -> str | None:
+def moved(listed: Sequence[Session], choice: str | None, by: int) -> str | None:
     """The id the selection names after moving ``by`` rows, stopping at the first and last."""
-    current = selected(shown, choice)
+    current = selected(listed, choice)
     if current is None:
         return None
-    index = min(max(shown.index(current) + by, 0), len(shown) - 1)
-    return shown[index].id
+    index = min(max(listed.index(current) + by, 0), len(listed) - 1)
+    return listed[index].id
 
 
-def pressed(typed: bytes) -> list[str]:
-    """What the bytes read from the keyboard ask for, in order (see :data:`KEYS`); other
-    keys are skipped whole, escape sequences included (F2 sends ``ESC O Q``, which is not
-    ``q``)."""
-    actions, at = [], 0
-    while at < len(typed):
-        size = _key_size(typed, at)
-        action = KEYS.get(typed[at : at + size])
-        if action is not None:
-            actions.append(action)
-        at += size
-    return actions
-
-
-def _key_size(typed: bytes, at: int) -> int:
-    """How many bytes the key starting at ``at`` sent: ESC ``[`` up to a final byte (0x40 to
-    0x7E, as ECMA-48 ends a control sequence), ESC ``O`` and one more (SS3: the cursor and
-    keypad keys in application mode, F1 to F4), ESC and one more (Alt and a key); else one."""
-    if typed[at] != 0x1B or at + 1 == len(typed):
-        return 1
-    if typed[at + 1] == ord("["):
-        end = at + 2
-        while end < len(typed) and not 0x40 <= typed[end] <= 0x7E:
-            end += 1
-        return min(end + 1, len(typed)) - at
-    return min(3 if typed[at + 1] == ord("O") else 2, len(typed) - at)
+def window(listed: Sequence[Session], lines: int, choice: str | None, start: int = 0) -> tuple[int, list[Session]]:
+    """The rows drawn in ``lines`` lines, and the index of the first: from ``start`` (the
+    first drawn before), moved as little as keeps the selected session in view."""
+    size = fitting(len(listed), lines)
+    current = selected(listed, choice)
+    if current is None or size == 0:
+        return 0, []
+    index = listed.index(current)
+    start = min(start, index, max(len(listed) - size, 0))
+    start = max(start, index - size + 1, 0)
+    return start, list(listed[start : start + size])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -257,11 +230,13 @@ def view(
     *,
     keys: bool = True,
     choice: str | None = None,
+    start: int = 0,
     note: Note | None = None,
 ) -> RenderableType:
     """The whole screen for ``frame`` at time ``at`` on a ``width`` x ``height`` terminal:
-    with ``keys``, the selected row (``choice``, see :func:`selected`) marked, and at the
-    foot ``note`` (what the last jump did) or, without one, the keys to press."""
+    with ``keys``, the selected row (``choice``, see :func:`selected`) marked and in view
+    (the rows from ``start``, see :func:`window`), and at the foot ``note`` (what the last
+    jump did) or, without one, the keys to press."""
     sessions = ordered(frame.sessions)
     names = columns(sessions, width)
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False, header_style="bold")
@@ -271,11 +246,13 @@ def view(
             f"  {name}" if first else name,
             no_wrap=True,
             overflow="ellipsis",
-            min_width=3 if first else None,
+            # A narrow screen squeezes every column alike: these keep their words readable
+            # ("attention", an 8-character id); PROJECT, cut at the end, gives way.
+            min_width=MIN_WIDTH.get(name, 0) + (2 if first else 0) or None,
             max_width=32 if name == "PROJECT" else None,
         )
     lines = room(frame, height)
-    shown = rows(sessions, lines)
+    start, shown = window(sessions, lines, choice, start if keys else 0)
     mark = selected(shown, choice) if keys else None
     for session in shown:
         style = "dim" if session.stale or frame.link == Link.RECONNECTING else STYLE[session.status]
@@ -285,8 +262,9 @@ def view(
             row[0] = Text.assemble((">" if session is mark else " ", "bold"), " ", row[0])
         table.add_row(*row, style="reverse" if session is mark else None)
     parts: list[RenderableType] = [header(frame, at, live=keys), Text(""), table]
-    if len(shown) < len(sessions) and len(shown) < lines:
-        parts.append(_line(f"\u2026 and {len(sessions) - len(shown)} more", "dim"))
+    below = len(sessions) - start - len(shown)
+    if (start or below) and len(shown) < lines:
+        parts.append(_line(f"\u2026 {start} above, {below} below" if start else f"\u2026 and {below} more", "dim"))
     elif not sessions and frame.link == Link.LIVE:
         parts.append(_line("no live sessions", "dim"))
     if keys and note is None:
@@ -378,13 +356,37 @@ def _follow(follower: Follower, board: Board) -> None:
 
 @contextlib.contextmanager
 def _cbreak(fd: int) -> Iterator[None]:
-    """Keys arrive one by one, unechoed; the terminal's settings are restored on the way out."""
+    """Keys arrive one by one, unechoed, and Ctrl-Z is an ignored key rather than a suspend
+    (the shell that would take the terminal back leaves it in line mode, and top's keys
+    would wait for Enter after ``fg``); the settings are restored on the way out."""
     saved = termios.tcgetattr(fd)
     try:
         tty.setcbreak(fd)
+        mode = termios.tcgetattr(fd)
+        mode[tty.CC][termios.VSUSP] = os.fpathconf(fd, "PC_VDISABLE")
+        termios.tcsetattr(fd, termios.TCSANOW, mode)
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+#: Terminal modes top sets while it runs, and their resets: no automatic wrap at the right
+#: margin (rich and the terminal may count a character's width differently, as for the
+#: vowel signs of Indic scripts, and a line the terminal wrapped would scroll the whole
+#: screen), and bracketed paste (pasted text is not taken for keys).
+MODES = ("\x1b[?7l\x1b[?2004h", "\x1b[?2004l\x1b[?7h")
+
+
+@contextlib.contextmanager
+def _modes(stream: IO[str]) -> Iterator[None]:
+    """:data:`MODES` set, then reset on every way out."""
+    stream.write(MODES[0])
+    stream.flush()
+    try:
+        yield
+    finally:
+        stream.write(MODES[1])
+        stream.flush()
 
 
 @contextlib.contextmanager
@@ -431,19 +433,26 @@ def run(client: Client) -> int:
 def _show(board: Board, thread: threading.Thread, keys: int) -> None:
     """Draw until ``q``: on every change, key press and second."""
     console = Console(highlight=False)
+    keyboard = Keyboard()
     choice: str | None = None  # the id of the selected session
+    start = 0  # the index of the first row drawn
     note: Note | None = None
-    with _cbreak(keys), Live(console=console, screen=True, auto_refresh=False, redirect_stderr=False) as live:
+    live = Live(console=console, screen=True, auto_refresh=False, redirect_stderr=False)
+    with _cbreak(keys), _modes(console.file), live:
 
         def draw() -> None:
-            live.update(view(frame, time.time(), width, height, choice=choice, note=note), refresh=True)
+            nonlocal start
+            start, _ = window(ordered(frame.sessions), room(frame, height), choice, start)
+            live.update(view(frame, time.time(), width, height, choice=choice, start=start, note=note), refresh=True)
 
         thread.start()
         while True:
             error = board.error()
             if error is not None:
                 raise error
-            width, height = console.size
+            # The terminal's own size, not $COLUMNS and $LINES, which rich prefers and which a
+            # shell or a test runner may export: stale after a resize, they scrolled the screen.
+            console.size = width, height = os.get_terminal_size(console.file.fileno())
             frame = board.frame()
             if note is not None and time.monotonic() >= note.until:
                 note = None
@@ -454,25 +463,43 @@ def _show(board: Board, thread: threading.Thread, keys: int) -> None:
                 board.drain()
             if keys not in ready:
                 continue
-            typed = os.read(keys, 1024)
-            if not typed:
+            actions = _read(keys, keyboard)
+            if actions is None:
                 return
             note = None
-            shown = rows(frame.sessions, room(frame, height))  # what is on the screen now
-            for action in pressed(typed):
+            listed = ordered(frame.sessions)
+            for action in actions:
                 if action == "quit":
                     return
                 if action != "go":
-                    choice = moved(shown, choice, -1 if action == "up" else 1)
+                    choice = moved(listed, choice, -1 if action == "up" else 1)
                     continue
+                _, shown = window(listed, room(frame, height), choice, start)
                 target = selected(shown, choice)
-                if target is None:
+                if target is None:  # no row drawn: nothing the user could see to go to
                     continue
                 note = Note(f"switching to {short_id(target.id)}\u2026", False, math.inf)
                 draw()  # the screen stands still while tmux answers: say why
                 note = _go(target)
                 termios.tcflush(keys, termios.TCIFLUSH)  # keys typed blind meanwhile are dropped
                 break
+
+
+def _read(keys: int, keyboard: Keyboard) -> list[str] | None:
+    """The actions of what the keyboard sent (None when it is closed), with the rest of an
+    escape sequence a read ended inside of, if it follows at once."""
+    typed = os.read(keys, 1024)
+    if not typed:
+        return None
+    actions = keyboard.feed(typed)
+    while keyboard.holding:
+        ready, _, _ = select.select([keys], [], [], REST_OF_SEQUENCE)
+        typed = os.read(keys, 1024) if ready else b""
+        if not typed:
+            keyboard.drop()  # the Esc key alone
+            break
+        actions += keyboard.feed(typed)
+    return actions
 
 
 def _go(session: Session) -> Note:
