@@ -58,7 +58,9 @@ def watch(agent: str, address: str | None, session: str, cwd: str, transcript: s
         except OSError:
             continue
         *lines, pending = pending.split(b"\n")
-        verdicts = [adapter.settled(line) for line in lines if line.strip()]  # type: ignore[attr-defined]
+        # Copilot 1.0.102 may leave its last line (the abort) without its newline until its
+        # next event (seen: 1 run in 40, the question then kept): a whole last line counts.
+        verdicts = [adapter.settled(line) for line in [*lines, pending] if line.strip()]  # type: ignore[attr-defined]
         said = [verdict for verdict in verdicts if verdict is not None]
         if said and said[-1]:
             _back_at_prompt(agent, address, session, cwd, pid, at)
